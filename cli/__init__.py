@@ -1,0 +1,1 @@
+"""The `tokenpool` command line."""

@@ -1,0 +1,1 @@
+"""Shared model runtime: model code, weights, paged KV cache, sampler, engine."""

@@ -1,0 +1,240 @@
+"""LLMEngine: one model, continuous batching, token streams out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import make_attention_backend
+from .block_manager import BlockManager
+from .errors import InvalidRequestError
+from .kv_cache import PagedKVCache
+from .linear import make_linear_kernel, onednn_supports
+from .model import CausalLM
+from .model_config import ModelConfig
+from .model_runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, StepPlan, StepResult
+from .sequence import FinishReason, Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .weights import WeightLoader
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine instance runs one model.
+
+    dtype: 'auto' (the checkpoint's), float32, bfloat16 or float16.
+    compute_dtype_fallback: on a CPU whose matrix library cannot run dtype natively
+      (bf16 without AVX512/AVX-NE), compute in float32 from the dtype-rounded weights
+      instead of taking torch's slow emulated path. The engine reports what it chose.
+    kv_cache_bytes: memory for the paged KV cache (its block count is derived).
+    max_model_len: context limit; None takes the model's max_position_embeddings.
+    linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'sdpa'.
+    num_threads: torch intra-op threads; None leaves torch's default.
+    """
+
+    dtype: str = "auto"
+    compute_dtype_fallback: bool = True
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20
+    max_model_len: int | None = None
+    linear_kernel: str = "auto"
+    attention_backend: str = "sdpa"
+    num_threads: int | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # the text delta
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+def resolve_dtypes(config: EngineConfig, model_config: ModelConfig) -> tuple[torch.dtype, torch.dtype]:
+    """-> (weight dtype, compute dtype) as the config asks and this machine allows."""
+    name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
+    dtype = _DTYPES.get(name, torch.float32)
+    compute = dtype
+    if (config.device == "cpu" and dtype != torch.float32 and config.compute_dtype_fallback
+            and not onednn_supports(dtype)):
+        compute = torch.float32
+    return dtype, compute
+
+
+class LLMEngine:
+    def __init__(self, folder: Path, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.folder = Path(folder)
+        self.model_config = ModelConfig.from_folder(self.folder)
+        self.tokenizer = Tokenizer.from_folder(self.folder)
+        self.dtype, self.compute_dtype = resolve_dtypes(config, self.model_config)
+        self.max_model_len = min(config.max_model_len or 1 << 62,
+                                 self.model_config.max_position_embeddings)
+        self.model = self._load_model()
+        block_bytes = PagedKVCache.bytes_per_block(self.model_config, config.block_size,
+                                                   self.compute_dtype)
+        num_blocks = max(1, config.kv_cache_bytes // block_bytes)
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size,
+                                     self.compute_dtype, config.device)
+        self.runner = ModelRunner(self.model, self.kv_cache,
+                                  make_attention_backend(config.attention_backend))
+        self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, config.block_size))
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._seqs: dict[str, Sequence] = {}
+
+    def _load_model(self) -> CausalLM:
+        kernel = make_linear_kernel(self.config.linear_kernel, torch.device(self.config.device),
+                                    self.compute_dtype)
+        with torch.device("meta"):
+            model = CausalLM(self.model_config, self.compute_dtype, self.max_model_len)
+        model = model.to_empty(device=self.config.device)
+        with torch.no_grad():
+            WeightLoader(model).load_folder(self.folder)
+            if self.compute_dtype != self.dtype:  # round as the checkpoint dtype would
+                for p in model.parameters():
+                    p.copy_(p.to(self.dtype))
+            model.prepare(kernel)
+        self.linear_kernel = kernel.name
+        return model
+
+    # -- requests -------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None, chat: bool = False) -> Sequence:
+        """Queue a prompt (text, or token ids); raises InvalidRequestError if it cannot fit."""
+        sampling = sampling or SamplingParams()
+        ids = self._encode(prompt, chat)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                "tokens and at least one must be left to generate")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size})")
+        seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
+        if seq.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self._seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+            seq.finish(FinishReason.ABORT)
+            self._detok.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- stepping -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            if self.scheduler.has_work:
+                raise MemoryError("the KV cache cannot hold even one waiting sequence; "
+                                  "raise kv_cache_bytes or lower max_model_len")
+            return []
+        result = self.runner.execute(plan)
+        return self._apply(plan, result)
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        outputs = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            token = result.sampled.get(seq.request_id)
+            if token is not None:
+                outputs.append(self._append_token(seq, token))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        detok = self._detok[seq.request_id]
+        stop_string = detok.add(token)
+        reason = self._finish_reason(seq, token, stop_string)
+        if reason is not None:
+            seq.finish(reason)
+            self.scheduler.finish(seq)
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
+                             reason is not None, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens)
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_string: str | None):
+        sp = seq.sampling
+        eos = () if sp.ignore_eos else self.model_config.eos_token_ids
+        if stop_string is not None or token in sp.stop_token_ids or token in eos:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- conveniences ---------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], sampling: SamplingParams | None = None,
+                 chat: bool = False) -> list[Sequence]:
+        """Run prompts to completion together; returns their finished sequences in order."""
+        seqs = [self.add_request(p, sampling, chat=chat) for p in prompts]
+        while self.has_unfinished:
+            self.step()
+        return seqs
+
+    def stream(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[RequestOutput]:
+        seq = self.add_request(prompt, sampling, chat=chat)
+        while not seq.is_finished:
+            for out in self.step():
+                if out.request_id == seq.request_id:
+                    yield out
+
+    def describe(self) -> str:
+        c = self.model_config
+        compute = str(self.compute_dtype).removeprefix("torch.")
+        return (f"{self.folder.name}: {c.architecture}, {c.num_layers} layers, hidden "
+                f"{c.hidden_size}, dtype {str(self.dtype).removeprefix('torch.')} (compute "
+                f"{compute}), linear {self.linear_kernel}, {self.kv_cache.num_blocks} KV blocks, "
+                f"{torch.get_num_threads()} threads, pid {os.getpid()}")

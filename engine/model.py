@@ -1,0 +1,173 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
+
+Tokens of a step are flattened: hidden states are [num_tokens, hidden_size]
+whatever mix of prompts and decodes the step holds. Projections are fused
+(q|k|v and gate|up) so a layer makes four matrix calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBackend, AttentionMetadata
+from .kv_cache import PagedKVCache
+from .linear import LinearKernel
+from .model_config import ModelConfig, RopeScaling
+
+
+class Linear(nn.Module):
+    """A projection whose weight the kernel prepares once after loading."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        self.kernel: LinearKernel | None = None
+        self.prepared: torch.Tensor | None = None
+
+    def prepare(self, kernel: LinearKernel, weight: torch.Tensor | None = None) -> None:
+        self.kernel = kernel
+        self.prepared = kernel.prepare(self.weight if weight is None else weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.apply(x, self.prepared, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Rotary:
+    """RoPE cos/sin tables for every position, looked up once per step."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        inv_freq = _inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()  # [max_positions, head_dim] float32
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cos, sin), each [num_tokens, 1, head_dim]."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def _inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if scaling is None:
+        return inv_freq
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        qkv_out = config.q_size + 2 * config.kv_size
+        self.qkv = Linear(config.hidden_size, qkv_out, config.qkv_bias, dtype)
+        self.o = Linear(config.q_size, config.hidden_size, False, dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+
+    def forward(self, x, cos, sin, cache, meta: AttentionMetadata, backend: AttentionBackend):
+        c = self.config
+        q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = backend.forward(_rotate(q, cos, sin), _rotate(k, cos, sin), v, cache, meta)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, False, dtype)
+        self.down = Linear(config.intermediate_size, config.hidden_size, False, dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attn = Attention(config, dtype)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype)
+
+    def forward(self, x, cos, sin, cache, meta, backend):
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, meta, backend)
+        return x + self.mlp(self.post_norm(x))
+
+
+class CausalLM(nn.Module):
+    """The whole decoder. forward() -> final hidden states; logits() -> scores."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype),
+                                  requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.max_positions = max_positions
+        self.rotary: Rotary | None = None  # built after the meta-device phase
+
+    def prepare(self, kernel: LinearKernel) -> None:
+        """After weights are loaded: RoPE tables, and every projection packed for kernel."""
+        self.rotary = Rotary(self.config, self.max_positions)
+        for module in self.modules():
+            if isinstance(module, Linear) and module is not self.lm_head:
+                module.prepare(kernel)
+        tied = self.embed if self.config.tie_word_embeddings else None
+        self.lm_head.prepare(kernel, tied)
+        for module in self.modules():  # packed kernels own their copy; drop the dense one
+            if isinstance(module, Linear) and module.prepared is not module.weight:
+                module.weight = None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary.lookup(positions, self.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache.layer(i), meta, backend)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, hidden_size] -> [n, vocab_size] float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,50 @@
+"""Sampler: turns logits into next tokens, per request's SamplingParams.
+
+Seeded sampling draws each token from a generator seeded by (seed, token index),
+so a request's tokens depend only on its own logits and seed — not on the batch
+it shares, on preemption, or on which instance computes the step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive indices apart
+
+
+def token_seed(seed: int, index: int) -> int:
+    return (seed * _MIX + index + 1) % (2**63)
+
+
+class Sampler:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits: [n, vocab] float32, one row per sequence -> n token ids."""
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            probs = self._probs(logits[rows], [seqs[i] for i in sampled_rows])
+            for j, i in enumerate(sampled_rows):
+                seq = seqs[i]
+                gen = torch.Generator().manual_seed(token_seed(seq.seed, seq.num_output_tokens))
+                tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+        return tokens.tolist()
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.sampling.temperature for s in seqs]).unsqueeze(1)
+        logits = logits / temps
+        top_k = torch.tensor([s.sampling.top_k or logits.shape[1] for s in seqs])
+        top_p = torch.tensor([s.sampling.top_p for s in seqs])
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1])
+        drop = ranks.unsqueeze(0) >= top_k.unsqueeze(1)
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= mass_before >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+        return filtered.softmax(dim=-1)
