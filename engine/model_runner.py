@@ -38,7 +38,7 @@ class ModelRunner:
             return StepResult({})
         logits = self.model.logits(hidden[torch.tensor(rows)])
         tokens = self.sampler.sample(logits, seqs)
-        return StepResult({s.request_id: t for s, t in zip(seqs, tokens)})
+        return StepResult({s.request_id: t for s, t in zip(seqs, tokens, strict=True)})
 
     @staticmethod
     def _is_decode(chunk: ScheduledChunk) -> bool:

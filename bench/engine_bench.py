@@ -1,0 +1,166 @@
+"""`tokenpool bench engine`: prefill and decode throughput of the engine against
+transformers' generate on the same model, dtype and thread count, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.model_store import DEFAULT_MODEL
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    engine: str  # tokenpool | transformers
+    phase: str  # prefill | decode
+    batch: int
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    batches: tuple[int, ...]
+    prompt_len: int
+    new_tokens: int
+    dtype: str
+
+    def prompts(self, batch: int, vocab: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(batch)
+        return torch.randint(100, min(vocab, 30000), (batch, self.prompt_len), generator=gen).tolist()
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("engine", help="engine throughput against transformers")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="folder or store name")
+    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--against", default="transformers", choices=["transformers", "none"])
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from tokenpool.cli.models_command import ensure_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2")
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if any(b < 1 for b in batches):
+        raise ValueError(f"--batches must be positive integers, got {args.batches!r}")
+    folder = ensure_model(args.model)
+    work = Workload(batches, args.prompt_len, args.new_tokens, args.dtype)
+    engine, rows = bench_tokenpool(folder, work)
+    if args.against == "transformers":
+        rows += bench_transformers(folder, work)
+    report = {"model": folder.name, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
+              "linear_kernel": engine.linear_kernel, "prompt_len": work.prompt_len,
+              "new_tokens": work.new_tokens, "rows": [asdict(r) for r in rows]}
+    print_table(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_tokenpool(folder: Path, work: Workload) -> tuple[LLMEngine, list[Row]]:
+    most = max(work.batches)
+    tokens = most * (work.prompt_len + work.new_tokens + 16)
+    config = EngineConfig(dtype=work.dtype, kv_cache_bytes=1, scheduler=SchedulerConfig(
+        max_num_seqs=most, max_num_batched_tokens=most * work.prompt_len))
+    engine = LLMEngine(folder, _with_kv_tokens(config, folder, tokens))
+    _log(f"tokenpool: {engine.describe()}")
+    _tokenpool_once(engine, Workload((2,), 8, 4, work.dtype), 2)  # warm-up
+    rows = []
+    for batch in work.batches:
+        prefill_s, decode_s = _tokenpool_once(engine, work, batch)
+        rows += [Row("tokenpool", "prefill", batch, batch * work.prompt_len / prefill_s),
+                 Row("tokenpool", "decode", batch, batch * (work.new_tokens - 1) / decode_s)]
+        _log(f"  tokenpool batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
+             f"decode {rows[-1].tokens_per_s:.1f} tok/s")
+    return engine, rows
+
+
+def _with_kv_tokens(config: EngineConfig, folder: Path, tokens: int) -> EngineConfig:
+    """config with a KV cache sized for exactly `tokens` positions."""
+    from dataclasses import replace
+
+    from tokenpool.engine.kv_cache import PagedKVCache
+    from tokenpool.engine.llm_engine import resolve_dtypes
+    from tokenpool.engine.model_config import ModelConfig
+
+    model_config = ModelConfig.from_folder(folder)
+    _, compute = resolve_dtypes(config, model_config)
+    per_block = PagedKVCache.bytes_per_block(model_config, config.block_size, compute)
+    return replace(config, kv_cache_bytes=per_block * -(-tokens // config.block_size))
+
+
+def _tokenpool_once(engine: LLMEngine, work: Workload, batch: int) -> tuple[float, float]:
+    """-> (seconds for the prefill step, seconds for the remaining decode steps)."""
+    sampling = SamplingParams(max_tokens=work.new_tokens, ignore_eos=True)
+    for prompt in work.prompts(batch, engine.model_config.vocab_size):
+        engine.add_request(prompt, sampling)
+    start = time.perf_counter()
+    engine.step()  # every prompt fits the step's token budget
+    first = time.perf_counter()
+    while engine.has_unfinished:
+        engine.step()
+    return first - start, time.perf_counter() - first
+
+
+def bench_transformers(folder: Path, work: Workload) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, work.dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    _log(f"transformers: {type(model).__name__}, {work.dtype}, attention "
+         f"{model.config._attn_implementation}")
+    _generate(model, torch.ones(2, 8, dtype=torch.long), 4)  # warm-up
+    rows = []
+    for batch in work.batches:
+        ids = torch.tensor(work.prompts(batch, model.config.vocab_size))
+        one = _generate(model, ids, 1)
+        full = _generate(model, ids, work.new_tokens)
+        rows += [Row("transformers", "prefill", batch, batch * work.prompt_len / one),
+                 Row("transformers", "decode", batch, batch * (work.new_tokens - 1) / (full - one))]
+        _log(f"  transformers batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
+             f"decode {rows[-1].tokens_per_s:.1f} tok/s")
+    return rows
+
+
+@torch.inference_mode()
+def _generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def print_table(report: dict) -> None:
+    base = {(r["phase"], r["batch"]): r["tokens_per_s"]
+            for r in report["rows"] if r["engine"] == "transformers"}
+    print(f"\nmodel {report['model']}, dtype {report['dtype']} (tokenpool computes in "
+          f"{report['compute_dtype']}, linear {report['linear_kernel']}), "
+          f"{report['threads']} threads, prompt {report['prompt_len']}, "
+          f"{report['new_tokens']} new tokens")
+    print(f"{'engine':<14}{'phase':<9}{'batch':>6}{'tokens/s':>12}{'vs transformers':>17}")
+    for r in report["rows"]:
+        ref = base.get((r["phase"], r["batch"]))
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        print(f"{r['engine']:<14}{r['phase']:<9}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{ratio:>17}")

