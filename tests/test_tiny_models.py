@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from tokenizers import Tokenizer
 from tokenpool.engine import tiny_models
 from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_tiny_models
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
 
 PROMPTS = (
     "Hello world",
