@@ -21,7 +21,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan, StepResult
 from .sequence import FinishReason, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
-from .weights import WeightLoader
+from .weights import load_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,7 +118,7 @@ class LLMEngine:
             model = CausalLM(self.model_config, self.compute_dtype, self.max_model_len)
         model = model.to_empty(device=self.config.device)
         with torch.no_grad():
-            WeightLoader(model).load_folder(self.folder)
+            load_weights(model, self.folder)
             if self.compute_dtype != self.dtype:  # round as the checkpoint dtype would
                 for p in model.parameters():
                     p.copy_(p.to(self.dtype))

@@ -7,12 +7,14 @@ import json
 import mmap
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ModelFolderError
 from .model import CausalLM
+from .model_config import ModelConfig
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -69,63 +71,94 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-class WeightLoader:
-    """Maps Hugging Face tensor names onto CausalLM parameters (fusing q|k|v and gate|up)."""
+@dataclass(frozen=True)
+class Source:
+    """Rows [start, start + rows) of one of our parameters come from checkpoint tensor hf_name."""
 
-    def __init__(self, model: CausalLM) -> None:
-        self.model = model
-        c = model.config
-        self._qkv = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size),
-                     "v_proj": (c.q_size + c.kv_size, c.kv_size)}
-        self._gate_up = {"gate_proj": (0, c.intermediate_size),
-                         "up_proj": (c.intermediate_size, c.intermediate_size)}
-        self.expected = {name for name, _ in self._targets()}
-        self.loaded: set[str] = set()
+    hf_name: str
+    start: int
+    rows: int | None  # None: the whole parameter
 
-    def _targets(self) -> Iterator[tuple[str, torch.Tensor]]:
-        c = self.model.config
-        yield "model.embed_tokens.weight", self.model.embed
-        yield "model.norm.weight", self.model.norm.weight
+
+class WeightLayout:
+    """Which checkpoint tensors make up each CausalLM parameter (q|k|v and gate|up fused)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.sources: dict[str, list[Source]] = {}
+        for hf_name, param, start, rows in self._mapping():
+            self.sources.setdefault(param, []).append(Source(hf_name, start, rows))
+        self.by_hf_name = {src.hf_name: (param, src) for param, srcs in self.sources.items() for src in srcs}
+
+    def _mapping(self) -> Iterator[tuple[str, str, int, int | None]]:
+        c = self.config
+        yield "model.embed_tokens.weight", "embed", 0, None
+        yield "model.norm.weight", "norm.weight", 0, None
         if not c.tie_word_embeddings:
-            yield "lm_head.weight", self.model.lm_head.weight
-        for i, layer in enumerate(self.model.layers):
-            p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", layer.input_norm.weight
-            yield p + "post_attention_layernorm.weight", layer.post_norm.weight
-            yield p + "self_attn.o_proj.weight", layer.attn.o.weight
-            yield p + "mlp.down_proj.weight", layer.mlp.down.weight
-            for proj, (start, rows) in self._qkv.items():
-                yield p + f"self_attn.{proj}.weight", layer.attn.qkv.weight[start:start + rows]
+            yield "lm_head.weight", "lm_head.weight", 0, None
+        for i in range(c.num_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            yield hf + "input_layernorm.weight", ours + "input_norm.weight", 0, None
+            yield hf + "post_attention_layernorm.weight", ours + "post_norm.weight", 0, None
+            yield hf + "self_attn.o_proj.weight", ours + "attn.o.weight", 0, None
+            yield hf + "mlp.down_proj.weight", ours + "mlp.down.weight", 0, None
+            qkv = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size),
+                   "v_proj": (c.q_size + c.kv_size, c.kv_size)}
+            for proj, (start, rows) in qkv.items():
+                yield hf + f"self_attn.{proj}.weight", ours + "attn.qkv.weight", start, rows
                 if c.qkv_bias:
-                    yield p + f"self_attn.{proj}.bias", layer.attn.qkv.bias[start:start + rows]
-            for proj, (start, rows) in self._gate_up.items():
-                yield p + f"mlp.{proj}.weight", layer.mlp.gate_up.weight[start:start + rows]
+                    yield hf + f"self_attn.{proj}.bias", ours + "attn.qkv.bias", start, rows
+            for j, proj in enumerate(("gate_proj", "up_proj")):
+                rows = c.intermediate_size
+                yield hf + f"mlp.{proj}.weight", ours + "mlp.gate_up.weight", j * rows, rows
             if c.qk_norm:
-                yield p + "self_attn.q_norm.weight", layer.attn.q_norm.weight
-                yield p + "self_attn.k_norm.weight", layer.attn.k_norm.weight
+                yield hf + "self_attn.q_norm.weight", ours + "attn.q_norm.weight", 0, None
+                yield hf + "self_attn.k_norm.weight", ours + "attn.k_norm.weight", 0, None
 
-    def load_folder(self, folder: Path) -> None:
-        """Copy every checkpoint tensor into place; raise on a missing, unknown or misshapen one."""
-        targets = dict(self._targets())
-        for path in checkpoint_files(folder):
+    def destination(self, param: torch.Tensor, src: Source) -> torch.Tensor:
+        return param if src.rows is None else param[src.start:src.start + src.rows]
+
+
+class Checkpoint:
+    """Every tensor of a model folder's safetensors files, as memory-mapped views."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.tensors: dict[str, tuple[torch.Tensor, Path]] = {}
+        for path in checkpoint_files(self.folder):
             for name, tensor in read_safetensors(path):
-                self._load_one(targets, name, tensor, path)
-        missing = sorted(self.expected - self.loaded)
+                self.tensors[name] = (tensor, path)
+
+    def check(self, layout: WeightLayout) -> None:
+        """Raise on a missing, unexpected or misshapen tensor, before anything is copied."""
+        for name, (tensor, path) in self.tensors.items():
+            if name.endswith("rotary_emb.inv_freq") or (
+                    name == "lm_head.weight" and layout.config.tie_word_embeddings):
+                continue  # recomputed; or the tied matrix stored twice
+            if name not in layout.by_hf_name:
+                raise ModelFolderError(f"{path}: unexpected tensor {name} for a "
+                                       f"{layout.config.architecture} model")
+        missing = sorted(set(layout.by_hf_name) - set(self.tensors))
         if missing:
-            raise ModelFolderError(f"model folder {folder} lacks {len(missing)} weights, "
+            raise ModelFolderError(f"model folder {self.folder} lacks {len(missing)} weights, "
                                    f"e.g. {', '.join(missing[:3])}")
 
-    def _load_one(self, targets: dict, name: str, tensor: torch.Tensor, path: Path) -> None:
-        if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
-            return  # some tied checkpoints store the shared matrix twice
-        if name.endswith("rotary_emb.inv_freq"):
-            return
-        target = targets.get(name)
-        if target is None:
-            raise ModelFolderError(f"{path}: unexpected tensor {name} for a "
-                                   f"{self.model.config.architecture} model")
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ModelFolderError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                   f"the config implies {tuple(target.shape)}")
-        target.copy_(tensor)
-        self.loaded.add(name)
+    def fill(self, layout: WeightLayout, param_name: str, dest: torch.Tensor) -> None:
+        """Copy the checkpoint tensors of one parameter into dest (its full shape)."""
+        for src in layout.sources[param_name]:
+            tensor, path = self.tensors[src.hf_name]
+            target = layout.destination(dest, src)
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelFolderError(f"{path}: tensor {src.hf_name} has shape {tuple(tensor.shape)}, "
+                                       f"the config implies {tuple(target.shape)}")
+            target.copy_(tensor)
+
+
+def load_weights(model: CausalLM, folder: Path) -> None:
+    """Copy a folder's checkpoint into model's (materialised) parameters."""
+    layout = WeightLayout(model.config)
+    checkpoint = Checkpoint(folder)
+    checkpoint.check(layout)
+    params = dict(model.named_parameters())
+    for name in layout.sources:
+        checkpoint.fill(layout, name, params[name])
