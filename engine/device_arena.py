@@ -78,7 +78,8 @@ class DeviceArena:
             numel *= dim
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if offset < 0 or offset + nbytes > self.nbytes:
-            raise ValueError(f"view [{offset}, {offset + nbytes}) lies outside the arena of {self.nbytes} bytes")
+            raise ValueError(f"view [{offset}, {offset + nbytes}) lies outside the arena "
+                             f"of {self.nbytes} bytes")
         return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
 
     def alloc_tensor(self, region: BumpRegion, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

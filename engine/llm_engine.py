@@ -11,16 +11,16 @@ import torch
 
 from .attention import make_attention_backend
 from .block_manager import BlockManager
-from .errors import InvalidRequestError
 from .kv_cache import PagedKVCache
 from .linear import make_linear_kernel, onednn_supports
 from .model import CausalLM
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
+from .request_book import RequestBook, RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, StepPlan, StepResult
-from .sequence import FinishReason, Sequence
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .tokenizer import Tokenizer
 from .weights import load_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,19 +64,6 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    text: str  # the text delta
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-
-
 def resolve_dtypes(config: EngineConfig, model_config: ModelConfig) -> tuple[torch.dtype, torch.dtype]:
     """-> (weight dtype, compute dtype) as the config asks and this machine allows."""
     name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
@@ -88,7 +75,9 @@ def resolve_dtypes(config: EngineConfig, model_config: ModelConfig) -> tuple[tor
     return dtype, compute
 
 
-class LLMEngine:
+class LLMEngine(RequestBook):
+    """One model, loaded from its folder, with its own KV cache: the single-model engine."""
+
     def __init__(self, folder: Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads:
@@ -107,9 +96,8 @@ class LLMEngine:
                                      self.compute_dtype, config.device)
         self.runner = ModelRunner(self.model, self.kv_cache,
                                   make_attention_backend(config.attention_backend))
-        self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, config.block_size))
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._seqs: dict[str, Sequence] = {}
+        super().__init__(self.model_config, self.tokenizer, self.max_model_len,
+                         Scheduler(config.scheduler, BlockManager(num_blocks, config.block_size)))
 
     def _load_model(self) -> CausalLM:
         kernel = make_linear_kernel(self.config.linear_kernel, torch.device(self.config.device),
@@ -126,51 +114,6 @@ class LLMEngine:
         self.linear_kernel = kernel.name
         return model
 
-    # -- requests -------------------------------------------------------------
-
-    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, chat: bool = False) -> Sequence:
-        """Queue a prompt (text, or token ids); raises InvalidRequestError if it cannot fit."""
-        sampling = sampling or SamplingParams()
-        ids = self._encode(prompt, chat)
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                "tokens and at least one must be left to generate")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.model_config.vocab_size})")
-        seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
-        if seq.request_id in self._seqs:
-            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        self._seqs[seq.request_id] = seq
-        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        self.scheduler.add(seq)
-        return seq
-
-    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
-        if isinstance(prompt, str):
-            if chat:
-                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
-
-    def abort(self, request_id: str) -> None:
-        seq = self._seqs.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.finish(seq)
-            seq.finish(FinishReason.ABORT)
-            self._detok.pop(request_id, None)
-
-    @property
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
-
-    # -- stepping -------------------------------------------------------------
-
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan.chunks:
@@ -178,40 +121,7 @@ class LLMEngine:
                 raise MemoryError("the KV cache cannot hold even one waiting sequence; "
                                   "raise kv_cache_bytes or lower max_model_len")
             return []
-        result = self.runner.execute(plan)
-        return self._apply(plan, result)
-
-    def _apply(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
-        outputs = []
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            seq.num_computed_tokens += chunk.num_tokens
-            token = result.sampled.get(seq.request_id)
-            if token is not None:
-                outputs.append(self._append_token(seq, token))
-        return outputs
-
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
-        seq.token_ids.append(token)
-        detok = self._detok[seq.request_id]
-        stop_string = detok.add(token)
-        reason = self._finish_reason(seq, token, stop_string)
-        if reason is not None:
-            seq.finish(reason)
-            self.scheduler.finish(seq)
-            del self._seqs[seq.request_id], self._detok[seq.request_id]
-        return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
-                             reason is not None, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens)
-
-    def _finish_reason(self, seq: Sequence, token: int, stop_string: str | None):
-        sp = seq.sampling
-        eos = () if sp.ignore_eos else self.model_config.eos_token_ids
-        if stop_string is not None or token in sp.stop_token_ids or token in eos:
-            return FinishReason.STOP
-        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+        return self.apply(plan, self.runner.execute(plan))
 
     # -- conveniences ---------------------------------------------------------
 

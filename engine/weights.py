@@ -131,7 +131,7 @@ class Checkpoint:
 
     def check(self, layout: WeightLayout) -> None:
         """Raise on a missing, unexpected or misshapen tensor, before anything is copied."""
-        for name, (tensor, path) in self.tensors.items():
+        for name, (_, path) in self.tensors.items():
             if name.endswith("rotary_emb.inv_freq") or (
                     name == "lm_head.weight" and layout.config.tie_word_embeddings):
                 continue  # recomputed; or the tied matrix stored twice

@@ -10,8 +10,10 @@
 //
 // Tasks are (b, kv_head) pairs; each serves its G query heads so every cached K/V row is
 // read once. Online softmax in float32, folding one cache block at a time.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: halves the compile time
 
 #include <algorithm>
 #include <cmath>

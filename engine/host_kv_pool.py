@@ -1,0 +1,145 @@
+"""HostKVPool: the node's host memory for swapped-out KV — one shared buffer carved by a SlabAllocator.
+
+The buffer is a file in /dev/shm (mode 0600 in a per-user folder), so other processes on the node
+can map the same bytes; it is unlinked on close. Where /dev/shm is missing or full, an anonymous
+mapping stands in and the pool works the same within one process.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import stat
+import threading
+import warnings
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .slab_allocator import BlockShape, SlabAllocator, SlabStats
+
+DEFAULT_SHM_DIR = Path("/dev/shm")
+# Large enough that the biggest common block (a 70B model in bf16 is 5 MiB per 16 tokens) wastes
+# little at a slab's tail; small enough that a model with few sequences holds few slabs.
+DEFAULT_SLAB_BYTES = 64 << 20
+
+
+class HostKVPool:
+    """Blocks of KV in one host buffer; offsets come from the SlabAllocator, views from block_view.
+
+    Thread-safe: alloc, free and block_view take a lock, so swap workers may call them.
+    """
+
+    def __init__(self, total_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
+                 shm_dir: Path | None = None, pin: bool = False) -> None:
+        """total_bytes is rounded down to whole slabs. shm_dir defaults to /dev/shm; pin page-locks
+        the buffer for CUDA DMA (needs a CUDA build of torch)."""
+        self.allocator = SlabAllocator(total_bytes, slab_bytes)
+        self._lock = threading.Lock()
+        self.path, self._mmap = _map_buffer(self.allocator.capacity_bytes, shm_dir or DEFAULT_SHM_DIR)
+        self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)  # [capacity_bytes]
+        # A pool dropped without close() still removes its file (not after a crash: then the
+        # per-user folder is where to look).
+        self._unlink = weakref.finalize(self, _unlink, self.path)
+        self.pinned = False
+        if pin:
+            _cuda_host_register(self._bytes)
+            self.pinned = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.allocator.capacity_bytes
+
+    def alloc(self, shape: BlockShape, n: int) -> list[int]:
+        """Offsets of n blocks of `shape`; KVPoolFullError and no change when they do not fit."""
+        with self._lock:
+            return self.allocator.alloc(shape, n)
+
+    def free(self, offsets: Iterable[int]) -> None:
+        with self._lock:
+            self.allocator.free(offsets)
+
+    def stats(self) -> SlabStats:
+        with self._lock:
+            return self.allocator.stats()
+
+    def block_view(self, offset: int, shape: BlockShape) -> torch.Tensor:
+        """The live block at `offset` as [num_layers, 2, block_size, num_kv_heads, head_dim].
+
+        ValueError unless the allocator handed out `offset` for a block of exactly `shape`, so a
+        stale or foreign offset cannot alias another sequence's KV.
+        """
+        with self._lock:
+            held = self.allocator.shape_at(offset)
+        if held != shape:
+            raise ValueError(f"block at offset {offset} holds {held}, not {shape}")
+        raw = self._bytes[offset:offset + shape.nbytes]
+        return raw.view(shape.torch_dtype).view(shape.dims)
+
+    def close(self) -> None:
+        """Unlink the shm file and drop the mapping. Views still alive keep their pages until freed."""
+        if self._bytes is None:
+            return
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
+        self._bytes = None
+        self._unlink()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when the last view does
+
+    def __enter__(self) -> HostKVPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _map_buffer(size: int, shm_dir: Path) -> tuple[Path | None, mmap.mmap]:
+    """(path, mapping) of a new 0600 file of `size` bytes under shm_dir, else (None, anonymous)."""
+    try:
+        return _map_shm_file(size, shm_dir)
+    except OSError as exc:
+        warnings.warn(f"host KV pool: {shm_dir} unusable ({exc}); using an anonymous buffer", stacklevel=3)
+        return None, mmap.mmap(-1, size)
+
+
+def _map_shm_file(size: int, shm_dir: Path) -> tuple[Path, mmap.mmap]:
+    folder = _private_folder(shm_dir / f"tokenpool-{os.getuid()}")
+    path = folder / f"kv-pool-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        # Reserve the pages now: a sparse tmpfs file that later runs out of room kills the
+        # process with SIGBUS on first touch instead of failing here.
+        os.posix_fallocate(fd, 0, size)
+        return path, mmap.mmap(fd, size)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)  # the mapping keeps its own reference to the file
+
+
+def _private_folder(folder: Path) -> Path:
+    """Create or reuse a 0700 folder; refuse one another user planted (shm dirs are world-writable)."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{folder} is not a private folder of uid {os.getuid()}")
+    return folder
+
+
+def _unlink(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def _cuda_host_register(data: torch.Tensor) -> None:
+    """Page-lock the buffer so host<->device copies are DMA that can overlap compute."""
+    err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of the host KV pool ({data.numel()} bytes) failed: {err}")

@@ -1,0 +1,622 @@
+"""HostModelCache: registered models' weights as raw tensor blocks in shared memory.
+
+Every process on the node maps the same segment files, so a model is loaded from disk
+once and switching to it is a plain copy out of the page cache (DESIGN.md, "Memory
+management"). No daemon: the files and the kernel's flocks are the whole protocol.
+
+Files in the root folder (0700; files 0600):
+
+    .registry.lock     flock EX around every create / publish / evict / attach step
+    <key>.seg          the tensors, each at a 4096-byte aligned offset:
+                       | t0 | pad | t1 | pad | ... | tN | pad |   (size: multiple of 4096)
+    <key>.manifest     msgpack Manifest; its existence marks the model ready;
+                       its mtime is the model's last use (for LRU across processes)
+    <key>.manifest.tmp the manifest being published (renamed into place)
+
+Locks on <key>.seg: a writer holds EX while registering; every lease (CachedModel)
+holds SH; eviction needs EX without waiting. The kernel drops a dead process's flocks,
+so a crashed writer leaves an unlocked segment without manifest (swept by the next
+HostModelCache), and a killed reader never pins a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import math
+import mmap
+import os
+import re
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import torch
+from tqdm import tqdm
+
+ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+              torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+}
+
+
+class CacheFullError(MemoryError):
+    """A model does not fit in the cache even after evicting every unused model."""
+
+
+class CacheMissError(KeyError):
+    """The model is not registered (or is still being registered)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class ModelInUseError(RuntimeError):
+    """The model is attached by some process, so it cannot be evicted."""
+
+
+class CorruptManifestError(ValueError):
+    """A manifest (or its segment) in shared memory is malformed; nothing was mapped."""
+
+
+class ModelConflictError(ValueError):
+    """The id is already registered with a different tensor layout or size."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor to cache: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def like(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tensor.dtype, tuple(tensor.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class CachedModelInfo:
+    model_id: str
+    nbytes: int
+    in_use: bool
+    last_used: float  # seconds since the epoch
+
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class TensorEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    dtype: str
+    shape: list[NonNegative]
+    offset: NonNegative
+    nbytes: NonNegative
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    model_id: str
+    tensors: list[TensorEntry]
+    total_bytes: NonNegative
+    metadata: dict[str, str]
+    created_at: float
+    format_version: int = FORMAT_VERSION
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Manifest)
+
+
+def default_root() -> Path:
+    """/dev/shm/tokenpool-<uid>/models, or the same under the temp folder without /dev/shm."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    return base / f"tokenpool-{os.getuid()}" / "models"
+
+
+class HostModelCache:
+    """Models' weights in shared memory, bounded by capacity_bytes, LRU-evicted when unused.
+
+    Any number of processes may construct one over the same root and use it at once.
+    """
+
+    def __init__(self, root: Path | None = None, capacity_bytes: int = 8 << 30,
+                 progress: bool = True) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        if root is None:
+            _private_dir(default_root().parent)
+        self.root = _private_dir(Path(root) if root is not None else default_root())
+        self._capacity = capacity_bytes
+        self.progress = progress
+        with self._registry_lock():
+            self._sweep_crashed()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of all segments, ready or being registered (a registration reserves its size)."""
+        return sum(_size_or_zero(p) for p in self.root.glob("*.seg"))
+
+    # ---- register -------------------------------------------------------------------------------
+
+    def register(self, model_id: str, specs: Sequence[TensorSpec], fill: Callable[[str, torch.Tensor], None],
+                 metadata: dict[str, str] | None = None) -> None:
+        """Cache a model: fill(name, dest) copies each tensor into `dest`, a view into shared memory.
+
+        Idempotent for an id already registered with the same layout (ModelConflictError if it
+        differs). Waits for another process registering the same id. Evicts least-recently
+        used unattached models to make room, else raises CacheFullError and changes nothing.
+        If fill raises, nothing is left behind.
+        """
+        entries, total = _plan_layout(specs)
+        metadata = _check_metadata(metadata or {})
+        fd = self._claim(model_id, entries, total)
+        if fd is None:
+            return
+        try:
+            self._fill_segment(fd, model_id, specs, entries, total, fill)
+            self._publish(fd, Manifest(model_id, entries, total, metadata, time.time()))
+        except BaseException:
+            self._abandon(fd, model_id)
+            raise
+        finally:
+            os.close(fd)
+
+    def _claim(self, model_id: str, entries: list[TensorEntry], total: int) -> int | None:
+        """None if already registered; else the new segment's fd, EX-locked, its room reserved."""
+        key = _file_key(model_id)
+        while True:
+            with self._registry_lock():
+                self._sweep_crashed()
+                if self._manifest(key).exists():
+                    self._check_same_layout(model_id, entries, total)
+                    return None
+                busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
+                if busy is None:
+                    self._make_room(model_id, total)
+                    return self._create_segment(key, total)
+            _wait_for_writer(busy)
+
+    def _create_segment(self, key: str, total: int) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self._segment(key), flags, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, total)  # st_size is the reservation used_bytes counts
+        return fd
+
+    def _fill_segment(self, fd: int, model_id: str, specs: Sequence[TensorSpec], entries: list[TensorEntry],
+                      total: int, fill: Callable[[str, torch.Tensor], None]) -> None:
+        _allocate(fd, total, model_id)
+        mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"caching {model_id}",
+                  disable=not self.progress) as bar:
+            for spec, entry in zip(specs, entries, strict=True):
+                fill(spec.name, _view(mm, entry, spec.dtype))
+                bar.update(entry.nbytes)
+        # mm is not closed: views the caller kept would point at unmapped memory; GC unmaps it.
+
+    def _publish(self, fd: int, manifest: Manifest) -> None:
+        """Write the manifest atomically; from then on the model is ready and the writer lock goes."""
+        key = _file_key(manifest.model_id)
+        tmp = self.root / f"{key}.manifest.tmp"
+        with self._registry_lock():
+            _write_private(tmp, _encoder.encode(manifest))
+            now = time.time_ns()  # explicit: file times tick coarsely (~4 ms), too coarse for LRU order
+            os.utime(tmp, ns=(now, now))
+            os.rename(tmp, self._manifest(key))
+            # Unlock explicitly, inside the registry lock: an attach must never find the manifest
+            # while EX is held, and the mmap's dup of the fd (alive while any view is) would keep it.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _abandon(self, fd: int, model_id: str) -> None:
+        key = _file_key(model_id)
+        with self._registry_lock():
+            for path in (self._manifest(key), self.root / f"{key}.manifest.tmp", self._segment(key)):
+                path.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # wakes a process waiting to register the same id
+
+    def _check_same_layout(self, model_id: str, entries: list[TensorEntry], total: int) -> None:
+        old = self._read_manifest(model_id)
+        if old.total_bytes != total or _layout(old.tensors) != _layout(entries):
+            raise ModelConflictError(
+                f"model {model_id!r} is already registered with {old.total_bytes} bytes in "
+                f"{len(old.tensors)} tensors; this registration has {total} bytes in {len(entries)} "
+                f"tensors with a different layout: evict it first")
+
+    # ---- capacity -------------------------------------------------------------------------------
+
+    def _make_room(self, model_id: str, need: int) -> None:
+        """Evict LRU unattached models until `need` bytes fit: all or nothing. Registry lock held."""
+        if need > self._capacity:
+            raise CacheFullError(f"model {model_id!r} needs {need} bytes, more than the cache's whole "
+                                 f"capacity of {self._capacity} bytes")
+        shortfall = need - (self._capacity - self.used_bytes)
+        if shortfall <= 0:
+            return
+        victims, in_use = self._lock_victims(shortfall)
+        try:
+            if sum(v.nbytes for v, _ in victims) < shortfall:
+                raise CacheFullError(self._full_message(model_id, need, in_use))
+            for victim, _ in victims:
+                self._remove_files(victim.key)
+        finally:
+            for _, fd in victims:
+                os.close(fd)
+
+    def _lock_victims(self, shortfall: int) -> tuple[list[tuple[_Entry, int]], list[_Entry]]:
+        """Least recently used first, EX-lock unattached models until they cover `shortfall`."""
+        victims: list[tuple[_Entry, int]] = []
+        in_use: list[_Entry] = []
+        freed = 0
+        for entry in sorted(self._catalog(), key=lambda e: (e.last_used_ns, e.key)):
+            fd = _try_lock_exclusive(self._segment(entry.key))
+            if fd is None:
+                in_use.append(entry)
+            elif freed < shortfall:
+                victims.append((entry, fd))
+                freed += entry.nbytes
+            else:
+                os.close(fd)
+        return victims, in_use
+
+    def _full_message(self, model_id: str, need: int, in_use: list[_Entry]) -> str:
+        ready = sum(e.nbytes for e in self._catalog())
+        pending = self.used_bytes - ready
+        held = ", ".join(f"{e.model_id!r} ({e.nbytes} bytes)" for e in in_use) or "none"
+        return (f"cache full: model {model_id!r} needs {need} bytes; capacity {self._capacity}, "
+                f"used {self.used_bytes} ({pending} by registrations in progress); "
+                f"models in use, which cannot be evicted: {held}")
+
+    # ---- attach / list / evict ------------------------------------------------------------------
+
+    def attach(self, model_id: str) -> CachedModel:
+        """Map a registered model read-shared; the lease pins it (no eviction) until close()."""
+        key = _file_key(model_id)
+        with self._registry_lock():
+            if not self._manifest(key).exists():
+                raise CacheMissError(f"model {model_id!r} is not in the host model cache at {self.root}")
+            manifest = self._read_manifest(model_id)
+            fd = _open_existing(self._segment(key))
+            if fd is None:
+                raise CorruptManifestError(f"model {model_id!r} has a manifest but no segment file")
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only evict/sweep take EX, under this same lock
+            now = time.time_ns()
+            os.utime(self._manifest(key), ns=(now, now))
+        try:
+            return CachedModel(fd, manifest)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def list(self) -> list[CachedModelInfo]:
+        """Ready models, least recently used first."""
+        with self._registry_lock():
+            out = []
+            for entry in sorted(self._catalog(), key=lambda e: e.last_used_ns):
+                fd = _try_lock_exclusive(self._segment(entry.key))
+                if fd is not None:
+                    os.close(fd)
+                in_use = fd is None
+                out.append(CachedModelInfo(entry.model_id, entry.nbytes, in_use, entry.last_used_ns / 1e9))
+            return out
+
+    def evict(self, model_id: str) -> None:
+        """Remove a model; ModelInUseError if any process has it attached. Works on corrupt manifests."""
+        key = _file_key(model_id)
+        with self._registry_lock():
+            if not self._manifest(key).exists():
+                raise CacheMissError(f"model {model_id!r} is not in the host model cache at {self.root}")
+            if not self._segment(key).exists():  # a broken entry: nothing can be attached to it
+                self._remove_files(key)
+                return
+            fd = _try_lock_exclusive(self._segment(key))
+            if fd is None:
+                raise ModelInUseError(f"model {model_id!r} is attached by a process; close its leases first")
+            try:
+                self._remove_files(key)
+            finally:
+                os.close(fd)
+
+    # ---- files ----------------------------------------------------------------------------------
+
+    def _segment(self, key: str) -> Path:
+        return self.root / f"{key}.seg"
+
+    def _manifest(self, key: str) -> Path:
+        return self.root / f"{key}.manifest"
+
+    @contextlib.contextmanager
+    def _registry_lock(self) -> Iterator[None]:
+        fd = os.open(self.root / ".registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _remove_files(self, key: str) -> None:
+        # Manifest first: a crash in between leaves an unlocked segment without one, which the sweep removes.
+        self._manifest(key).unlink(missing_ok=True)
+        self._segment(key).unlink(missing_ok=True)
+
+    def _sweep_crashed(self) -> None:
+        """Remove what dead writers left: unlocked segments without manifest. Registry lock held."""
+        for tmp in self.root.glob("*.manifest.tmp"):  # publishing happens under the registry lock
+            tmp.unlink(missing_ok=True)
+        for manifest in self.root.glob("*.manifest"):  # segment gone: unusable, and invisible to list()
+            if not manifest.with_suffix(".seg").exists():
+                manifest.unlink()
+        for seg in self.root.glob("*.seg"):
+            if seg.with_suffix(".manifest").exists():
+                continue
+            fd = _try_lock_exclusive(seg)
+            if fd is not None:  # no live writer holds it
+                seg.unlink()
+                os.close(fd)
+
+    def _catalog(self) -> list[_Entry]:
+        entries = []
+        for path in self.root.glob("*.manifest"):
+            key = path.name.removesuffix(".manifest")
+            with contextlib.suppress(FileNotFoundError):
+                entries.append(_Entry(key, self._id_for(key, path), self._segment(key).stat().st_size,
+                                      path.stat().st_mtime_ns))
+        return entries
+
+    def _id_for(self, key: str, path: Path) -> str:
+        """The manifest's model id; a corrupt manifest is listed (and evictable by LRU) under its key."""
+        try:
+            return _decoder.decode(path.read_bytes()).model_id
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return f"<corrupt manifest {key}>"
+
+    def _read_manifest(self, model_id: str) -> Manifest:
+        path = self._manifest(_file_key(model_id))
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptManifestError(f"model {model_id!r}: manifest {path} is {size} bytes, "
+                                       f"more than the {MAX_MANIFEST_BYTES} allowed")
+        try:
+            manifest = _decoder.decode(path.read_bytes())
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise CorruptManifestError(f"model {model_id!r}: corrupt manifest {path}: {e}") from e
+        if manifest.model_id != model_id:
+            raise CorruptManifestError(f"model {model_id!r}: manifest {path} names {manifest.model_id!r}")
+        if manifest.format_version != FORMAT_VERSION:
+            raise CorruptManifestError(f"model {model_id!r}: manifest format {manifest.format_version}, "
+                                       f"this code reads {FORMAT_VERSION}")
+        return manifest
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    model_id: str
+    nbytes: int
+    last_used_ns: int
+
+
+class CachedModel:
+    """A lease on a cached model: zero-copy tensor views into the shared segment.
+
+    Views are read-only by convention (writes are seen by every process). While the lease
+    is open the model cannot be evicted. close() (or leaving the `with` block) ends the
+    lease; views kept past it stay valid (the mapping lives until the last view is gone)
+    but no longer stop an eviction.
+    """
+
+    def __init__(self, fd: int, manifest: Manifest) -> None:
+        """Takes over `fd` (SH-locked) only on success; on error the caller still owns it."""
+        self._fd = -1  # so __del__ of a half-built lease never closes the caller's fd
+        self._pinned_ptr: int | None = None
+        self.model_id = manifest.model_id
+        self.metadata = dict(manifest.metadata)
+        self.nbytes = manifest.total_bytes
+        size = os.fstat(fd).st_size
+        _check_bounds(manifest, size)
+        # One mapping per lease; MAP_SHARED so every process sees the same pages.
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+        self.tensors: dict[str, torch.Tensor] = {
+            e.name: _view(self._mm, e, _DTYPES[e.dtype]) for e in manifest.tensors
+        }
+        self._fd = fd
+
+    def pin_for_cuda(self) -> bool:
+        """CUDA hook: page-lock this mapping so host-to-device copies DMA straight from it.
+
+        Returns False (a no-op) without CUDA. Unpinned again by close().
+        """
+        if self._pinned_ptr is not None or self._mm is None or not torch.cuda.is_available():
+            return False
+        ptr = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(ptr, len(self._mm), 0))
+        self._pinned_ptr = ptr
+        return True
+
+    def close(self) -> None:
+        """End the lease (idempotent). The mapping is unmapped by GC once no view refers to it."""
+        if self._fd < 0:
+            return
+        if self._pinned_ptr is not None:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr))
+            self._pinned_ptr = None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # explicit: the mmap's dup of the fd would keep the lock
+        os.close(self._fd)
+        self._fd = -1
+        self.tensors = {}
+        self._mm = None
+
+    def __enter__(self) -> CachedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _plan_layout(specs: Sequence[TensorSpec]) -> tuple[list[TensorEntry], int]:
+    """Manifest entries at ALIGN-ed offsets, and the segment size (a multiple of ALIGN, at least one)."""
+    entries, cursor, names = [], 0, set()
+    for spec in specs:
+        _check_spec(spec, names)
+        names.add(spec.name)
+        offset = _round_up(cursor, ALIGN)
+        dtype = str(spec.dtype).removeprefix("torch.")
+        entries.append(TensorEntry(spec.name, dtype, list(spec.shape), offset, spec.nbytes))
+        cursor = offset + spec.nbytes
+    return entries, max(_round_up(cursor, ALIGN), ALIGN)
+
+
+def _check_spec(spec: TensorSpec, seen: set[str]) -> None:
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"tensor names must be non-empty strings, got {spec.name!r}")
+    if spec.name in seen:
+        raise ValueError(f"tensor name {spec.name!r} appears twice")
+    if spec.dtype not in _DTYPES.values():
+        raise ValueError(f"tensor {spec.name!r}: dtype {spec.dtype} is not cacheable "
+                         f"(supported: {', '.join(sorted(_DTYPES))})")
+    if not all(isinstance(d, int) and d >= 0 for d in spec.shape):
+        raise ValueError(f"tensor {spec.name!r}: shape {spec.shape} must be non-negative integers")
+
+
+def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
+    return dict(metadata)
+
+
+def _check_bounds(manifest: Manifest, size: int) -> None:
+    """Every entry must lie inside the segment with a consistent dtype/shape/size: never map past it."""
+    model = manifest.model_id
+    if manifest.total_bytes != size:
+        raise CorruptManifestError(f"model {model!r}: manifest says {manifest.total_bytes} bytes, "
+                                   f"the segment has {size}")
+    for e in manifest.tensors:
+        dtype = _DTYPES.get(e.dtype)
+        if dtype is None:
+            raise CorruptManifestError(f"model {model!r}: tensor {e.name!r} has unknown dtype {e.dtype!r}")
+        expected = math.prod(e.shape) * dtype.itemsize
+        if e.nbytes != expected:
+            raise CorruptManifestError(f"model {model!r}: tensor {e.name!r} is {e.nbytes} bytes, "
+                                       f"but shape {e.shape} of {e.dtype} needs {expected}")
+        if e.offset % ALIGN or e.offset + e.nbytes > size:
+            raise CorruptManifestError(f"model {model!r}: tensor {e.name!r} at offset {e.offset} "
+                                       f"(+{e.nbytes} bytes) is misaligned or beyond the {size}-byte segment")
+
+
+def _view(mm: mmap.mmap | None, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+    shape = tuple(entry.shape)
+    if entry.nbytes == 0:  # frombuffer refuses empty views; nothing to share anyway
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(mm, dtype=dtype, count=entry.nbytes // dtype.itemsize, offset=entry.offset)
+    return flat.view(shape)
+
+
+def _layout(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]]]:
+    return [(e.name, e.dtype, list(e.shape)) for e in entries]
+
+
+def _allocate(fd: int, total: int, model_id: str) -> None:
+    """Back the segment with memory now: a full /dev/shm then fails here, not as SIGBUS mid-copy."""
+    try:
+        os.posix_fallocate(fd, 0, total)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        if e.errno == errno.ENOSPC:
+            raise CacheFullError(f"model {model_id!r} needs {total} bytes, but the file system holding "
+                                 f"the cache is full (size /dev/shm or lower capacity_bytes)") from e
+        raise
+
+
+def _file_key(model_id: str) -> str:
+    """A file-name-safe key: a readable prefix plus a hash, so distinct ids never share files."""
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:48]
+    return f"{readable}-{hashlib.sha256(model_id.encode()).hexdigest()[:16]}"
+
+
+def _private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) if needed; refuse one that another user owns or can write into."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"cache folder {path} must be a directory owned by uid {os.getuid()} "
+                              f"and writable by no one else (mode {stat.filemode(st.st_mode)})")
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _open_existing(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+
+
+def _try_lock_exclusive(path: Path) -> int | None:
+    """An fd holding EX on `path`, or None if some process holds a lock on it.
+
+    FileNotFoundError if it is gone.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+def _wait_for_writer(fd: int) -> None:
+    """Block until the process registering this segment finishes or dies, then let go."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
