@@ -201,8 +201,13 @@ class HostModelCache:
     def _create_segment(self, key: str, total: int) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(self._segment(key), flags, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, total)  # st_size is the reservation used_bytes counts
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, total)  # st_size is the reservation used_bytes counts
+        except BaseException:
+            self._segment(key).unlink()
+            os.close(fd)
+            raise
         return fd
 
     def _fill_segment(self, fd: int, model_id: str, specs: Sequence[TensorSpec], entries: list[TensorEntry],

@@ -17,11 +17,18 @@ class PagedKVCache:
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 storage: torch.Tensor | None = None) -> None:
+        """storage: bytes (uint8, 1-D) to lay the cache over, e.g. an arena's KV region;
+        None allocates zeroed memory."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        if storage is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            nbytes = num_blocks * self.bytes_per_block(config, block_size, dtype)
+            self.kv = storage[:nbytes].view(dtype).view(shape)
         self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(config.num_layers)]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

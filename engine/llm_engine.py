@@ -106,10 +106,8 @@ class LLMEngine(RequestBook):
             model = CausalLM(self.model_config, self.compute_dtype, self.max_model_len)
         model = model.to_empty(device=self.config.device)
         with torch.no_grad():
-            load_weights(model, self.folder)
-            if self.compute_dtype != self.dtype:  # round as the checkpoint dtype would
-                for p in model.parameters():
-                    p.copy_(p.to(self.dtype))
+            # Computing wider than the weights: round them as the weight dtype would.
+            load_weights(model, self.folder, self.dtype if self.compute_dtype != self.dtype else None)
             model.prepare(kernel)
         self.linear_kernel = kernel.name
         return model

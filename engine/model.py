@@ -150,6 +150,10 @@ class CausalLM(nn.Module):
     def prepare(self, kernel: LinearKernel) -> None:
         """After weights are loaded: RoPE tables, and every projection packed for kernel."""
         self.rotary = Rotary(self.config, self.max_positions)
+        self.prepare_linears(kernel)
+
+    def prepare_linears(self, kernel: LinearKernel) -> None:
+        """Point every projection's kernel at the currently bound weights."""
         for module in self.modules():
             if isinstance(module, Linear) and module is not self.lm_head:
                 module.prepare(kernel)

@@ -7,6 +7,7 @@ how many new tokens each), a StepResult back (the tokens sampled).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -76,18 +77,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, ready: Callable[[Sequence], bool] | None = None) -> StepPlan:
+        """ready(seq) False leaves a running sequence out of this step (its KV is still
+        being swapped in)."""
         budget = self.config.max_num_batched_tokens
-        chunks = self._schedule_running(budget)
+        chunks = self._schedule_running(budget, ready)
         budget -= sum(c.num_tokens for c in chunks)
         chunks += self._admit_waiting(budget)
         return StepPlan(tuple(chunks))
 
-    def _schedule_running(self, budget: int) -> list[ScheduledChunk]:
+    def _schedule_running(self, budget: int,
+                          ready: Callable[[Sequence], bool] | None) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted to make room for an earlier sequence
+            if seq not in self.running or (ready is not None and not ready(seq)):
+                continue  # preempted to make room for an earlier one, or KV not landed yet
             n = min(seq.num_uncomputed_tokens, budget - sum(c.num_tokens for c in chunks))
             if n <= 0:
                 break

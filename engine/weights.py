@@ -143,22 +143,24 @@ class Checkpoint:
             raise ModelFolderError(f"model folder {self.folder} lacks {len(missing)} weights, "
                                    f"e.g. {', '.join(missing[:3])}")
 
-    def fill(self, layout: WeightLayout, param_name: str, dest: torch.Tensor) -> None:
-        """Copy the checkpoint tensors of one parameter into dest (its full shape)."""
+    def fill(self, layout: WeightLayout, param_name: str, dest: torch.Tensor,
+             round_to: torch.dtype | None = None) -> None:
+        """Copy the checkpoint tensors of one parameter into dest (its full shape),
+        rounded through round_to first when the stored dtype is wider than the model's."""
         for src in layout.sources[param_name]:
             tensor, path = self.tensors[src.hf_name]
             target = layout.destination(dest, src)
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelFolderError(f"{path}: tensor {src.hf_name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(target.shape)}")
-            target.copy_(tensor)
+            target.copy_(tensor if round_to is None else tensor.to(round_to))
 
 
-def load_weights(model: CausalLM, folder: Path) -> None:
+def load_weights(model: CausalLM, folder: Path, round_to: torch.dtype | None = None) -> None:
     """Copy a folder's checkpoint into model's (materialised) parameters."""
     layout = WeightLayout(model.config)
     checkpoint = Checkpoint(folder)
     checkpoint.check(layout)
     params = dict(model.named_parameters())
     for name in layout.sources:
-        checkpoint.fill(layout, name, params[name])
+        checkpoint.fill(layout, name, params[name], round_to)

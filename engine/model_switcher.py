@@ -1,0 +1,162 @@
+"""ModelSwitcher: moves registered models between the host model cache and the
+device arena's two model slots, and re-binds reusable modules to them.
+
+Component reuse: one CausalLM per distinct config, built on the meta device once;
+a switch only points its parameters at the weights in a slot. Tokenizers and
+configs are read once per model. The copy is one pass over the cached bytes, in
+chunks, so a prefetch running beside compute yields often.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .device_arena import BumpRegion, DeviceArena
+from .host_model_cache import CachedModel, HostModelCache, TensorSpec
+from .linear import DenseLinear
+from .model import CausalLM
+from .model_config import ModelConfig
+from .tokenizer import Tokenizer
+from .weights import Checkpoint, WeightLayout
+
+_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What an instance keeps about a registered model between switches."""
+
+    model_id: str
+    folder: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    dtype: torch.dtype  # the dtype weights are held and computed in
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+@dataclass
+class SlotContents:
+    model_id: str
+    weights: dict[str, torch.Tensor]
+    copy_seconds: float
+    ready: Future
+
+
+def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: torch.dtype,
+                   round_to: torch.dtype | None = None) -> ModelProfile:
+    """Read a model folder once into the host cache in the engine's fused layout."""
+    config = ModelConfig.from_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    layout = WeightLayout(config)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
+    specs = tuple(TensorSpec(name, dtype, shapes[name]) for name in layout.sources)
+    checkpoint = Checkpoint(folder)
+    checkpoint.check(layout)  # a bad checkpoint fails before the cache is touched
+    cache.register(model_id, specs, lambda name, dest: checkpoint.fill(layout, name, dest, round_to),
+                   metadata={"folder": str(folder), "dtype": str(dtype)})
+    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs)
+
+
+class ModelSwitcher:
+    def __init__(self, cache: HostModelCache, arena: DeviceArena, max_positions: int) -> None:
+        self.cache = cache
+        self.arena = arena
+        self.max_positions = max_positions
+        self._modules: dict[tuple[ModelConfig, torch.dtype], CausalLM] = {}
+        self._leases: dict[str, CachedModel] = {}
+        self._slots: list[SlotContents | None] = [None, None]
+        self._active = 0
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.last_switch_seconds = 0.0
+
+    @property
+    def active_model(self) -> str | None:
+        slot = self._slots[self._active]
+        return slot.model_id if slot else None
+
+    def prefetch(self, profile: ModelProfile) -> Future:
+        """Start copying profile's weights into the free slot while the active model computes."""
+        free = 1 - self._active
+        slot = self._slots[free]
+        if slot is not None and slot.model_id == profile.model_id:
+            return slot.ready
+        self._check_fits(profile)
+        contents = SlotContents(profile.model_id, {}, 0.0, Future())
+        self._slots[free] = contents
+        contents.ready = self._copier.submit(self._fill_slot, free, profile, contents)
+        return contents.ready
+
+    def activate(self, profile: ModelProfile) -> CausalLM:
+        """Make profile the active model: reuse it, take the prefetched slot, or copy now."""
+        start = time.perf_counter()
+        if self.active_model != profile.model_id:
+            self.prefetch(profile).result()
+            self._active = 1 - self._active
+        model = self._bind(profile, self._slots[self._active].weights)
+        self.last_switch_seconds = time.perf_counter() - start
+        return model
+
+    def _check_fits(self, profile: ModelProfile) -> None:
+        capacity = self.arena.slots[0].capacity
+        if profile.nbytes > capacity:
+            raise MemoryError(f"model {profile.model_id} needs {profile.nbytes} bytes of weights; "
+                              f"an arena model slot holds {capacity}")
+
+    def _fill_slot(self, index: int, profile: ModelProfile, contents: SlotContents) -> None:
+        start = time.perf_counter()
+        region: BumpRegion = self.arena.slots[index]
+        region.reset()
+        cached = self._lease(profile.model_id)
+        weights = {}
+        for spec in profile.specs:
+            weights[spec.name] = dest = self.arena.alloc_tensor(region, spec.dtype, spec.shape)
+            _chunked_copy(dest, cached.tensors[spec.name])
+        contents.weights = weights
+        contents.copy_seconds = time.perf_counter() - start
+
+    def _lease(self, model_id: str) -> CachedModel:
+        if model_id not in self._leases:
+            self._leases[model_id] = self.cache.attach(model_id)
+        return self._leases[model_id]
+
+    def _bind(self, profile: ModelProfile, weights: dict[str, torch.Tensor]) -> CausalLM:
+        key = (profile.config, profile.dtype)
+        if key not in self._modules:
+            with torch.device("meta"):
+                model = CausalLM(profile.config, profile.dtype, self.max_positions)
+            model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
+            self._modules[key] = model
+        model = self._modules[key]
+        for name, tensor in weights.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=False))
+        if model.rotary is None:
+            model.prepare(DenseLinear())
+        else:
+            model.prepare_linears(DenseLinear())
+        return model
+
+    def close(self) -> None:
+        self._copier.shutdown(wait=True)
+        for lease in self._leases.values():
+            lease.close()
+        self._leases.clear()
+
+
+def _chunked_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy in pieces of about 8 MiB so a background copy yields the GIL often."""
+    flat_dest, flat_src = dest.view(-1), src.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(1, dest.element_size()))
+    for start in range(0, flat_dest.numel(), step):
+        flat_dest[start:start + step].copy_(flat_src[start:start + step])

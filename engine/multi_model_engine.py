@@ -1,0 +1,214 @@
+"""MultiModelEngine: one instance, any registered model, switching between them.
+
+The instance initialises once: a device arena (| KV | slot A | slot B |), a
+ModelSwitcher over the node's host model cache, and a KVSwapper over the node's
+host KV pool. Each model keeps its own RequestBook (queue, sequences, progress);
+a switch swaps the outgoing model's KV out to the pool, binds the incoming
+model's weights (prefetched if it was predicted) and swaps its KV back in. A
+step runs the sequences whose KV has landed and waits only when none has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import make_attention_backend
+from .block_manager import BlockManager
+from .device_arena import DeviceArena
+from .host_kv_pool import HostKVPool
+from .host_model_cache import HostModelCache
+from .kv_cache import PagedKVCache
+from .kv_swapper import KVSwapper, SwapHandle
+from .llm_engine import EngineConfig, resolve_dtypes
+from .model_config import ModelConfig
+from .model_runner import ModelRunner
+from .model_switcher import ModelProfile, ModelSwitcher, register_model
+from .request_book import RequestBook, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .slab_allocator import BlockShape
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Memory of one switching instance.
+
+    kv_bytes: the arena's KV region (blocks of whichever model is active).
+    slot_bytes: each of the two model slots; the largest registered model must fit.
+    engine: dtype, block size, scheduler limits and context as for a single-model engine
+      (its kv_cache_bytes and linear_kernel are not used: weights live in the arena
+      and are applied with the dense kernel, since packed layouts cannot be copied).
+    """
+
+    kv_bytes: int = 256 << 20
+    slot_bytes: int = 1 << 30
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes < 1 or self.slot_bytes < 1:
+            raise ValueError(f"kv_bytes and slot_bytes must be positive, got {self.kv_bytes}, "
+                             f"{self.slot_bytes}")
+
+
+@dataclass
+class _Model:
+    profile: ModelProfile
+    book: RequestBook
+    shape: BlockShape
+    swapped: dict[str, SwapHandle] = field(default_factory=dict)  # request_id -> swap-out
+    landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
+
+
+class MultiModelEngine:
+    def __init__(self, config: InstanceConfig, cache: HostModelCache, pool: HostKVPool) -> None:
+        self.config = config
+        ec = config.engine
+        if ec.num_threads:
+            torch.set_num_threads(ec.num_threads)
+        self.cache = cache
+        self.arena = DeviceArena(config.kv_bytes, config.slot_bytes, ec.device)
+        self.max_positions = ec.max_model_len or 1 << 15
+        self.switcher = ModelSwitcher(cache, self.arena, self.max_positions)
+        self.swapper = KVSwapper(pool)
+        self.backend = make_attention_backend(ec.attention_backend)
+        self.models: dict[str, _Model] = {}
+        self.active: str | None = None
+        self.runner: ModelRunner | None = None
+        self.switches = 0
+
+    # -- registration and requests --------------------------------------------
+
+    def register(self, model_id: str, folder: Path) -> ModelProfile:
+        """Read a model into the host cache (once per node) and prepare its bookkeeping."""
+        if model_id in self.models:
+            return self.models[model_id].profile
+        ec = self.config.engine
+        weight_dtype, compute = resolve_dtypes(ec, ModelConfig.from_folder(folder))
+        profile = register_model(self.cache, model_id, Path(folder), compute,
+                                 weight_dtype if weight_dtype != compute else None)
+        self.switcher._check_fits(profile)
+        config = profile.config
+        max_len = min(ec.max_model_len or 1 << 62, config.max_position_embeddings, self.max_positions)
+        num_blocks = self.config.kv_bytes // PagedKVCache.bytes_per_block(config, ec.block_size, compute)
+        if num_blocks < 1:
+            raise MemoryError(f"the arena's KV region ({self.config.kv_bytes} bytes) cannot hold "
+                              f"one KV block of {model_id}")
+        book = RequestBook(config, profile.tokenizer, max_len,
+                           Scheduler(ec.scheduler, BlockManager(num_blocks, ec.block_size)))
+        shape = BlockShape.of(config, ec.block_size, compute)
+        self.models[model_id] = _Model(profile, book, shape)
+        return profile
+
+    def add_request(self, model_id: str, prompt: str | list[int],
+                    sampling: SamplingParams | None = None, chat: bool = False) -> Sequence:
+        return self._model(model_id).book.add_request(prompt, sampling, chat=chat)
+
+    def has_unfinished(self, model_id: str | None = None) -> bool:
+        ids = [model_id] if model_id else list(self.models)
+        return any(self._model(m).book.has_unfinished for m in ids)
+
+    def _model(self, model_id: str) -> _Model:
+        if model_id not in self.models:
+            raise KeyError(f"model {model_id!r} is not registered; registered: {sorted(self.models)}")
+        return self.models[model_id]
+
+    # -- switching --------------------------------------------------------------
+
+    def prefetch(self, model_id: str) -> None:
+        if model_id != self.active:
+            self.switcher.prefetch(self._model(model_id).profile)
+
+    def switch_to(self, model_id: str) -> None:
+        """Make model_id the active model; its sequences keep their progress."""
+        if model_id == self.active:
+            return
+        incoming = self._model(model_id)
+        pending_out = self._swap_out_active()
+        model = self.switcher.activate(incoming.profile)
+        for handle in pending_out:  # the KV region is about to take the new shape
+            handle.wait()
+        ec = self.config.engine
+        blocks = incoming.book.scheduler.blocks
+        kv = PagedKVCache(incoming.profile.config, blocks.num_blocks, ec.block_size,
+                          incoming.profile.dtype, storage=self.arena.buffer[:self.config.kv_bytes])
+        self.runner = ModelRunner(model, kv, self.backend)
+        self.active = model_id
+        self.switches += 1
+        self._swap_in(incoming)
+
+    def _swap_out_active(self) -> list[SwapHandle]:
+        if self.active is None:
+            return []
+        outgoing = self.models[self.active]
+        self._wait_landing(outgoing)  # a block still being swapped in cannot be swapped out
+        handles = []
+        for seq in outgoing.book.scheduler.running:
+            if seq.block_table:
+                handle = self.swapper.swap_out(self.runner.kv_cache.kv, seq.block_table, outgoing.shape)
+                outgoing.swapped[seq.request_id] = handle
+                outgoing.book.scheduler.blocks.release(seq)
+                handles.append(handle)
+        return handles
+
+    def _swap_in(self, model: _Model) -> None:
+        scheduler = model.book.scheduler
+        for seq in scheduler.running:
+            handle = model.swapped.pop(seq.request_id, None)
+            if handle is None:
+                continue
+            offsets = handle.result()
+            scheduler.blocks.grow(seq, len(offsets) * scheduler.blocks.block_size)
+            landing = self.swapper.swap_in(self.runner.kv_cache.kv, offsets, seq.block_table, model.shape)
+            model.landing[seq.request_id] = (landing, offsets)
+
+    def _landed(self, model: _Model, seq: Sequence) -> bool:
+        entry = model.landing.get(seq.request_id)
+        if entry is None:
+            return True
+        if not entry[0].done():
+            return False
+        entry[0].wait()
+        self.swapper.release(entry[1])
+        del model.landing[seq.request_id]
+        return True
+
+    # -- stepping ----------------------------------------------------------------
+
+    def step(self, model_id: str) -> list[RequestOutput]:
+        """Switch to model_id if needed, then run one step of its sequences."""
+        self.switch_to(model_id)
+        model = self.models[model_id]
+        if model.book.scheduler.blocks.num_free_blocks < len(model.book.scheduler.running):
+            self._wait_landing(model)  # a preemption must not free blocks still being written
+        plan = model.book.scheduler.schedule(lambda s: self._landed(model, s))
+        if not plan.chunks and model.landing:  # nothing has landed yet: wait for the first
+            next(iter(model.landing.values()))[0].wait()
+            plan = model.book.scheduler.schedule(lambda s: self._landed(model, s))
+        if not plan.chunks:
+            if model.book.has_unfinished and not model.landing:
+                raise MemoryError(f"the KV region cannot hold even one waiting sequence of {model_id}")
+            return []
+        outputs = model.book.apply(plan, self.runner.execute(plan))
+        self._forget_finished(model)
+        return outputs
+
+    def _wait_landing(self, model: _Model) -> None:
+        for seq in list(model.book.scheduler.running):
+            if seq.request_id in model.landing:
+                model.landing[seq.request_id][0].wait()
+                self._landed(model, seq)
+
+    def _forget_finished(self, model: _Model) -> None:
+        live = {s.request_id for s in model.book.scheduler.running}
+        for request_id in [r for r in model.landing if r not in live]:
+            handle, offsets = model.landing.pop(request_id)
+            handle.wait()
+            self.swapper.release(offsets)
+
+    def close(self) -> None:
+        self.switcher.close()
+        self.swapper.close()
