@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenpool.bench import engine_bench
+from tokenpool.bench import engine_bench, switch_bench
 
 from . import generate_command, models_command
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_command.add_parser(commands)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     engine_bench.add_parser(bench)
+    switch_bench.add_parser(bench)
     return parser
 
 

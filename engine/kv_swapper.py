@@ -8,12 +8,14 @@ handle.done() and runs the sequences whose KV has landed. On CUDA the job enqueu
 dedicated copy stream, ordered after the compute stream's work by an event recorded at call time,
 and finishes when an event recorded after the copies completes.
 
-Copies go block by block straight between the two layouts: gathering kv[:, :, ids] first doubles
-the memory traffic and measured 2-4x slower on the CPU (bench/kv_swap_bench.py compares them).
+Copies go block by block straight between the two layouts (~0.7x of a contiguous memcpy on the CPU):
+gathering kv[:, :, ids] into one tensor first measured 3-4x slower, and one index_copy_ per swap-in
+no faster (bench/kv_swap_bench.py compares them).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterable
@@ -71,6 +73,7 @@ class KVSwapper:
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()  # pool offsets some swap is copying to or from
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._closed = False
 
     def swap_out(self, kv: torch.Tensor, block_ids: list[int], shape: BlockShape) -> SwapHandle:
         """Copy kv[:, :, b] for b in block_ids into newly allocated pool blocks.
@@ -78,10 +81,11 @@ class KVSwapper:
         kv: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] matching `shape`.
         The pool blocks are allocated now: KVPoolFullError is raised here, with nothing allocated.
         """
+        self._check_open()
         _check_blocks(kv, block_ids, shape)
         offsets = self.pool.alloc(shape, len(block_ids))
-        views = [self.pool.block_view(o, shape) for o in offsets]
-        pairs = [(view, kv[:, :, b]) for view, b in zip(views, block_ids, strict=True)]
+        views = self.pool.block_views(offsets, shape)
+        pairs = [(view, kv.select(2, b)) for view, b in zip(views, block_ids, strict=True)]
         return self._submit("out", offsets, pairs, shape, kv.device)
 
     def swap_in(self, kv: torch.Tensor, offsets: list[int], block_ids: list[int],
@@ -90,12 +94,13 @@ class KVSwapper:
 
         The pool blocks stay allocated; release() them once the handle is done.
         """
+        self._check_open()
         _check_blocks(kv, block_ids, shape)
         if len(offsets) != len(block_ids):
             raise ValueError(f"swap_in got {len(offsets)} pool offsets for {len(block_ids)} device blocks")
         self._check_settled(offsets)
-        views = [self.pool.block_view(o, shape) for o in offsets]
-        pairs = [(kv[:, :, b], view) for view, b in zip(views, block_ids, strict=True)]
+        views = self.pool.block_views(offsets, shape)
+        pairs = [(kv.select(2, b), view) for view, b in zip(views, block_ids, strict=True)]
         return self._submit("in", list(offsets), pairs, shape, kv.device)
 
     def release(self, offsets: Iterable[int]) -> None:
@@ -106,6 +111,7 @@ class KVSwapper:
 
     def close(self) -> None:
         """Finish the swaps in flight and stop the workers; the pool stays open."""
+        self._closed = True
         self._executor.shutdown(wait=True)
 
     def __enter__(self) -> KVSwapper:
@@ -118,10 +124,8 @@ class KVSwapper:
                 device: torch.device) -> SwapHandle:
         with self._lock:
             self._in_flight.update(offsets)
-        if device.type == "cuda":
-            job = self._cuda_job(pairs, device)
-        else:
-            job = lambda: _copy_timed(pairs)  # noqa: E731
+        on_cuda = device.type == "cuda"
+        job = self._cuda_job(pairs, device) if on_cuda else functools.partial(_copy_timed, pairs)
         future = self._executor.submit(job)
         future.add_done_callback(lambda f: self._settle(direction, offsets, f))
         return SwapHandle(direction, offsets, len(pairs) * shape.nbytes, future)
@@ -132,12 +136,16 @@ class KVSwapper:
         if direction == "out" and future.exception() is not None:
             self.pool.free(offsets)  # a failed swap-out leaves nothing allocated
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("KVSwapper is closed")
+
     def _check_settled(self, offsets: list[int]) -> None:
         with self._lock:
             busy = self._in_flight.intersection(offsets)
         if busy:
-            raise ValueError(f"pool blocks {sorted(busy)[:4]}... are still being copied; wait for "
-                             "their swap handle first")
+            raise ValueError(f"{len(busy)} pool blocks (e.g. offset {min(busy)}) are still being copied; "
+                             "wait for their swap handle first")
 
     def _cuda_job(self, pairs: list, device: torch.device):
         """A job that copies on the device's copy stream after the compute work enqueued so far."""
@@ -149,7 +157,8 @@ class KVSwapper:
 
         def job() -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(stream):
+            # The cache outlives every swap, so its memory needs no record_stream on the copy stream.
+            with torch.cuda.device(device), torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 start.record(stream)
                 for dst, src in pairs:
@@ -171,9 +180,8 @@ def _copy_timed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def _check_blocks(kv: torch.Tensor, block_ids: list[int], shape: BlockShape) -> None:
     """kv must be [num_layers, 2, num_blocks, *block dims] of shape's dtype; ids distinct and in range."""
-    want = (shape.num_layers, 2, shape.block_size, shape.num_kv_heads, shape.head_dim)
     have = (*kv.shape[:2], *kv.shape[3:]) if kv.dim() == 6 else tuple(kv.shape)
-    if have != want or kv.dtype != shape.torch_dtype:
+    if have != shape.dims or kv.dtype != shape.torch_dtype:
         raise ValueError(f"KV cache {tuple(kv.shape)} {kv.dtype} does not hold blocks of {shape}")
     num_blocks = kv.shape[2]
     bad = [b for b in block_ids if not 0 <= b < num_blocks]

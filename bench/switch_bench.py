@@ -1,0 +1,173 @@
+"""`tokenpool bench switch`: what a model switch costs, per model, each time measured
+until the instance is ready to compute with the new model.
+
+(a) naive: a fresh engine process (start, imports, construction, weights from disk,
+KV allocation, first step), by phase; (a') a new engine object in this warm process;
+(b) tokenpool's switch from the host cache, cold and prefetched; (c) the copy bound,
+the model's bytes over memcpy bandwidth measured in this run; (d) KV swap bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenpool.engine.host_kv_pool import HostKVPool
+from tokenpool.engine.host_model_cache import HostModelCache
+from tokenpool.engine.kv_swapper import KVSwapper
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.sampling_params import SamplingParams
+t1 = time.perf_counter()
+engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=64 << 20))
+t2 = time.perf_counter()
+engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1))
+t3 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "construct_s": t2 - t1, "first_step_s": t3 - t2}))
+"""
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("switch", help="model switch cost against naive scale-up")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="folders or store names (default: the tiny models and SmolLM2)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from tokenpool.cli.models_command import ensure_model
+    from tokenpool.engine.model_store import DEFAULT_MODEL
+    from tokenpool.engine.tiny_models import make_tiny_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.models and len(args.models) < 3:
+            raise ValueError("--models needs at least three models (two fill the arena's slots)")
+        if args.models:
+            folders = [ensure_model(m) for m in args.models]
+        else:
+            folders = make_tiny_models(Path(tmp) / "tiny") + [ensure_model(DEFAULT_MODEL)]
+        rows = [measure(folder, folders, args.dtype, Path(tmp)) for folder in folders]
+    report = {"dtype": args.dtype, "threads": torch.get_num_threads(),
+              "page_cache": "warm: each checkpoint is read by the host-cache registration "
+                            "before the naive start is timed", "rows": rows}
+    print_table(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def measure(folder: Path, all_folders: list[Path], dtype: str, tmp: Path) -> dict:
+    other, third = [f for f in all_folders if f != folder][:2]
+    cache = HostModelCache(tmp / f"cache-{folder.name}", capacity_bytes=8 << 30, progress=False)
+    pool = HostKVPool(256 << 20, shm_dir=tmp)
+    probe_bytes = _weight_bytes((folder, other, third), dtype)
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=64 << 20, slot_bytes=probe_bytes,
+                                             engine=EngineConfig(dtype=dtype)), cache, pool)
+    profile = engine.register(folder.name, folder)
+    engine.register("other", other)
+    engine.register("third", third)
+    naive = _naive(folder, dtype)
+    reinit = _timed(lambda: LLMEngine(folder, EngineConfig(dtype=dtype, kv_cache_bytes=64 << 20)))
+    cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
+    prefetched = min(_switch(engine, folder.name, prefetch=True) for _ in range(3))
+    row = {"model": folder.name, "bytes": profile.nbytes, "naive_s": naive["total_s"],
+           "naive_phases": naive, "reinit_s": reinit, "switch_s": cold, "prefetched_s": prefetched,
+           "copy_bound_s": profile.nbytes / _memcpy_bandwidth(profile.nbytes)}
+    row.update(_kv_swap(engine, folder.name, pool))
+    engine.close()
+    pool.close()
+    print(f"  {folder.name}: naive {row['naive_s']:.2f} s, switch {cold * 1e3:.1f} ms", file=sys.stderr)
+    return row
+
+
+def _weight_bytes(folders: tuple[Path, ...], dtype: str) -> int:
+    from tokenpool.engine.llm_engine import resolve_dtypes
+    from tokenpool.engine.model_config import ModelConfig
+
+    sizes = []
+    for f in folders:
+        config = ModelConfig.from_folder(f)
+        _, compute = resolve_dtypes(EngineConfig(dtype=dtype), config)
+        per_layer = (config.hidden_size * (config.q_size + 2 * config.kv_size) + config.q_size * config.hidden_size
+                     + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size
+                     + 2 * config.head_dim + config.q_size + 2 * config.kv_size)
+        total = config.num_layers * per_layer + 2 * config.vocab_size * config.hidden_size + config.hidden_size
+        sizes.append(total * torch.empty((), dtype=compute).element_size())
+    return max(sizes) + (1 << 20) * 64  # alignment slack: 256 bytes per tensor at most
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _naive(folder: Path, dtype: str) -> dict:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], check=True,
+                         capture_output=True, text=True)
+    total = time.perf_counter() - start
+    phases = json.loads(out.stdout.strip().splitlines()[-1])
+    phases["process_start_s"] = total - sum(phases.values())
+    phases["total_s"] = total
+    return phases
+
+
+def _switch(engine: MultiModelEngine, model_id: str, prefetch: bool) -> float:
+    """Seconds until model_id is ready; the two arena slots hold other models before."""
+    engine.switch_to("other")
+    engine.switch_to("third")
+    if prefetch:
+        engine.prefetch(model_id)
+        engine.switcher._slots[1 - engine.switcher._active].ready.result()
+    return _timed(lambda: engine.switch_to(model_id))
+
+
+def _memcpy_bandwidth(nbytes: int) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in first
+    return nbytes / min(_timed(lambda: dst.copy_(src)) for _ in range(3))
+
+
+def _kv_swap(engine: MultiModelEngine, model_id: str, pool: HostKVPool) -> dict:
+    engine.switch_to(model_id)
+    model = engine.models[model_id]
+    kv = engine.runner.kv_cache.kv
+    blocks = list(range(min(64, engine.runner.kv_cache.num_blocks)))
+    swapper = KVSwapper(pool)
+    out = swapper.swap_out(kv, blocks, model.shape)
+    offsets = out.result()
+    back = swapper.swap_in(kv, offsets, blocks, model.shape)
+    back.wait()
+    swapper.release(offsets)
+    swapper.close()
+    return {"kv_swap_out_gbps": out.gbps, "kv_swap_in_gbps": back.gbps}
+
+
+def print_table(report: dict) -> None:
+    print(f"\ndtype {report['dtype']}, {report['threads']} threads; page cache: {report['page_cache']}")
+    head = ("model", "MiB", "naive s", "reinit s", "switch ms", "prefetched ms", "bound ms",
+            "a/b", "b/c", "pre/b", "a'/b", "KV out GB/s", "KV in GB/s")
+    print("".join(f"{h:>14}" for h in head))
+    for r in report["rows"]:
+        cells = (r["model"][:14], f"{r['bytes'] / 2**20:.1f}", f"{r['naive_s']:.2f}", f"{r['reinit_s']:.3f}",
+                 f"{r['switch_s'] * 1e3:.2f}", f"{r['prefetched_s'] * 1e3:.3f}",
+                 f"{r['copy_bound_s'] * 1e3:.2f}", f"{r['naive_s'] / r['switch_s']:.0f}x",
+                 f"{r['switch_s'] / r['copy_bound_s']:.2f}", f"{r['prefetched_s'] / r['switch_s']:.1%}",
+                 f"{r['reinit_s'] / r['switch_s']:.0f}x", f"{r['kv_swap_out_gbps']:.2f}",
+                 f"{r['kv_swap_in_gbps']:.2f}")
+        print("".join(f"{c:>14}" for c in cells))
