@@ -101,10 +101,10 @@ def _weight_bytes(folders: tuple[Path, ...], dtype: str) -> int:
     for f in folders:
         config = ModelConfig.from_folder(f)
         _, compute = resolve_dtypes(EngineConfig(dtype=dtype), config)
-        per_layer = (config.hidden_size * (config.q_size + 2 * config.kv_size) + config.q_size * config.hidden_size
-                     + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size
-                     + 2 * config.head_dim + config.q_size + 2 * config.kv_size)
-        total = config.num_layers * per_layer + 2 * config.vocab_size * config.hidden_size + config.hidden_size
+        h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
+        per_layer = (h * qkv + config.q_size * h + 3 * h * config.intermediate_size + 2 * h
+                     + 2 * config.head_dim + qkv)
+        total = config.num_layers * per_layer + 2 * config.vocab_size * h + h
         sizes.append(total * torch.empty((), dtype=compute).element_size())
     return max(sizes) + (1 << 20) * 64  # alignment slack: 256 bytes per tensor at most
 
