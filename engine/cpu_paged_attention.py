@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -53,9 +54,27 @@ def _build_dir(name: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class _Build:
+    """The loaded extension, or why there is none."""
+
+    module: ModuleType | None
+    error: str = ""
+
+
 @functools.cache
-def _extension() -> ModuleType:
-    """Compile (first use on this machine) or load the extension; raises when it cannot."""
+def _load() -> _Build:
+    """Compile (first use on this machine) or load the extension, once per process."""
+    try:
+        return _Build(_compile_or_load())
+    except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use SDPA"
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+        _log(f"fused paged attention unavailable, using SDPA: {error}")
+        return _Build(None, error)
+
+
+def _compile_or_load() -> ModuleType:
     from torch.utils import cpp_extension
 
     name = f"tokenpool_paged_attention_{_cpu_signature()}"
@@ -73,16 +92,14 @@ def _extension() -> ModuleType:
     return module
 
 
-@functools.cache
 def available() -> bool:
-    """True when the extension builds and loads here; otherwise logs the reason once."""
-    try:
-        _extension()
-    except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use SDPA"
-        reason = str(exc).strip().splitlines()
-        _log(f"fused paged attention unavailable, using SDPA: {reason[-1] if reason else exc!r}")
-        return False
-    return True
+    """True when the extension builds and loads here; otherwise the reason is logged once."""
+    return _load().module is not None
+
+
+def unavailable_reason() -> str:
+    """Why available() is False ('' when it is True)."""
+    return _load().error
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,7 +113,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     window: attend only keys at positions > seq_len - 1 - window; None: all.
     -> [B, H, D] in q's dtype; float32 math (bf16/fp16 converted per element).
     """
-    return _extension().paged_decode_attention(
+    module = _load().module
+    if module is None:
+        raise RuntimeError(f"fused paged attention unavailable: {unavailable_reason()}")
+    return module.paged_decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, float(scale), window)
 
 

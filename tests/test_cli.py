@@ -100,3 +100,18 @@ def test_bench_engine_writes_json(capsys, tmp_path, tiny_dir):
                     for p in ("prefill", "decode") for b in (1, 3)}
     assert all(r["tokens_per_s"] > 0 for r in report["rows"])
     assert "vs transformers" in capsys.readouterr().out
+
+
+def test_bench_switch_writes_json(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "switch.json"
+    models = [str(tiny_dir / n) for n in ("tiny-llama", "tiny-qwen2", "tiny-qwen3")]
+    assert main(["bench", "switch", "--models", *models, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    keys = {"model", "bytes", "naive_s", "reinit_s", "switch_s", "prefetched_s", "copy_bound_s",
+            "kv_swap_out_gbps", "kv_swap_in_gbps"}
+    assert [r["model"] for r in report["rows"]] == ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
+    for row in report["rows"]:
+        assert keys <= set(row) and all(row[k] > 0 for k in keys - {"model"})
+        assert row["naive_s"] > row["switch_s"]
+    assert "prefetched ms" in capsys.readouterr().out
+    fails_with(capsys, ["bench", "switch", "--models", models[0], "--json", str(out)], "three models")
