@@ -135,21 +135,34 @@ def bench_transformers(folder: Path, work: Workload) -> list[Row]:
     rows = []
     for batch in work.batches:
         ids = torch.tensor(work.prompts(batch, model.config.vocab_size))
-        one = _generate(model, ids, 1)
-        full = _generate(model, ids, work.new_tokens)
-        rows += [Row("transformers", "prefill", batch, batch * work.prompt_len / one),
-                 Row("transformers", "decode", batch, batch * (work.new_tokens - 1) / (full - one))]
+        prefill_s, decode_s = _generate(model, ids, work.new_tokens)
+        rows += [Row("transformers", "prefill", batch, batch * work.prompt_len / prefill_s),
+                 Row("transformers", "decode", batch, batch * (work.new_tokens - 1) / decode_s)]
         _log(f"  transformers batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
              f"decode {rows[-1].tokens_per_s:.1f} tok/s")
     return rows
 
 
 @torch.inference_mode()
-def _generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+def _generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """-> (seconds to the first token's logits, seconds for the remaining tokens), timed
+    at each step's logits processing, as the engine's steps are timed."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    clock = StepClock()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([clock]))
+    return clock.times[0] - start, clock.times[-1] - clock.times[0]
 
 
 def print_table(report: dict) -> None:
