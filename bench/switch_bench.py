@@ -131,8 +131,7 @@ def _switch(engine: MultiModelEngine, model_id: str, prefetch: bool) -> float:
     engine.switch_to("other")
     engine.switch_to("third")
     if prefetch:
-        engine.prefetch(model_id)
-        engine.switcher._slots[1 - engine.switcher._active].ready.result()
+        engine.prefetch(model_id).result()
     return _timed(lambda: engine.switch_to(model_id))
 
 

@@ -34,6 +34,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long, 0-padded
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: tuple[PrefillSpan, ...]
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: cached tokens incl. this step's
+    sliding_window: int | None = None  # the model's; decode_mask and the prefill masks apply it
 
 
 def attend_mask(q_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
@@ -98,9 +100,18 @@ class TorchSDPABackend(AttentionBackend):
         return out.transpose(0, 1)
 
 
-def make_attention_backend(name: str) -> AttentionBackend:
-    """Factory: 'sdpa' (torch, CPU or CUDA). A CUDA paged kernel plugs in here."""
+def make_attention_backend(name: str, device: str = "cpu") -> AttentionBackend:
+    """Factory: 'sdpa' (torch, CPU or CUDA); 'cpu_paged' (decode tokens through a fused C++
+    kernel compiled on first use; SDPA where it cannot be built); 'auto' (cpu_paged on the
+    CPU, else sdpa). A CUDA paged kernel plugs in here."""
+    if name == "auto":
+        name = "cpu_paged" if torch.device(device).type == "cpu" else "sdpa"
+    if name == "cpu_paged":
+        from .cpu_paged_attention import make_cpu_paged_backend  # may compile: keep it lazy
+
+        return make_cpu_paged_backend()
     backends = {"sdpa": TorchSDPABackend}
     if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(backends)}")
+        choices = sorted([*backends, "cpu_paged", "auto"])
+        raise ValueError(f"unknown attention backend {name!r}; choose from {choices}")
     return backends[name]()

@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,25 +34,39 @@ def _log(message: str) -> None:
 
 
 def _cpu_signature() -> str:
-    """Short digest of this CPU's model and feature flags: -march=native code built on one
-    CPU may not run on another that shares the extension folder (NFS home, container image)."""
+    """This CPU's model and feature flags: -march=native code built on one CPU may not run
+    on another that shares the extension folder (NFS home, container image)."""
     text = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
     except OSError:
         pass
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return text
 
 
-def _build_dir(name: str) -> Path:
-    """Where torch builds and caches the extension: $TORCH_EXTENSIONS_DIR/name, as torch does."""
+def _build_source() -> Path:
+    """The kernel source, copied into its build folder under torch's extension root.
+
+    The folder's name digests the source, this CPU, the flags and torch's version, so each
+    combination is built once and then only loaded. Compiling the copy, not the installed
+    file, keeps torch's build file identical for every install location, so two checkouts
+    sharing TORCH_EXTENSIONS_DIR do not keep rebuilding each other's kernel.
+    """
     from torch.utils import cpp_extension
 
+    code = _SOURCE.read_bytes()
+    key = "\0".join([_cpu_signature(), " ".join(_CFLAGS), torch.__version__]).encode() + code
+    name = f"tokenpool_paged_attention_{hashlib.sha256(key).hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    path = Path(root) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / _SOURCE.name
+    if not source.is_file() or source.read_bytes() != code:
+        partial = folder / f".{source.name}.{os.getpid()}"  # another process may be compiling it
+        partial.write_bytes(code)
+        os.replace(partial, source)
+    return source
 
 
 @dataclass(frozen=True)
@@ -68,27 +83,34 @@ def _load() -> _Build:
     try:
         return _Build(_compile_or_load())
     except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use SDPA"
-        lines = str(exc).strip().splitlines()
-        error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+        error = _one_line(exc)
         _log(f"fused paged attention unavailable, using SDPA: {error}")
         return _Build(None, error)
 
 
+def _one_line(exc: Exception) -> str:
+    """The gist of a failed build: torch's first line, plus the compiler's first error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+    errors = [line for line in lines[1:] if re.search(r"error|not found", line, re.IGNORECASE)
+              and not line.startswith(("[", "FAILED"))]
+    head = lines[0].split(": [")[0]  # torch puts the whole compile command after it
+    return f"{type(exc).__name__}: {head}" + (f": {errors[0]}" if errors else "")
+
+
 def _compile_or_load() -> ModuleType:
+    """torch builds the extension if its folder holds no up-to-date build, then loads it."""
     from torch.utils import cpp_extension
 
-    name = f"tokenpool_paged_attention_{_cpu_signature()}"
-    build_dir = _build_dir(name)
-    built = build_dir / f"{name}.so"
-    stale = not built.exists() or built.stat().st_mtime < _SOURCE.stat().st_mtime
-    if stale:
-        _log(f"compiling the paged attention kernel into {build_dir} (first use only) ...")
+    source = _build_source()
+    name = source.parent.name
+    first = not (source.parent / f"{name}.so").exists()
+    if first:
+        _log(f"compiling the paged attention kernel into {source.parent} (once per machine) ...")
     start = time.perf_counter()
-    module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                                extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
-    elapsed = time.perf_counter() - start
-    if stale or elapsed > 2.0:
-        _log(f"paged attention kernel built in {elapsed:.1f} s")
+    module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_CFLAGS,
+                                extra_ldflags=["-fopenmp"], build_directory=str(source.parent))
+    if first:
+        _log(f"paged attention kernel built in {time.perf_counter() - start:.1f} s")
     return module
 
 
@@ -107,11 +129,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            window: int | None = None) -> torch.Tensor:
     """One query token per sequence attends over its cached keys, read in place.
 
-    q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] with H % KVH == 0;
+    q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] (any strides but a
+    contiguous last dim), H % KVH == 0, D % 8 == 0; all on the CPU, one dtype.
     block_tables: [B, max_blocks] int64; seq_lens: [B] int64, 1 <= seq_len <= max_blocks *
     block_size, counting the query's own token (at position seq_len - 1).
-    window: attend only keys at positions > seq_len - 1 - window; None: all.
-    -> [B, H, D] in q's dtype; float32 math (bf16/fp16 converted per element).
+    window (>= 1): attend only keys at positions > seq_len - 1 - window; None: all.
+    -> [B, H, D] contiguous, in q's dtype; float32 math (bf16/fp16 widened per element).
+    Bad shapes, block ids or lengths raise RuntimeError.
     """
     module = _load().module
     if module is None:
@@ -141,12 +165,23 @@ def decode_extent(meta: AttentionMetadata) -> tuple[torch.Tensor, int | None]:
 class CpuPagedBackend(TorchSDPABackend):
     """TorchSDPABackend whose decode tokens run the fused kernel; prefill stays on SDPA."""
 
+    def __init__(self) -> None:
+        self._extent: tuple[AttentionMetadata, tuple[torch.Tensor, int | None]] | None = None
+
     def _decode(self, q, k_cache, v_cache, meta):
         """q: [n, H, D] -> [n, H, 1, D], as TorchSDPABackend._decode returns."""
-        seq_lens, window = decode_extent(meta)
+        if q.device.type != "cpu" or q.shape[-1] % 8:  # the kernel's limits: SDPA does the rest
+            return super()._decode(q, k_cache, v_cache, meta)
+        seq_lens, window = self._decode_extent(meta)
         out = paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, seq_lens,
                                      1.0 / math.sqrt(q.shape[-1]), window)
         return out.unsqueeze(2)
+
+    def _decode_extent(self, meta: AttentionMetadata) -> tuple[torch.Tensor, int | None]:
+        """decode_extent(meta) once per step, not once per layer: every layer gets the same meta."""
+        if self._extent is None or self._extent[0] is not meta:
+            self._extent = (meta, decode_extent(meta))
+        return self._extent[1]
 
 
 def make_cpu_paged_backend() -> TorchSDPABackend:

@@ -36,7 +36,7 @@ class EngineConfig:
       instead of taking torch's slow emulated path. The engine reports what it chose.
     kv_cache_bytes: memory for the paged KV cache (its block count is derived).
     max_model_len: context limit; None takes the model's max_position_embeddings.
-    linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'sdpa'.
+    linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'auto', 'sdpa' or 'cpu_paged'.
     num_threads: torch intra-op threads; None leaves torch's default.
     """
 
@@ -47,7 +47,7 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * 2**20
     max_model_len: int | None = None
     linear_kernel: str = "auto"
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"
     num_threads: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -95,7 +95,7 @@ class LLMEngine(RequestBook):
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size,
                                      self.compute_dtype, config.device)
         self.runner = ModelRunner(self.model, self.kv_cache,
-                                  make_attention_backend(config.attention_backend))
+                                  make_attention_backend(config.attention_backend, config.device))
         super().__init__(self.model_config, self.tokenizer, self.max_model_len,
                          Scheduler(config.scheduler, BlockManager(num_blocks, config.block_size)))
 
@@ -144,5 +144,6 @@ class LLMEngine(RequestBook):
         compute = str(self.compute_dtype).removeprefix("torch.")
         return (f"{self.folder.name}: {c.architecture}, {c.num_layers} layers, hidden "
                 f"{c.hidden_size}, dtype {str(self.dtype).removeprefix('torch.')} (compute "
-                f"{compute}), linear {self.linear_kernel}, {self.kv_cache.num_blocks} KV blocks, "
+                f"{compute}), linear {self.linear_kernel}, attention {type(self.runner.backend).__name__}, "
+                f"{self.kv_cache.num_blocks} KV blocks, "
                 f"{torch.get_num_threads()} threads, pid {os.getpid()}")

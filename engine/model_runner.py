@@ -61,16 +61,18 @@ class ModelRunner:
     def _metadata(self, chunks: list[ScheduledChunk], slots: torch.Tensor) -> AttentionMetadata:
         window = self.model.config.sliding_window
         decodes = [c for c in chunks if self._is_decode(c)]
-        tables, mask = None, None
+        tables, mask, seq_lens = None, None, None
         if decodes:
             width = max(len(c.seq.block_table) for c in decodes)
             tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table))
                                    for c in decodes])
             q_pos = torch.tensor([c.seq.num_computed_tokens for c in decodes])
+            seq_lens = q_pos + 1
             mask = attend_mask(q_pos.view(-1, 1), width * self.block_size, window)
             mask = mask.view(len(decodes), 1, 1, -1)
         return AttentionMetadata(slots, len(decodes), tables, mask,
-                                 tuple(self._prefill_spans(chunks[len(decodes):], len(decodes))))
+                                 tuple(self._prefill_spans(chunks[len(decodes):], len(decodes))),
+                                 decode_seq_lens=seq_lens, sliding_window=window)
 
     def _prefill_spans(self, chunks: list[ScheduledChunk], start: int):
         window = self.model.config.sliding_window

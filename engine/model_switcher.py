@@ -1,9 +1,10 @@
 """ModelSwitcher: moves registered models between the host model cache and the
 device arena's two model slots, and re-binds reusable modules to them.
 
-Component reuse: one CausalLM per distinct config, built on the meta device once;
-a switch only points its parameters at the weights in a slot. Tokenizers and
-configs are read once per model. The copy is one pass over the cached bytes, in
+Component reuse: one CausalLM per distinct config and slot, built on the meta device
+once; filling a slot points that module's parameters at the slot's weights, so
+activating a filled slot is a pointer swap. Tokenizers and configs are read once
+per model. The copy is one pass over the cached bytes, in
 chunks, so a prefetch running beside compute yields often.
 """
 
@@ -47,7 +48,7 @@ class ModelProfile:
 @dataclass
 class SlotContents:
     model_id: str
-    weights: dict[str, torch.Tensor]
+    model: CausalLM | None  # this slot's module, bound to the slot's weights once filled
     copy_seconds: float
     ready: Future
 
@@ -80,7 +81,9 @@ class ModelSwitcher:
         self.cache = cache
         self.arena = arena
         self.max_positions = max_positions
-        self._modules: dict[tuple[ModelConfig, torch.dtype], CausalLM] = {}
+        # One module per (config, slot): the slot being filled is bound in the background
+        # while the other slot's module computes, so a prefetched switch re-binds nothing.
+        self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
         self._leases: dict[str, CachedModel] = {}
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
@@ -99,7 +102,7 @@ class ModelSwitcher:
         if slot is not None and slot.model_id == profile.model_id:
             return slot.ready
         self._check_fits(profile)
-        contents = SlotContents(profile.model_id, {}, 0.0, Future())
+        contents = SlotContents(profile.model_id, None, 0.0, Future())
         self._slots[free] = contents
         contents.ready = self._copier.submit(self._fill_slot, free, profile, contents)
         return contents.ready
@@ -110,9 +113,8 @@ class ModelSwitcher:
         if self.active_model != profile.model_id:
             self.prefetch(profile).result()
             self._active = 1 - self._active
-        model = self._bind(profile, self._slots[self._active].weights)
         self.last_switch_seconds = time.perf_counter() - start
-        return model
+        return self._slots[self._active].model
 
     def _check_fits(self, profile: ModelProfile) -> None:
         # Alignment padding can push a model that passed registration just past a slot.
@@ -131,7 +133,7 @@ class ModelSwitcher:
         for spec in profile.specs:
             weights[spec.name] = dest = self.arena.alloc_tensor(region, spec.dtype, spec.shape)
             _chunked_copy(dest, cached.tensors[spec.name])
-        contents.weights = weights
+        contents.model = self._bind(profile, weights, index)
         contents.copy_seconds = time.perf_counter() - start
 
     def _lease(self, model_id: str) -> CachedModel:
@@ -139,8 +141,8 @@ class ModelSwitcher:
             self._leases[model_id] = self.cache.attach(model_id)
         return self._leases[model_id]
 
-    def _bind(self, profile: ModelProfile, weights: dict[str, torch.Tensor]) -> CausalLM:
-        key = (profile.config, profile.dtype)
+    def _bind(self, profile: ModelProfile, weights: dict[str, torch.Tensor], slot: int) -> CausalLM:
+        key = (profile.config, profile.dtype, slot)
         if key not in self._modules:
             with torch.device("meta"):
                 model = CausalLM(profile.config, profile.dtype, self.max_positions)

@@ -10,6 +10,7 @@ step runs the sequences whose KV has landed and waits only when none has.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class MultiModelEngine:
         self.max_positions = ec.max_model_len or 1 << 15
         self.switcher = ModelSwitcher(cache, self.arena, self.max_positions)
         self.swapper = KVSwapper(pool)
-        self.backend = make_attention_backend(ec.attention_backend)
+        self.backend = make_attention_backend(ec.attention_backend, ec.device)
         self.models: dict[str, _Model] = {}
         self.active: str | None = None
         self.runner: ModelRunner | None = None
@@ -118,9 +119,12 @@ class MultiModelEngine:
 
     # -- switching --------------------------------------------------------------
 
-    def prefetch(self, model_id: str) -> None:
-        if model_id != self.active:
-            self.switcher.prefetch(self._model(model_id).profile)
+    def prefetch(self, model_id: str) -> Future | None:
+        """Start copying model_id into the free arena slot; the future completes when it is
+        ready to activate. None when it is already the active model."""
+        if model_id == self.active:
+            return None
+        return self.switcher.prefetch(self._model(model_id).profile)
 
     def switch_to(self, model_id: str) -> None:
         """Make model_id the active model; its sequences keep their progress."""

@@ -55,8 +55,10 @@ def run_engine(engine: LLMEngine, prompt_ids, steps: int):
     return seqs, captured
 
 
-def test_logits_and_greedy_tokens_match_transformers(tiny_model):
-    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", kv_cache_bytes=16 << 20))
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_logits_and_greedy_tokens_match_transformers(tiny_model, attention):
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", kv_cache_bytes=16 << 20,
+                                                attention_backend=attention))
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids)
     ref = reference(tiny_model, prompt_ids, TOKEN_STEPS)
