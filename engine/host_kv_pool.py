@@ -62,6 +62,11 @@ class HostKVPool:
         with self._lock:
             self.allocator.free(offsets)
 
+    def free_blocks(self, shape: BlockShape) -> int:
+        """Blocks of shape an alloc could hand out now."""
+        with self._lock:
+            return self.allocator.free_blocks(shape)
+
     def stats(self) -> SlabStats:
         with self._lock:
             return self.allocator.stats()

@@ -31,7 +31,7 @@ from .request_book import RequestBook, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .slab_allocator import BlockShape
+from .slab_allocator import BlockShape, KVPoolFullError
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class MultiModelEngine:
         self.arena = DeviceArena(config.kv_bytes, config.slot_bytes, ec.device)
         self.max_positions = ec.max_model_len or 1 << 15
         self.switcher = ModelSwitcher(cache, self.arena, self.max_positions)
+        self.pool = pool
         self.swapper = KVSwapper(pool)
         self.backend = make_attention_backend(ec.attention_backend, ec.device)
         self.models: dict[str, _Model] = {}
@@ -149,6 +150,11 @@ class MultiModelEngine:
             return []
         outgoing = self.models[self.active]
         self._wait_landing(outgoing)  # a block still being swapped in cannot be swapped out
+        need = sum(len(seq.block_table) for seq in outgoing.book.scheduler.running)
+        free = self.pool.free_blocks(outgoing.shape)
+        if need > free:  # refuse before anything moves: the active model keeps running
+            raise KVPoolFullError(f"switching away from {self.active} needs {need} host KV blocks "
+                                  f"of {outgoing.shape.nbytes} bytes, {free} free; enlarge the host KV pool")
         handles = []
         for seq in outgoing.book.scheduler.running:
             if seq.block_table:

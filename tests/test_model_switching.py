@@ -123,3 +123,30 @@ def test_bad_registrations_leave_cache_and_arena_untouched(five_models, tmp_path
         engine.add_request("big", "hi")
     engine.close()
     pool.close()
+
+
+def test_a_full_host_kv_pool_refuses_the_switch_and_keeps_the_active_model(five_models, tmp_path):
+    folder = five_models["tiny-llama"]
+    alone = LLMEngine(folder, EngineConfig(dtype="float32", linear_kernel="dense"))
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = alone.generate([PROMPTS[3]], sampling)[0].output_token_ids
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
+    block = 3 * 2 * 16 * 2 * 16 * 4  # tiny-llama: layers x (k, v) x 16 tokens x kv heads x head_dim x f32
+    pool = HostKVPool(2 * block, slab_bytes=2 * block, shm_dir=tmp_path)  # room for two blocks
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
+                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    engine.register("a", folder)
+    engine.register("b", five_models["tiny-qwen2"])
+    seq = engine.add_request("a", PROMPTS[3], sampling)
+    engine.add_request("b", "hi", sampling)
+    engine.step("a")  # the prompt fills three blocks: more than the pool holds
+    with pytest.raises(MemoryError, match="host KV blocks"):
+        engine.step("b")
+    assert engine.active == "a" and pool.stats().used_bytes == 0
+    while not seq.is_finished:
+        engine.step("a")
+    assert seq.output_token_ids == expected
+    engine.step("b")  # nothing of a's left to swap: b runs
+    assert engine.active == "b"
+    engine.close()
+    pool.close()
