@@ -34,7 +34,9 @@ engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=6
 t2 = time.perf_counter()
 engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1))
 t3 = time.perf_counter()
-print(json.dumps({"imports_s": t1 - t0, "construct_s": t2 - t1, "first_step_s": t3 - t2}))
+phases = {f"{k}_s": v for k, v in engine.startup_seconds.items()}
+print(json.dumps({"imports_s": t1 - t0, **phases, "construct_other_s": t2 - t1 - sum(phases.values()),
+                  "first_step_s": t3 - t2}))
 """
 
 
@@ -158,6 +160,10 @@ def _kv_swap(engine: MultiModelEngine, model_id: str, pool: HostKVPool) -> dict:
 
 
 def print_table(report: dict) -> None:
+    for r in report["rows"]:
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r["naive_phases"].items()
+                           if k != "total_s")
+        print(f"naive start of {r['model']} (s): {phases}")
     print(f"\ndtype {report['dtype']}, {report['threads']} threads; page cache: {report['page_cache']}")
     head = ("model", "MiB", "naive s", "reinit s", "switch ms", "prefetched ms", "bound ms",
             "a/b", "b/c", "pre/b", "a'/b", "KV out GB/s", "KV in GB/s")
