@@ -442,6 +442,10 @@ class CachedModel:
         _check_bounds(manifest, size)
         # One mapping per lease; MAP_SHARED so every process sees the same pages.
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+        # The whole segment as bytes: tensors sit at their manifest offsets in it, so a
+        # consumer that keeps the same layout moves a model with one copy.
+        empty = torch.empty(0, dtype=torch.uint8)
+        self.raw = torch.frombuffer(self._mm, dtype=torch.uint8) if size else empty
         self.tensors: dict[str, torch.Tensor] = {
             e.name: _view(self._mm, e, _DTYPES[e.dtype]) for e in manifest.tensors
         }
@@ -470,6 +474,7 @@ class CachedModel:
         os.close(self._fd)
         self._fd = -1
         self.tensors = {}
+        self.raw = torch.empty(0, dtype=torch.uint8)
         self._mm = None
 
     def __enter__(self) -> CachedModel:

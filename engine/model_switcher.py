@@ -11,7 +11,8 @@ chunks, so a prefetch running beside compute yields often.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .device_arena import BumpRegion, DeviceArena
-from .host_model_cache import CachedModel, HostModelCache, TensorSpec
+from .host_model_cache import ALIGN, CachedModel, HostModelCache, TensorSpec
 from .linear import DenseLinear
 from .model import CausalLM
 from .model_config import ModelConfig
@@ -65,7 +66,7 @@ def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: to
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
     specs = tuple(TensorSpec(name, dtype, shapes[name]) for name in layout.sources)
-    padded = sum(s.nbytes for s in specs) + len(specs) * BumpRegion.alignment
+    padded = sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs) + BumpRegion.alignment
     if max_bytes is not None and padded > max_bytes:
         raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
                           f"an arena model slot holds {max_bytes}")
@@ -84,6 +85,7 @@ class ModelSwitcher:
         # One module per (config, slot): the slot being filled is bound in the background
         # while the other slot's module computes, so a prefetched switch re-binds nothing.
         self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
+        self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
@@ -97,43 +99,49 @@ class ModelSwitcher:
 
     def prefetch(self, profile: ModelProfile) -> Future:
         """Start copying profile's weights into the free slot while the active model computes."""
+        return self._claim_free_slot(profile, lambda fill: self._copier.submit(fill))
+
+    def activate(self, profile: ModelProfile) -> CausalLM:
+        """Make profile the active model: reuse it, take the prefetched slot, or copy now
+        (on this thread: a cold switch does not pay a hand-off to the copier)."""
+        start = time.perf_counter()
+        if self.active_model != profile.model_id:
+            self._claim_free_slot(profile, _run_now).result()
+            self._active = 1 - self._active
+        self.last_switch_seconds = time.perf_counter() - start
+        return self._slots[self._active].model
+
+    def _claim_free_slot(self, profile: ModelProfile, start: Callable) -> Future:
         free = 1 - self._active
         slot = self._slots[free]
         if slot is not None and slot.model_id == profile.model_id:
             return slot.ready
         self._check_fits(profile)
+        if slot is not None:
+            wait([slot.ready])  # an earlier prefetch still writing the slot must finish first
         contents = SlotContents(profile.model_id, None, 0.0, Future())
         self._slots[free] = contents
-        contents.ready = self._copier.submit(self._fill_slot, free, profile, contents)
+        contents.ready = start(lambda: self._fill_slot(free, profile, contents))
         return contents.ready
-
-    def activate(self, profile: ModelProfile) -> CausalLM:
-        """Make profile the active model: reuse it, take the prefetched slot, or copy now."""
-        start = time.perf_counter()
-        if self.active_model != profile.model_id:
-            self.prefetch(profile).result()
-            self._active = 1 - self._active
-        self.last_switch_seconds = time.perf_counter() - start
-        return self._slots[self._active].model
 
     def _check_fits(self, profile: ModelProfile) -> None:
         # Alignment padding can push a model that passed registration just past a slot.
         capacity = self.arena.slots[0].capacity
-        padded = profile.nbytes + len(profile.specs) * self.arena.slots[0].alignment
+        padded = sum(-(-s.nbytes // ALIGN) * ALIGN for s in profile.specs) + self.arena.slots[0].alignment
         if padded > capacity:
             raise MemoryError(f"model {profile.model_id} needs {padded} bytes of weights with "
                               f"alignment; an arena model slot holds {capacity}")
 
     def _fill_slot(self, index: int, profile: ModelProfile, contents: SlotContents) -> None:
+        """Copy the cached segment into the slot as is (one pass over its bytes), then
+        point the slot's module at it."""
         start = time.perf_counter()
         region: BumpRegion = self.arena.slots[index]
         region.reset()
         cached = self._lease(profile.model_id)
-        weights = {}
-        for spec in profile.specs:
-            weights[spec.name] = dest = self.arena.alloc_tensor(region, spec.dtype, spec.shape)
-            _chunked_copy(dest, cached.tensors[spec.name])
-        contents.model = self._bind(profile, weights, index)
+        base = region.alloc(cached.raw.numel())
+        _chunked_copy(self.arena.buffer[base:base + cached.raw.numel()], cached.raw)
+        contents.model = self._bind(profile, cached, index, base)
         contents.copy_seconds = time.perf_counter() - start
 
     def _lease(self, model_id: str) -> CachedModel:
@@ -141,21 +149,26 @@ class ModelSwitcher:
             self._leases[model_id] = self.cache.attach(model_id)
         return self._leases[model_id]
 
-    def _bind(self, profile: ModelProfile, weights: dict[str, torch.Tensor], slot: int) -> CausalLM:
+    def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> CausalLM:
+        """The module for (config, slot), pointed at the model's weights at base; a module
+        already bound to exactly those bytes is returned as it is."""
         key = (profile.config, profile.dtype, slot)
         if key not in self._modules:
             with torch.device("meta"):
                 model = CausalLM(profile.config, profile.dtype, self.max_positions)
             model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
+            model.prepare(DenseLinear())  # RoPE tables, once per module
             self._modules[key] = model
         model = self._modules[key]
-        for name, tensor in weights.items():
+        if self._bound.get(key) == (profile.model_id, base):
+            return model
+        origin = cached.raw.data_ptr()
+        for name, tensor in cached.tensors.items():
+            view = self.arena.view(base + tensor.data_ptr() - origin, tensor.dtype, tuple(tensor.shape))
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=False))
-        if model.rotary is None:
-            model.prepare(DenseLinear())
-        else:
-            model.prepare_linears(DenseLinear())
+            setattr(model.get_submodule(owner), attr, nn.Parameter(view, requires_grad=False))
+        model.prepare_linears(DenseLinear())
+        self._bound[key] = (profile.model_id, base)
         return model
 
     def close(self) -> None:
@@ -163,6 +176,18 @@ class ModelSwitcher:
         for lease in self._leases.values():
             lease.close()
         self._leases.clear()
+
+
+def _run_now(fn: Callable[[], None]) -> Future:
+    """Run fn on this thread, settling a future as an executor would."""
+    future: Future = Future()
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits, like an executor
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
+    return future
 
 
 def _chunked_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
