@@ -62,6 +62,7 @@ class _Model:
     shape: BlockShape
     swapped: dict[str, SwapHandle] = field(default_factory=dict)  # request_id -> swap-out
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
+    kv: PagedKVCache | None = None  # the KV region in this model's shape
 
 
 class MultiModelEngine:
@@ -136,14 +137,18 @@ class MultiModelEngine:
         model = self.switcher.activate(incoming.profile)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
-        ec = self.config.engine
-        blocks = incoming.book.scheduler.blocks
-        kv = PagedKVCache(incoming.profile.config, blocks.num_blocks, ec.block_size,
-                          incoming.profile.dtype, storage=self.arena.buffer[:self.config.kv_bytes])
-        self.runner = ModelRunner(model, kv, self.backend)
+        self.runner = ModelRunner(model, self._kv_view(incoming), self.backend)
         self.active = model_id
         self.switches += 1
         self._swap_in(incoming)
+
+    def _kv_view(self, model: _Model) -> PagedKVCache:
+        """The arena's KV region seen in model's block shape (built once per model)."""
+        if model.kv is None:
+            model.kv = PagedKVCache(model.profile.config, model.book.scheduler.blocks.num_blocks,
+                                    self.config.engine.block_size, model.profile.dtype,
+                                    storage=self.arena.buffer[:self.config.kv_bytes])
+        return model.kv
 
     def _swap_out_active(self) -> list[SwapHandle]:
         if self.active is None:
