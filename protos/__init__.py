@@ -1,0 +1,1 @@
+"""Versioned .proto files and the code generated from them (`python -m tokenpool.protos.generate`)."""

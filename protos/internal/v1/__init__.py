@@ -1,0 +1,1 @@
+"""tokenpool.internal.v1: between tokenpool services."""

@@ -1,0 +1,1 @@
+"""tokenpool.v1: the public API."""
