@@ -96,19 +96,17 @@ def measure(folder: Path, all_folders: list[Path], dtype: str, tmp: Path) -> dic
 
 
 def _weight_bytes(folders: tuple[Path, ...], dtype: str) -> int:
+    """The arena slot size the largest of folders needs."""
     from tokenpool.engine.llm_engine import resolve_dtypes
     from tokenpool.engine.model_config import ModelConfig
+    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
 
     sizes = []
     for f in folders:
         config = ModelConfig.from_folder(f)
         _, compute = resolve_dtypes(EngineConfig(dtype=dtype), config)
-        h, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
-        per_layer = (h * qkv + config.q_size * h + 3 * h * config.intermediate_size + 2 * h
-                     + 2 * config.head_dim + qkv)
-        total = config.num_layers * per_layer + 2 * config.vocab_size * h + h
-        sizes.append(total * torch.empty((), dtype=compute).element_size())
-    return max(sizes) + (1 << 20) * 64  # alignment slack: 256 bytes per tensor at most
+        sizes.append(slot_bytes_needed(model_specs(config, compute)))
+    return max(sizes)
 
 
 def _timed(fn) -> float:

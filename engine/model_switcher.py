@@ -54,6 +54,18 @@ class SlotContents:
     ready: Future
 
 
+def model_specs(config: ModelConfig, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
+    """The tensors a model keeps in the host cache: its CausalLM parameters, fused."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
+    return tuple(TensorSpec(name, dtype, shapes[name]) for name in WeightLayout(config).sources)
+
+
+def slot_bytes_needed(specs: tuple[TensorSpec, ...]) -> int:
+    """Arena slot bytes a model takes: its cached segment (page-aligned tensors) plus alignment."""
+    return sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs) + BumpRegion.alignment
+
+
 def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: torch.dtype,
                    round_to: torch.dtype | None = None, max_bytes: int | None = None) -> ModelProfile:
     """Read a model folder once into the host cache in the engine's fused layout.
@@ -63,10 +75,8 @@ def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: to
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
     layout = WeightLayout(config)
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
-    specs = tuple(TensorSpec(name, dtype, shapes[name]) for name in layout.sources)
-    padded = sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs) + BumpRegion.alignment
+    specs = model_specs(config, dtype)
+    padded = slot_bytes_needed(specs)
     if max_bytes is not None and padded > max_bytes:
         raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
                           f"an arena model slot holds {max_bytes}")
@@ -127,7 +137,7 @@ class ModelSwitcher:
     def _check_fits(self, profile: ModelProfile) -> None:
         # Alignment padding can push a model that passed registration just past a slot.
         capacity = self.arena.slots[0].capacity
-        padded = sum(-(-s.nbytes // ALIGN) * ALIGN for s in profile.specs) + self.arena.slots[0].alignment
+        padded = slot_bytes_needed(profile.specs)
         if padded > capacity:
             raise MemoryError(f"model {profile.model_id} needs {padded} bytes of weights with "
                               f"alignment; an arena model slot holds {capacity}")

@@ -110,6 +110,18 @@ class MultiModelEngine:
                     sampling: SamplingParams | None = None, chat: bool = False) -> Sequence:
         return self._model(model_id).book.add_request(prompt, sampling, chat=chat)
 
+    def abort(self, model_id: str, request_id: str) -> None:
+        """Stop a request and free its KV wherever it is: device blocks or the host pool."""
+        model = self._model(model_id)
+        swapped = model.swapped.pop(request_id, None)
+        if swapped is not None:
+            self.swapper.release(swapped.result())
+        landing = model.landing.pop(request_id, None)
+        if landing is not None:
+            landing[0].wait()
+            self.swapper.release(landing[1])
+        model.book.abort(request_id)
+
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
         return any(self._model(m).book.has_unfinished for m in ids)

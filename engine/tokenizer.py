@@ -83,24 +83,32 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of self.text already returned
         self._prefix = 0
         self._read = 0
+        self._stopped = False
 
     def add(self, token: int) -> str | None:
         """Append a token; returns the stop string it completed, if any."""
         self.ids.append(token)
-        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        new_text = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self.ids)
+        self._catch_up(complete_only=True)
         for stop in self.stop:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
             if at >= 0:
                 self.text = self.text[:at]
+                self._stopped = True
                 return stop
         return None
 
+    def _catch_up(self, complete_only: bool) -> None:
+        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        new_text = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not (complete_only and new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+
     def delta(self, final: bool) -> str:
-        """Text not yet returned; unless final, keeps back a possible stop-string prefix."""
+        """Text not yet returned; unless final, keeps back a possible stop-string prefix and
+        an incomplete UTF-8 sequence (at the end those come out as they are)."""
+        if final and not self._stopped:
+            self._catch_up(complete_only=False)
         hold = 0 if final else max((len(s) - 1 for s in self.stop), default=0)
         end = max(self.emitted, len(self.text) - hold)
         out = self.text[self.emitted:end]

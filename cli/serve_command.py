@@ -1,0 +1,100 @@
+"""`tokenpool serve`: the models behind the public gRPC API on this machine.
+
+One process for now: the proxy's Inference service over an in-process switching
+engine. The disaggregated stack (`tokenpool up`) replaces the backend, not the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from tokenpool.engine.model_store import DEFAULT_MODEL, ModelStore
+
+from .models_command import ensure_model
+
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("serve", help="serve models over gRPC (tokenpool.v1.Inference)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help=f"a model to serve (repeatable; default: {DEFAULT_MODEL} and the tiny models)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-mib", type=int, default=256, help="device KV region, MiB")
+    p.add_argument("--host-kv-mib", type=int, default=512, help="host KV pool, MiB")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(run=run)
+
+
+def catalogue(specs: list[str]) -> dict[str, Path]:
+    """--model values -> {id: folder}; the default catalogue when none is given."""
+    if not specs:
+        store = ModelStore()
+        if not all(store.path_for(n).is_dir() for n in TINY):
+            from tokenpool.engine.tiny_models import make_tiny_models
+
+            make_tiny_models(store.root)
+        specs = [DEFAULT_MODEL, *TINY]
+    models = {}
+    for spec in specs:
+        model_id, _, folder = spec.partition("=")
+        if not model_id or model_id in models:
+            raise ValueError(f"--model {spec!r}: give each model a distinct, non-empty id")
+        models[model_id] = ensure_model(folder or model_id)
+    return models
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvloop
+
+    uvloop.run(_serve(args, catalogue(args.model)))
+
+
+def _build(args: argparse.Namespace, folders: dict[str, Path]):
+    from tokenpool.engine.host_kv_pool import HostKVPool
+    from tokenpool.engine.host_model_cache import HostModelCache
+    from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
+    from tokenpool.engine.model_config import ModelConfig
+    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
+    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+    from tokenpool.proxy.inference_servicer import ServedModel
+
+    config = EngineConfig(dtype=args.dtype, num_threads=args.threads)
+    slot = max(slot_bytes_needed(model_specs(c, resolve_dtypes(config, c)[1]))
+               for c in map(ModelConfig.from_folder, folders.values()))
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
+                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20))
+    served = {}
+    for model_id, folder in folders.items():
+        profile = engine.register(model_id, folder)
+        book = engine.models[model_id].book
+        served[model_id] = ServedModel(model_id, profile.config.architecture, book.max_model_len,
+                                       profile.nbytes, profile.tokenizer)
+    return engine, served
+
+
+async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
+    from tokenpool.proxy.inference_servicer import InferenceServicer
+    from tokenpool.proxy.local_backend import LocalBackend
+    from tokenpool.proxy.server import start_server
+
+    engine, served = _build(args, folders)
+    backend = LocalBackend(engine)
+    server, port = await start_server(f"{args.host}:{args.port}", InferenceServicer(backend, served))
+    print(f"tokenpool: serving {', '.join(served)} on {args.host}:{port} "
+          f"(tokenpool.v1.Inference; health and reflection on)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("tokenpool: shutting down", file=sys.stderr, flush=True)
+    await server.stop(grace=5)
+    backend.close()
+    engine.close()

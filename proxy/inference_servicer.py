@@ -1,0 +1,127 @@
+"""The public Inference service: protobuf in, validation, the backend, protobuf out.
+
+Every bad request ends with a status code and a message naming the field and the
+limit; nothing reaches the engine unless it fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.sequence import FinishReason
+from tokenpool.engine.tokenizer import Tokenizer
+from tokenpool.protos.v1 import inference_pb2 as pb
+from tokenpool.protos.v1 import inference_pb2_grpc
+
+from .local_backend import BackendFullError, LocalBackend, Submission
+
+_FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
+           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    architecture: str
+    max_context: int
+    weight_bytes: int
+    tokenizer: Tokenizer
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams:
+    """Defaults for unset fields; InvalidRequestError names the bad field."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else 64
+    if max_tokens > max_context:
+        raise InvalidRequestError(f"sampling.max_tokens={max_tokens} exceeds the model's context "
+                                  f"of {max_context} tokens")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, backend: LocalBackend, models: dict[str, ServedModel]) -> None:
+        self.backend = backend
+        self.models = models
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(id=m.id, architecture=m.architecture, max_context=m.max_context,
+                         weight_bytes=m.weight_bytes) for m in self.models.values()])
+
+    async def Generate(self, request, context):
+        start = time.perf_counter()
+        try:
+            model, sub = self._submission(request)
+            seq = await asyncio.get_running_loop().run_in_executor(None, self.backend.submit, sub)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BackendFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
+        request_id, finished, first = seq.request_id, False, None
+        try:
+            while not finished:
+                item = await sub.outputs.get()
+                if item is None:
+                    break
+                if isinstance(item, Exception):
+                    await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
+                first = first or time.perf_counter()
+                finished = item.finished
+                yield self._response(item, request_id, seq.num_prompt_tokens, first - start)
+        finally:
+            if not finished:  # the client went away or the deadline passed: free the KV
+                self.backend.cancel(model.id, request_id)
+
+    def _submission(self, request) -> tuple[ServedModel, Submission]:
+        model = self.models.get(request.model)
+        if model is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here; "
+                               f"models: {', '.join(sorted(self.models))}")
+        ids = self._prompt_ids(request, model)
+        if len(ids) >= model.max_context:
+            raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"prompt has {len(ids)} tokens; the context of {model.id} is "
+                               f"{model.max_context} and at least one token must be left to generate")
+        sampling = sampling_from_pb(request.sampling, model.max_context)
+        loop = asyncio.get_running_loop()
+        return model, Submission(model.id, ids, sampling, asyncio.Queue(), loop)
+
+    @staticmethod
+    def _prompt_ids(request, model: ServedModel) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+        elif request.chat:
+            ids = model.tokenizer.encode_chat([{"role": "user", "content": request.text}])
+        else:
+            ids = model.tokenizer.encode(request.text) if request.text else []
+        if not ids:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: set text or token_ids")
+        return ids
+
+    @staticmethod
+    def _response(out, request_id: str, prompt_tokens: int, ttft: float) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text, request_id=request_id)
+        if out.finished:
+            response.finish_reason = _FINISH[out.finish_reason]
+            response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens,
+                                             completion_tokens=out.num_output_tokens, ttft_seconds=ttft))
+        return response
