@@ -18,6 +18,7 @@ from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.sequence import Sequence
+from tokenpool.engine.slab_allocator import KVPoolFullError
 
 STEPS_PER_TURN = 4
 
@@ -111,6 +112,8 @@ class LocalBackend:
         for _ in range(STEPS_PER_TURN):
             try:
                 outputs = self.engine.step(model)
+            except KVPoolFullError:
+                return  # the active model keeps the device until its KV fits the pool; try later
             except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
                 self._fail(model, exc)
                 return
