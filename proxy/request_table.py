@@ -1,0 +1,171 @@
+"""RequestTable: the node's table of in-flight requests, one record per slot.
+
+Every proxy worker and instance on a node reads and updates the same table; beyond one
+machine the same interface is backed by Redis. Records are msgspec Structs with explicit
+fields, so every backend stores the same bytes and validates the same limits.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+
+MAX_REQUEST_ID_CHARS = 64
+MAX_MODEL_CHARS = 128
+MAX_INSTANCE_CHARS = 48
+MAX_ERROR_CHARS = 128  # with the limits above: any ASCII record fits a 512-byte slot
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+
+
+class RequestState(enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class RequestRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One request's row. Change it with msgspec.structs.replace inside RequestTable.update.
+
+    array_like: encoded positionally (compact); field order is part of the table format.
+    """
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
+    state: RequestState = RequestState.QUEUED
+    prefill_instance: Annotated[str, msgspec.Meta(max_length=MAX_INSTANCE_CHARS)] = ""
+    decode_instance: Annotated[str, msgspec.Meta(max_length=MAX_INSTANCE_CHARS)] = ""
+    num_prompt_tokens: TokenCount = 0
+    num_output_tokens: TokenCount = 0
+    created_ns: NonNegative = 0
+    updated_ns: NonNegative = 0
+    deadline_ns: NonNegative = 0  # 0: no deadline
+    error: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)] = ""
+
+
+class TableUsage(msgspec.Struct, frozen=True):
+    capacity: int
+    used: int
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+
+class TableFullError(RuntimeError):
+    """No free slot: the caller should shed load (e.g. RESOURCE_EXHAUSTED); insert never waits."""
+
+
+class DuplicateRequestError(ValueError):
+    """A record with this request_id is already in the table."""
+
+
+class SlotFreeError(LookupError):
+    """The slot holds no record (never inserted, or released)."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0])
+
+
+class CorruptSlotError(RuntimeError):
+    """A slot's bytes are not a valid record (scribbled memory, or a writer died mid-write).
+
+    release(slot) clears it.
+    """
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(RequestRecord)
+
+
+def encode_record(record: RequestRecord) -> bytes:
+    """The record's msgpack bytes; ValueError naming the field if it breaks a limit."""
+    if not isinstance(record, RequestRecord):
+        raise TypeError(f"expected a RequestRecord, got {type(record).__name__}")
+    try:
+        payload = _encoder.encode(record)
+        _decoder.decode(payload)  # Struct construction does not check Meta limits; a round trip does
+    except (msgspec.ValidationError, OverflowError) as e:
+        raise ValueError(f"invalid request record {record.request_id!r}: {_name_fields(str(e))}") from e
+    return payload
+
+
+def _name_fields(message: str) -> str:
+    """array_like errors say `$[7]`; say `created_ns` instead."""
+    return re.sub(r"`\$\[(\d+)\]`", lambda m: RequestRecord.__struct_fields__[int(m[1])], message)
+
+
+def decode_record(payload: bytes) -> RequestRecord:
+    """Raises msgspec.DecodeError (a ValueError) on bytes that are not a valid record."""
+    return _decoder.decode(payload)
+
+
+class RequestTable(ABC):
+    """Fixed-capacity table of RequestRecords addressed by slot number; safe across processes."""
+
+    @abstractmethod
+    def insert(self, record: RequestRecord) -> int:
+        """Store a new record and return its slot.
+
+        TableFullError at once when no slot is free; DuplicateRequestError if the id is present;
+        ValueError if the record breaks a limit. Nothing is written on error.
+        """
+
+    @abstractmethod
+    def get(self, slot: int) -> RequestRecord:
+        """The slot's record, never a torn one. SlotFreeError, CorruptSlotError, IndexError."""
+
+    @abstractmethod
+    def find(self, request_id: str) -> int | None:
+        """The slot holding request_id, or None."""
+
+    @abstractmethod
+    def update(self, slot: int, fn: Callable[[RequestRecord], RequestRecord]) -> RequestRecord:
+        """Atomically replace the slot's record with fn(record) and return it.
+
+        No other update of the slot interleaves. fn must keep request_id. If fn raises or the
+        new record breaks a limit, the old record stays.
+        """
+
+    @abstractmethod
+    def release(self, slot: int) -> None:
+        """Free the slot (also clears a corrupt one). SlotFreeError if it is already free."""
+
+    @abstractmethod
+    def usage(self) -> TableUsage: ...
+
+    @abstractmethod
+    def records(self) -> list[tuple[int, RequestRecord]]:
+        """Every used slot with its record, in slot order (a snapshot slot by slot, not global)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the table (idempotent; the data stays for other processes)."""
+
+    def __enter__(self) -> RequestTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_request_table(kind: str, **options: Any) -> RequestTable:
+    """A table backend by name: "shm" (one node; options: ShmRequestTable's) or "redis" (later)."""
+    if kind == "shm":
+        from tokenpool.proxy.shm_request_table import ShmRequestTable
+
+        return ShmRequestTable(**options)
+    if kind == "redis":
+        raise NotImplementedError("the Redis-backed request table (multi-node serving) is not built yet; "
+                                  "it comes with the later multi-node proxy issue; use kind='shm'")
+    raise ValueError(f"unknown request table kind {kind!r}; expected 'shm' or 'redis'")

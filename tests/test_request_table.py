@@ -1,0 +1,331 @@
+"""The shared-memory request table: bookkeeping, corruption handling, and several real processes."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+from tokenpool.proxy.request_table import (
+    CorruptSlotError,
+    DuplicateRequestError,
+    RequestRecord,
+    RequestState,
+    SlotFreeError,
+    TableFullError,
+    TableUsage,
+    make_request_table,
+)
+from tokenpool.proxy.shm_request_table import (
+    BODY_AT,
+    HEADER_BYTES,
+    SEQ_AT,
+    SLOT_HEADER,
+    STATE_AT,
+    ShmRequestTable,
+    TableFormatError,
+    default_root,
+)
+
+
+@pytest.fixture
+def root() -> Path:
+    """A private folder under the real /dev/shm root, removed afterwards."""
+    path = default_root() / f"test-{uuid.uuid4().hex[:12]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def table(root: Path) -> ShmRequestTable:
+    t = ShmRequestTable("t", 8, create=True, root=root)
+    yield t
+    t.close()
+    t.unlink()
+
+
+def rec(request_id: str = "req-1", **fields) -> RequestRecord:
+    return RequestRecord(request_id, "llama-3-8b", **fields)
+
+
+def bump(r: RequestRecord) -> RequestRecord:
+    return msgspec.structs.replace(r, num_output_tokens=r.num_output_tokens + 1)
+
+
+def scribble(t: ShmRequestTable, offset: int, data: bytes) -> None:
+    """Overwrite bytes of the file at `offset` behind the table's back, as a stray writer would."""
+    fd = os.open(t.path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def slot_at(t: ShmRequestTable, slot: int) -> int:
+    return HEADER_BYTES + slot * t.slot_bytes
+
+
+# ---- one process ----------------------------------------------------------------------------------
+
+
+def test_round_trip(table: ShmRequestTable) -> None:
+    r = rec(state=RequestState.PREFILLING, prefill_instance="p0", num_prompt_tokens=12, created_ns=5)
+    slot = table.insert(r)
+    assert table.get(slot) == r and table.find("req-1") == slot and table.find("nope") is None
+    new = table.update(slot, lambda x: msgspec.structs.replace(x, state=RequestState.DECODING,
+                                                               decode_instance="d1", num_output_tokens=3))
+    assert table.get(slot) == new and new.state is RequestState.DECODING
+    assert table.records() == [(slot, new)] and table.usage() == TableUsage(8, 1)
+    table.release(slot)
+    assert table.usage().used == 0 and table.find("req-1") is None and table.records() == []
+    with pytest.raises(SlotFreeError, match="free"):
+        table.get(slot)
+    with pytest.raises(SlotFreeError, match="already free"):
+        table.release(slot)
+    with pytest.raises(IndexError, match="out of range"):
+        table.get(8)
+
+
+def test_files_are_private(table: ShmRequestTable, root: Path) -> None:
+    assert stat.S_IMODE(os.stat(table.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert [p.name for p in root.iterdir()] == ["t.reqtable"]  # no temp file left behind
+
+
+def test_full_table_fails_at_once(table: ShmRequestTable) -> None:
+    slots = [table.insert(rec(f"r{i}")) for i in range(8)]
+    assert sorted(slots) == list(range(8))
+    start = time.monotonic()
+    with pytest.raises(TableFullError, match="all 8 slots"):
+        table.insert(rec("one-too-many"))
+    assert time.monotonic() - start < 0.5
+    table.release(3)
+    assert table.insert(rec("one-too-many")) == 3
+
+
+def test_duplicate_request_id(table: ShmRequestTable) -> None:
+    table.insert(rec("dup"))
+    with pytest.raises(DuplicateRequestError, match="dup"):
+        table.insert(rec("dup", num_prompt_tokens=1))
+    assert table.usage().used == 1
+
+
+def test_oversize_record_rejected_before_writing(table: ShmRequestTable) -> None:
+    slot = table.insert(rec())
+    before = table.path.read_bytes()
+    huge = rec("big", prefill_instance="é" * 48, decode_instance="é" * 48, error="€" * 128)
+    with pytest.raises(ValueError, match=r"encodes to \d+ bytes; a 512-byte slot holds 488"):
+        table.insert(huge)
+    with pytest.raises(ValueError, match="encodes to"):
+        table.update(slot, lambda r: msgspec.structs.replace(r, error="€" * 128, decode_instance="é" * 48,
+                                                             prefill_instance="é" * 48, model="é" * 128))
+    assert table.path.read_bytes() == before
+
+
+def test_record_limits_and_update_contract(table: ShmRequestTable) -> None:
+    with pytest.raises(ValueError, match="length <= 64 - at request_id"):
+        table.insert(rec("x" * 65))
+    with pytest.raises(ValueError, match=">= 0 - at num_output_tokens"):
+        table.insert(rec(num_output_tokens=-1))
+    worst = RequestRecord("x" * 64, "m" * 128, RequestState.TRANSFERRING, "p" * 48, "d" * 48, 2**32 - 1,
+                          2**32 - 1, 2**64 - 1, 2**64 - 1, 2**64 - 1, "e" * 128)
+    slot = table.insert(worst)  # any ASCII record within the limits fits the default slot
+    with pytest.raises(ValueError, match="changed request_id"):
+        table.update(slot, lambda r: msgspec.structs.replace(r, request_id="other"))
+    with pytest.raises(ZeroDivisionError):
+        table.update(slot, lambda r: 1 / 0)
+    assert table.get(slot) == worst
+
+
+def test_attach_validates_header(table: ShmRequestTable, root: Path) -> None:
+    with pytest.raises(TableFormatError, match="capacity 8 and slot_bytes 512; attached with capacity 16"):
+        ShmRequestTable("t", 16, create=False, root=root)
+    with pytest.raises(TableFormatError, match="slot_bytes 1024"):
+        ShmRequestTable("t", 8, 1024, create=False, root=root)
+    with pytest.raises(FileExistsError, match="already exists"):
+        ShmRequestTable("t", 8, create=True, root=root)
+    with pytest.raises(FileNotFoundError, match="create it first"):
+        ShmRequestTable("missing", 8, create=False, root=root)
+    scribble(table, 8, (99).to_bytes(4, sys.byteorder))
+    with pytest.raises(TableFormatError, match="format version 99"):
+        ShmRequestTable("t", 8, create=False, root=root)
+    scribble(table, 0, b"garbage!")
+    with pytest.raises(TableFormatError, match="not a request table"):
+        ShmRequestTable("t", 8, create=False, root=root)
+
+
+@pytest.mark.parametrize(("offset", "data", "why"), [
+    (SLOT_HEADER.size + 3, b"\xff\xfe", "record checksum mismatch"),
+    (BODY_AT, (1 << 31).to_bytes(4, sys.byteorder), "record length 2147483648 exceeds the slot's 488 bytes"),
+    (STATE_AT, (7).to_bytes(4, sys.byteorder), "state word 0x7"),
+    (SEQ_AT, (5).to_bytes(8, sys.byteorder), "a writer died mid-write"),
+])
+def test_corrupt_slot_is_a_clear_error(table: ShmRequestTable, offset: int, data: bytes, why: str) -> None:
+    slot = table.insert(rec())
+    table.insert(rec("healthy"))
+    scribble(table, slot_at(table, slot) + offset, data)
+    for call in (lambda: table.get(slot), lambda: table.update(slot, bump), table.records):
+        with pytest.raises(CorruptSlotError, match=f"slot {slot}: {why}"):
+            call()
+    assert table.find("healthy") == 1 and table.usage().used == 2
+    table.release(slot)  # clears it
+    assert table.insert(rec()) == slot and table.get(slot) == rec()
+
+
+def test_threads_and_two_handles_in_one_process(table: ShmRequestTable, root: Path) -> None:
+    other = ShmRequestTable("t", 8, create=False, root=root)  # lockf locks are per process: must not mix
+    slot = table.insert(rec())
+
+    def slow_bump(r: RequestRecord) -> RequestRecord:
+        time.sleep(0)  # hand the GIL over inside the critical section
+        return bump(r)
+
+    def work(t: ShmRequestTable) -> None:
+        for _ in range(100):
+            t.update(slot, slow_bump)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in (table, other, table, other)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    other.close()
+    assert table.get(slot).num_output_tokens == 400
+
+
+def test_factory(root: Path) -> None:
+    t = make_request_table("shm", name="f", capacity=2, create=True, root=root)
+    assert isinstance(t, ShmRequestTable) and t.usage() == TableUsage(2, 0)
+    t.close()
+    with pytest.raises(NotImplementedError, match="Redis"):
+        make_request_table("redis")
+    with pytest.raises(ValueError, match="unknown request table kind 'etcd'"):
+        make_request_table("etcd")
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+PRELUDE = """
+import json, os, sys, time
+from pathlib import Path
+import msgspec
+from tokenpool.proxy.request_table import RequestRecord, SlotFreeError
+from tokenpool.proxy.shm_request_table import ShmRequestTable
+table = ShmRequestTable("t", int(sys.argv[1]), create=False, root=Path(sys.argv[2]))
+"""
+
+# Shared slots keep num_output_tokens == updated_ns == len(error): a torn record would split them.
+WRITER = PRELUDE + """
+worker, n = int(sys.argv[3]), int(sys.argv[4])
+def bump(r):
+    k = r.num_output_tokens + 1
+    return msgspec.structs.replace(r, num_output_tokens=k, updated_ns=k, error="x" * (k % 100))
+def check_and_release(slot, rid):  # a slot handed out twice would show here
+    assert table.find(rid) == slot and table.get(slot).request_id == rid, (slot, rid)
+    table.release(slot)
+live = []  # this worker's records: up to 3 at once, so 4 workers and the shared 4 fill all 16 slots
+for i in range(n):
+    for slot in range(4):
+        table.update(slot, bump)
+    rid = f"w{worker}-{i}"
+    live.append((table.insert(RequestRecord(rid, "m", num_prompt_tokens=i, error=rid * (i % 5))), rid))
+    if len(live) == 3:
+        check_and_release(*live.pop(0))
+for slot, rid in live:
+    check_and_release(slot, rid)
+"""
+
+READER = PRELUDE + """
+done, reads, frees = Path(sys.argv[3]), 0, 0
+def check(slot, r):
+    if slot < 4:
+        assert r.num_output_tokens == r.updated_ns and len(r.error) == r.num_output_tokens % 100, r
+    else:
+        i = int(r.request_id.split("-")[1])
+        assert r.num_prompt_tokens == i and r.error == r.request_id * (i % 5), r
+while not done.exists():
+    # updates never make a live slot look free or its record unfindable, even for an instant
+    assert table.usage().used >= 4 and [table.find(f"shared-{s}") for s in range(4)] == [0, 1, 2, 3]
+    for slot in range(table.capacity):
+        try:
+            check(slot, table.get(slot))
+            reads += 1
+        except SlotFreeError:
+            frees += 1
+print(json.dumps({"reads": reads, "frees": frees}))
+"""
+
+HOLDER = PRELUDE + """
+def hold(r):
+    print("holding", flush=True)
+    time.sleep(60)
+    return r
+table.update(0, hold)
+"""
+
+
+def spawn(script: str, *args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(60)  # a wedged lock fails here instead of hanging the suite
+def test_processes_hammering_lose_no_update_and_never_tear(root: Path) -> None:
+    n, workers = 500, 4
+    table = ShmRequestTable("t", 16, create=True, root=root)
+    for slot in range(4):
+        assert table.insert(rec(f"shared-{slot}")) == slot
+    done = root / "done"
+    reader = spawn(READER, 16, root, done)
+    procs = [spawn(WRITER, 16, root, w, n) for w in range(workers)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    done.touch()
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert json.loads(out)["reads"] > 0
+    assert [table.get(s).num_output_tokens for s in range(4)] == [workers * n] * 4
+    assert table.usage().used == 4
+    table.close()
+
+
+@pytest.mark.timeout(60)  # a wedged lock fails here instead of hanging the suite
+def test_killed_lock_holder_does_not_wedge_the_table(root: Path) -> None:
+    table = ShmRequestTable("t", 4, create=True, root=root)
+    table.insert(rec())
+    holder = spawn(HOLDER, 4, root)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert slot_lock_is_held(table, 0)
+        assert table.get(0) == rec()  # readers never wait on a writer inside fn
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert table.update(0, bump).num_output_tokens == 1
+    table.close()
+
+
+def slot_lock_is_held(table: ShmRequestTable, slot: int) -> bool:
+    """Probe through a separate descriptor (this process holds no lock on the file right now)."""
+    fd = os.open(table.path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, table.slot_bytes, slot_at(table, slot))
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
