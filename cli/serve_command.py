@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ def add_parser(commands) -> None:
     p.add_argument("--kv-mib", type=int, default=256, help="device KV region, MiB")
     p.add_argument("--host-kv-mib", type=int, default=512, help="host KV pool, MiB")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--table-slots", type=int, default=1024,
+                   help="request table size: requests in flight at most (more get RESOURCE_EXHAUSTED)")
     p.set_defaults(run=run)
 
 
@@ -82,11 +85,13 @@ def _build(args: argparse.Namespace, folders: dict[str, Path]):
 async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     from tokenpool.proxy.inference_servicer import InferenceServicer
     from tokenpool.proxy.local_backend import LocalBackend
+    from tokenpool.proxy.request_table import make_request_table
     from tokenpool.proxy.server import start_server
 
     engine, served = _build(args, folders)
     backend = LocalBackend(engine)
-    server, port = await start_server(f"{args.host}:{args.port}", InferenceServicer(backend, served))
+    table = make_request_table("shm", name=f"serve-{os.getpid()}", capacity=args.table_slots, create=True)
+    server, port = await start_server(f"{args.host}:{args.port}", InferenceServicer(backend, served, table))
     print(f"tokenpool: serving {', '.join(served)} on {args.host}:{port} "
           f"(tokenpool.v1.Inference; health and reflection on)", flush=True)
     stop = asyncio.Event()
@@ -98,3 +103,5 @@ async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     await server.stop(grace=5)
     backend.close()
     engine.close()
+    table.close()
+    table.unlink()

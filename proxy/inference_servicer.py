@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
+import msgspec
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.sequence import FinishReason
@@ -19,6 +21,14 @@ from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 
 from .local_backend import BackendFullError, LocalBackend, Submission
+from .request_table import (
+    MAX_REQUEST_ID_CHARS,
+    DuplicateRequestError,
+    RequestRecord,
+    RequestState,
+    RequestTable,
+    TableFullError,
+)
 
 _FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
            FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -55,9 +65,10 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, backend: LocalBackend, models: dict[str, ServedModel]) -> None:
+    def __init__(self, backend: LocalBackend, models: dict[str, ServedModel], table: RequestTable) -> None:
         self.backend = backend
         self.models = models
+        self.table = table
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[
@@ -68,27 +79,63 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         start = time.perf_counter()
         try:
             model, sub = self._submission(request)
-            seq = await asyncio.get_running_loop().run_in_executor(None, self.backend.submit, sub)
+            slot = self._admit(request, model, len(sub.prompt))
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        state, seq = RequestState.FAILED, None
+        try:
+            request_id = self.table.get(slot).request_id
+            seq = await self._submit(sub, context)
+            state = RequestState.CANCELLED
+            async for response in self._stream(sub, seq, request_id, slot, start, context):
+                yield response
+            state = RequestState.FINISHED
+        finally:
+            if seq is not None and state is not RequestState.FINISHED:
+                self.backend.cancel(model.id, seq.request_id)  # client gone or deadline: free the KV
+            self._set(slot, state=state)
+            self.table.release(slot)
+
+    def _admit(self, request, model: ServedModel, num_prompt_tokens: int) -> int:
+        """A row in the request table; RESOURCE_EXHAUSTED when it is full."""
+        request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id has {len(request_id)} "
+                               f"characters; the limit is {MAX_REQUEST_ID_CHARS}")
+        now = time.time_ns()
+        record = RequestRecord(request_id=request_id, model=model.id, num_prompt_tokens=num_prompt_tokens,
+                               created_ns=now, updated_ns=now)
+        try:
+            return self.table.insert(record)
+        except TableFullError as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
+        except DuplicateRequestError:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id {request_id!r} is already in flight") from None
+
+    async def _submit(self, sub: Submission, context):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.backend.submit, sub)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BackendFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
-        request_id, finished, first = seq.request_id, False, None
-        try:
-            while not finished:
-                item = await sub.outputs.get()
-                if item is None:
-                    break
-                if isinstance(item, Exception):
-                    await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
-                first = first or time.perf_counter()
-                finished = item.finished
-                yield self._response(item, request_id, seq.num_prompt_tokens, first - start)
-        finally:
-            if not finished:  # the client went away or the deadline passed: free the KV
-                self.backend.cancel(model.id, request_id)
+
+    async def _stream(self, sub: Submission, seq, request_id: str, slot: int, start: float, context):
+        first = None
+        while (item := await sub.outputs.get()) is not None:
+            if isinstance(item, Exception):
+                await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
+            first = first or time.perf_counter()
+            self._set(slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
+            yield self._response(item, request_id, seq.num_prompt_tokens, first - start)
+            if item.finished:
+                return
+
+    def _set(self, slot: int, **changes) -> None:
+        self.table.update(slot, lambda r: msgspec.structs.replace(r, updated_ns=time.time_ns(), **changes))
 
     def _submission(self, request) -> tuple[ServedModel, Submission]:
         model = self.models.get(request.model)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,11 +22,15 @@ MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 PROMPTS = ("The quick brown fox", "Numbers 12345 and more", "Hi there", "A longer prompt, with commas.")
 
 
+def start_server(tiny_dir, *extra):
+    args = [sys.executable, "-m", "tokenpool.cli.main", "serve", "--port", "0", "--kv-mib", "16",
+            "--host-kv-mib", "64", *extra] + [f"--model={m}={tiny_dir / m}" for m in MODELS]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    args = [sys.executable, "-m", "tokenpool.cli.main", "serve", "--port", "0", "--kv-mib", "16",
-            "--host-kv-mib", "64"] + [f"--model={m}={tiny_dir / m}" for m in MODELS]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_server(tiny_dir)
     line = proc.stdout.readline()
     match = re.search(r"on 127\.0\.0\.1:(\d+)", line)
     assert match, f"no address in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
@@ -107,3 +112,32 @@ def test_health_and_reflection(server):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "tokenpool.v1.Inference" in services and "grpc.health.v1.Health" in services
+
+
+def test_a_full_request_table_refuses_at_once_and_a_cancel_frees_the_slot(tiny_dir):
+    proc = start_server(tiny_dir, "--table-slots", "1")
+    try:
+        address = "127.0.0.1:" + re.search(r":(\d+) ", proc.stdout.readline()).group(1)
+        with grpc.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            long = pb.GenerateRequest(model="tiny-qwen2", text="long", sampling=pb.SamplingParams(
+                max_tokens=500, ignore_eos=True))
+            call = stub.Generate(long, timeout=60)
+            next(call)  # the one slot is taken
+            with pytest.raises(grpc.RpcError) as info:
+                generate(stub, "tiny-llama", "second")
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "retry later" in info.value.details()
+            call.cancel()
+            for _ in range(50):  # the server notices the cancellation asynchronously
+                try:
+                    assert len(generate(stub, "tiny-llama", "third")) > 0
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            else:
+                pytest.fail("the cancelled request's table slot was never freed")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
