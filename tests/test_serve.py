@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -141,3 +143,18 @@ def test_a_full_request_table_refuses_at_once_and_a_cancel_frees_the_slot(tiny_d
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_javascript_client_works_from_the_proto_alone(server, stub, tiny_dir):
+    client = Path(__file__).parent / "node_client"
+    assert (client / "node_modules" / "@grpc" / "grpc-js").is_dir(), \
+        "run `npm ci --prefix tests/node_client` (.ci/run does)"
+    out = subprocess.run(["node", str(client / "client.js"), server, "tiny-mistral", "12", "Hello from node"],
+                         check=True, capture_output=True, text=True, timeout=60)
+    result = json.loads(out.stdout)
+    engine = LLMEngine(tiny_dir / "tiny-mistral", EngineConfig(dtype="float32"))
+    expected = engine.generate(["Hello from node"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert result["token_ids"] == expected.output_token_ids
+    assert result["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert result["usage"]["completion_tokens"] == 12
+    assert result["text"] == engine.tokenizer.decode(expected.output_token_ids)
