@@ -40,6 +40,7 @@ class ModelProfile:
     tokenizer: Tokenizer
     dtype: torch.dtype  # the dtype weights are held and computed in
     specs: tuple[TensorSpec, ...]
+    slot_bytes: int  # arena slot bytes the model takes (its page-aligned cached segment)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +85,7 @@ def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: to
     checkpoint.check(layout)  # a bad checkpoint fails before the cache is touched
     cache.register(model_id, specs, lambda name, dest: checkpoint.fill(layout, name, dest, round_to),
                    metadata={"folder": str(folder), "dtype": str(dtype)})
-    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs)
+    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded)
 
 
 class ModelSwitcher:
@@ -137,7 +138,7 @@ class ModelSwitcher:
     def _check_fits(self, profile: ModelProfile) -> None:
         # Alignment padding can push a model that passed registration just past a slot.
         capacity = self.arena.slots[0].capacity
-        padded = slot_bytes_needed(profile.specs)
+        padded = profile.slot_bytes
         if padded > capacity:
             raise MemoryError(f"model {profile.model_id} needs {padded} bytes of weights with "
                               f"alignment; an arena model slot holds {capacity}")

@@ -168,7 +168,7 @@ class MultiModelEngine:
         outgoing = self.models[self.active]
         self._wait_landing(outgoing)  # a block still being swapped in cannot be swapped out
         need = sum(len(seq.block_table) for seq in outgoing.book.scheduler.running)
-        free = self.pool.free_blocks(outgoing.shape)
+        free = self.pool.free_blocks(outgoing.shape) if need else 0
         if need > free:  # refuse before anything moves: the active model keeps running
             raise KVPoolFullError(f"switching away from {self.active} needs {need} host KV blocks "
                                   f"of {outgoing.shape.nbytes} bytes, {free} free; enlarge the host KV pool")
