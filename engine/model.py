@@ -2,7 +2,9 @@
 
 Tokens of a step are flattened: hidden states are [num_tokens, hidden_size]
 whatever mix of prompts and decodes the step holds. Projections are fused
-(q|k|v and gate|up) so a layer makes four matrix calls.
+(q|k|v and gate|up) so a layer makes four matrix calls; the elementwise work
+between them (norms, residual adds, RoPE, SwiGLU) runs through cpu_layer_kernels,
+one fused call each on the CPU, torch's ops elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata
+from .cpu_layer_kernels import add_rms_norm, rms_norm, rotary, silu_mul
 from .kv_cache import PagedKVCache
 from .linear import LinearKernel
 from .model_config import ModelConfig, RopeScaling
@@ -44,8 +47,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """-> rms_norm(x); given residual, first residual += x in place and -> rms_norm(residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary:
@@ -79,12 +85,6 @@ def _inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tens
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -104,7 +104,8 @@ class Attention(nn.Module):
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = backend.forward(_rotate(q, cos, sin), _rotate(k, cos, sin), v, cache, meta)
+        q, k = rotary(q, k, cos, sin)  # may rotate the qkv output in place
+        out = backend.forward(q, k, v, cache, meta)
         return self.o(out)
 
 
@@ -115,8 +116,7 @@ class MLP(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size, False, dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -127,9 +127,19 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype)
 
-    def forward(self, x, cos, sin, cache, meta, backend):
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, meta, backend)
-        return x + self.mlp(self.post_norm(x))
+    def forward(self, x, residual, cos, sin, cache, meta, backend):
+        """Pre-norm residual block, each add fused into the norm after it.
+
+        x: [num_tokens, hidden_size], the embeddings (residual None) or the previous layer's MLP
+        output, not yet added. residual: the running sum, updated in place.
+        -> (this layer's MLP output, residual); the caller adds the last output in its final norm.
+        """
+        if residual is None:
+            residual, x = x, self.input_norm(x)
+        else:
+            x = self.input_norm(x, residual)
+        x = self.attn(x, cos, sin, cache, meta, backend)
+        return self.mlp(self.post_norm(x, residual)), residual
 
 
 class CausalLM(nn.Module):
@@ -166,11 +176,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]."""
-        x = F.embedding(input_ids, self.embed)
+        x, residual = F.embedding(input_ids, self.embed), None  # a fresh tensor: residual may own it
         cos, sin = self.rotary.lookup(positions, self.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache.layer(i), meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache.layer(i), meta, backend)
+        return self.norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden_size] -> [n, vocab_size] float32."""

@@ -9,34 +9,18 @@
 // Tasks are (b, kv head) pairs; each serves that kv head's G query heads, so every cached
 // K/V row is read once. Online softmax in float32, folding in one cache block at a time.
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: halves the compile time
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
+#include "vec8.h"
+
 namespace {
-
-// One AVX2 register of floats (GCC/Clang vector extension): full-width loads and FMAs
-// without intrinsics or -ffast-math. head_dim must be a multiple of kLanes.
-using vec8 = float __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-template <typename T>
-inline vec8 load8(const T* p) {
-  vec8 v;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&v, p, sizeof v);  // one unaligned load
-  } else {
-    for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);  // bf16, fp16: widen
-  }
-  return v;
-}
 
 // q . k over n vectors; two accumulators so consecutive FMAs need not wait on each other.
 template <typename T>
@@ -44,14 +28,12 @@ inline float dot(const vec8* q, const T* k, int64_t n) {
   vec8 a = {}, b = {};
   int64_t i = 0;
   for (; i + 1 < n; i += 2) {
-    a += q[i] * load8(k + i * kLanes);
-    b += q[i + 1] * load8(k + (i + 1) * kLanes);
+    a += q[i] * load(k + i * kLanes);
+    b += q[i + 1] * load(k + (i + 1) * kLanes);
   }
-  if (i < n) a += q[i] * load8(k + i * kLanes);
+  if (i < n) a += q[i] * load(k + i * kLanes);
   a += b;
-  float s = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) s += a[j];
-  return s;
+  return sum(a);
 }
 
 struct Shape {
@@ -87,7 +69,7 @@ void fold_block(const Shape& s, Softmax& st, const T* k, const T* v, int64_t lo,
     st.m[g] = m_new;
     for (int64_t i = 0; i < nv; ++i) {
       vec8 a = st.acc[g * nv + i] * rescale;
-      for (int64_t t = 0; t < n; ++t) a += p[t] * load8(v + (lo + t) * s.c_sb + i * kLanes);
+      for (int64_t t = 0; t < n; ++t) a += p[t] * load(v + (lo + t) * s.c_sb + i * kLanes);
       st.acc[g * nv + i] = a;
     }
   }
@@ -169,10 +151,4 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     });
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "Fused paged decode attention (CPU)",
-        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("seq_lens"), py::arg("scale"), py::arg("window") = py::none());
 }
