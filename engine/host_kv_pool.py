@@ -10,7 +10,6 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import stat
 import threading
 import warnings
 import weakref
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .private_shm import private_dir
 from .slab_allocator import BlockShape, SlabAllocator, SlabStats
 
 DEFAULT_SHM_DIR = Path("/dev/shm")
@@ -134,7 +134,9 @@ def _map_buffer(size: int, shm_dir: Path) -> tuple[Path | None, mmap.mmap]:
 
 
 def _map_shm_file(size: int, shm_dir: Path) -> tuple[Path, mmap.mmap]:
-    folder = _private_folder(shm_dir / f"tokenpool-{os.getuid()}")
+    if not shm_dir.is_dir():  # never create the shared-memory mount itself: fall back instead
+        raise FileNotFoundError(f"no folder {shm_dir}")
+    folder = private_dir(shm_dir / f"tokenpool-{os.getuid()}")
     path = folder / f"kv-pool-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -147,15 +149,6 @@ def _map_shm_file(size: int, shm_dir: Path) -> tuple[Path, mmap.mmap]:
         raise
     finally:
         os.close(fd)  # the mapping keeps its own reference to the file
-
-
-def _private_folder(folder: Path) -> Path:
-    """Create or reuse a 0700 folder; refuse one another user planted (shm dirs are world-writable)."""
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(f"{folder} is not a private folder of uid {os.getuid()}")
-    return folder
 
 
 def _unlink(path: Path | None) -> None:

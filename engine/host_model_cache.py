@@ -29,8 +29,6 @@ import math
 import mmap
 import os
 import re
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +38,8 @@ from typing import Annotated
 import msgspec
 import torch
 from tqdm import tqdm
+
+from .private_shm import private_dir, shm_root
 
 ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
 FORMAT_VERSION = 1
@@ -126,9 +126,7 @@ _decoder = msgspec.msgpack.Decoder(Manifest)
 
 def default_root() -> Path:
     """/dev/shm/tokenpool-<uid>/models, or the same under the temp folder without /dev/shm."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
-    return base / f"tokenpool-{os.getuid()}" / "models"
+    return shm_root() / "models"
 
 
 class HostModelCache:
@@ -142,8 +140,8 @@ class HostModelCache:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         if root is None:
-            _private_dir(default_root().parent)
-        self.root = _private_dir(Path(root) if root is not None else default_root())
+            private_dir(default_root().parent)
+        self.root = private_dir(Path(root) if root is not None else default_root())
         self._capacity = capacity_bytes
         self.progress = progress
         with self._registry_lock():
@@ -572,18 +570,6 @@ def _file_key(model_id: str) -> str:
         raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:48]
     return f"{readable}-{hashlib.sha256(model_id.encode()).hexdigest()[:16]}"
-
-
-def _private_dir(path: Path) -> Path:
-    """Create `path` (mode 0700) if needed; refuse one that another user owns or can write into."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise PermissionError(f"cache folder {path} must be a directory owned by uid {os.getuid()} "
-                              f"and writable by no one else (mode {stat.filemode(st.st_mode)})")
-    return path
 
 
 def _write_private(path: Path, data: bytes) -> None:

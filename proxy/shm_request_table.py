@@ -36,9 +36,7 @@ import mmap
 import os
 import re
 import secrets
-import stat
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -46,6 +44,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
+from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
     DuplicateRequestError,
@@ -350,27 +349,13 @@ def _check_geometry(capacity: int, slot_bytes: int) -> None:
 
 def default_root() -> Path:
     """/dev/shm/tokenpool-<uid>, or the same under the temp folder without /dev/shm."""
-    shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"tokenpool-{os.getuid()}"
-
+    return shm_root()
 
 def _table_path(name: str, root: Path | None) -> Path:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"table name must be 1-64 characters of [A-Za-z0-9._-], not starting with "
                          f"'.' or '-'; got {name!r}")
-    return _private_dir(Path(root) if root is not None else default_root()) / f"{name}.reqtable"
-
-
-def _private_dir(path: Path) -> Path:
-    """Create `path` (mode 0700) if needed; refuse one that another user owns or can write into."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise PermissionError(f"table folder {path} must be a directory owned by uid {os.getuid()} "
-                              f"and writable by no one else (mode {stat.filemode(st.st_mode)})")
-    return path
+    return private_dir(Path(root) if root is not None else default_root()) / f"{name}.reqtable"
 
 
 def _create_file(path: Path, size: int, header: bytes) -> int:
