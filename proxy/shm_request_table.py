@@ -112,6 +112,19 @@ class ShmRequestTable(RequestTable):
         self._fd = fd
         self._lock = _process_lock(fd)
 
+    @classmethod
+    def attach(cls, name: str, root: Path | None = None) -> ShmRequestTable:
+        """Attach an existing table, taking its geometry from the file's header."""
+        path = _table_path(name, root)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER.size)
+        if len(raw) < HEADER.size:
+            raise TableFormatError(f"{path} is too short to be a request table")
+        magic, version, capacity, slot_bytes = HEADER.unpack(raw)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise TableFormatError(f"{path} is not a version {FORMAT_VERSION} request table")
+        return cls(name, capacity, slot_bytes, create=False, root=root)
+
     @property
     def _file_bytes(self) -> int:
         return HEADER_BYTES + self.capacity * self.slot_bytes

@@ -158,3 +158,17 @@ def test_a_javascript_client_works_from_the_proto_alone(server, stub, tiny_dir):
     assert result["finish_reason"] == "FINISH_REASON_LENGTH"
     assert result["usage"]["completion_tokens"] == 12
     assert result["text"] == engine.tokenizer.decode(expected.output_token_ids)
+
+
+def test_status_shows_the_request_in_flight(stub, capsys):
+    from tokenpool.cli.main import main
+
+    call = stub.Generate(pb.GenerateRequest(model="tiny-llama", text="status", request_id="status-probe",
+                                            sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)),
+                         timeout=60)
+    next(call)
+    assert main(["status", "--requests"]) == 0
+    call.cancel()
+    out = capsys.readouterr().out
+    assert re.search(r"serve-\d+: \d+/1024 slots in use", out), out
+    assert "status-probe" in out and "tiny-llama" in out
