@@ -11,6 +11,7 @@ nothing on the switch path asks torch's allocator for memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,18 +74,15 @@ class DeviceArena:
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor over arena bytes [offset, offset + numel * itemsize)."""
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(dtype, shape)
         if offset < 0 or offset + nbytes > self.nbytes:
             raise ValueError(f"view [{offset}, {offset + nbytes}) lies outside the arena "
                              f"of {self.nbytes} bytes")
         return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
 
     def alloc_tensor(self, region: BumpRegion, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        offset = region.alloc(numel * torch.empty((), dtype=dtype).element_size())
-        return self.view(offset, dtype, shape)
+        return self.view(region.alloc(_nbytes(dtype, shape)), dtype, shape)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize

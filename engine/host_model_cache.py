@@ -39,7 +39,7 @@ import msgspec
 import torch
 from tqdm import tqdm
 
-from .private_shm import private_dir, shm_root
+from .private_shm import private_dir, reserve, shm_root
 
 ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
 FORMAT_VERSION = 1
@@ -554,10 +554,8 @@ def _layout(entries: list[TensorEntry]) -> list[tuple[str, str, list[int]]]:
 def _allocate(fd: int, total: int, model_id: str) -> None:
     """Back the segment with memory now: a full /dev/shm then fails here, not as SIGBUS mid-copy."""
     try:
-        os.posix_fallocate(fd, 0, total)
+        reserve(fd, total)
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return
         if e.errno == errno.ENOSPC:
             raise CacheFullError(f"model {model_id!r} needs {total} bytes, but the file system holding "
                                  f"the cache is full (size /dev/shm or lower capacity_bytes)") from e

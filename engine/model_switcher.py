@@ -10,7 +10,6 @@ chunks, so a prefetch running beside compute yields often.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -51,7 +50,6 @@ class ModelProfile:
 class SlotContents:
     model_id: str
     model: CausalLM | None  # this slot's module, bound to the slot's weights once filled
-    copy_seconds: float
     ready: Future
 
 
@@ -101,7 +99,6 @@ class ModelSwitcher:
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self.last_switch_seconds = 0.0
 
     @property
     def active_model(self) -> str | None:
@@ -115,11 +112,9 @@ class ModelSwitcher:
     def activate(self, profile: ModelProfile) -> CausalLM:
         """Make profile the active model: reuse it, take the prefetched slot, or copy now
         (on this thread: a cold switch does not pay a hand-off to the copier)."""
-        start = time.perf_counter()
         if self.active_model != profile.model_id:
             self._claim_free_slot(profile, _run_now).result()
             self._active = 1 - self._active
-        self.last_switch_seconds = time.perf_counter() - start
         return self._slots[self._active].model
 
     def _claim_free_slot(self, profile: ModelProfile, start: Callable) -> Future:
@@ -130,7 +125,7 @@ class ModelSwitcher:
         self._check_fits(profile)
         if slot is not None:
             wait([slot.ready])  # an earlier prefetch still writing the slot must finish first
-        contents = SlotContents(profile.model_id, None, 0.0, Future())
+        contents = SlotContents(profile.model_id, None, Future())
         self._slots[free] = contents
         contents.ready = start(lambda: self._fill_slot(free, profile, contents))
         return contents.ready
@@ -146,14 +141,12 @@ class ModelSwitcher:
     def _fill_slot(self, index: int, profile: ModelProfile, contents: SlotContents) -> None:
         """Copy the cached segment into the slot as is (one pass over its bytes), then
         point the slot's module at it."""
-        start = time.perf_counter()
         region: BumpRegion = self.arena.slots[index]
         region.reset()
         cached = self._lease(profile.model_id)
         base = region.alloc(cached.raw.numel())
         _chunked_copy(self.arena.buffer[base:base + cached.raw.numel()], cached.raw)
         contents.model = self._bind(profile, cached, index, base)
-        contents.copy_seconds = time.perf_counter() - start
 
     def _lease(self, model_id: str) -> CachedModel:
         if model_id not in self._leases:

@@ -7,6 +7,7 @@ refused rather than used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -29,3 +30,13 @@ def private_dir(path: Path) -> Path:
         raise PermissionError(f"folder {path} must be a directory owned by uid {os.getuid()} "
                               f"and writable by no one else (mode {stat.filemode(st.st_mode)})")
     return path
+
+
+def reserve(fd: int, size: int) -> None:
+    """Back the first size bytes of fd with memory now, so a full /dev/shm fails here (OSError
+    ENOSPC) rather than as SIGBUS on a later write. A file system without fallocate is let be."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
-from tokenpool.engine.private_shm import private_dir, shm_root
+from tokenpool.engine.private_shm import private_dir, reserve, shm_root
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
     DuplicateRequestError,
@@ -403,10 +403,8 @@ def _allocate(fd: int, size: int, path: Path) -> None:
     """Back the file with memory now: a full /dev/shm fails here, not as SIGBUS on a later write."""
     os.ftruncate(fd, size)
     try:
-        os.posix_fallocate(fd, 0, size)
+        reserve(fd, size)
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no room for a {size}-byte request table at {path}") from e
         raise
