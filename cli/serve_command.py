@@ -101,7 +101,7 @@ async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     await stop.wait()
     print("tokenpool: shutting down", file=sys.stderr, flush=True)
     await server.stop(grace=5)
-    backend.close()
+    await backend.close()
     engine.close()
     table.close()
     table.unlink()

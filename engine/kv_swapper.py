@@ -88,6 +88,22 @@ class KVSwapper:
         pairs = [(view, kv.select(2, b)) for view, b in zip(views, block_ids, strict=True)]
         return self._submit("out", offsets, pairs, shape, kv.device)
 
+    def stage(self, blocks: list[torch.Tensor], shape: BlockShape) -> SwapHandle:
+        """Copy blocks that live elsewhere (e.g. KV handed over by a prefill instance, each a tensor
+        of shape.dims) into newly allocated pool blocks, as a swap-out would.
+
+        Keep the source blocks unchanged until the handle is done. KVPoolFullError here, with
+        nothing allocated, when the pool cannot take them.
+        """
+        self._check_open()
+        bad = [tuple(b.shape) for b in blocks if tuple(b.shape) != shape.dims or b.dtype != shape.torch_dtype]
+        if bad:
+            raise ValueError(f"staged KV blocks must be {shape.dims} {shape.dtype}, got {bad[0]}")
+        offsets = self.pool.alloc(shape, len(blocks))
+        pairs = list(zip(self.pool.block_views(offsets, shape), blocks, strict=True))
+        device = blocks[0].device if blocks else torch.device("cpu")
+        return self._submit("out", offsets, pairs, shape, device)
+
     def swap_in(self, kv: torch.Tensor, offsets: list[int], block_ids: list[int],
                 shape: BlockShape) -> SwapHandle:
         """Copy the pool blocks at `offsets` into kv[:, :, b] for b in block_ids (same order).

@@ -10,6 +10,7 @@ step runs the sequences whose KV has landed and waits only when none has.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class _Model:
     shape: BlockShape
     swapped: dict[str, SwapHandle] = field(default_factory=dict)  # request_id -> swap-out
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
+    arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
 
 
@@ -106,13 +108,52 @@ class MultiModelEngine:
         self.models[model_id] = _Model(profile, book, shape)
         return profile
 
-    def add_request(self, model_id: str, prompt: str | list[int],
-                    sampling: SamplingParams | None = None, chat: bool = False) -> Sequence:
-        return self._model(model_id).book.add_request(prompt, sampling, chat=chat)
+    def add_request(self, model_id: str, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    chat: bool = False, request_id: str | None = None) -> Sequence:
+        return self._model(model_id).book.add_request(prompt, sampling, request_id, chat=chat)
+
+    def adopt(self, model_id: str, request_id: str, prompt_ids: list[int], first_token: int,
+              sampling: SamplingParams, seed: int, blocks: list[torch.Tensor]) -> Sequence:
+        """Take over a sequence prefilled elsewhere, with its prompt's KV in `blocks`.
+
+        blocks: ceil(len(prompt_ids) / block_size) tensors of the model's BlockShape dims, e.g.
+        views of a hand-off pool. They are copied into this instance's host KV pool before this
+        returns (so the caller may release them); the sequence joins its model's batch at a
+        later step, once the model is active and the device has room. KVPoolFullError or
+        InvalidRequestError with nothing changed.
+        """
+        model = self._model(model_id)
+        need = -(-len(prompt_ids) // self.config.engine.block_size)
+        if len(blocks) != need:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens need {need} KV blocks, got {len(blocks)}")
+        seq = model.book.adopt(prompt_ids, first_token, sampling, seed, request_id)
+        try:
+            staged = self.swapper.stage(blocks, model.shape)
+            staged.wait()
+        except BaseException:
+            model.book.abort(request_id)
+            raise
+        model.swapped[request_id] = staged
+        model.arriving.append(seq)
+        return seq
+
+    def handoff_blocks(self, model_id: str, request_id: str) -> tuple[BlockShape, list[torch.Tensor]]:
+        """Views of the device blocks holding a sequence's computed KV (prompt after prefill).
+
+        Valid until the next step or switch: copy them out (a KV transport publishes them),
+        then abort() the sequence to free its blocks.
+        """
+        model = self._model(model_id)
+        seq = model.book.get(request_id)
+        if model_id != self.active or seq is None or seq.request_id in model.landing:
+            raise ValueError(f"{request_id} has no KV on the device for {model_id}")
+        n = -(-seq.num_computed_tokens // self.config.engine.block_size)
+        return model.shape, [self.runner.kv_cache.kv.select(2, b) for b in seq.block_table[:n]]
 
     def abort(self, model_id: str, request_id: str) -> None:
         """Stop a request and free its KV wherever it is: device blocks or the host pool."""
         model = self._model(model_id)
+        model.arriving = deque(s for s in model.arriving if s.request_id != request_id)
         swapped = model.swapped.pop(request_id, None)
         if swapped is not None:
             self.swapper.release(swapped.result())
@@ -124,7 +165,19 @@ class MultiModelEngine:
 
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
-        return any(self._model(m).book.has_unfinished for m in ids)
+        return any(self._model(m).book.has_unfinished or self._model(m).arriving for m in ids)
+
+    def num_requests(self, model_id: str) -> int:
+        """Unfinished requests of a model: queued, running, swapped out or arriving."""
+        return self._model(model_id).book.num_unfinished
+
+    @property
+    def kv_blocks_used(self) -> int:
+        """Device KV blocks held by the active model's sequences."""
+        if self.active is None:
+            return 0
+        blocks = self.models[self.active].book.scheduler.blocks
+        return blocks.num_blocks - blocks.num_free_blocks
 
     def _model(self, model_id: str) -> _Model:
         if model_id not in self.models:
@@ -182,15 +235,30 @@ class MultiModelEngine:
         return handles
 
     def _swap_in(self, model: _Model) -> None:
+        for seq in model.book.scheduler.running:
+            if seq.request_id in model.swapped:
+                self._start_swap_in(model, seq)
+
+    def _start_swap_in(self, model: _Model, seq: Sequence) -> None:
+        offsets = model.swapped.pop(seq.request_id).result()
+        blocks = model.book.scheduler.blocks
+        blocks.grow(seq, len(offsets) * blocks.block_size)
+        landing = self.swapper.swap_in(self.runner.kv_cache.kv, offsets, seq.block_table, model.shape)
+        model.landing[seq.request_id] = (landing, offsets)
+
+    def _admit_arrivals(self, model: _Model) -> None:
+        """Move adopted sequences into the batch while it has room, swapping their KV in."""
         scheduler = model.book.scheduler
-        for seq in scheduler.running:
-            handle = model.swapped.pop(seq.request_id, None)
-            if handle is None:
-                continue
-            offsets = handle.result()
-            scheduler.blocks.grow(seq, len(offsets) * scheduler.blocks.block_size)
-            landing = self.swapper.swap_in(self.runner.kv_cache.kv, offsets, seq.block_table, model.shape)
-            model.landing[seq.request_id] = (landing, offsets)
+        while model.arriving and scheduler.has_room:
+            seq = model.arriving[0]
+            if not scheduler.blocks.can_grow(seq, seq.num_computed_tokens):
+                if not scheduler.running:
+                    raise MemoryError(f"the KV region cannot hold the prompt of {seq.request_id} "
+                                      f"({seq.num_prompt_tokens} tokens)")
+                return
+            model.arriving.popleft()
+            scheduler.adopt(seq)
+            self._start_swap_in(model, seq)
 
     def _landed(self, model: _Model, seq: Sequence) -> bool:
         entry = model.landing.get(seq.request_id)
@@ -209,6 +277,7 @@ class MultiModelEngine:
         """Switch to model_id if needed, then run one step of its sequences."""
         self.switch_to(model_id)
         model = self.models[model_id]
+        self._admit_arrivals(model)
         if model.book.scheduler.blocks.num_free_blocks < len(model.book.scheduler.running):
             self._wait_landing(model)  # a preemption must not free blocks still being written
         plan = model.book.scheduler.schedule(lambda s: self._landed(model, s))

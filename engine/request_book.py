@@ -43,6 +43,40 @@ class RequestBook:
         """Queue a prompt (text, or token ids); raises InvalidRequestError if it cannot fit."""
         sampling = sampling or SamplingParams()
         ids = self._encode(prompt, chat)
+        self._check_prompt(ids)
+        seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
+        if seq.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self._seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def adopt(self, prompt_ids: list[int], first_token: int, sampling: SamplingParams, seed: int,
+              request_id: str) -> Sequence:
+        """A sequence prefilled elsewhere: its prompt's KV exists and its first token was sampled.
+
+        It starts with num_computed_tokens = prompt length, and its detokenizer has already
+        emitted the first token's text (the prefill instance sent that delta). The caller puts
+        it into the scheduler once its KV is in place. Raises InvalidRequestError like add_request.
+        """
+        self._check_prompt(prompt_ids)
+        if not 0 <= first_token < self.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size})")
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(prompt_ids, sampling, request_id=request_id)
+        seq.seed = seed
+        seq.token_ids.append(first_token)
+        seq.num_computed_tokens = len(prompt_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        detok.add(first_token)
+        detok.delta(final=False)  # already streamed by the prefill instance
+        self._seqs[request_id], self._detok[request_id] = seq, detok
+        return seq
+
+    def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise InvalidRequestError("prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -53,13 +87,6 @@ class RequestBook:
         if bad:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})")
-        seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
-        if seq.request_id in self._seqs:
-            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        self._seqs[seq.request_id] = seq
-        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        self.scheduler.add(seq)
-        return seq
 
     def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -74,6 +101,14 @@ class RequestBook:
             self.scheduler.finish(seq)
             seq.finish(FinishReason.ABORT)
             self._detok.pop(request_id, None)
+
+    def get(self, request_id: str) -> Sequence | None:
+        """The unfinished sequence with this id, if any."""
+        return self._seqs.get(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
 
     @property
     def has_unfinished(self) -> bool:

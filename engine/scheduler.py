@@ -131,6 +131,15 @@ class Scheduler:
             budget -= n
         return chunks
 
+    @property
+    def has_room(self) -> bool:
+        return len(self.running) < self.config.max_num_seqs
+
+    def adopt(self, seq: Sequence) -> None:
+        """Run a sequence whose KV the caller has put into its blocks (swapped in, handed over)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence and free its blocks."""
         if seq in self.running:

@@ -6,7 +6,6 @@ limit; nothing reaches the engine unless it fits.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tokenpool.engine.tokenizer import Tokenizer
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 
-from .local_backend import BackendFullError, LocalBackend, Submission
+from .backend import Backend, BackendFullError, Submission
 from .request_table import (
     MAX_REQUEST_ID_CHARS,
     DuplicateRequestError,
@@ -44,6 +43,8 @@ class ServedModel:
 
 
 class RequestError(Exception):
+    """A request that ends with this gRPC status (raised by the servicer or a backend)."""
+
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -65,7 +66,7 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, backend: LocalBackend, models: dict[str, ServedModel], table: RequestTable) -> None:
+    def __init__(self, backend: Backend, models: dict[str, ServedModel], table: RequestTable) -> None:
         self.backend = backend
         self.models = models
         self.table = table
@@ -78,66 +79,70 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         start = time.perf_counter()
         try:
-            model, sub = self._submission(request)
-            slot = self._admit(request, model, len(sub.prompt))
+            sub = self._submission(request, context.time_remaining())
+            sub.table_slot = self._admit(sub)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        state, seq = RequestState.FAILED, None
+        state, submitted = RequestState.FAILED, False
         try:
-            request_id = self.table.get(slot).request_id
-            seq = await self._submit(sub, context)
-            state = RequestState.CANCELLED
-            async for response in self._stream(sub, seq, request_id, slot, start, context):
+            await self._submit(sub, context)
+            submitted, state = True, RequestState.CANCELLED
+            async for response in self._stream(sub, start, context):
                 yield response
             state = RequestState.FINISHED
         finally:
-            if seq is not None and state is not RequestState.FINISHED:
-                self.backend.cancel(model.id, seq.request_id)  # client gone or deadline: free the KV
-            self._set(slot, state=state)
-            self.table.release(slot)
+            if submitted and state is not RequestState.FINISHED:
+                self.backend.cancel(sub)  # client gone, deadline passed or failed: free the KV
+            self._set(sub.table_slot, state=state)
+            self.table.release(sub.table_slot)
 
-    def _admit(self, request, model: ServedModel, num_prompt_tokens: int) -> int:
+    def _admit(self, sub: Submission) -> int:
         """A row in the request table; RESOURCE_EXHAUSTED when it is full."""
-        request_id = request.request_id or uuid.uuid4().hex
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id has {len(request_id)} "
-                               f"characters; the limit is {MAX_REQUEST_ID_CHARS}")
         now = time.time_ns()
-        record = RequestRecord(request_id=request_id, model=model.id, num_prompt_tokens=num_prompt_tokens,
-                               created_ns=now, updated_ns=now)
+        deadline = now + int(sub.timeout_s * 1e9) if sub.timeout_s is not None else 0
+        record = RequestRecord(request_id=sub.request_id, model=sub.model, num_prompt_tokens=len(sub.prompt),
+                               created_ns=now, updated_ns=now, deadline_ns=deadline)
         try:
             return self.table.insert(record)
         except TableFullError as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
         except DuplicateRequestError:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request_id {request_id!r} is already in flight") from None
+                               f"request_id {sub.request_id!r} is already in flight") from None
 
-    async def _submit(self, sub: Submission, context):
+    async def _submit(self, sub: Submission, context) -> None:
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.backend.submit, sub)
+            await self.backend.submit(sub)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BackendFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
 
-    async def _stream(self, sub: Submission, seq, request_id: str, slot: int, start: float, context):
+    async def _stream(self, sub: Submission, start: float, context):
         first = None
         while (item := await sub.outputs.get()) is not None:
+            if isinstance(item, RequestError):
+                await context.abort(item.code, str(item))
             if isinstance(item, Exception):
                 await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
             first = first or time.perf_counter()
-            self._set(slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
-            yield self._response(item, request_id, seq.num_prompt_tokens, first - start)
+            self._set(sub.table_slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
+            yield self._response(item, sub.request_id, len(sub.prompt), first - start)
             if item.finished:
                 return
 
     def _set(self, slot: int, **changes) -> None:
         self.table.update(slot, lambda r: msgspec.structs.replace(r, updated_ns=time.time_ns(), **changes))
 
-    def _submission(self, request) -> tuple[ServedModel, Submission]:
+    def _submission(self, request, timeout_s: float | None) -> Submission:
+        request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id has {len(request_id)} "
+                               f"characters; the limit is {MAX_REQUEST_ID_CHARS}")
         model = self.models.get(request.model)
         if model is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here; "
@@ -148,8 +153,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"prompt has {len(ids)} tokens; the context of {model.id} is "
                                f"{model.max_context} and at least one token must be left to generate")
         sampling = sampling_from_pb(request.sampling, model.max_context)
-        loop = asyncio.get_running_loop()
-        return model, Submission(model.id, ids, sampling, asyncio.Queue(), loop)
+        return Submission(request_id, model.id, ids, sampling, timeout_s=timeout_s)
 
     @staticmethod
     def _prompt_ids(request, model: ServedModel) -> list[int]:

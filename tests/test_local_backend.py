@@ -9,14 +9,15 @@ from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
 from tokenpool.engine.sampling_params import SamplingParams
-from tokenpool.proxy.local_backend import LocalBackend, Submission
+from tokenpool.proxy.backend import Submission
+from tokenpool.proxy.local_backend import LocalBackend
 
 PROMPT = "A longer prompt that spans more than one block of sixteen tokens in the paged cache."
 
 
 async def collect(backend: LocalBackend, model: str, ids: list[int], sampling) -> list[int]:
-    sub = Submission(model, ids, sampling, asyncio.Queue(), asyncio.get_running_loop())
-    await asyncio.get_running_loop().run_in_executor(None, backend.submit, sub)
+    sub = Submission(f"{model}-{len(ids)}", model, ids, sampling)
+    await backend.submit(sub)
     tokens = []
     while (item := await sub.outputs.get()) is not None:
         assert not isinstance(item, Exception), item
@@ -46,7 +47,7 @@ def test_a_host_kv_pool_too_small_for_a_switch_delays_instead_of_failing(tiny_di
     try:
         results = asyncio.run(both())
     finally:
-        backend.close()
+        asyncio.run(backend.close())
         engine.close()
         pool.close()
     assert dict(zip(expected, results, strict=True)) == expected

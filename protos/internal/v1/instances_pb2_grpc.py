@@ -335,6 +335,16 @@ class KVTransferStub:
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/Describe',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolInfo.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/Stats',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -362,6 +372,20 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Describe names the shared-memory file of the node's pool, for instances to map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Stats reports the pool's occupancy and the handles outstanding.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -379,6 +403,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.DescribeRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolInfo.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -463,6 +497,60 @@ class KVTransfer:
             '/tokenpool.internal.v1.KVTransfer/Release',
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.SerializeToString,
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/Describe',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.DescribeRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/Stats',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.FromString,
             options,
             channel_credentials,
             insecure,

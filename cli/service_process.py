@@ -1,0 +1,78 @@
+"""The lifecycle every tokenpool service process shares: listen, health, reflection, ready, stop.
+
+    server = await start_grpc_server("127.0.0.1:0", [(add_XServicer_to_server, servicer)], names)
+    announce_ready(ready_file, name, server.address)   # the launcher waits for this file
+    await wait_for_signal()                            # SIGINT / SIGTERM
+    await server.grpc.stop(grace)
+
+Every service answers the standard gRPC health check ("" and each of its services) and
+server reflection, so grpcurl and clients in other languages need no .proto files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 4 << 20  # a larger message is refused with RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    grpc: grpc.aio.Server
+    address: str  # host:port actually bound
+    health: health.aio.HealthServicer
+
+
+async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, object]],
+                            service_names: Iterable[str]) -> RunningServer:
+    """Serve the servicers on address ('host:port'; port 0 picks one), with health and reflection.
+
+    servicers: (add_XServicer_to_server, servicer) pairs; service_names: their full names
+    (e.g. 'tokenpool.v1.Inference'), marked SERVING once the server has started.
+    """
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    for add, servicer in servicers:
+        add(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = address.rpartition(":")[0] or "127.0.0.1"
+    return RunningServer(server, f"{host}:{port}", health_servicer)
+
+
+def announce_ready(ready_file: Path | None, name: str, address: str, **extra) -> None:
+    """Tell the launcher where this service listens: a JSON file written whole (rename), or a line."""
+    if ready_file is None:
+        print(f"tokenpool: {name} listening on {address}", flush=True)
+        return
+    tmp = ready_file.with_name(ready_file.name + ".tmp")
+    tmp.write_text(json.dumps({"name": name, "address": address, "pid": os.getpid(), **extra}))
+    tmp.replace(ready_file)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM (the launcher's and Ctrl-C's way to stop a service)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,1 @@
+"""The native launcher of the local stack (the docker compose files sit beside it)."""

@@ -1,0 +1,1 @@
+"""decode_svc: a decode instance process — co-located models, continuous batching, token streams."""

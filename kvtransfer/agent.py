@@ -1,0 +1,212 @@
+"""KVTransferAgent: the node's KV hand-off control plane — it owns the host KV pool and hands out blocks.
+
+    prefill instance                      agent (one per node)             decode instance
+    Allocate(dims, dtype, n)  --------->  HandleBook.allocate -> offsets
+    write the blocks (shared pool file)
+    MarkReady(handle, num_tokens)  ---->  HandleBook.mark_ready
+                 the handle travels prefill -> proxy -> decode  --------->  Describe once, map the file
+                                                                            read the blocks
+                                          HandleBook.release  <----------  Release(handle)
+
+Only offsets cross gRPC; KV bytes move through the shared file. A handle nobody releases within
+its ttl (its instance crashed) is reclaimed by a periodic sweep, so the pool cannot leak forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import grpc
+from tokenpool.engine.host_kv_pool import DEFAULT_SLAB_BYTES, HostKVPool
+from tokenpool.engine.slab_allocator import BlockShape, KVPoolFullError
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.internal.v1 import instances_pb2_grpc
+
+from .handle import KVHandleInfo, handle_to_pb, shape_from_pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = ipb.DESCRIPTOR.services_by_name["KVTransfer"].full_name  # tokenpool.internal.v1.KVTransfer
+DEFAULT_HANDLE_TTL_S = 300.0
+MAX_SWEEP_INTERVAL_S = 10.0
+
+
+class UnknownHandleError(LookupError):
+    """No live handle has this id: never allocated, already released, or reclaimed after its ttl."""
+
+
+@dataclass
+class _Entry:
+    info: KVHandleInfo
+    request_id: str
+    deadline: float  # clock() after which the sweep reclaims the blocks
+    ready: bool = False
+
+
+@dataclass(frozen=True)
+class BookStats:
+    handles: int  # allocated and not yet released
+    blocks: int  # blocks those handles hold
+
+
+class HandleBook:
+    """The agent's handles over a HostKVPool: allocate, mark ready, release, reclaim after a ttl.
+
+    A handle's ttl runs from its allocation; marking it ready does not extend it. Not thread-safe:
+    the agent calls it from its event loop only.
+    """
+
+    def __init__(self, pool: HostKVPool, ttl_s: float = DEFAULT_HANDLE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"handle ttl must be positive seconds, got {ttl_s!r}")
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+
+    def allocate(self, shape: BlockShape, num_blocks: int, request_id: str = "") -> KVHandleInfo:
+        """A new handle (num_tokens 0, not ready) of num_blocks pool blocks of `shape`.
+
+        ValueError for num_blocks < 1 or a block larger than a slab; KVPoolFullError, nothing
+        allocated, when the blocks do not fit.
+        """
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        offsets = self.pool.alloc(shape, num_blocks)
+        info = KVHandleInfo(secrets.token_hex(16), tuple(offsets), shape, 0)
+        self._entries[info.handle_id] = _Entry(info, request_id, self._clock() + self.ttl_s)
+        return info
+
+    def mark_ready(self, handle_id: str, num_tokens: int) -> KVHandleInfo:
+        """Record that the handle's blocks hold num_tokens tokens of KV; ValueError if they cannot."""
+        entry = self._entry(handle_id)
+        if num_tokens > entry.info.capacity_tokens:
+            raise ValueError(f"num_tokens={num_tokens} exceeds what handle {handle_id}'s {entry.info.num_blocks} "
+                             f"blocks of {entry.info.shape.block_size} tokens hold ({entry.info.capacity_tokens})")
+        entry.info = replace(entry.info, num_tokens=num_tokens)
+        entry.ready = True
+        return entry.info
+
+    def release(self, handle_id: str) -> int:
+        """Free the handle's blocks -> how many; UnknownHandleError for an id not live."""
+        entry = self._entry(handle_id)
+        del self._entries[handle_id]
+        self.pool.free(entry.info.offsets)
+        return entry.info.num_blocks
+
+    def reclaim_expired(self) -> list[str]:
+        """Release every handle past its ttl (a warning each, naming its request) -> their ids."""
+        now = self._clock()
+        expired = [e for e in self._entries.values() if e.deadline <= now]
+        for entry in expired:
+            self.release(entry.info.handle_id)
+            logger.warning("reclaimed KV handle %s of request %r: not released within %.0f s (%d blocks, %s)",
+                           entry.info.handle_id, entry.request_id, self.ttl_s, entry.info.num_blocks,
+                           "ready" if entry.ready else "never marked ready")
+        return [e.info.handle_id for e in expired]
+
+    def stats(self) -> BookStats:
+        return BookStats(len(self._entries), sum(e.info.num_blocks for e in self._entries.values()))
+
+    def _entry(self, handle_id: str) -> _Entry:
+        entry = self._entries.get(handle_id)
+        if entry is None:
+            raise UnknownHandleError(f"no KV handle {handle_id!r} on this node (released, reclaimed "
+                                     f"after {self.ttl_s:.0f} s, or never allocated)")
+        return entry
+
+
+# Checked in order: KVPoolFullError is a MemoryError, the rest are the book's and handle.py's.
+_STATUS = ((KVPoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+           (UnknownHandleError, grpc.StatusCode.NOT_FOUND),
+           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+
+
+class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
+    """The KVTransfer service over a HostKVPool it owns: protobuf in, HandleBook, protobuf out.
+
+    Call start() in the serving event loop (starts the ttl sweep) and close() when done (stops
+    it and unlinks the pool file). RuntimeError at construction when the pool could not be put
+    in a shared-memory file, since other processes could not map an anonymous one.
+    """
+
+    def __init__(self, pool_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
+                 handle_ttl_s: float = DEFAULT_HANDLE_TTL_S, sweep_interval_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if sweep_interval_s is not None and not sweep_interval_s > 0:
+            raise ValueError(f"sweep_interval_s must be positive seconds, got {sweep_interval_s!r}")
+        self.pool = _shared_pool(pool_bytes, slab_bytes)
+        try:
+            self.book = HandleBook(self.pool, handle_ttl_s, clock)
+        except BaseException:
+            self.pool.close()  # a bad ttl must not leave a pool file behind
+            raise
+        self.sweep_interval_s = sweep_interval_s or min(handle_ttl_s / 4, MAX_SWEEP_INTERVAL_S)
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the ttl sweep on the running event loop."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def close(self) -> None:
+        """Stop the sweep and close the pool (its file is unlinked; peers' mappings stay valid)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.pool.close()
+
+    async def Allocate(self, request, context):
+        def allocate() -> ipb.KVHandle:
+            shape = shape_from_pb(request.block_dims, request.dtype)
+            return handle_to_pb(self.book.allocate(shape, request.num_blocks, request.request_id), ready=False)
+        return await _answer(context, allocate)
+
+    async def MarkReady(self, request, context):
+        return await _answer(context, lambda: handle_to_pb(
+            self.book.mark_ready(request.handle_id, request.num_tokens), ready=True))
+
+    async def Release(self, request, context):
+        return await _answer(context, lambda: ipb.ReleaseResponse(num_blocks=self.book.release(request.handle_id)))
+
+    async def Describe(self, request, context):
+        return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,
+                            slab_bytes=self.pool.allocator.slab_bytes)
+
+    async def Stats(self, request, context):
+        book = self.book.stats()
+        return ipb.PoolStats(capacity_bytes=self.pool.nbytes, used_bytes=self.pool.stats().used_bytes,
+                             handles=book.handles, blocks=book.blocks)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                self.book.reclaim_expired()
+            except Exception:  # a sweep that died would leak every later crashed handle
+                logger.exception("KV handle sweep failed; retrying in %.1f s", self.sweep_interval_s)
+
+
+def _shared_pool(pool_bytes: int, slab_bytes: int) -> HostKVPool:
+    pool = HostKVPool(pool_bytes, slab_bytes=slab_bytes)
+    if pool.path is None:
+        pool.close()
+        raise RuntimeError("the host KV pool fell back to an anonymous mapping (see the warning above), "
+                           "which other processes cannot map; the KV transfer agent needs a writable "
+                           "/dev/shm with room for the pool")
+    return pool
+
+
+async def _answer(context, work: Callable[[], object]):
+    """work()'s message, or the call aborted with the status its exception maps to."""
+    try:
+        return work()
+    except (KVPoolFullError, UnknownHandleError, ValueError) as exc:
+        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        await context.abort(code, str(exc))

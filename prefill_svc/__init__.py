@@ -1,0 +1,1 @@
+"""prefill_svc: a prefill instance process — prompts to their first token, KV handed on."""
