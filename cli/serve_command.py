@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tokenpool.engine.model_store import DEFAULT_MODEL, ModelStore
 
+from .instance_setup import add_engine_args, build_engine
 from .models_command import ensure_model
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
@@ -26,10 +27,7 @@ def add_parser(commands) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
                    help=f"a model to serve (repeatable; default: {DEFAULT_MODEL} and the tiny models)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-mib", type=int, default=256, help="device KV region, MiB")
-    p.add_argument("--host-kv-mib", type=int, default=512, help="host KV pool, MiB")
-    p.add_argument("--threads", type=int, default=None)
+    add_engine_args(p)
     p.add_argument("--table-slots", type=int, default=1024,
                    help="request table size: requests in flight at most (more get RESOURCE_EXHAUSTED)")
     p.set_defaults(run=run)
@@ -59,36 +57,15 @@ def run(args: argparse.Namespace) -> None:
     uvloop.run(_serve(args, catalogue(args.model)))
 
 
-def _build(args: argparse.Namespace, folders: dict[str, Path]):
-    from tokenpool.engine.host_kv_pool import HostKVPool
-    from tokenpool.engine.host_model_cache import HostModelCache
-    from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
-    from tokenpool.engine.model_config import ModelConfig
-    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
-    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
-    from tokenpool.proxy.inference_servicer import ServedModel
-
-    config = EngineConfig(dtype=args.dtype, num_threads=args.threads)
-    slot = max(slot_bytes_needed(model_specs(c, resolve_dtypes(config, c)[1]))
-               for c in map(ModelConfig.from_folder, folders.values()))
-    engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
-                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20))
-    served = {}
-    for model_id, folder in folders.items():
-        profile = engine.register(model_id, folder)
-        book = engine.models[model_id].book
-        served[model_id] = ServedModel(model_id, profile.config.architecture, book.max_model_len,
-                                       profile.nbytes, profile.tokenizer)
-    return engine, served
-
-
 async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     from tokenpool.proxy.inference_servicer import InferenceServicer
     from tokenpool.proxy.local_backend import LocalBackend
     from tokenpool.proxy.request_table import make_request_table
+    from tokenpool.proxy.served_model import served_models
     from tokenpool.proxy.server import start_server
 
-    engine, served = _build(args, folders)
+    engine = build_engine(args, folders)
+    served = served_models(engine)
     backend = LocalBackend(engine)
     table = make_request_table("shm", name=f"serve-{os.getpid()}", capacity=args.table_slots, create=True)
     server, port = await start_server(f"{args.host}:{args.port}", InferenceServicer(backend, served, table))

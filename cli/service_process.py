@@ -12,6 +12,7 @@ server reflection, so grpcurl and clients in other languages need no .proto file
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 MAX_MESSAGE_BYTES = 4 << 20  # a larger message is refused with RESOURCE_EXHAUSTED
+EXIT_WITH_PARENT = "TOKENPOOL_EXIT_WITH_PARENT"
+PARENT_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,24 @@ def announce_ready(ready_file: Path | None, name: str, address: str, **extra) ->
 
 
 async def wait_for_signal() -> None:
-    """Return on SIGINT or SIGTERM (the launcher's and Ctrl-C's way to stop a service)."""
+    """Return on SIGINT or SIGTERM (the launcher's and Ctrl-C's way to stop a service), or, when
+    the launcher set TOKENPOOL_EXIT_WITH_PARENT=1, once the launcher is gone (even SIGKILLed)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: all stacks to stderr
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    watch = None
+    if os.environ.get(EXIT_WITH_PARENT) == "1":
+        watch = asyncio.create_task(_watch_parent(os.getppid(), stop))
+    try:
+        await stop.wait()
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
+        await asyncio.sleep(PARENT_POLL_S)
+    stop.set()

@@ -1,34 +1,84 @@
-"""`tokenpool status`: the request tables on this node and the requests in flight."""
+"""`tokenpool status`: the stacks and request tables on this node — instances, resident models,
+queues, the hand-off pool, and the requests in flight."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+
+STATUS_TIMEOUT_S = 5.0
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("status", help="request tables on this node and the requests in them")
+    p = commands.add_parser("status", help="stacks and request tables on this node, and the requests in them")
     p.add_argument("--requests", action="store_true", help="list every request in flight")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokenpool.proxy.shm_request_table import ShmRequestTable, default_root
+    from tokenpool.engine.private_shm import shm_root
+    from tokenpool.proxy.shm_request_table import default_root
 
+    stacks = sorted(shm_root().glob("*.stack.json"))
+    for path in stacks:
+        _print_stack(path)
     tables = sorted(default_root().glob("*.reqtable"))
-    if not tables:
-        print(f"no request tables under {default_root()}: is `tokenpool serve` running?")
+    if not tables and not stacks:
+        print(f"no stacks or request tables under {shm_root()}: "
+              "is `tokenpool up` or `tokenpool serve` running?")
     for path in tables:
-        with ShmRequestTable.attach(path.stem) as table:
-            usage = table.usage()
-            print(f"{path.stem}: {usage.used}/{usage.capacity} slots in use")
-            if args.requests:
-                _print_records(table.records())
+        _print_table(path.stem, args.requests)
+
+
+def _print_stack(path: Path) -> None:
+    info = json.loads(path.read_text())
+    print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
+    for service in info["services"]:
+        print(f"  {service['name']:14} {service['address']:22} {_describe(service)}")
+
+
+def _describe(service: dict) -> str:
+    import grpc
+    from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+    from tokenpool.protos.internal.v1 import instances_pb2_grpc as rpc
+
+    name = service["name"]
+    stub_class = {"prefill": rpc.PrefillStub, "decode": rpc.DecodeStub, "kvtransfer": rpc.KVTransferStub}
+    kind = name.split("-")[0]
+    if kind not in stub_class:
+        return "front door (tokenpool.v1.Inference)"
+    try:
+        with grpc.insecure_channel(service["address"]) as channel:
+            stub = stub_class[kind](channel)
+            if kind == "kvtransfer":
+                s = stub.Stats(ipb.StatsRequest(), timeout=STATUS_TIMEOUT_S)
+                return (f"hand-off pool {s.used_bytes / 2**20:.1f}/{s.capacity_bytes / 2**20:.0f} MiB, "
+                        f"{s.handles} handles")
+            s = stub.Status(ipb.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        return f"unreachable ({exc.code().name})"
+    per_model = ", ".join(f"{m} {n}" for m, n in sorted(s.requests_by_model.items())) or "none"
+    return (f"active {s.active_model or '-'}; queued {s.queued}, running {s.running}; requests: {per_model}; "
+            f"KV blocks {s.kv_blocks_used}, host KV {s.host_kv_used_bytes / 2**20:.1f} MiB; "
+            f"{s.switches} switches; models {', '.join(s.models)}")
+
+
+def _print_table(name: str, requests: bool) -> None:
+    from tokenpool.proxy.shm_request_table import ShmRequestTable
+
+    with ShmRequestTable.attach(name) as table:
+        usage = table.usage()
+        print(f"{name}: {usage.used}/{usage.capacity} slots in use")
+        if requests:
+            _print_records(table.records())
 
 
 def _print_records(records) -> None:
     now = time.time_ns()
     for slot, r in records:
         age = (now - r.created_ns) / 1e9
-        print(f"  slot {slot:5} {r.request_id:34} {r.model:24} {r.state.value:12} "
+        where = "/".join(i for i in (r.prefill_instance, r.decode_instance) if i) or "-"
+        print(f"  slot {slot:5} {r.request_id:34} {r.model:24} {r.state.value:12} {where:20} "
               f"prompt {r.num_prompt_tokens:5} out {r.num_output_tokens:5} age {age:7.2f} s")

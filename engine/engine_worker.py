@@ -11,6 +11,7 @@ steps, is a TurnPolicy: FIFO for a prefill instance, round-robin for a decode in
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -24,6 +25,7 @@ from .request_book import RequestOutput
 from .slab_allocator import KVPoolFullError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 
 
@@ -93,7 +95,8 @@ class EngineWorker:
         self._thread.start()
 
     def post(self, fn: Callable[[MultiModelEngine], T]) -> Future:
-        """Run fn(engine) on the engine thread before its next step; the future holds the result."""
+        """Run fn(engine) on the engine thread before its next step; the future holds the result.
+        Cancelling the future before fn started means fn never runs."""
         future: Future = Future()
         if self._stop.is_set():
             future.set_exception(RuntimeError("the engine worker has stopped"))
@@ -119,10 +122,13 @@ class EngineWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._run_posted(block=not self.engine.has_unfinished())
-            turn = self.policy.next_turn(self.engine, self.arrivals)
-            if turn is not None:
-                self._serve(turn)
+            try:
+                self._run_posted(block=not self.engine.has_unfinished())
+                turn = self.policy.next_turn(self.engine, self.arrivals)
+                if turn is not None:
+                    self._serve(turn)
+            except Exception:  # a bug in a callback must not silently stop the instance
+                log.exception("engine worker %s: unexpected error; serving on", self._thread.name)
         self._run_posted(block=False)  # fail what arrived while stopping
 
     def _run_posted(self, block: bool) -> None:
@@ -136,6 +142,8 @@ class EngineWorker:
             return
 
     def _execute(self, fn: Callable, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting (asyncio.wrap_future cancels): skip the work too
         if self._stop.is_set():
             future.set_exception(RuntimeError("the engine worker has stopped"))
             return

@@ -86,10 +86,11 @@ class HandleBook:
     def mark_ready(self, handle_id: str, num_tokens: int) -> KVHandleInfo:
         """Record that the handle's blocks hold num_tokens tokens of KV; ValueError if they cannot."""
         entry = self._entry(handle_id)
-        if num_tokens > entry.info.capacity_tokens:
-            raise ValueError(f"num_tokens={num_tokens} exceeds what handle {handle_id}'s {entry.info.num_blocks} "
-                             f"blocks of {entry.info.shape.block_size} tokens hold ({entry.info.capacity_tokens})")
-        entry.info = replace(entry.info, num_tokens=num_tokens)
+        info = entry.info
+        if num_tokens > info.capacity_tokens:
+            raise ValueError(f"num_tokens={num_tokens} exceeds what handle {handle_id}'s {info.num_blocks} "
+                             f"blocks of {info.shape.block_size} tokens hold ({info.capacity_tokens})")
+        entry.info = replace(info, num_tokens=num_tokens)
         entry.ready = True
         return entry.info
 
@@ -165,7 +166,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
     async def Allocate(self, request, context):
         def allocate() -> ipb.KVHandle:
             shape = shape_from_pb(request.block_dims, request.dtype)
-            return handle_to_pb(self.book.allocate(shape, request.num_blocks, request.request_id), ready=False)
+            handle = self.book.allocate(shape, request.num_blocks, request.request_id)
+            return handle_to_pb(handle, ready=False)
         return await _answer(context, allocate)
 
     async def MarkReady(self, request, context):
@@ -173,7 +175,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
             self.book.mark_ready(request.handle_id, request.num_tokens), ready=True))
 
     async def Release(self, request, context):
-        return await _answer(context, lambda: ipb.ReleaseResponse(num_blocks=self.book.release(request.handle_id)))
+        return await _answer(context, lambda: ipb.ReleaseResponse(
+            num_blocks=self.book.release(request.handle_id)))
 
     async def Describe(self, request, context):
         return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 
 import grpc
 import msgspec
 from tokenpool.engine.errors import InvalidRequestError
-from tokenpool.engine.sampling_params import SamplingParams
-from tokenpool.engine.sequence import FinishReason
-from tokenpool.engine.tokenizer import Tokenizer
+from tokenpool.protos.convert import FINISH_TO_PB, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 
@@ -28,18 +25,7 @@ from .request_table import (
     RequestTable,
     TableFullError,
 )
-
-_FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
-           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    id: str
-    architecture: str
-    max_context: int
-    weight_bytes: int
-    tokenizer: Tokenizer
+from .served_model import ServedModel
 
 
 class RequestError(Exception):
@@ -48,21 +34,6 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams:
-    """Defaults for unset fields; InvalidRequestError names the bad field."""
-    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else 64
-    if max_tokens > max_context:
-        raise InvalidRequestError(f"sampling.max_tokens={max_tokens} exceeds the model's context "
-                                  f"of {max_context} tokens")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
-        top_k=msg.top_k,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -172,7 +143,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _response(out, request_id: str, prompt_tokens: int, ttft: float) -> pb.GenerateResponse:
         response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text, request_id=request_id)
         if out.finished:
-            response.finish_reason = _FINISH[out.finish_reason]
+            response.finish_reason = FINISH_TO_PB[out.finish_reason]
             response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens,
                                              completion_tokens=out.num_output_tokens, ttft_seconds=ttft))
         return response

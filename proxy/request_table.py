@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -169,3 +170,21 @@ def make_request_table(kind: str, **options: Any) -> RequestTable:
         raise NotImplementedError("the Redis-backed request table (multi-node serving) is not built yet; "
                                   "it comes with the later multi-node proxy issue; use kind='shm'")
     raise ValueError(f"unknown request table kind {kind!r}; expected 'shm' or 'redis'")
+
+
+def touch_record(table: RequestTable | None, slot: int | None, request_id: str, **changes: Any) -> bool:
+    """Update a request's row from an instance: only if the slot still holds request_id (a
+    released slot may hold another request by now). False when the row is gone, never raises
+    for that; instances report progress best-effort and must not fail a request over it."""
+    if table is None or slot is None:
+        return False
+
+    def change(record: RequestRecord) -> RequestRecord:
+        if record.request_id != request_id:
+            return record
+        return msgspec.structs.replace(record, updated_ns=time.time_ns(), **changes)
+
+    try:
+        return table.update(slot, change).request_id == request_id
+    except (SlotFreeError, CorruptSlotError, IndexError):
+        return False

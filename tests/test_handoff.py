@@ -22,7 +22,8 @@ def make_engine(tmp_path, name, tiny_dir, max_num_seqs=64):
     cache = HostModelCache(tmp_path / "cache", capacity_bytes=128 << 20, progress=False)
     pool = HostKVPool(16 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
     config = EngineConfig(dtype="float32", scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
-    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20, engine=config), cache, pool)
+    instance = InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20, engine=config)
+    engine = MultiModelEngine(instance, cache, pool)
     for m in MODELS:
         engine.register(m, tiny_dir / m)
     return engine
@@ -44,7 +45,8 @@ def test_handoff_between_engines_gives_the_single_engine_tokens(tmp_path, tiny_d
     for m in MODELS:
         ref = LLMEngine(tiny_dir / m, EngineConfig(dtype="float32", linear_kernel="dense"))
         for p in PROMPTS:
-            expected[m, p] = ref.generate([p], SamplingParams(max_tokens=12, ignore_eos=True))[0].output_token_ids
+            seq = ref.generate([p], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+            expected[m, p] = seq.output_token_ids
     prefiller = make_engine(tmp_path / "p", "p", tiny_dir)
     decoder = make_engine(tmp_path / "d", "d", tiny_dir, max_num_seqs=3)  # arrivals wait for room
     adopted = []
@@ -70,7 +72,8 @@ def test_abort_of_an_arriving_sequence_frees_its_staged_kv(tmp_path, tiny_dir):
     decoder = make_engine(tmp_path / "d", "d", tiny_dir)
     sampling = SamplingParams(max_tokens=8, ignore_eos=True)
     seq, blocks = prefill(prefiller, "tiny-llama", PROMPTS[1], sampling)
-    decoder.adopt("tiny-llama", "r", seq.prompt_token_ids, seq.output_token_ids[0], sampling, seq.seed, blocks)
+    first = seq.output_token_ids[0]
+    decoder.adopt("tiny-llama", "r", seq.prompt_token_ids, first, sampling, seq.seed, blocks)
     assert decoder.pool.stats().used_bytes > 0 and decoder.num_requests("tiny-llama") == 1
     decoder.abort("tiny-llama", "r")
     assert decoder.pool.stats().used_bytes == 0 and not decoder.has_unfinished()

@@ -1,0 +1,104 @@
+"""A prefill or decode instance as its own process (`python -m tokenpool.prefill_svc ...`).
+
+    python -m tokenpool.decode_svc --name decode-0 --listen 127.0.0.1:0 \\
+        --kvtransfer 127.0.0.1:7000 --model tiny-llama=/path/to/tiny-llama [--table stack-1] \\
+        [--ready-file F]
+
+The instance registers every model (the node's host model cache reads each once; other
+instances attach), connects to the node's kvtransfer agent, attaches the proxy's request
+table if named, and serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from .instance_setup import add_engine_args, build_engine, parse_models
+
+ROLES = ("prefill", "decode")
+STOP_GRACE_S = 3.0
+TABLE_POLL_S = 0.2
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m tokenpool.{role}_svc", description=f"a {role} instance")
+    p.add_argument("--name", default=f"{role}-0", help="instance name in logs, status and the request table")
+    p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks one)")
+    p.add_argument("--model", action="append", required=True, metavar="ID=FOLDER",
+                   help="a model to register (repeatable)")
+    p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
+    p.add_argument("--table", default=None, help="the proxy's request table to report progress in")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write {name, address, pid} here once serving (for launchers)")
+    add_engine_args(p, kv_mib=64, host_kv_mib=256)
+    return p
+
+
+async def serve(role: str, args: argparse.Namespace) -> None:
+    from tokenpool.kvtransfer.transport import make_transport
+    from tokenpool.protos.internal.v1 import instances_pb2_grpc
+
+    from .service_process import announce_ready, start_grpc_server, wait_for_signal
+
+    stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
+    await asyncio.sleep(0)
+    engine = build_engine(args, parse_models(args.model))
+    transport = make_transport("node-local", args.kvtransfer)
+    servicer, add, service = _servicer(role, args.name, engine, transport, None, instances_pb2_grpc)
+    attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
+    try:
+        server = await start_grpc_server(args.listen, [(add, servicer)], [service])
+        announce_ready(args.ready_file, args.name, server.address, role=role, models=sorted(engine.models))
+        await stop
+        print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
+        await server.grpc.stop(STOP_GRACE_S)
+    finally:
+        servicer.close()
+        engine.close()
+        transport.close()
+        if attach is not None:
+            attach.cancel()
+        if servicer.table is not None:
+            servicer.table.close()
+
+
+async def _attach_table(servicer, name: str) -> None:
+    """Attach the proxy's request table once it exists (the proxy starts after the instances,
+    since it needs their addresses); until then progress simply goes unreported."""
+    from tokenpool.proxy.shm_request_table import ShmRequestTable, TableFormatError
+
+    while True:
+        try:
+            servicer.table = ShmRequestTable.attach(name)
+            return
+        except (FileNotFoundError, TableFormatError):  # not there yet, or its header not yet written
+            await asyncio.sleep(TABLE_POLL_S)
+
+
+def _servicer(role, name, engine, transport, table, grpc_module):
+    if role == "prefill":
+        from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
+
+        return (PrefillServicer(name, engine, transport, table), grpc_module.add_PrefillServicer_to_server,
+                "tokenpool.internal.v1.Prefill")
+    from tokenpool.decode_svc.decode_servicer import DecodeServicer
+
+    return (DecodeServicer(name, engine, transport, table), grpc_module.add_DecodeServicer_to_server,
+            "tokenpool.internal.v1.Decode")
+
+
+def main(role: str, argv: list[str] | None = None) -> int:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    args = build_parser(role).parse_args(argv)
+    import uvloop
+
+    try:
+        uvloop.run(serve(role, args))
+    except (OSError, ValueError, MemoryError, RuntimeError) as exc:
+        print(f"tokenpool: {args.name}: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,51 @@
+"""What every process that runs an engine shares: its flags and how the switching engine is built.
+
+`tokenpool serve`, a prefill instance and a decode instance all take the same model and
+memory flags and build one MultiModelEngine over the node's host model cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenpool.engine.model_config import ModelConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: int = 512) -> None:
+    p.add_argument("--dtype", default="auto", help="weights: auto (the checkpoint's), float32, bfloat16")
+    p.add_argument("--kv-mib", type=int, default=kv_mib, help="device KV region, MiB")
+    p.add_argument("--host-kv-mib", type=int, default=host_kv_mib,
+                   help="this instance's host KV pool (swapped-out sequences), MiB")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """ID=FOLDER values -> {id: folder}; ValueError on a repeated or empty id or a missing folder."""
+    models = {}
+    for spec in specs:
+        model_id, _, folder = spec.partition("=")
+        if not model_id or not folder or model_id in models:
+            raise ValueError(f"--model {spec!r}: expected ID=FOLDER with a distinct, non-empty id")
+        if not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec!r}: no config.json in {folder}")
+        models[model_id] = Path(folder)
+    return models
+
+
+def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
+    """A MultiModelEngine with every model registered (its slots fit the largest one)."""
+    from tokenpool.engine.host_kv_pool import HostKVPool
+    from tokenpool.engine.host_model_cache import HostModelCache
+    from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
+    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
+    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+
+    config = EngineConfig(dtype=args.dtype, num_threads=args.threads)
+    slot = max(slot_bytes_needed(model_specs(c, resolve_dtypes(config, c)[1]))
+               for c in map(ModelConfig.from_folder, folders.values()))
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
+                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20))
+    for model_id, folder in folders.items():
+        engine.register(model_id, folder)
+    return engine

@@ -1,0 +1,109 @@
+"""`tokenpool up`: the whole stack as local processes — kvtransfer agent, prefill and decode
+instances, proxy — on 127.0.0.1, until Ctrl-C.
+
+Counts and the model catalogue come from flags or a TOML file (flags win):
+
+    prefill = 1
+    decode = 2
+    port = 50051
+    [models]
+    smollm2-135m-instruct = ""          # "" : the model store's copy (imported if missing)
+    my-model = "/path/to/hf/folder"
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from .serve_command import catalogue
+
+CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
+               "threads", "table_slots")
+WATCH_INTERVAL_S = 0.5
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("up", help="start the disaggregated stack (proxy, prefill, decode, kvtransfer)")
+    p.add_argument("--config", type=Path, default=None, help="a TOML file (keys: see `tokenpool up --help`)")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help="a model to serve (repeatable; default: SmolLM2 and the tiny models)")
+    p.add_argument("--prefill", type=int, help="prefill instances (default 1)")
+    p.add_argument("--decode", type=int, help="decode instances (default 2)")
+    p.add_argument("--host", help="where the proxy listens (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the proxy's port (default 50051; 0 picks one)")
+    p.add_argument("--dtype", help="weights: auto, float32, bfloat16")
+    p.add_argument("--kv-mib", type=int, help="device KV region per instance, MiB (default 64)")
+    p.add_argument("--host-kv-mib", type=int, help="host KV pool per instance, MiB (default 256)")
+    p.add_argument("--pool-mib", type=int, help="the node's hand-off pool, MiB (default 256)")
+    p.add_argument("--threads", type=int, help="compute threads per instance (default: cores / instances)")
+    p.add_argument("--table-slots", type=int, help="requests in flight at most (default 1024)")
+    p.add_argument("--log-dir", type=Path, default=None, help="one log per service (default: a temp dir)")
+    p.set_defaults(run=run)
+
+
+def stack_config(args: argparse.Namespace):
+    """Flags over the config file over the defaults -> StackConfig (ValueError on bad values)."""
+    from tokenpool.compose.launcher import StackConfig
+
+    file = _read_config(args.config) if args.config else {}
+    values = {k: file[k] for k in CONFIG_KEYS if k in file}
+    values.update({k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None})
+    specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
+    return StackConfig(models=catalogue(specs), **values)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    unknown = set(data) - set(CONFIG_KEYS) - {"models"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; "
+                         f"known: {[*CONFIG_KEYS, 'models']}")
+    if not isinstance(data.get("models", {}), dict):
+        raise ValueError(f"--config {path}: [models] must be a table of id = \"folder\"")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenpool.compose.launcher import Stack, StackStartError
+
+    config = stack_config(args)
+    stack = Stack(config, args.log_dir)
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    print(f"tokenpool: starting {config.prefill} prefill and {config.decode} decode instances serving "
+          f"{', '.join(config.models)}; logs in {stack.log_dir}", flush=True)
+    try:
+        stack.start()
+    except StackStartError as exc:
+        print(f"tokenpool: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tokenpool: stack up: connect to {stack.address} (tokenpool.v1.Inference; health and "
+          f"reflection on); `tokenpool status` shows it; Ctrl-C stops it", flush=True)
+    code = _watch(stack, stopping)
+    print("tokenpool: shutting down", file=sys.stderr, flush=True)
+    for name, exit_code in stack.stop():
+        if exit_code != 0:
+            print(f"tokenpool: {name} exited with code {exit_code}", file=sys.stderr)
+    return code
+
+
+def _watch(stack, stopping: list) -> int:
+    """Until Ctrl-C (0) or a service dies (1)."""
+    while not stopping:
+        dead = stack.dead()
+        if dead:
+            for service in dead:
+                print(f"tokenpool: {service.name} exited with code {service.process.returncode}; "
+                      f"see {service.log}", file=sys.stderr)
+            return 1
+        time.sleep(WATCH_INTERVAL_S)
+    return 0

@@ -1,0 +1,214 @@
+"""The native launcher: the compose stack as local processes on 127.0.0.1 (`tokenpool up`).
+
+    kvtransfer-0  ->  prefill-0..P-1, decode-0..D-1 (in parallel)  ->  proxy
+
+Each service is its own process (`python -m tokenpool.<service>`), started in that order
+because each needs the addresses of the ones before it; a service announces its address
+in a ready file. Logs go to one file per service. A stack file under the node's private
+shared-memory folder names every address, for `tokenpool status`. stop() sends SIGTERM in
+reverse order and SIGKILLs what does not exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenpool.cli.service_process import EXIT_WITH_PARENT
+from tokenpool.engine.private_shm import private_dir, shm_root
+
+START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What `tokenpool up` starts.
+
+    models: model id -> folder (every instance registers all of them).
+    prefill, decode: instance counts (>= 1 each).
+    host, port: where the proxy listens (port 0 picks one); internal services use free ports.
+    dtype, kv_mib, host_kv_mib, threads: per instance, as for `tokenpool serve`
+      (threads None: the machine's cores shared out among the instances).
+    pool_mib: the node's hand-off pool (kvtransfer agent).
+    table_slots: the request table's size (requests in flight at most).
+    """
+
+    models: dict[str, Path]
+    prefill: int = 1
+    decode: int = 2
+    host: str = "127.0.0.1"
+    port: int = 50051
+    dtype: str = "auto"
+    kv_mib: int = 64
+    host_kv_mib: int = 256
+    pool_mib: int = 256
+    threads: int | None = None
+    table_slots: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a stack needs at least one model")
+        for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+
+    @property
+    def threads_per_instance(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // (self.prefill + self.decode))
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen
+    log: Path
+    ready_file: Path
+    info: dict = field(default_factory=dict)  # the ready file's contents
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+
+class StackStartError(RuntimeError):
+    """A service did not come up; the message holds the end of its log."""
+
+
+class Stack:
+    def __init__(self, config: StackConfig, log_dir: Path | None = None) -> None:
+        self.config = config
+        self.name = f"stack-{os.getpid()}"
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tokenpool-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.services: list[Service] = []
+        self.stack_file = private_dir(shm_root()) / f"{self.name}.stack.json"
+
+    @property
+    def address(self) -> str:
+        return self._by_role("proxy")[0].address
+
+    def start(self, progress=print) -> None:
+        """Start every service and wait until each serves; on failure stop what started and raise."""
+        try:
+            agent = self._launch_wait(["kvtransfer"], progress)[0]
+            instances = self._launch_wait(["prefill"] * self.config.prefill + ["decode"] * self.config.decode,
+                                          progress, agent=agent.address)
+            self._launch_wait(["proxy"], progress, agent=agent.address, instances=instances)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_stack_file()
+
+    def stop(self) -> list[tuple[str, int]]:
+        """SIGTERM in reverse start order, SIGKILL after STOP_TIMEOUT_S; -> (name, exit code) each."""
+        codes = []
+        for service in reversed(self.services):
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+            try:
+                code = service.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                code = service.process.wait()
+            codes.append((service.name, code))
+        self.services.clear()
+        self.stack_file.unlink(missing_ok=True)
+        return codes
+
+    def dead(self) -> list[Service]:
+        """Services whose process has exited."""
+        return [s for s in self.services if s.process.poll() is not None]
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- starting ----------------------------------------------------------------
+
+    def _launch_wait(self, roles: list[str], progress, **context) -> list[Service]:
+        counts: dict[str, int] = {}
+        started = []
+        for role in roles:
+            index = counts[role] = counts.get(role, -1) + 1
+            name = role if role == "proxy" else f"{role}-{index}"
+            started.append(self._launch(name, role, **context))
+        for service in started:
+            self._wait_ready(service)
+            progress(f"tokenpool: {service.name} ready on {service.address}")
+        return started
+
+    def _launch(self, name: str, role: str, agent: str | None = None,
+                instances: list[Service] | None = None) -> Service:
+        ready = self.log_dir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log = self.log_dir / f"{name}.log"
+        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready)]
+        args += self._args(name, role, agent, instances or [])
+        with open(log, "w") as out:
+            # Own session: a terminal's Ctrl-C reaches only the launcher, which stops services in order.
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, env={**os.environ, EXIT_WITH_PARENT: "1"})
+        service = Service(name, process, log, ready)
+        self.services.append(service)
+        return service
+
+    def _args(self, name: str, role: str, agent: str | None, instances: list[Service]) -> list[str]:
+        c = self.config
+        models = [f"--model={m}={f}" for m, f in c.models.items()]
+        if role == "kvtransfer":
+            return ["--name", name, "--listen", f"{c.host}:0", "--pool-mib", str(c.pool_mib)]
+        if role == "proxy":
+            wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
+            return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
+                    "--table-slots", str(c.table_slots), "--dtype", c.dtype, *wiring, *models]
+        return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
+                "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
+                "--threads", str(c.threads_per_instance), *models]
+
+    def _wait_ready(self, service: Service) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not service.ready_file.exists():
+            if service.process.poll() is not None:
+                raise StackStartError(f"{service.name} exited with code {service.process.returncode} while "
+                                      f"starting; the end of {service.log}:\n{_tail(service.log)}")
+            if time.monotonic() > deadline:
+                raise StackStartError(f"{service.name} not ready after {START_TIMEOUT_S:.0f} s; "
+                                      f"the end of {service.log}:\n{_tail(service.log)}")
+            time.sleep(0.05)
+        service.info = json.loads(service.ready_file.read_text())
+
+    def _by_role(self, prefix: str) -> list[Service]:
+        return [s for s in self.services if s.name.startswith(prefix)]
+
+    def _write_stack_file(self) -> None:
+        """Addresses of every service, for `tokenpool status` (0600, in the private folder)."""
+        data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
+                "services": [{"name": s.name, "address": s.address, "pid": s.process.pid}
+                             for s in self.services]}
+        tmp = self.stack_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        tmp.replace(self.stack_file)
+
+
+_MODULES = {"kvtransfer": "kvtransfer", "prefill": "prefill_svc", "decode": "decode_svc", "proxy": "proxy"}
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,161 @@
+"""DecodeServicer: the Decode service of one decode instance.
+
+A prefilled sequence arrives with a KV handle. The instance maps the handed-over blocks,
+stages them into its own host KV pool (engine.adopt), releases the handle, and the
+sequence joins its model's batch when that model next gets the device. Models take turns
+round-robin (the Aegaeon weighted round-robin plugs in there later); each step's tokens
+go back on the request's stream, several steps coalesced into one chunk when the client
+reads slower than the engine produces.
+
+    Decode RPC -> fetch(handle) -> post(adopt) -> release(handle) -> chunks ... -> last chunk
+    client gone / Cancel RPC -> post(abort): frees device blocks and pool blocks
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+from tokenpool.engine.engine_worker import EngineWorker, RoundRobinTurns
+from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.multi_model_engine import MultiModelEngine
+from tokenpool.engine.request_book import RequestOutput
+from tokenpool.engine.slab_allocator import KVPoolFullError
+from tokenpool.kvtransfer.handle import KVHandleInfo, handle_from_pb
+from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
+from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+
+STEPS_PER_TURN = 4
+
+
+@dataclass
+class _Stream:
+    model: str
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)  # RequestOutput, or an Exception
+
+
+class DecodeServicer(instances_pb2_grpc.DecodeServicer):
+    def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
+                 table: RequestTable | None = None, steps_per_turn: int = STEPS_PER_TURN) -> None:
+        self.name = name
+        self.engine = engine
+        self.transport = transport
+        self.table = table
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self.worker = EngineWorker(engine, RoundRobinTurns(steps_per_turn), self._on_output,
+                                   self._on_failure, name)
+
+    async def Decode(self, request, context):
+        stream = await self._adopt(request, context)
+        slot = request.table_slot if request.HasField("table_slot") else None
+        touch_record(self.table, slot, request.request_id, state=RequestState.DECODING,
+                     decode_instance=self.name)
+        finished = False
+        try:
+            while not finished:
+                outputs = await self._next_outputs(stream, context)
+                finished = outputs[-1].finished
+                touch_record(self.table, slot, request.request_id,
+                             num_output_tokens=outputs[-1].num_output_tokens)
+                yield self._chunk(outputs)
+        finally:
+            if not finished:  # the proxy went away or cancelled: free the KV
+                self.worker.post(lambda e: self._abort(e, request.request_id))
+
+    async def Cancel(self, request, context):
+        found = await asyncio.wrap_future(self.worker.post(lambda e: self._abort(e, request.request_id)))
+        return ipb.CancelResponse(found=found)
+
+    async def Status(self, request, context):
+        return await asyncio.wrap_future(self.worker.post(lambda e: instance_status(
+            e, self.name, "decode", queued=sum(len(m.arriving) for m in e.models.values()))))
+
+    def close(self) -> None:
+        self.worker.close()
+
+    async def _adopt(self, request, context) -> _Stream:
+        """Map the handed-over KV, stage it on this instance and release the handle."""
+        if request.model not in self.engine.models:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered on "
+                                f"{self.name}; registered: {', '.join(sorted(self.engine.models))}")
+        try:
+            handle = handle_from_pb(request.kv)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {exc}")
+        stream = _Stream(request.model, asyncio.get_running_loop())
+        try:
+            await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, handle, stream)))
+        except (InvalidRequestError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {exc}")
+        except KVPoolFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {exc}")
+        except KVTransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name}: KV hand-off failed: {exc}")
+        except asyncio.CancelledError:  # gone while the adoption was queued: undo it when it runs
+            self.worker.post(lambda e: self._abort(e, request.request_id))
+            raise
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.transport.release, handle)
+        return stream
+
+    @staticmethod
+    async def _next_outputs(stream: _Stream, context) -> list[RequestOutput]:
+        """The next output, plus any others already queued (one chunk for several steps)."""
+        items = [await stream.outputs.get()]
+        while not stream.outputs.empty() and not getattr(items[-1], "finished", True):
+            items.append(stream.outputs.get_nowait())
+        for item in items:
+            if isinstance(item, Exception):
+                await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {item}")
+        return items
+
+    @staticmethod
+    def _chunk(outputs: list[RequestOutput]) -> ipb.DecodeChunk:
+        last = outputs[-1]
+        chunk = ipb.DecodeChunk(token_ids=[t for o in outputs for t in o.new_token_ids],
+                                text="".join(o.text for o in outputs),
+                                num_output_tokens=last.num_output_tokens)
+        if last.finished:
+            chunk.finish_reason = FINISH_TO_PB[last.finish_reason]
+        return chunk
+
+    # -- engine thread ----------------------------------------------------------
+
+    def _accept(self, engine: MultiModelEngine, request, handle: KVHandleInfo, stream: _Stream) -> None:
+        model = engine.models[request.model]
+        if handle.shape != model.shape:
+            raise ValueError(f"the handed-over KV blocks are {handle.shape}, {request.model} here "
+                             f"needs {model.shape} (prefill and decode must agree on dtype and block size)")
+        if handle.num_tokens != len(request.prompt_token_ids):
+            raise ValueError(f"the KV holds {handle.num_tokens} tokens, the prompt has "
+                             f"{len(request.prompt_token_ids)}")
+        sampling = sampling_from_pb(request.sampling, model.book.max_model_len)
+        blocks = self.transport.fetch(handle)
+        engine.adopt(request.model, request.request_id, list(request.prompt_token_ids),
+                     request.first_token_id, sampling, request.seed, blocks)
+        self._streams[request.request_id] = stream
+
+    def _abort(self, engine: MultiModelEngine, request_id: str) -> bool:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            engine.abort(stream.model, request_id)
+        return stream is not None
+
+    def _on_output(self, model: str, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+
+    def _on_failure(self, model: str, exc: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            if stream.model == model:
+                self._abort(self.engine, request_id)
+                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, exc)

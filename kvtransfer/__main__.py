@@ -1,0 +1,104 @@
+"""`python -m tokenpool.kvtransfer`: the node's KV transfer agent as a service process.
+
+    python -m tokenpool.kvtransfer --listen 127.0.0.1:0 --pool-mib 256 --slab-mib 4 \\
+        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300]
+
+Creates the host KV pool file, serves tokenpool.internal.v1.KVTransfer (with health and
+reflection), announces its address, and on SIGTERM or SIGINT stops serving and unlinks the file.
+Exit codes: 0 after a signal, 1 when the agent cannot start, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+STOP_GRACE_S = 1.0  # KVTransfer calls are short; in-flight ones get this long to finish
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: `kind` of the text, refused unless positive."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+    return parse
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0 picks one), got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenpool.kvtransfer",
+                                description="the node's KV transfer agent (tokenpool.internal.v1.KVTransfer)")
+    p.add_argument("--listen", type=_address, default="127.0.0.1:0", help="HOST:PORT; port 0 picks one")
+    p.add_argument("--pool-mib", type=_positive(int), default=256, help="host KV pool size, MiB")
+    p.add_argument("--slab-mib", type=_positive(int), default=4, help="slab size of the pool, MiB")
+    p.add_argument("--name", default="kvtransfer-0", help="service name in the ready announcement")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write {name, address, pid, pool} here as JSON once serving (else print a line)")
+    p.add_argument("--handle-ttl-s", type=_positive(float), default=300.0,
+                   help="seconds after which an unreleased handle's blocks are reclaimed")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.slab_mib > args.pool_mib:
+        parser.error(f"--slab-mib {args.slab_mib} exceeds --pool-mib {args.pool_mib}: "
+                     f"the pool holds whole slabs")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
+    from tokenpool.protos.internal.v1 import instances_pb2_grpc
+
+    from .agent import SERVICE_NAME, KVTransferAgent
+
+    # Handlers go in before the pool file exists: a SIGTERM during start-up then ends in the
+    # clean shutdown below instead of killing the process and leaving the file in /dev/shm.
+    stop = asyncio.create_task(wait_for_signal())
+    await asyncio.sleep(0)
+    agent = KVTransferAgent(args.pool_mib << 20, slab_bytes=args.slab_mib << 20,
+                            handle_ttl_s=args.handle_ttl_s)
+    try:
+        servicers = [(instances_pb2_grpc.add_KVTransferServicer_to_server, agent)]
+        server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME])
+        agent.start()
+        announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path))
+        await stop
+        print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
+        await server.grpc.stop(STOP_GRACE_S)
+    finally:
+        agent.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    try:
+        uvloop.run(serve(args))
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"tokenpool: {args.name}: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""PrefillServicer: the Prefill service of one prefill instance.
+
+A request is queued in arrival order (FIFO turns on the engine thread; the Aegaeon
+grouped-FCFS policy plugs in there later). When its first token is sampled, the engine
+thread publishes the prompt's KV through the KV transport and forgets the sequence, so
+the device blocks are free for the next prompt before the RPC even answers:
+
+    Prefill RPC -> post(add_request) -> ... step ... -> on_output: first token
+                -> transport.publish(KV) -> abort (frees device blocks) -> PrefillResponse
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import grpc
+from tokenpool.engine.engine_worker import EngineWorker, FifoTurns
+from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.multi_model_engine import MultiModelEngine
+from tokenpool.engine.request_book import RequestOutput
+from tokenpool.engine.slab_allocator import KVPoolFullError
+from tokenpool.kvtransfer.handle import KVHandleInfo, handle_to_pb
+from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
+from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+
+
+@dataclass
+class _Pending:
+    """A prompt being prefilled; resolved on the engine thread, awaited on the event loop."""
+
+    model: str
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future  # -> (RequestOutput, KVHandleInfo | None)
+
+
+class PrefillServicer(instances_pb2_grpc.PrefillServicer):
+    def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
+                 table: RequestTable | None = None) -> None:
+        self.name = name
+        self.engine = engine
+        self.transport = transport
+        self.table = table
+        self._pending: dict[str, _Pending] = {}  # engine thread only
+        # Published and not yet answered: a caller that goes away meanwhile gets its KV released.
+        self._published: dict[str, KVHandleInfo] = {}
+        self._published_lock = threading.Lock()
+        self.worker = EngineWorker(engine, FifoTurns(), self._on_output, self._on_failure, name)
+
+    async def Prefill(self, request, context):
+        if request.model not in self.engine.models:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered on "
+                                f"{self.name}; registered: {', '.join(sorted(self.engine.models))}")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request.model, 0, loop, loop.create_future())
+        try:
+            await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, pending)))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        slot = request.table_slot if request.HasField("table_slot") else None
+        touch_record(self.table, slot, request.request_id, state=RequestState.PREFILLING,
+                     prefill_instance=self.name)
+        try:
+            out, handle = await pending.done
+        except asyncio.CancelledError:
+            self._cancel(request.request_id, pending)
+            raise
+        except KVPoolFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {exc}")
+        except KVTransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name}: KV hand-off failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the engine failed this model's requests
+            await context.abort(grpc.StatusCode.INTERNAL, f"{self.name}: prefill failed: {exc}")
+        with self._published_lock:  # answered: the proxy owns the handle now
+            self._published.pop(request.request_id, None)
+        touch_record(self.table, slot, request.request_id, state=RequestState.TRANSFERRING)
+        return self._response(out, handle, pending.seed)
+
+    async def Status(self, request, context):
+        status = await asyncio.wrap_future(self.worker.post(
+            lambda e: instance_status(e, self.name, "prefill", queued=len(self.worker.arrivals))))
+        return status
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # -- engine thread ----------------------------------------------------------
+
+    def _accept(self, engine: MultiModelEngine, request, pending: _Pending) -> None:
+        book = engine.models[request.model].book
+        sampling = sampling_from_pb(request.sampling, book.max_model_len)
+        seq = engine.add_request(request.model, list(request.prompt_token_ids), sampling,
+                                 request_id=request.request_id)
+        pending.seed = seq.seed
+        self._pending[request.request_id] = pending
+        self.worker.track(request.request_id, request.model)
+
+    def _on_output(self, model: str, out: RequestOutput) -> None:
+        pending = self._pending.pop(out.request_id, None)
+        if pending is None:
+            return
+        try:
+            handle = None if out.finished else self._publish(model, out)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting RPC
+            self._settle(pending, exception=exc)
+        else:
+            self._settle(pending, result=(out, handle))
+        finally:
+            if not out.finished:
+                self.engine.abort(model, out.request_id)  # the KV lives on in the pool: free the device
+                self.worker.forget(out.request_id)
+
+    def _publish(self, model: str, out: RequestOutput) -> KVHandleInfo:
+        shape, blocks = self.engine.handoff_blocks(model, out.request_id)
+        handle = self.transport.publish(out.request_id, shape, blocks, out.num_prompt_tokens)
+        with self._published_lock:
+            self._published[out.request_id] = handle
+        return handle
+
+    def _on_failure(self, model: str, exc: Exception) -> None:
+        for request_id, pending in list(self._pending.items()):
+            if pending.model == model:
+                self._drop(request_id, pending)
+                self._settle(pending, exception=exc)
+
+    def _drop(self, request_id: str, pending: _Pending) -> None:
+        self._pending.pop(request_id, None)
+        self.engine.abort(pending.model, request_id)
+        self.worker.forget(request_id)
+
+    def _cancel(self, request_id: str, pending: _Pending) -> None:
+        """The caller went away: stop the prompt, or give back KV already published."""
+        def cancel(engine: MultiModelEngine) -> None:
+            if request_id in self._pending:
+                self._drop(request_id, pending)
+            with self._published_lock:
+                handle = self._published.pop(request_id, None)
+            if handle is not None:
+                self.transport.release(handle)
+        self.worker.post(cancel)
+
+    @staticmethod
+    def _settle(pending: _Pending, result=None, exception: Exception | None = None) -> None:
+        def settle() -> None:
+            if pending.done.done():
+                return
+            if exception is not None:
+                pending.done.set_exception(exception)
+            else:
+                pending.done.set_result(result)
+        pending.loop.call_soon_threadsafe(settle)
+
+    @staticmethod
+    def _response(out: RequestOutput, handle: KVHandleInfo | None, seed: int) -> ipb.PrefillResponse:
+        response = ipb.PrefillResponse(first_token_id=out.new_token_ids[0], first_text=out.text, seed=seed)
+        if out.finished:
+            response.finish_reason = FINISH_TO_PB[out.finish_reason]
+        if handle is not None:
+            response.kv.CopyFrom(handle_to_pb(handle))
+        return response

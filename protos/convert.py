@@ -1,0 +1,53 @@
+"""Conversions between the engine's values and protobuf messages, used by every servicer.
+
+Protobuf stops at the edge: servicers call these, the core never sees generated code.
+"""
+
+from __future__ import annotations
+
+from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.multi_model_engine import MultiModelEngine
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.sequence import FinishReason
+
+from .internal.v1 import instances_pb2 as ipb
+from .v1 import inference_pb2 as pb
+
+FINISH_TO_PB = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
+                FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}  # FINISH_REASON_UNSPECIFIED: not finished
+DEFAULT_MAX_TOKENS = 64
+
+
+def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams:
+    """Defaults for unset fields; InvalidRequestError names the bad field."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens > max_context:
+        raise InvalidRequestError(f"sampling.max_tokens={max_tokens} exceeds the model's context "
+                                  f"of {max_context} tokens")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+
+
+def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_k=sp.top_k,
+                            top_p=sp.top_p, stop_token_ids=sp.stop_token_ids, stop=sp.stop,
+                            ignore_eos=sp.ignore_eos)
+    if sp.seed is not None:
+        msg.seed = sp.seed
+    return msg
+
+
+def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int) -> ipb.InstanceStatus:
+    """An InstanceStatus of the engine's current state; call it on the engine's own thread."""
+    running = sum(len(m.book.scheduler.running) for m in engine.models.values())
+    return ipb.InstanceStatus(
+        name=name, role=role, active_model=engine.active or "", models=sorted(engine.models),
+        queued=queued, running=running, kv_blocks_used=engine.kv_blocks_used,
+        host_kv_used_bytes=engine.pool.stats().used_bytes, switches=engine.switches,
+        requests_by_model={m: n for m in engine.models if (n := engine.num_requests(m))})

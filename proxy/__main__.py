@@ -1,0 +1,87 @@
+"""`python -m tokenpool.proxy`: the front door of a disaggregated stack (flags: --help).
+
+    python -m tokenpool.proxy --listen 127.0.0.1:50051 --kvtransfer 127.0.0.1:7000 \\
+        --prefill prefill-0=127.0.0.1:7001 --decode decode-0=127.0.0.1:7002 \\
+        --model tiny-llama=/path/to/tiny-llama --table stack-1
+
+Creates the node's request table (instances attach it by name), serves tokenpool.v1.Inference
+with health and reflection, and removes the table on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+STOP_GRACE_S = 5.0
+
+
+def _named_address(text: str) -> tuple[str, str]:
+    name, _, address = text.partition("=")
+    if not name or ":" not in address:
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {text!r}")
+    return name, address
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenpool.proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port (port 0 picks one)")
+    p.add_argument("--prefill", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
+    p.add_argument("--decode", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
+    p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
+    p.add_argument("--model", action="append", required=True, metavar="ID=FOLDER",
+                   help="a served model: its tokenizer and limits (repeatable)")
+    p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
+    p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")
+    p.add_argument("--table-slots", type=int, default=1024,
+                   help="requests in flight at most (more get RESOURCE_EXHAUSTED)")
+    p.add_argument("--ready-file", type=Path, default=None)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from tokenpool.cli.instance_setup import parse_models
+    from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
+    from tokenpool.protos.v1 import inference_pb2_grpc
+
+    from .fleet_backend import FleetBackend
+    from .inference_servicer import InferenceServicer
+    from .request_table import make_request_table
+    from .served_model import served_model_from_folder
+
+    stop = asyncio.create_task(wait_for_signal())
+    await asyncio.sleep(0)
+    models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
+    backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer)
+    table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
+    try:
+        servicer = InferenceServicer(backend, models, table)
+        server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
+                                                        servicer)], ["tokenpool.v1.Inference"])
+        announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models))
+        await stop
+        print("tokenpool: proxy shutting down", file=sys.stderr, flush=True)
+        await server.grpc.stop(STOP_GRACE_S)
+    finally:
+        await backend.close()
+        table.close()
+        table.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvloop
+
+    try:
+        uvloop.run(serve(args))
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"tokenpool: proxy: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The disaggregated stack as separate OS processes (kvtransfer agent, 1 prefill, 2 decode,
+proxy), started by the launcher behind `tokenpool up` and driven by a plain gRPC client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenpool.compose.launcher import Stack, StackConfig
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.tokenizer import IncrementalDetokenizer
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.protos.v1 import inference_pb2 as pb
+from tokenpool.protos.v1 import inference_pb2_grpc
+from tokenpool.proxy.shm_request_table import ShmRequestTable
+
+MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
+PROMPTS = ("The quick brown fox", "Numbers 12345 and more", "Hi there", "A longer prompt, with commas.",
+           "A prompt long enough to need more than one block of sixteen tokens in the paged KV cache.")
+TABLE_SLOTS = 48
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir, tmp_path_factory):
+    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=1, decode=2, port=0,
+                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1,
+                         table_slots=TABLE_SLOTS)
+    stack = Stack(config, tmp_path_factory.mktemp("stack-logs"))
+    stack.start(progress=lambda line: None)
+    yield stack
+    codes = stack.stop()
+    assert codes and all(code == 0 for _, code in codes), codes
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+def service(stack, name):
+    return next(s for s in stack.services if s.name == name)
+
+
+def expected_streams(tiny_dir, jobs):
+    """Greedy tokens and streamed text of the single-process engine for each (model, prompt, n)."""
+    engines = {m: LLMEngine(tiny_dir / m, EngineConfig(dtype="float32")) for m in MODELS}
+    expected = {}
+    for model, prompt, n in set(jobs):
+        engine = engines[model]
+        seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        detok = IncrementalDetokenizer(engine.tokenizer, ())
+        text = ""
+        for i, token in enumerate(seq.output_token_ids):
+            detok.add(token)
+            text += detok.delta(final=i == len(seq.output_token_ids) - 1)
+        expected[model, prompt, n] = (seq.output_token_ids, seq.num_prompt_tokens, text)
+    return expected
+
+
+def stream(stub, model, prompt, n):
+    request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
+        max_tokens=n, ignore_eos=True))
+    return list(stub.Generate(request, timeout=240))
+
+
+def test_forty_concurrent_streams_over_four_models_give_the_engines_greedy_tokens(stack, stub, tiny_dir):
+    jobs = [(MODELS[i % 4], PROMPTS[i % len(PROMPTS)], (8, 16, 24)[i % 3]) for i in range(40)]
+    expected = expected_streams(tiny_dir, jobs)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: stream(stub, *job), jobs))
+    for job, responses in zip(jobs, results, strict=True):
+        tokens, num_prompt, text = expected[job]
+        assert [t for r in responses for t in r.token_ids] == tokens, job
+        assert "".join(r.text for r in responses) == text, job
+        last = responses[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.prompt_tokens == num_prompt and last.usage.completion_tokens == job[2]
+        assert last.usage.ttft_seconds > 0
+        assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    served = set()
+    for name in ("decode-0", "decode-1"):
+        status = instance_status(stack, name)
+        assert status.role == "decode" and sorted(status.models) == sorted(MODELS)
+        served.add(status.active_model)
+    assert served - {""}, "no decode instance ever ran a model"
+
+
+def instance_status(stack, name) -> ipb.InstanceStatus:
+    with grpc.insecure_channel(service(stack, name).address) as channel:
+        decode = name.startswith("decode")
+        stub_class = instances_pb2_grpc.DecodeStub if decode else instances_pb2_grpc.PrefillStub
+        return stub_class(channel).Status(ipb.StatusRequest(), timeout=10)
+
+
+def agent_stats(stack) -> ipb.PoolStats:
+    with grpc.insecure_channel(service(stack, "kvtransfer-0").address) as channel:
+        return instances_pb2_grpc.KVTransferStub(channel).Stats(ipb.StatsRequest(), timeout=10)
+
+
+def wait_until_idle(stack, timeout=60.0):
+    """Every table slot, hand-off block and instance block free (cancellations land asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with ShmRequestTable.attach(stack.name) as table:
+            used = table.usage().used
+        stats = agent_stats(stack)
+        instances = [instance_status(stack, n) for n in ("prefill-0", "decode-0", "decode-1")]
+        busy = [s.name for s in instances if s.running or s.kv_blocks_used or s.host_kv_used_bytes
+                or s.requests_by_model]
+        if not used and not stats.handles and not stats.used_bytes and not busy:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not idle after {timeout} s: table {used} slots, pool {stats}, busy {busy}: "
+                        f"{instances}")
+        time.sleep(0.2)
+
+
+def test_cancelling_streams_mid_way_frees_their_kv_and_table_slots(stack, stub):
+    long = [pb.GenerateRequest(model=MODELS[i % 4], text=PROMPTS[i], request_id=f"cancel-{i}",
+                               sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)) for i in range(5)]
+    calls = [stub.Generate(r, timeout=120) for r in long]
+    for call in calls:
+        next(call), next(call)  # the first token came from prefill; the second from a decode instance
+    with ShmRequestTable.attach(stack.name) as table:
+        in_flight = {r.request_id for _, r in table.records()}
+    assert {r.request_id for r in long} <= in_flight
+    busy = [instance_status(stack, n) for n in ("decode-0", "decode-1")]
+    assert sum(sum(s.requests_by_model.values()) for s in busy) == 5
+    for call in calls:
+        call.cancel()
+    wait_until_idle(stack)
+    assert len([t for r in stream(stub, "tiny-qwen2", "after", 8) for t in r.token_ids]) == 8
+
+
+def test_a_full_request_table_refuses_at_once(stack, stub):
+    request = pb.GenerateRequest(model="tiny-llama", text="fill", sampling=pb.SamplingParams(
+        max_tokens=400, ignore_eos=True))
+    calls = [stub.Generate(request, timeout=120) for _ in range(TABLE_SLOTS)]
+    try:
+        for call in calls:
+            next(call)
+        with pytest.raises(grpc.RpcError) as info:
+            stream(stub, "tiny-mistral", "one too many", 4)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry later" in info.value.details()
+    finally:
+        for call in calls:
+            call.cancel()
+    wait_until_idle(stack)
+
+
+@pytest.mark.parametrize("request_kwargs, code, needle", [
+    ({"model": "nope", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+    ({"model": "tiny-llama", "text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=0)},
+     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=10**6)},
+     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(temperature=-1)},
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[5] * 5000)}, grpc.StatusCode.OUT_OF_RANGE,
+     "context"),
+    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[10**6])}, grpc.StatusCode.INVALID_ARGUMENT,
+     "vocabulary"),
+    ({"model": "tiny-llama", "text": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+])
+def test_bad_requests_get_the_right_status_and_the_stack_stays_up(stack, stub, request_kwargs, code, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=30))
+    assert info.value.code() == code
+    assert needle in info.value.details()
+    assert not stack.dead()
+    assert len(stream(stub, "tiny-llama", "still up", 2)[-1].token_ids) >= 1
+
+
+def test_a_deadline_ends_the_request_and_frees_its_kv(stack, stub):
+    request = pb.GenerateRequest(model="tiny-qwen3", text="slow", sampling=pb.SamplingParams(
+        max_tokens=1000, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=1.5))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until_idle(stack)
+
+
+def test_every_service_answers_health_checks(stack):
+    for s in stack.services:
+        with grpc.insecure_channel(s.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, s.name
+
+
+def test_status_shows_instances_and_the_request_table(stack, stub, capsys):
+    from tokenpool.cli.main import main
+
+    done = threading.Event()
+    call = stub.Generate(pb.GenerateRequest(model="tiny-mistral", text="status", request_id="stack-probe",
+                                            sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)),
+                         timeout=60)
+    next(call)
+    try:
+        assert main(["status", "--requests"]) == 0
+    finally:
+        call.cancel()
+        done.set()
+    out = capsys.readouterr().out
+    for name in ("proxy", "prefill-0", "decode-0", "decode-1", "kvtransfer-0"):
+        assert name in out, out
+    assert f"{stack.name}: " in out and "stack-probe" in out
