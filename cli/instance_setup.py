@@ -21,15 +21,19 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
-    """ID=FOLDER values -> {id: folder}; ValueError on a repeated or empty id or a missing folder."""
+    """ID=FOLDER or ID (a model in the store) values -> {id: folder}; ValueError on a repeated or
+    empty id, FileNotFoundError when the folder holds no model."""
+    from tokenpool.engine.model_store import ModelStore
+
     models = {}
     for spec in specs:
         model_id, _, folder = spec.partition("=")
-        if not model_id or not folder or model_id in models:
-            raise ValueError(f"--model {spec!r}: expected ID=FOLDER with a distinct, non-empty id")
-        if not (Path(folder) / "config.json").is_file():
-            raise FileNotFoundError(f"--model {spec!r}: no config.json in {folder}")
-        models[model_id] = Path(folder)
+        if not model_id or model_id in models:
+            raise ValueError(f"--model {spec!r}: expected ID=FOLDER or ID, with a distinct, non-empty id")
+        path = Path(folder) if folder else ModelStore().path_for(model_id)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec!r}: no config.json in {path}")
+        models[model_id] = path
     return models
 
 

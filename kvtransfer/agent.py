@@ -101,6 +101,13 @@ class HandleBook:
         self.pool.free(entry.info.offsets)
         return entry.info.num_blocks
 
+    def release_request(self, request_id: str) -> int:
+        """Free every handle allocated for request_id -> blocks freed (0 when there are none)."""
+        if not request_id:
+            raise ValueError("request_id is empty")
+        ids = [h for h, e in self._entries.items() if e.request_id == request_id]
+        return sum(self.release(h) for h in ids)
+
     def reclaim_expired(self) -> list[str]:
         """Release every handle past its ttl (a warning each, naming its request) -> their ids."""
         now = self._clock()
@@ -177,6 +184,10 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
     async def Release(self, request, context):
         return await _answer(context, lambda: ipb.ReleaseResponse(
             num_blocks=self.book.release(request.handle_id)))
+
+    async def ReleaseAll(self, request, context):
+        return await _answer(context, lambda: ipb.ReleaseResponse(
+            num_blocks=self.book.release_request(request.request_id)))
 
     async def Describe(self, request, context):
         return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--decode", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
-    p.add_argument("--model", action="append", required=True, metavar="ID=FOLDER",
+    p.add_argument("--model", action="append", required=True, metavar="ID[=FOLDER]",
                    help="a served model: its tokenizer and limits (repeatable)")
     p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
     p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")

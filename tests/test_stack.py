@@ -3,9 +3,12 @@ proxy), started by the launcher behind `tokenpool up` and driven by a plain gRPC
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -213,3 +216,16 @@ def test_status_shows_instances_and_the_request_table(stack, stub, capsys):
     for name in ("proxy", "prefill-0", "decode-0", "decode-1", "kvtransfer-0"):
         assert name in out, out
     assert f"{stack.name}: " in out and "stack-probe" in out
+
+
+def test_a_javascript_client_works_against_the_stack(stack, tiny_dir):
+    client = Path(__file__).parent / "node_client"
+    assert (client / "node_modules" / "@grpc" / "grpc-js").is_dir(), \
+        "run `npm ci --prefix tests/node_client` (.ci/run does)"
+    args = ["node", str(client / "client.js"), stack.address, "tiny-qwen3", "10", "Hello from node"]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60)
+    result = json.loads(out.stdout)
+    tokens, _, text = expected_streams(tiny_dir, [("tiny-qwen3", "Hello from node", 10)])[
+        "tiny-qwen3", "Hello from node", 10]
+    assert result["token_ids"] == tokens and result["text"] == text
+    assert result["finish_reason"] == "FINISH_REASON_LENGTH" and result["usage"]["completion_tokens"] == 10

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenpool.protos.v1 import inference_pb2 as tokenpool_dot_protos_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,tokenpool/protos/internal/v1/instances.proto\x12\x15tokenpool.internal.v1\x1a#tokenpool/protos/v1/inference.proto\"\xbe\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x17\n\ntable_slot\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_table_slot\"z\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x15\n\rblock_offsets\x18\x02 \x03(\x04\x12\x12\n\nblock_dims\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05ready\x18\x06 \x01(\x08\"\xab\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12+\n\x02kv\x18\x02 \x01(\x0b\x32\x1f.tokenpool.internal.v1.KVHandle\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\"\x90\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12+\n\x02kv\x18\x07 \x01(\x0b\x32\x1f.tokenpool.internal.v1.KVHandle\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x12\x17\n\ntable_slot\x18\t \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_table_slot\"|\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\\\n\x0f\x41llocateRequest\x12\x12\n\nblock_dims\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"<\n\x08PoolInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x12\n\nslab_bytes\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07handles\x18\x03 \x01(\r\x12\x0e\n\x06\x62locks\x18\x04 \x01(\r\"%\n\x0fReleaseResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\xc8\x02\n\x0eInstanceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63tive_model\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x1a\n\x12host_kv_used_bytes\x18\x08 \x01(\x04\x12\x10\n\x08switches\x18\t \x01(\x04\x12U\n\x11requests_by_model\x18\n \x03(\x0b\x32:.tokenpool.internal.v1.InstanceStatus.RequestsByModelEntry\x1a\x36\n\x14RequestsByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xba\x01\n\x07Prefill\x12X\n\x07Prefill\x12%.tokenpool.internal.v1.PrefillRequest\x1a&.tokenpool.internal.v1.PrefillResponse\x12U\n\x06Status\x12$.tokenpool.internal.v1.StatusRequest\x1a%.tokenpool.internal.v1.InstanceStatus2\x8c\x02\n\x06\x44\x65\x63ode\x12T\n\x06\x44\x65\x63ode\x12$.tokenpool.internal.v1.DecodeRequest\x1a\".tokenpool.internal.v1.DecodeChunk0\x01\x12U\n\x06\x43\x61ncel\x12$.tokenpool.internal.v1.CancelRequest\x1a%.tokenpool.internal.v1.CancelResponse\x12U\n\x06Status\x12$.tokenpool.internal.v1.StatusRequest\x1a%.tokenpool.internal.v1.InstanceStatus2\xa9\x03\n\nKVTransfer\x12S\n\x08\x41llocate\x12&.tokenpool.internal.v1.AllocateRequest\x1a\x1f.tokenpool.internal.v1.KVHandle\x12M\n\tMarkReady\x12\x1f.tokenpool.internal.v1.KVHandle\x1a\x1f.tokenpool.internal.v1.KVHandle\x12R\n\x07Release\x12\x1f.tokenpool.internal.v1.KVHandle\x1a&.tokenpool.internal.v1.ReleaseResponse\x12S\n\x08\x44\x65scribe\x12&.tokenpool.internal.v1.DescribeRequest\x1a\x1f.tokenpool.internal.v1.PoolInfo\x12N\n\x05Stats\x12#.tokenpool.internal.v1.StatsRequest\x1a .tokenpool.internal.v1.PoolStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,tokenpool/protos/internal/v1/instances.proto\x12\x15tokenpool.internal.v1\x1a#tokenpool/protos/v1/inference.proto\"\xbe\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x17\n\ntable_slot\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_table_slot\"z\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x15\n\rblock_offsets\x18\x02 \x03(\x04\x12\x12\n\nblock_dims\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05ready\x18\x06 \x01(\x08\"\xab\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12+\n\x02kv\x18\x02 \x01(\x0b\x32\x1f.tokenpool.internal.v1.KVHandle\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\"\x90\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12+\n\x02kv\x18\x07 \x01(\x0b\x32\x1f.tokenpool.internal.v1.KVHandle\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x12\x17\n\ntable_slot\x18\t \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_table_slot\"|\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\\\n\x0f\x41llocateRequest\x12\x12\n\nblock_dims\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\" \n\nRequestRef\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"<\n\x08PoolInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x12\n\nslab_bytes\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07handles\x18\x03 \x01(\r\x12\x0e\n\x06\x62locks\x18\x04 \x01(\r\"%\n\x0fReleaseResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\xc8\x02\n\x0eInstanceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63tive_model\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x1a\n\x12host_kv_used_bytes\x18\x08 \x01(\x04\x12\x10\n\x08switches\x18\t \x01(\x04\x12U\n\x11requests_by_model\x18\n \x03(\x0b\x32:.tokenpool.internal.v1.InstanceStatus.RequestsByModelEntry\x1a\x36\n\x14RequestsByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xba\x01\n\x07Prefill\x12X\n\x07Prefill\x12%.tokenpool.internal.v1.PrefillRequest\x1a&.tokenpool.internal.v1.PrefillResponse\x12U\n\x06Status\x12$.tokenpool.internal.v1.StatusRequest\x1a%.tokenpool.internal.v1.InstanceStatus2\x8c\x02\n\x06\x44\x65\x63ode\x12T\n\x06\x44\x65\x63ode\x12$.tokenpool.internal.v1.DecodeRequest\x1a\".tokenpool.internal.v1.DecodeChunk0\x01\x12U\n\x06\x43\x61ncel\x12$.tokenpool.internal.v1.CancelRequest\x1a%.tokenpool.internal.v1.CancelResponse\x12U\n\x06Status\x12$.tokenpool.internal.v1.StatusRequest\x1a%.tokenpool.internal.v1.InstanceStatus2\x82\x04\n\nKVTransfer\x12S\n\x08\x41llocate\x12&.tokenpool.internal.v1.AllocateRequest\x1a\x1f.tokenpool.internal.v1.KVHandle\x12M\n\tMarkReady\x12\x1f.tokenpool.internal.v1.KVHandle\x1a\x1f.tokenpool.internal.v1.KVHandle\x12R\n\x07Release\x12\x1f.tokenpool.internal.v1.KVHandle\x1a&.tokenpool.internal.v1.ReleaseResponse\x12W\n\nReleaseAll\x12!.tokenpool.internal.v1.RequestRef\x1a&.tokenpool.internal.v1.ReleaseResponse\x12S\n\x08\x44\x65scribe\x12&.tokenpool.internal.v1.DescribeRequest\x1a\x1f.tokenpool.internal.v1.PoolInfo\x12N\n\x05Stats\x12#.tokenpool.internal.v1.StatsRequest\x1a .tokenpool.internal.v1.PoolStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,26 +50,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELRESPONSE']._serialized_end=1068
   _globals['_ALLOCATEREQUEST']._serialized_start=1070
   _globals['_ALLOCATEREQUEST']._serialized_end=1162
-  _globals['_DESCRIBEREQUEST']._serialized_start=1164
-  _globals['_DESCRIBEREQUEST']._serialized_end=1181
-  _globals['_POOLINFO']._serialized_start=1183
-  _globals['_POOLINFO']._serialized_end=1243
-  _globals['_STATSREQUEST']._serialized_start=1245
-  _globals['_STATSREQUEST']._serialized_end=1259
-  _globals['_POOLSTATS']._serialized_start=1261
-  _globals['_POOLSTATS']._serialized_end=1349
-  _globals['_RELEASERESPONSE']._serialized_start=1351
-  _globals['_RELEASERESPONSE']._serialized_end=1388
-  _globals['_STATUSREQUEST']._serialized_start=1390
-  _globals['_STATUSREQUEST']._serialized_end=1405
-  _globals['_INSTANCESTATUS']._serialized_start=1408
-  _globals['_INSTANCESTATUS']._serialized_end=1736
-  _globals['_INSTANCESTATUS_REQUESTSBYMODELENTRY']._serialized_start=1682
-  _globals['_INSTANCESTATUS_REQUESTSBYMODELENTRY']._serialized_end=1736
-  _globals['_PREFILL']._serialized_start=1739
-  _globals['_PREFILL']._serialized_end=1925
-  _globals['_DECODE']._serialized_start=1928
-  _globals['_DECODE']._serialized_end=2196
-  _globals['_KVTRANSFER']._serialized_start=2199
-  _globals['_KVTRANSFER']._serialized_end=2624
+  _globals['_REQUESTREF']._serialized_start=1164
+  _globals['_REQUESTREF']._serialized_end=1196
+  _globals['_DESCRIBEREQUEST']._serialized_start=1198
+  _globals['_DESCRIBEREQUEST']._serialized_end=1215
+  _globals['_POOLINFO']._serialized_start=1217
+  _globals['_POOLINFO']._serialized_end=1277
+  _globals['_STATSREQUEST']._serialized_start=1279
+  _globals['_STATSREQUEST']._serialized_end=1293
+  _globals['_POOLSTATS']._serialized_start=1295
+  _globals['_POOLSTATS']._serialized_end=1383
+  _globals['_RELEASERESPONSE']._serialized_start=1385
+  _globals['_RELEASERESPONSE']._serialized_end=1422
+  _globals['_STATUSREQUEST']._serialized_start=1424
+  _globals['_STATUSREQUEST']._serialized_end=1439
+  _globals['_INSTANCESTATUS']._serialized_start=1442
+  _globals['_INSTANCESTATUS']._serialized_end=1770
+  _globals['_INSTANCESTATUS_REQUESTSBYMODELENTRY']._serialized_start=1716
+  _globals['_INSTANCESTATUS_REQUESTSBYMODELENTRY']._serialized_end=1770
+  _globals['_PREFILL']._serialized_start=1773
+  _globals['_PREFILL']._serialized_end=1959
+  _globals['_DECODE']._serialized_start=1962
+  _globals['_DECODE']._serialized_end=2230
+  _globals['_KVTRANSFER']._serialized_start=2233
+  _globals['_KVTRANSFER']._serialized_end=2747
 # @@protoc_insertion_point(module_scope)

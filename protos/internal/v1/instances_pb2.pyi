@@ -111,6 +111,12 @@ class AllocateRequest(_message.Message):
     request_id: str
     def __init__(self, block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class RequestRef(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

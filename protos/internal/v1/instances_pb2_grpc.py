@@ -335,6 +335,11 @@ class KVTransferStub:
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ReleaseAll = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/ReleaseAll',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RequestRef.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/tokenpool.internal.v1.KVTransfer/Describe',
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.DescribeRequest.SerializeToString,
@@ -372,6 +377,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseAll(self, request, context):
+        """ReleaseAll frees every handle allocated for a request: the proxy's clean-up after a
+        cancellation, whichever side the KV was on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Describe(self, request, context):
         """Describe names the shared-memory file of the node's pool, for instances to map.
         """
@@ -402,6 +415,11 @@ def add_KVTransferServicer_to_server(servicer, server):
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ReleaseAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseAll,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RequestRef.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
@@ -496,6 +514,33 @@ class KVTransfer:
             target,
             '/tokenpool.internal.v1.KVTransfer/Release',
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.KVHandle.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/ReleaseAll',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RequestRef.SerializeToString,
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
