@@ -20,6 +20,6 @@ if [ "${1:-}" = "dev" ]; then
   if command -v npm >/dev/null; then
     npm ci --prefix tests/node_client --no-audit --no-fund
   else
-    echo "install.sh: npm not found; tests/test_serve.py's JavaScript client test will fail" >&2
+    echo "install.sh: npm not found; the JavaScript client tests (tests/test_serve.py, tests/test_stack.py) will fail" >&2
   fi
 fi
