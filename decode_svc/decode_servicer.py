@@ -17,11 +17,12 @@ import asyncio
 from dataclasses import dataclass, field
 
 import grpc
-from tokenpool.engine.engine_worker import EngineWorker, RoundRobinTurns
+from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
+from tokenpool.engine.turn_policy import RoundRobinTurns
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_from_pb
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb

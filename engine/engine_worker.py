@@ -1,12 +1,12 @@
-"""EngineWorker: the one thread that owns a MultiModelEngine, and the policy choosing its turns.
+"""EngineWorker: the one thread that owns a MultiModelEngine.
 
 The engine is not thread-safe. Servers (gRPC handlers on an event loop) reach it only
 through call() / post(), which run a function on the engine thread between steps; the
-thread hands each step's outputs to a callback. Which model runs next, and for how many
-steps, is a TurnPolicy: FIFO for a prefill instance, round-robin for a decode instance
-(the Aegaeon schedulers plug in here later).
+thread hands each step's outputs to a callback. Which model runs next, and for how long,
+is the TurnPolicy's decision (engine/turn_policy.py); the worker is the live TurnRunner it
+drives.
 
-    loop:  run posted calls  ->  policy.next_turn()  ->  step(model) x n  ->  on_output(...)
+    loop:  run posted calls  ->  policy.run_turn(worker)  ->  activate / step ...  ->  on_output(...)
 """
 
 from __future__ import annotations
@@ -14,71 +14,30 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from abc import ABC, abstractmethod
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TypeVar
 
 from .multi_model_engine import MultiModelEngine
 from .request_book import RequestOutput
 from .slab_allocator import KVPoolFullError
+from .turn_policy import BatchInfo, TurnPolicy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 
 
-@dataclass(frozen=True)
-class Turn:
-    model: str
-    steps: int
-
-
-class TurnPolicy(ABC):
-    """Picks the next model to serve. arrivals: request id -> model, oldest first."""
-
-    @abstractmethod
-    def next_turn(self, engine: MultiModelEngine, arrivals: dict[str, str]) -> Turn | None:
-        """None when no model has work."""
-
-
-class RoundRobinTurns(TurnPolicy):
-    """Every model with work in turn, `steps` steps each (plain co-location on a decode instance)."""
-
-    def __init__(self, steps: int = 4) -> None:
-        if steps < 1:
-            raise ValueError(f"steps per turn must be >= 1, got {steps}")
-        self.steps = steps
-        self._last: str | None = None
-
-    def next_turn(self, engine: MultiModelEngine, arrivals: dict[str, str]) -> Turn | None:
-        names = list(engine.models)
-        start = names.index(self._last) + 1 if self._last in names else 0
-        for model in names[start:] + names[:start]:
-            if engine.has_unfinished(model):
-                self._last = model
-                return Turn(model, self.steps)
-        return None
-
-
-class FifoTurns(TurnPolicy):
-    """The model of the oldest request, one step at a time (a prefill instance's queue order)."""
-
-    def next_turn(self, engine: MultiModelEngine, arrivals: dict[str, str]) -> Turn | None:
-        for model in arrivals.values():
-            if engine.has_unfinished(model):
-                return Turn(model, 1)
-        return None
-
-
 class EngineWorker:
-    """Runs the engine on its own thread.
+    """Runs the engine on its own thread, and is the live TurnRunner its policy drives.
 
     on_output(model, output) and on_failure(model, error) run on the engine thread, so they
     may use the engine (e.g. hand a prefilled sequence's KV on and abort it). A step that
     raises fails only its model's requests (on_failure); a KVPoolFullError on a switch just
-    ends the turn: the active model keeps the device until the pool has room.
+    ends the turn: the active model keeps the device until the pool has room. Posted calls
+    also run between the steps of a turn, so arrivals, cancellations and status calls never
+    wait for a long quota to end.
     """
 
     def __init__(self, engine: MultiModelEngine, policy: TurnPolicy,
@@ -120,13 +79,57 @@ class EngineWorker:
         self._inbox.put(None)
         self._thread.join(timeout)
 
+    # -- TurnRunner ----------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def models_with_work(self) -> list[str]:
+        return [m for m in self.engine.models if self.engine.has_unfinished(m)]
+
+    def batch(self, model: str) -> BatchInfo:
+        return self.engine.batch_info(model)
+
+    def has_work(self, model: str) -> bool:
+        return self.engine.has_unfinished(model)
+
+    def activate(self, model: str) -> bool:
+        try:
+            self.engine.switch_to(model)
+        except KVPoolFullError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
+            self.on_failure(model, exc)
+            return False
+        return True
+
+    def prefetch(self, model: str) -> None:
+        self.engine.prefetch(model)
+
+    def step(self, model: str) -> int:
+        self._run_posted(block=False)
+        if not self.engine.has_unfinished(model):
+            return 0
+        try:
+            outputs = self.engine.step(model)
+        except KVPoolFullError:
+            return 0
+        except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
+            self.on_failure(model, exc)
+            return 0
+        for out in outputs:
+            if out.finished:
+                self.forget(out.request_id)
+            self.on_output(model, out)
+        return len(outputs)
+
+    # -- the thread ------------------------------------------------------------------
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._run_posted(block=not self.engine.has_unfinished())
-                turn = self.policy.next_turn(self.engine, self.arrivals)
-                if turn is not None:
-                    self._serve(turn)
+                self.policy.run_turn(self)
             except Exception:  # a bug in a callback must not silently stop the instance
                 log.exception("engine worker %s: unexpected error; serving on", self._thread.name)
         self._run_posted(block=False)  # fail what arrived while stopping
@@ -151,19 +154,3 @@ class EngineWorker:
             future.set_result(fn(self.engine))
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             future.set_exception(exc)
-
-    def _serve(self, turn: Turn) -> None:
-        for _ in range(turn.steps):
-            try:
-                outputs = self.engine.step(turn.model)
-            except KVPoolFullError:
-                return
-            except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
-                self.on_failure(turn.model, exc)
-                return
-            for out in outputs:
-                if out.finished:
-                    self.forget(out.request_id)
-                self.on_output(turn.model, out)
-            if not self.engine.has_unfinished(turn.model):
-                return

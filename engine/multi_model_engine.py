@@ -33,6 +33,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .slab_allocator import BlockShape, KVPoolFullError
+from .turn_policy import BatchInfo
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ class MultiModelEngine:
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
         return any(self._model(m).book.has_unfinished or self._model(m).arriving for m in ids)
+
+    def batch_info(self, model_id: str) -> BatchInfo:
+        """The model's unfinished sequences, as a scheduler sizes its step time."""
+        model = self._model(model_id)
+        seqs = [*model.book.scheduler.running, *model.book.scheduler.waiting, *model.arriving]
+        return BatchInfo(model_id, len(seqs), sum(seq.num_tokens for seq in seqs))
 
     def num_requests(self, model_id: str) -> int:
         """Unfinished requests of a model: queued, running, swapped out or arriving."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-from tokenpool.engine.engine_worker import EngineWorker, RoundRobinTurns
+from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
+from tokenpool.engine.turn_policy import RoundRobinTurns
 
 from .backend import Backend, BackendFullError, Submission
 

@@ -1,48 +1,72 @@
-"""EngineWorker and its turn policies, over a fake engine (no model)."""
+"""EngineWorker and the plain turn policies, over a fake engine (no model)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from tokenpool.engine.engine_worker import EngineWorker, FifoTurns, RoundRobinTurns, Turn
+from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.request_book import RequestOutput
+from tokenpool.engine.turn_policy import FifoTurns, RoundRobinTurns
 
 
 class FakeEngine:
-    """Each model has a count of steps left; step() records the model and returns no output."""
+    """Each model has a count of steps left; step() records the model."""
 
     def __init__(self, work: dict[str, int]) -> None:
         self.models = dict.fromkeys(work)
         self.work = dict(work)
         self.steps: list[str] = []
+        self.active = None
 
     def has_unfinished(self, model: str | None = None) -> bool:
         return any(self.work[m] > 0 for m in ([model] if model else self.work))
 
+    def switch_to(self, model: str) -> None:
+        self.active = model
+
     def step(self, model: str) -> list[RequestOutput]:
+        assert model == self.active
         self.work[model] -= 1
         self.steps.append(model)
         done = self.work[model] == 0
         return [RequestOutput(model, [1], "x", done, None, 1, 1)] if done else []
 
 
-def test_round_robin_gives_each_model_with_work_a_turn():
+class FakeRunner:
+    """A TurnRunner over a FakeEngine, without a thread."""
+
+    def __init__(self, engine: FakeEngine, arrivals=None) -> None:
+        self.engine = engine
+        self.arrivals = arrivals or {}
+
+    def models_with_work(self):
+        return [m for m in self.engine.models if self.engine.has_unfinished(m)]
+
+    def has_work(self, model):
+        return self.engine.has_unfinished(model)
+
+    def activate(self, model):
+        self.engine.switch_to(model)
+        return True
+
+    def step(self, model):
+        return len(self.engine.step(model))
+
+
+def test_round_robin_gives_each_model_with_work_a_turn_in_order():
     engine = FakeEngine({"a": 3, "b": 0, "c": 2})
-    policy = RoundRobinTurns(steps=2)
-    turns = []
-    while (turn := policy.next_turn(engine, {})) is not None:
-        turns.append(turn)
-        for _ in range(turn.steps):
-            if engine.has_unfinished(turn.model):
-                engine.step(turn.model)
-    assert turns == [Turn("a", 2), Turn("c", 2), Turn("a", 2)]
+    runner, policy = FakeRunner(engine), RoundRobinTurns(steps=2)
+    while policy.run_turn(runner):
+        pass
+    assert engine.steps == ["a", "a", "c", "c", "a"]
 
 
 def test_fifo_serves_the_oldest_request_model_first():
     engine = FakeEngine({"a": 1, "b": 1})
-    assert FifoTurns().next_turn(engine, {"r1": "b", "r2": "a"}) == Turn("b", 1)
-    assert FifoTurns().next_turn(engine, {}) is None
+    runner = FakeRunner(engine, {"r1": "b", "r2": "a"})
+    assert FifoTurns().run_turn(runner) and engine.steps == ["b"]
+    assert FifoTurns().run_turn(FakeRunner(engine, {})) is False
 
 
 def test_a_cancelled_post_never_runs_and_the_worker_keeps_serving():

@@ -1,0 +1,165 @@
+"""Step-time models: what one engine step and one prefill cost, fitted from profiling.
+
+The decode scheduler sizes its time quotas from `StepTimeModel` (DESIGN.md
+"Scheduling"); dispatch estimates queued prefill work from `PrefillTimeModel`.
+Fitted profiles are kept on disk by `ProfileCache` so an instance profiles a model
+shape once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PROFILES_ENV = "TOKENPOOL_PROFILES"
+KEY_HEX_CHARS = 32
+
+
+class StepTimeModel(msgspec.Struct, frozen=True):
+    """Predicted seconds of one engine step: a + b * sum_seq_len + c * batch_size (DESIGN.md)."""
+
+    a: float
+    b: float
+    c: float
+
+    def predict(self, sum_seq_len: int, batch_size: int) -> float:
+        return self.a + self.b * sum_seq_len + self.c * batch_size
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, float]]) -> StepTimeModel:
+        """Least squares over (sum_seq_len, batch_size, seconds) samples; every coefficient >= 0."""
+        rows = _checked(samples, width=3, min_samples=3, names=("sum_seq_len", "batch_size"))
+        a, b, c = _fit_nonnegative(rows)
+        return cls(a=a, b=b, c=c)
+
+
+class PrefillTimeModel(msgspec.Struct, frozen=True):
+    """Predicted seconds to prefill a prompt: a + b * num_tokens."""
+
+    a: float
+    b: float
+
+    def predict(self, num_tokens: int) -> float:
+        return self.a + self.b * num_tokens
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, float]]) -> PrefillTimeModel:
+        """Least squares over (num_tokens, seconds) samples; every coefficient >= 0."""
+        rows = _checked(samples, width=2, min_samples=2, names=("num_tokens",))
+        a, b = _fit_nonnegative(rows)
+        return cls(a=a, b=b)
+
+
+class ModelProfile(msgspec.Struct, frozen=True):
+    """What scheduling knows of one model shape on one instance."""
+
+    decode: StepTimeModel
+    prefill: PrefillTimeModel
+    weight_bytes: int
+
+
+def _checked(samples: Sequence[tuple], width: int, min_samples: int, names: tuple[str, ...]) -> np.ndarray:
+    """The samples as a float array [n, width], or ValueError naming the first bad one."""
+    if len(samples) < min_samples:
+        raise ValueError(f"need at least {min_samples} samples to fit, got {len(samples)}")
+    for i, sample in enumerate(samples):
+        if len(sample) != width:
+            raise ValueError(f"sample {i} {sample!r} has {len(sample)} fields, expected {width}")
+        for name, value in zip(names, sample[:-1], strict=True):
+            if value < 0:
+                raise ValueError(f"sample {i}: {name} must be >= 0, got {value!r}")
+        if not sample[-1] > 0:
+            raise ValueError(f"sample {i}: seconds must be > 0, got {sample[-1]!r}")
+    return np.asarray(samples, dtype=np.float64)
+
+
+def _fit_nonnegative(rows: np.ndarray) -> list[float]:
+    """Non-negative least squares for y = x0 + x1*col0 + ..., with rows = [inputs..., y].
+
+    With at most three terms, trying every subset of terms and keeping the best fit whose
+    coefficients are all >= 0 is exact NNLS: a term that would go negative is dropped and
+    the rest refitted, instead of clipping it and leaving the others biased.
+    """
+    design = np.column_stack([np.ones(len(rows)), rows[:, :-1]])
+    y = rows[:, -1]
+    num_terms = design.shape[1]
+    best, best_residual = [0.0] * num_terms, float(np.sum(y * y))
+    for size in range(1, num_terms + 1):
+        for subset in itertools.combinations(range(num_terms), size):
+            coef = np.linalg.lstsq(design[:, subset], y, rcond=None)[0]
+            if np.any(coef < 0):
+                continue
+            residual = float(np.sum((design[:, subset] @ coef - y) ** 2))
+            if residual < best_residual - 1e-12 * max(best_residual, 1e-30):
+                best, best_residual = [0.0] * num_terms, residual
+                for term, value in zip(subset, coef, strict=True):
+                    best[term] = float(value)
+    return best
+
+
+class ProfileCache:
+    """Profiles on disk, one JSON file (msgspec) per key, mode 0600 in a 0700 folder.
+
+    The root defaults to $TOKENPOOL_PROFILES, else ~/.cache/tokenpool/profiles. A profile
+    is a measurement, not state: an unreadable one is re-measured, never fatal.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        if root is None:
+            env = os.environ.get(PROFILES_ENV)
+            root = Path(env) if env else Path.home() / ".cache" / "tokenpool" / "profiles"
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        if not key or not all(ch.isalnum() or ch in "-_" for ch in key):
+            raise ValueError(f"profile key must be non-empty [A-Za-z0-9_-], got {key!r}")
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> ModelProfile | None:
+        """The stored profile, or None if missing; a corrupt file logs a warning and reads as missing."""
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("profile %s unreadable, ignoring it: %s", path, exc)
+            return None
+        try:
+            return msgspec.json.decode(data, type=ModelProfile)
+        except msgspec.DecodeError as exc:
+            log.warning("profile %s is corrupt, ignoring it: %s", path, exc)
+            return None
+
+    def put(self, key: str, profile: ModelProfile) -> None:
+        """Write atomically (temp file + rename), so a reader sees the old profile or the new one."""
+        path = self._path(key)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # mkdir's mode is filtered by the umask
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")  # mkstemp: mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgspec.json.encode(profile))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def key(**parts: object) -> str:
+        """A stable, filename-safe key for a model shape on a machine (sha256 hex of the sorted parts)."""
+        if not parts:
+            raise ValueError("profile key needs at least one part, e.g. arch='llama'")
+        text = msgspec.json.encode({name: repr(parts[name]) for name in sorted(parts)})
+        return hashlib.sha256(text).hexdigest()[:KEY_HEX_CHARS]

@@ -1,0 +1,86 @@
+"""TurnPolicy: which model an instance serves next and for how long — and the runner it drives.
+
+Policies are pure logic over a TurnRunner: the live engine (EngineWorker), a fake in unit
+tests, or the simulator all run the same classes. The Aegaeon policies (grouped-FCFS
+prefill, weighted round-robin decode) and the baselines implement this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A model's batch on an instance, as schedulers see it."""
+
+    model: str
+    num_seqs: int  # unfinished sequences: queued, running, swapped out or arriving
+    sum_seq_len: int  # their tokens so far (what a decode step's attention reads)
+
+
+class TurnRunner(Protocol):
+    """What a scheduler drives: the live engine (EngineWorker's runner), a fake in unit tests,
+    or the simulator. Times are seconds on the runner's clock."""
+
+    arrivals: dict[str, str]  # request id -> model, oldest first
+
+    def now(self) -> float: ...
+    def models_with_work(self) -> list[str]: ...
+    def batch(self, model: str) -> BatchInfo: ...
+    def has_work(self, model: str) -> bool: ...
+
+    def activate(self, model: str) -> bool:
+        """Make model the active one (a switch if needed); False if it cannot be now."""
+
+    def prefetch(self, model: str) -> None: ...
+
+    def step(self, model: str) -> int:
+        """One step of the model's batch (it must be active) -> tokens produced."""
+
+
+class TurnPolicy(ABC):
+    """Decides which model runs next and for how long, and runs that turn."""
+
+    @abstractmethod
+    def run_turn(self, runner: TurnRunner) -> bool:
+        """Serve one turn; False when no model had work."""
+
+
+class RoundRobinTurns(TurnPolicy):
+    """Every model with work in turn, `steps` steps each (plain co-location on a decode instance)."""
+
+    def __init__(self, steps: int = 4) -> None:
+        if steps < 1:
+            raise ValueError(f"steps per turn must be >= 1, got {steps}")
+        self.steps = steps
+        self._order: list[str] = []  # models in the order they first had work
+        self._last: str | None = None
+
+    def run_turn(self, runner: TurnRunner) -> bool:
+        names = runner.models_with_work()
+        if not names:
+            return False
+        self._order += [m for m in names if m not in self._order]
+        start = self._order.index(self._last) + 1 if self._last in self._order else 0
+        model = self._last = next(m for m in self._order[start:] + self._order[:start] if m in names)
+        if runner.activate(model):
+            for _ in range(self.steps):
+                runner.step(model)
+                if not runner.has_work(model):
+                    break
+        return True
+
+
+class FifoTurns(TurnPolicy):
+    """The model of the oldest request, one step at a time (a plain prefill queue)."""
+
+    def run_turn(self, runner: TurnRunner) -> bool:
+        model = next((m for m in runner.arrivals.values() if runner.has_work(m)), None)
+        if model is None:
+            return False
+        if runner.activate(model):
+            runner.step(model)
+        return True
