@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
+
+from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
+from tokenpool.engine.step_profiler import InstanceTimings
+from tokenpool.engine.turn_policy import POLICIES
+from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE
 
 from .instance_setup import add_engine_args, build_engine, parse_models
 
@@ -34,6 +40,13 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {name, address, pid} here once serving (for launchers)")
     add_engine_args(p, kv_mib=64, host_kv_mib=256)
+    p.add_argument("--policy", choices=POLICIES, default="aegaeon",
+                   help="scheduling: aegaeon (grouped-FCFS prefill, weighted round-robin decode), "
+                        "static (one model per instance) or request (request-level scaling)")
+    if role == "decode":
+        p.add_argument("--tbt-ms", type=float, default=None,
+                       help="TBT target (default: 4x the slowest model's single-sequence step here)")
+        p.add_argument("--qmax-s", type=float, default=DEFAULT_QMAX_S, help="longest time quota of a turn")
     return p
 
 
@@ -46,8 +59,9 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
     engine = build_engine(args, parse_models(args.model))
+    timings = InstanceTimings.measure(engine)
     transport = make_transport("node-local", args.kvtransfer)
-    servicer, add, service = _servicer(role, args.name, engine, transport, None, instances_pb2_grpc)
+    servicer, add, service = _servicer(role, args, engine, transport, timings, instances_pb2_grpc)
     attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
     try:
         server = await start_grpc_server(args.listen, [(add, servicer)], [service])
@@ -78,22 +92,26 @@ async def _attach_table(servicer, name: str) -> None:
             await asyncio.sleep(TABLE_POLL_S)
 
 
-def _servicer(role, name, engine, transport, table, grpc_module):
+def _servicer(role, args, engine, transport, timings, grpc_module):
     if role == "prefill":
         from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
 
-        return (PrefillServicer(name, engine, transport, table), grpc_module.add_PrefillServicer_to_server,
-                "tokenpool.internal.v1.Prefill")
+        group = MAX_GROUP_SIZE if args.policy == "aegaeon" else 1  # 1: plain FCFS for the baselines
+        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy)
+        return servicer, grpc_module.add_PrefillServicer_to_server, "tokenpool.internal.v1.Prefill"
+    from tokenpool.decode_svc.decode_policy import make_decode_policy
     from tokenpool.decode_svc.decode_servicer import DecodeServicer
 
-    return (DecodeServicer(name, engine, transport, table), grpc_module.add_DecodeServicer_to_server,
-            "tokenpool.internal.v1.Decode")
+    policy = make_decode_policy(args.policy, timings, args.tbt_ms, args.qmax_s)
+    servicer = DecodeServicer(args.name, engine, transport, None, policy, args.policy, timings)
+    return servicer, grpc_module.add_DecodeServicer_to_server, "tokenpool.internal.v1.Decode"
 
 
 def main(role: str, argv: list[str] | None = None) -> int:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     args = build_parser(role).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s: %(message)s")
     import uvloop
 
     try:

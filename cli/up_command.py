@@ -23,7 +23,7 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "table_slots")
+               "threads", "table_slots", "policy", "tbt_ms", "qmax_s")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -42,6 +42,10 @@ def add_parser(commands) -> None:
     p.add_argument("--pool-mib", type=int, help="the node's hand-off pool, MiB (default 256)")
     p.add_argument("--threads", type=int, help="compute threads per instance (default: cores / instances)")
     p.add_argument("--table-slots", type=int, help="requests in flight at most (default 1024)")
+    p.add_argument("--policy", help="scheduling: aegaeon (default), static (one model per instance, no "
+                   "switching) or request (request-level scaling)")
+    p.add_argument("--tbt-ms", type=float, help="decode TBT target (default: 4x the measured single step)")
+    p.add_argument("--qmax-s", type=float, help="longest decode time quota, seconds (default 4)")
     p.add_argument("--log-dir", type=Path, default=None, help="one log per service (default: a temp dir)")
     p.set_defaults(run=run)
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenpool.cli.service_process import EXIT_WITH_PARENT
+from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
 from tokenpool.engine.private_shm import private_dir, shm_root
+from tokenpool.engine.turn_policy import check_policy
 
 START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB
 STOP_TIMEOUT_S = 15.0
@@ -39,6 +41,9 @@ class StackConfig:
       (threads None: the machine's cores shared out among the instances).
     pool_mib: the node's hand-off pool (kvtransfer agent).
     table_slots: the request table's size (requests in flight at most).
+    policy: aegaeon, static or request (every service gets it).
+    tbt_ms, qmax_s: the decode instances' TBT target (None: scaled from their measured step)
+      and longest quota (aegaeon).
     """
 
     models: dict[str, Path]
@@ -52,8 +57,19 @@ class StackConfig:
     pool_mib: int = 256
     threads: int | None = None
     table_slots: int = 1024
+    policy: str = "aegaeon"
+    tbt_ms: float | None = None
+    qmax_s: float = DEFAULT_QMAX_S
 
     def __post_init__(self) -> None:
+        check_policy(self.policy)
+        if self.policy == "static" and len(self.models) > min(self.prefill, self.decode):
+            raise ValueError(f"the static policy pins each model to its own instances: {len(self.models)} "
+                             f"models need --prefill and --decode of at least {len(self.models)}")
+        if self.tbt_ms is not None and not self.tbt_ms > 0:
+            raise ValueError(f"tbt_ms must be positive, got {self.tbt_ms!r}")
+        if not self.qmax_s > 0:
+            raise ValueError(f"qmax_s (QMAX) must be positive, got {self.qmax_s!r}")
         if not self.models:
             raise ValueError("a stack needs at least one model")
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
@@ -172,10 +188,13 @@ class Stack:
         if role == "proxy":
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
             return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
-                    "--table-slots", str(c.table_slots), "--dtype", c.dtype, *wiring, *models]
+                    "--table-slots", str(c.table_slots), "--dtype", c.dtype, "--policy", c.policy,
+                    *wiring, *models]
+        quotas = ["--qmax-s", str(c.qmax_s)] + (["--tbt-ms", str(c.tbt_ms)] if c.tbt_ms else [])
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
-                "--threads", str(c.threads_per_instance), *models]
+                "--threads", str(c.threads_per_instance), "--policy", c.policy, *models,
+                *(quotas if role == "decode" else [])]
 
     def _wait_ready(self, service: Service) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -22,13 +22,16 @@ from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
-from tokenpool.engine.turn_policy import RoundRobinTurns
+from tokenpool.engine.step_profiler import InstanceTimings
+from tokenpool.engine.turn_policy import RoundRobinTurns, TurnPolicy
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_from_pb
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+
+from .decode_scheduler import DecodeScheduler
 
 STEPS_PER_TURN = 4
 
@@ -42,14 +45,18 @@ class _Stream:
 
 class DecodeServicer(instances_pb2_grpc.DecodeServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
-                 table: RequestTable | None = None, steps_per_turn: int = STEPS_PER_TURN) -> None:
+                 table: RequestTable | None = None, policy: TurnPolicy | None = None,
+                 policy_name: str = "round-robin", timings: InstanceTimings | None = None) -> None:
+        """policy: how co-located models take turns (make_decode_policy); plain round-robin if None."""
         self.name = name
         self.engine = engine
         self.transport = transport
         self.table = table
+        self.policy = policy or RoundRobinTurns(STEPS_PER_TURN)
+        self.policy_name = policy_name
+        self.timings = timings
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        self.worker = EngineWorker(engine, RoundRobinTurns(steps_per_turn), self._on_output,
-                                   self._on_failure, name)
+        self.worker = EngineWorker(engine, self.policy, self._on_output, self._on_failure, name)
 
     async def Decode(self, request, context):
         stream = await self._adopt(request, context)
@@ -73,8 +80,18 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         return ipb.CancelResponse(found=found)
 
     async def Status(self, request, context):
-        return await asyncio.wrap_future(self.worker.post(lambda e: instance_status(
-            e, self.name, "decode", queued=sum(len(m.arriving) for m in e.models.values()))))
+        return await asyncio.wrap_future(self.worker.post(self._status))
+
+    def _status(self, engine: MultiModelEngine) -> ipb.InstanceStatus:
+        arriving = sum(len(m.arriving) for m in engine.models.values())
+        status = instance_status(engine, self.name, "decode", arriving, self.policy_name, self.timings)
+        if isinstance(self.policy, DecodeScheduler):
+            status.tbt_target_s = self.policy.config.tbt_target_s
+            last = self.policy.last
+            if last is not None:
+                status.alpha = last.plan.alpha
+                status.quotas_s.update(zip(last.models, last.plan.quotas, strict=True))
+        return status
 
     def close(self) -> None:
         self.worker.close()
@@ -140,11 +157,13 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         engine.adopt(request.model, request.request_id, list(request.prompt_token_ids),
                      request.first_token_id, sampling, request.seed, blocks)
         self._streams[request.request_id] = stream
+        self.worker.track(request.request_id, request.model)
 
     def _abort(self, engine: MultiModelEngine, request_id: str) -> bool:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             engine.abort(stream.model, request_id)
+            self.worker.forget(request_id)
         return stream is not None
 
     def _on_output(self, model: str, out: RequestOutput) -> None:

@@ -105,6 +105,11 @@ class ModelSwitcher:
         slot = self._slots[self._active]
         return slot.model_id if slot else None
 
+    def is_prefetched(self, model_id: str) -> bool:
+        """The free slot holds (or is being filled with) model_id."""
+        slot = self._slots[1 - self._active]
+        return slot is not None and slot.model_id == model_id
+
     def prefetch(self, profile: ModelProfile) -> Future:
         """Start copying profile's weights into the free slot while the active model computes."""
         return self._claim_free_slot(profile, lambda fill: self._copier.submit(fill))

@@ -10,6 +10,8 @@ step runs the sequences whose KV has landed and waits only when none has.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .slab_allocator import BlockShape, KVPoolFullError
 from .turn_policy import BatchInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,8 @@ class MultiModelEngine:
         if model_id == self.active:
             return
         incoming = self._model(model_id)
+        start, outgoing = time.perf_counter(), self.active
+        prefetched = self.switcher.is_prefetched(model_id)
         pending_out = self._swap_out_active()
         model = self.switcher.activate(incoming.profile)
         for handle in pending_out:  # the KV region is about to take the new shape
@@ -213,6 +219,9 @@ class MultiModelEngine:
         self.active = model_id
         self.switches += 1
         self._swap_in(incoming)
+        log.info("switch %s -> %s: %d weight bytes%s, %d sequences' KV out, %.2f ms", outgoing, model_id,
+                 incoming.profile.nbytes, " (prefetched)" if prefetched else "", len(pending_out),
+                 (time.perf_counter() - start) * 1e3)
 
     def _kv_view(self, model: _Model) -> PagedKVCache:
         """The arena's KV region seen in model's block shape (built once per model)."""

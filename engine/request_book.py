@@ -43,7 +43,7 @@ class RequestBook:
         """Queue a prompt (text, or token ids); raises InvalidRequestError if it cannot fit."""
         sampling = sampling or SamplingParams()
         ids = self._encode(prompt, chat)
-        self._check_prompt(ids)
+        self.check_prompt(ids)
         seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
         if seq.request_id in self._seqs:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
@@ -60,7 +60,7 @@ class RequestBook:
         emitted the first token's text (the prefill instance sent that delta). The caller puts
         it into the scheduler once its KV is in place. Raises InvalidRequestError like add_request.
         """
-        self._check_prompt(prompt_ids)
+        self.check_prompt(prompt_ids)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})")
@@ -76,7 +76,7 @@ class RequestBook:
         self._seqs[request_id], self._detok[request_id] = seq, detok
         return seq
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise InvalidRequestError("prompt is empty")
         if len(ids) >= self.max_model_len:

@@ -60,7 +60,7 @@ class PrefillTimeModel(msgspec.Struct, frozen=True):
         return cls(a=a, b=b)
 
 
-class ModelProfile(msgspec.Struct, frozen=True):
+class TimingProfile(msgspec.Struct, frozen=True):
     """What scheduling knows of one model shape on one instance."""
 
     decode: StepTimeModel
@@ -125,7 +125,7 @@ class ProfileCache:
             raise ValueError(f"profile key must be non-empty [A-Za-z0-9_-], got {key!r}")
         return self.root / f"{key}.json"
 
-    def get(self, key: str) -> ModelProfile | None:
+    def get(self, key: str) -> TimingProfile | None:
         """The stored profile, or None if missing; a corrupt file logs a warning and reads as missing."""
         path = self._path(key)
         try:
@@ -136,12 +136,12 @@ class ProfileCache:
             log.warning("profile %s unreadable, ignoring it: %s", path, exc)
             return None
         try:
-            return msgspec.json.decode(data, type=ModelProfile)
+            return msgspec.json.decode(data, type=TimingProfile)
         except msgspec.DecodeError as exc:
             log.warning("profile %s is corrupt, ignoring it: %s", path, exc)
             return None
 
-    def put(self, key: str, profile: ModelProfile) -> None:
+    def put(self, key: str, profile: TimingProfile) -> None:
         """Write atomically (temp file + rename), so a reader sees the old profile or the new one."""
         path = self._path(key)
         if not self.root.is_dir():

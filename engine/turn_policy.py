@@ -84,3 +84,33 @@ class FifoTurns(TurnPolicy):
         if runner.activate(model):
             runner.step(model)
         return True
+
+
+class RequestLevelTurns(TurnPolicy):
+    """Request-level scaling (the `request` baseline, ServerlessLLM's behaviour): the active model
+    runs until it has no requests left, new ones of it joining its batch; then the model of the
+    oldest waiting request takes the device."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+
+    def run_turn(self, runner: TurnRunner) -> bool:
+        if self.current is None or not runner.has_work(self.current):
+            self.current = next((m for m in runner.arrivals.values() if runner.has_work(m)), None)
+            if self.current is None:
+                with_work = runner.models_with_work()
+                self.current = with_work[0] if with_work else None
+        if self.current is None:
+            return False
+        if runner.activate(self.current):
+            runner.step(self.current)
+        return True
+
+
+POLICIES = ("aegaeon", "static", "request")
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling policy {name!r}; expected one of {', '.join(POLICIES)}")
+    return name

@@ -21,13 +21,16 @@ from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
-from tokenpool.engine.turn_policy import FifoTurns
+from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_to_pb
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+
+from .prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
+from .prefill_turns import GroupedFcfsTurns
 
 
 @dataclass
@@ -42,16 +45,23 @@ class _Pending:
 
 class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
-                 table: RequestTable | None = None) -> None:
+                 table: RequestTable | None = None, timings: InstanceTimings | None = None,
+                 max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon") -> None:
+        """timings: to estimate queued prefill time (and report); max_group_size 1 is plain FCFS."""
         self.name = name
         self.engine = engine
         self.transport = transport
         self.table = table
+        self.timings = timings
+        self.policy = policy
+        self.queue = PrefillQueue(max_group_size)  # engine thread only
+        self._queued: dict[str, tuple] = {}  # request id -> (request, sampling), waiting in the queue
         self._pending: dict[str, _Pending] = {}  # engine thread only
         # Published and not yet answered: a caller that goes away meanwhile gets its KV released.
         self._published: dict[str, KVHandleInfo] = {}
         self._published_lock = threading.Lock()
-        self.worker = EngineWorker(engine, FifoTurns(), self._on_output, self._on_failure, name)
+        self.worker = EngineWorker(engine, GroupedFcfsTurns(self.queue, self._start), self._on_output,
+                                   self._on_failure, name)
 
     async def Prefill(self, request, context):
         if request.model not in self.engine.models:
@@ -84,22 +94,49 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
 
     async def Status(self, request, context):
         status = await asyncio.wrap_future(self.worker.post(
-            lambda e: instance_status(e, self.name, "prefill", queued=len(self.worker.arrivals))))
+            lambda e: self._status(e)))
         return status
 
     def close(self) -> None:
         self.worker.close()
 
+    def _status(self, engine: MultiModelEngine) -> ipb.InstanceStatus:
+        status = instance_status(engine, self.name, "prefill", len(self.queue), self.policy, self.timings)
+        status.groups.extend(f"{g.model} x{len(g.request_ids)}" for g in self.queue.groups())
+        return status
+
     # -- engine thread ----------------------------------------------------------
 
     def _accept(self, engine: MultiModelEngine, request, pending: _Pending) -> None:
+        """Validate and queue (grouped FCFS); the engine gets the request at its turn."""
         book = engine.models[request.model].book
         sampling = sampling_from_pb(request.sampling, book.max_model_len)
-        seq = engine.add_request(request.model, list(request.prompt_token_ids), sampling,
-                                 request_id=request.request_id)
-        pending.seed = seq.seed
+        book.check_prompt(list(request.prompt_token_ids))
+        if request.request_id in self._pending:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        tokens = len(request.prompt_token_ids)
+        estimate = self.timings.prefill_seconds(request.model, tokens) if self.timings else 0.0
+        self.queue.add(request.request_id, request.model, estimate)
+        self._queued[request.request_id] = (request, sampling)
         self._pending[request.request_id] = pending
-        self.worker.track(request.request_id, request.model)
+
+    def _start(self, request_id: str) -> bool:
+        """The queue's turn for a request: into the engine (False if it was cancelled meanwhile)."""
+        entry = self._queued.pop(request_id, None)
+        pending = self._pending.get(request_id)
+        if entry is None or pending is None:
+            return False
+        request, sampling = entry
+        try:
+            seq = self.engine.add_request(request.model, list(request.prompt_token_ids), sampling,
+                                          request_id=request_id)
+        except InvalidRequestError as exc:
+            self._pending.pop(request_id, None)
+            self._settle(pending, exception=exc)
+            return False
+        pending.seed = seq.seed
+        self.worker.track(request_id, request.model)
+        return True
 
     def _on_output(self, model: str, out: RequestOutput) -> None:
         pending = self._pending.pop(out.request_id, None)
@@ -131,6 +168,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
 
     def _drop(self, request_id: str, pending: _Pending) -> None:
         self._pending.pop(request_id, None)
+        self._queued.pop(request_id, None)
+        self.queue.remove(request_id)
         self.engine.abort(pending.model, request_id)
         self.worker.forget(request_id)
 

@@ -9,6 +9,7 @@ from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.sequence import FinishReason
+from tokenpool.engine.step_profiler import InstanceTimings
 
 from .internal.v1 import instances_pb2 as ipb
 from .v1 import inference_pb2 as pb
@@ -43,11 +44,16 @@ def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
     return msg
 
 
-def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int) -> ipb.InstanceStatus:
+def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int, policy: str = "",
+                    timings: InstanceTimings | None = None) -> ipb.InstanceStatus:
     """An InstanceStatus of the engine's current state; call it on the engine's own thread."""
     running = sum(len(m.book.scheduler.running) for m in engine.models.values())
-    return ipb.InstanceStatus(
+    status = ipb.InstanceStatus(
         name=name, role=role, active_model=engine.active or "", models=sorted(engine.models),
         queued=queued, running=running, kv_blocks_used=engine.kv_blocks_used,
-        host_kv_used_bytes=engine.pool.stats().used_bytes, switches=engine.switches,
+        host_kv_used_bytes=engine.pool.stats().used_bytes, switches=engine.switches, policy=policy,
         requests_by_model={m: n for m in engine.models if (n := engine.num_requests(m))})
+    for model, t in sorted(timings.profiles.items() if timings else ()):
+        status.timings.add(model=model, prefill_a=t.prefill.a, prefill_b=t.prefill.b, step_a=t.decode.a,
+                           step_b=t.decode.b, step_c=t.decode.c, switch_s=timings.switch_seconds(model))
+    return status

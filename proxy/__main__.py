@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from tokenpool.engine.turn_policy import POLICIES
+
 STOP_GRACE_S = 5.0
 
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")
     p.add_argument("--table-slots", type=int, default=1024,
                    help="requests in flight at most (more get RESOURCE_EXHAUSTED)")
+    p.add_argument("--policy", choices=POLICIES, default="aegaeon",
+                   help="dispatch: aegaeon (grouped FCFS, batch co-location), static (model i on "
+                        "instance i), request (request-level scaling)")
     p.add_argument("--ready-file", type=Path, default=None)
     return p
 
@@ -47,6 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
     from tokenpool.protos.v1 import inference_pb2_grpc
 
+    from .dispatcher import make_dispatcher
     from .fleet_backend import FleetBackend
     from .inference_servicer import InferenceServicer
     from .request_table import make_request_table
@@ -55,7 +61,8 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
     models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
-    backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer)
+    dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
+    backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher)
     table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
     try:
         servicer = InferenceServicer(backend, models, table)

@@ -24,7 +24,7 @@ from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 
 from .backend import Backend, BackendFullError, Submission
-from .dispatcher import Dispatcher, InstanceLoad, LeastLoadedDispatcher
+from .dispatcher import Dispatcher, InstanceLoad, Timing
 from .inference_servicer import RequestError
 
 CLEANUP_TIMEOUT_S = 5.0
@@ -43,7 +43,7 @@ class Instance:
 
 class FleetBackend(Backend):
     def __init__(self, prefill: dict[str, str], decode: dict[str, str], kvtransfer: str,
-                 dispatcher: Dispatcher | None = None, max_in_flight: int = 1024) -> None:
+                 dispatcher: Dispatcher, max_in_flight: int = 1024) -> None:
         """prefill, decode: instance name -> address; kvtransfer: the node's agent. Call in a running
         event loop (grpc.aio channels bind to it)."""
         if not prefill or not decode:
@@ -53,7 +53,8 @@ class FleetBackend(Backend):
         self.decode = [_connect(n, a, instances_pb2_grpc.DecodeStub) for n, a in decode.items()]
         self._agent_channel = grpc.aio.insecure_channel(kvtransfer)
         self.agent = instances_pb2_grpc.KVTransferStub(self._agent_channel)
-        self.dispatcher = dispatcher or LeastLoadedDispatcher()
+        self.dispatcher = dispatcher
+        self._timings_tried = False
         self.max_in_flight = max_in_flight
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -92,10 +93,12 @@ class FleetBackend(Backend):
     async def _run(self, sub: Submission, deadline: float | None) -> None:
         decoding: list[Instance] = []  # the decode instance, once the Decode call has started
         try:
-            prefilled = await self._prefill(sub, deadline)
-            sub.deliver(self._first_output(sub, prefilled))
-            if prefilled.finish_reason == 0:
-                await self._decode(sub, prefilled, deadline, decoding)
+            await self._learn_timings()
+            async with self.dispatcher.decode_slot(sub.model, self.decode) as decode:
+                prefilled = await self._prefill(sub, deadline)
+                sub.deliver(self._first_output(sub, prefilled))
+                if prefilled.finish_reason == 0:
+                    await self._decode(sub, decode, prefilled, deadline, decoding)
             sub.deliver(None)
         except grpc.aio.AioRpcError as exc:
             await self._clean_up(sub, decoding)
@@ -105,28 +108,39 @@ class FleetBackend(Backend):
             raise
 
     async def _prefill(self, sub: Submission, deadline: float | None) -> ipb.PrefillResponse:
-        instance = self.dispatcher.pick_prefill(sub.model, self.prefill)
+        instance = self.dispatcher.pick_prefill(sub.request_id, sub.model, len(sub.prompt), self.prefill)
         request = ipb.PrefillRequest(request_id=sub.request_id, model=sub.model, prompt_token_ids=sub.prompt,
                                      sampling=sampling_to_pb(sub.sampling),
                                      timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
-        with instance.load.hold(sub.model):
-            return await instance.stub.Prefill(request, timeout=_left(deadline))
+        try:
+            with instance.load.hold(sub.model):
+                return await instance.stub.Prefill(request, timeout=_left(deadline))
+        finally:
+            self.dispatcher.prefill_done(sub.request_id)
 
-    async def _decode(self, sub: Submission, prefilled: ipb.PrefillResponse, deadline: float | None,
-                      decoding: list[Instance]) -> None:
-        instance = self.dispatcher.pick_decode(sub.model, self.decode)
+    async def _decode(self, sub: Submission, instance: Instance, prefilled: ipb.PrefillResponse,
+                      deadline: float | None, decoding: list[Instance]) -> None:
         request = ipb.DecodeRequest(
             request_id=sub.request_id, model=sub.model, prompt_token_ids=sub.prompt,
             first_token_id=prefilled.first_token_id, sampling=sampling_to_pb(sub.sampling),
             seed=prefilled.seed, kv=prefilled.kv, timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
-        with instance.load.hold(sub.model):
-            decoding.append(instance)
-            async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
-                sub.deliver(self._output(sub, chunk))
+        decoding.append(instance)
+        async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
+            sub.deliver(self._output(sub, chunk))
+
+    async def _learn_timings(self) -> None:
+        """Once: the models' prefill and switch times as a prefill instance profiled them."""
+        if self.dispatcher.timings or self._timings_tried:
+            return
+        self._timings_tried = True
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            status = await self.prefill[0].stub.Status(ipb.StatusRequest(), timeout=CLEANUP_TIMEOUT_S)
+            self.dispatcher.timings.update({t.model: Timing(t.prefill_a, t.prefill_b, t.switch_s)
+                                            for t in status.timings})
 
     async def _clean_up(self, sub: Submission, decoding: list[Instance]) -> None:
         """After a cancellation or a failed call, free the request's KV wherever it may be: the

@@ -21,6 +21,7 @@ from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
+from tokenpool.proxy.request_table import RequestRecord
 from tokenpool.proxy.shm_request_table import ShmRequestTable
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
@@ -126,37 +127,39 @@ def wait_until_idle(stack, timeout=60.0):
 
 
 def test_cancelling_streams_mid_way_frees_their_kv_and_table_slots(stack, stub):
-    long = [pb.GenerateRequest(model=MODELS[i % 4], text=PROMPTS[i], request_id=f"cancel-{i}",
-                               sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)) for i in range(5)]
-    calls = [stub.Generate(r, timeout=120) for r in long]
-    for call in calls:
+    held = []
+    for i in range(5):
+        request = pb.GenerateRequest(model=MODELS[i % 4], text=PROMPTS[i % 2], request_id=f"cancel-{i}",
+                                     sampling=pb.SamplingParams(max_tokens=480, ignore_eos=True))
+        call = stub.Generate(request, timeout=120)
         next(call), next(call)  # the first token came from prefill; the second from a decode instance
-    with ShmRequestTable.attach(stack.name) as table:
-        in_flight = {r.request_id for _, r in table.records()}
-    assert {r.request_id for r in long} <= in_flight
-    busy = [instance_status(stack, n) for n in ("decode-0", "decode-1")]
-    assert sum(sum(s.requests_by_model.values()) for s in busy) == 5
-    for call in calls:
+        with ShmRequestTable.attach(stack.name) as table:
+            assert table.find(request.request_id) is not None
+        held += [s.kv_blocks_used + s.host_kv_used_bytes for s in map(
+            lambda n: instance_status(stack, n), ("decode-0", "decode-1"))] if i == 0 else []
         call.cancel()
+        assert call.code() == grpc.StatusCode.CANCELLED  # it had not finished
+    assert sum(held) > 0, "no KV was held on a decode instance mid-stream"
     wait_until_idle(stack)
     assert len([t for r in stream(stub, "tiny-qwen2", "after", 8) for t in r.token_ids]) == 8
 
 
 def test_a_full_request_table_refuses_at_once(stack, stub):
-    request = pb.GenerateRequest(model="tiny-llama", text="fill", sampling=pb.SamplingParams(
-        max_tokens=400, ignore_eos=True))
-    calls = [stub.Generate(request, timeout=120) for _ in range(TABLE_SLOTS)]
-    try:
-        for call in calls:
-            next(call)
-        with pytest.raises(grpc.RpcError) as info:
-            stream(stub, "tiny-mistral", "one too many", 4)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "retry later" in info.value.details()
-    finally:
-        for call in calls:
-            call.cancel()
-    wait_until_idle(stack)
+    """The table is the node's: fill its free slots from here, as other proxy workers would."""
+    with ShmRequestTable.attach(stack.name) as table:
+        slots = []
+        try:
+            while table.usage().free:
+                filler = RequestRecord(request_id=f"filler-{len(slots)}", model="tiny-llama")
+                slots.append(table.insert(filler))
+            with pytest.raises(grpc.RpcError) as info:
+                stream(stub, "tiny-mistral", "one too many", 4)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "retry later" in info.value.details()
+        finally:
+            for slot in slots:
+                table.release(slot)
+    assert len(stream(stub, "tiny-mistral", "room again", 4)[-1].token_ids) >= 1
 
 
 @pytest.mark.parametrize("request_kwargs, code, needle", [

@@ -6,10 +6,10 @@ import stat
 import numpy as np
 import pytest
 from tokenpool.engine.step_time_model import (
-    ModelProfile,
     PrefillTimeModel,
     ProfileCache,
     StepTimeModel,
+    TimingProfile,
 )
 
 
@@ -95,7 +95,7 @@ def test_prefill_fit_clamps_negative_intercept():
 
 
 def _profile():
-    return ModelProfile(StepTimeModel(0.01, 2e-6, 3e-4), PrefillTimeModel(0.02, 5e-5), weight_bytes=123456)
+    return TimingProfile(StepTimeModel(0.01, 2e-6, 3e-4), PrefillTimeModel(0.02, 5e-5), weight_bytes=123456)
 
 
 def test_cache_round_trip_and_permissions(tmp_path):

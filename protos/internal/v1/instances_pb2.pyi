@@ -158,7 +158,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model")
+    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings")
     class RequestsByModelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,13 @@ class InstanceStatus(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class QuotasSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +183,12 @@ class InstanceStatus(_message.Message):
     HOST_KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SWITCHES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_S_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    TBT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     active_model: str
@@ -186,4 +199,28 @@ class InstanceStatus(_message.Message):
     host_kv_used_bytes: int
     switches: int
     requests_by_model: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    policy: str
+    alpha: float
+    quotas_s: _containers.ScalarMap[str, float]
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    tbt_target_s: float
+    timings: _containers.RepeatedCompositeFieldContainer[ModelTiming]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ...) -> None: ...
+
+class ModelTiming(_message.Message):
+    __slots__ = ("model", "prefill_a", "prefill_b", "step_a", "step_b", "step_c", "switch_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_A_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_B_FIELD_NUMBER: _ClassVar[int]
+    STEP_A_FIELD_NUMBER: _ClassVar[int]
+    STEP_B_FIELD_NUMBER: _ClassVar[int]
+    STEP_C_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prefill_a: float
+    prefill_b: float
+    step_a: float
+    step_b: float
+    step_c: float
+    switch_s: float
+    def __init__(self, model: _Optional[str] = ..., prefill_a: _Optional[float] = ..., prefill_b: _Optional[float] = ..., step_a: _Optional[float] = ..., step_b: _Optional[float] = ..., step_c: _Optional[float] = ..., switch_s: _Optional[float] = ...) -> None: ...

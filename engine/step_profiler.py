@@ -1,0 +1,154 @@
+"""Profiling a model on this instance: the step-time and prefill-time models schedulers use.
+
+    profile_model(engine, model)  ->  TimingProfile(decode: a + b*sum_seq_len + c*batch,
+                                                    prefill: a + b*tokens, weight_bytes)
+
+Synthetic requests (random token ids, ignore_eos) are run through the real engine: prompts
+of several lengths for prefill, batches of several sizes and lengths for decode; a line is
+fitted to each. A profile depends on the model's shape, dtype, threads and device, so it is
+cached on disk under those (ProfileCache) and measured once per machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from .multi_model_engine import MultiModelEngine
+from .sampling_params import SamplingParams
+from .step_time_model import PrefillTimeModel, ProfileCache, StepTimeModel, TimingProfile
+
+log = logging.getLogger(__name__)
+
+PREFILL_LENGTHS = (16, 64, 192)
+DECODE_SHAPES = ((1, 16), (1, 128), (4, 64), (8, 16), (8, 128))  # (batch size, prompt length)
+DECODE_STEPS = 3
+COPY_PROBE_BYTES = 64 << 20
+
+
+def cached_profile(engine: MultiModelEngine, model_id: str,
+                   cache: ProfileCache | None = None) -> TimingProfile:
+    """The model's profile from the cache, else measured now (and cached)."""
+    cache = cache or ProfileCache()
+    key = profile_key(engine, model_id)
+    profile = cache.get(key)
+    if profile is None:
+        start = time.perf_counter()
+        profile = profile_model(engine, model_id)
+        cache.put(key, profile)
+        log.info("profiled %s in %.1f s: %s", model_id, time.perf_counter() - start, profile)
+    return profile
+
+
+def profile_key(engine: MultiModelEngine, model_id: str) -> str:
+    model = engine.models[model_id]
+    c = model.profile.config
+    ec = engine.config.engine
+    return ProfileCache.key(arch=c.architecture, layers=c.num_layers, hidden=c.hidden_size,
+                            heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                            ffn=c.intermediate_size, vocab=c.vocab_size, dtype=str(model.profile.dtype),
+                            block=ec.block_size, threads=torch.get_num_threads(), device=ec.device,
+                            backend=ec.attention_backend, torch=torch.__version__)
+
+
+def profile_model(engine: MultiModelEngine, model_id: str) -> TimingProfile:
+    """Measure the model on the engine (it must have no requests of this model in flight)."""
+    if engine.has_unfinished(model_id):
+        raise RuntimeError(f"cannot profile {model_id} while it has requests")
+    engine.switch_to(model_id)
+    limit = _fitting_tokens(engine, model_id)
+    prefill = [(n, _time_prefill(engine, model_id, n)) for n in PREFILL_LENGTHS if n + 2 <= limit]
+    decode = [sample for batch, length in DECODE_SHAPES if batch * (length + DECODE_STEPS + 2) <= limit
+              for sample in _time_decode(engine, model_id, batch, length)]
+    return TimingProfile(decode=StepTimeModel.fit(decode), prefill=PrefillTimeModel.fit(prefill),
+                         weight_bytes=engine.models[model_id].profile.nbytes)
+
+
+def measure_copy_gbps(device: str = "cpu", nbytes: int = COPY_PROBE_BYTES) -> float:
+    """Host-to-arena copy bandwidth (best of 3), for switch times = weight bytes / bandwidth."""
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if dst.is_cuda:
+            torch.cuda.synchronize(dst.device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def _fitting_tokens(engine: MultiModelEngine, model_id: str) -> int:
+    model = engine.models[model_id]
+    blocks = model.book.scheduler.blocks
+    return min(blocks.num_blocks * blocks.block_size, model.book.max_model_len)
+
+
+def _requests(engine: MultiModelEngine, model_id: str, batch: int, length: int, max_tokens: int) -> list:
+    vocab = engine.models[model_id].profile.config.vocab_size
+    generator = torch.Generator().manual_seed(length * 131 + batch)
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return [engine.add_request(model_id, torch.randint(0, vocab, (length,), generator=generator).tolist(),
+                               sampling, request_id=f"profile-{model_id}-{batch}-{length}-{i}")
+            for i in range(batch)]
+
+
+def _time_prefill(engine: MultiModelEngine, model_id: str, length: int) -> float:
+    seqs = _requests(engine, model_id, 1, length, max_tokens=1)
+    start = time.perf_counter()
+    while engine.has_unfinished(model_id):
+        engine.step(model_id)
+    seconds = time.perf_counter() - start
+    _drop(engine, model_id, seqs)
+    return seconds
+
+
+def _time_decode(engine: MultiModelEngine, model_id: str, batch: int, length: int) -> list:
+    seqs = _requests(engine, model_id, batch, length, max_tokens=DECODE_STEPS + 2)
+    while any(s.num_output_tokens == 0 for s in seqs):  # prefill every prompt first
+        engine.step(model_id)
+    times = []
+    for _ in range(DECODE_STEPS):
+        sum_len = sum(s.num_tokens for s in seqs)
+        start = time.perf_counter()
+        engine.step(model_id)
+        times.append((sum_len, batch, time.perf_counter() - start))
+    _drop(engine, model_id, seqs)
+    median = statistics.median(t for _, _, t in times)
+    return [(sum_len, b, median) for sum_len, b, _ in times]
+
+
+def _drop(engine: MultiModelEngine, model_id: str, seqs: list) -> None:
+    for seq in seqs:
+        if not seq.is_finished:
+            engine.abort(model_id, seq.request_id)
+
+
+class InstanceTimings:
+    """Every registered model's profile on this instance, and the copy bandwidth: the predictions
+    schedulers and dispatch use (step, prefill and switch seconds)."""
+
+    def __init__(self, profiles: dict[str, TimingProfile], copy_gbps: float) -> None:
+        if not copy_gbps > 0:
+            raise ValueError(f"copy bandwidth must be positive, got {copy_gbps!r}")
+        self.profiles = profiles
+        self.copy_gbps = copy_gbps
+
+    @classmethod
+    def measure(cls, engine: MultiModelEngine, cache: ProfileCache | None = None) -> InstanceTimings:
+        """Profiles from the cache or measured now, for every model the engine has registered."""
+        profiles = {m: cached_profile(engine, m, cache) for m in engine.models}
+        return cls(profiles, measure_copy_gbps(engine.config.engine.device))
+
+    def step_seconds(self, batch) -> float:
+        """Predicted decode step of a BatchInfo."""
+        return self.profiles[batch.model].decode.predict(batch.sum_seq_len, batch.num_seqs)
+
+    def prefill_seconds(self, model: str, num_tokens: int) -> float:
+        return self.profiles[model].prefill.predict(num_tokens)
+
+    def switch_seconds(self, model: str) -> float:
+        return self.profiles[model].weight_bytes / (self.copy_gbps * 1e9)

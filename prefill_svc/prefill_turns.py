@@ -1,0 +1,47 @@
+"""GroupedFcfsTurns: a prefill instance's turn policy over its PrefillQueue (DESIGN.md, grouped FCFS).
+
+One request at a time (prefill is compute-bound): when the engine has nothing in flight,
+the head of the first group starts (the servicer hands it to the engine); its model is
+activated and the model of the next group that differs is prefetched; the turn steps until
+the request's first token is out and its KV handed on. With max_group_size 1 the queue is
+plain FCFS (the `request` and `static` baselines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tokenpool.engine.turn_policy import TurnPolicy, TurnRunner
+
+from .prefill_scheduler import PrefillQueue
+
+
+class GroupedFcfsTurns(TurnPolicy):
+    def __init__(self, queue: PrefillQueue, start: Callable[[str], bool]) -> None:
+        """start(request_id) puts the request into the engine; False if it is gone (cancelled)."""
+        self.queue = queue
+        self.start = start
+
+    def run_turn(self, runner: TurnRunner) -> bool:
+        busy = runner.models_with_work()
+        if busy:  # the request in flight (or several, if a caller batched) goes on
+            model = busy[0]
+        else:
+            model = self._start_next()
+            if model is None:
+                return False
+        if not runner.activate(model):
+            return True
+        following = self.queue.next_other_model(model)
+        if following is not None:
+            runner.prefetch(following)
+        while runner.has_work(model):
+            runner.step(model)
+        return True
+
+    def _start_next(self) -> str | None:
+        while (head := self.queue.pop_next()) is not None:
+            request_id, model = head
+            if self.start(request_id):
+                return model
+        return None
