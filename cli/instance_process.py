@@ -59,9 +59,14 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
     engine = build_engine(args, parse_models(args.model))
-    timings = InstanceTimings.measure(engine)
-    transport = make_transport("node-local", args.kvtransfer)
-    servicer, add, service = _servicer(role, args, engine, transport, timings, instances_pb2_grpc)
+    try:
+        timings = InstanceTimings.measure(engine)
+        policy = _decode_policy(args, timings) if role == "decode" else None  # bad settings fail here
+        transport = make_transport("node-local", args.kvtransfer)
+    except BaseException:
+        engine.close()
+        raise
+    servicer, add, service = _servicer(role, args, engine, transport, timings, policy, instances_pb2_grpc)
     attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
     try:
         server = await start_grpc_server(args.listen, [(add, servicer)], [service])
@@ -92,17 +97,21 @@ async def _attach_table(servicer, name: str) -> None:
             await asyncio.sleep(TABLE_POLL_S)
 
 
-def _servicer(role, args, engine, transport, timings, grpc_module):
+def _decode_policy(args: argparse.Namespace, timings: InstanceTimings):
+    from tokenpool.decode_svc.decode_policy import make_decode_policy
+
+    return make_decode_policy(args.policy, timings, args.tbt_ms, args.qmax_s)
+
+
+def _servicer(role, args, engine, transport, timings, policy, grpc_module):
     if role == "prefill":
         from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
 
         group = MAX_GROUP_SIZE if args.policy == "aegaeon" else 1  # 1: plain FCFS for the baselines
         servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy)
         return servicer, grpc_module.add_PrefillServicer_to_server, "tokenpool.internal.v1.Prefill"
-    from tokenpool.decode_svc.decode_policy import make_decode_policy
     from tokenpool.decode_svc.decode_servicer import DecodeServicer
 
-    policy = make_decode_policy(args.policy, timings, args.tbt_ms, args.qmax_s)
     servicer = DecodeServicer(args.name, engine, transport, None, policy, args.policy, timings)
     return servicer, grpc_module.add_DecodeServicer_to_server, "tokenpool.internal.v1.Decode"
 

@@ -34,3 +34,32 @@ def smollm2_dir(tmp_path_factory) -> Path:
         return Path(cached)
     out = tmp_path_factory.mktemp("smollm2") / "smollm2"
     return import_gguf(smollm2_gguf_path(), out, dtype="float32", progress=False)
+
+
+def cut_layers(source: Path, dest: Path, num_layers: int) -> Path:
+    """A copy of a tiny model keeping its first num_layers layers: another shape, same tokenizer."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    (dest / "config.json").write_text(json.dumps(config))
+    tensors = load_file(dest / "model.safetensors")
+    kept = {k: np.ascontiguousarray(v) for k, v in tensors.items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
+    save_file(kept, dest / "model.safetensors")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def six_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
+    """The four tiny models and two-layer cuts of tiny-llama and tiny-mistral: six shapes."""
+    root = tmp_path_factory.mktemp("six")
+    models = {name: tiny_dir / name for name in TINY_NAMES}
+    for name in ("tiny-llama", "tiny-mistral"):
+        models[f"{name}-2l"] = cut_layers(tiny_dir / name, root / f"{name}-2l", 2)
+    return models

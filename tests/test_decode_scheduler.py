@@ -141,3 +141,19 @@ def test_a_lone_batch_runs_until_another_model_has_work():
     assert scheduler.last.steps == 6 and runner.left["a"] == 44
     scheduler.run_turn(runner)
     assert runner.log == ["a", "b"]
+
+
+def test_quotas_follow_the_measured_step_when_the_profile_is_off():
+    runner = FakeRunner({"a": 0.02, "b": 0.04}, switch_s=0.05, tokens=dict.fromkeys("ab", 10**6))
+    wrong = Predictor(lambda b: runner.step_s[b.model] / 2, lambda m: runner.switch_s)  # twice too fast
+    scheduler = DecodeScheduler(QuotaConfig(0.1, qmax_s=1.0), wrong)
+    for _ in range(2 * 10):
+        scheduler.run_turn(runner)
+    assert scheduler.correction == pytest.approx({"a": 2.0, "b": 2.0}, rel=0.01)
+    start = {m: len(t) for m, t in runner.token_times.items()}
+    for _ in range(2 * 10):
+        scheduler.run_turn(runner)
+    alpha = scheduler.last.plan.alpha
+    for model, times in runner.token_times.items():
+        later = times[start[model] - 1:]
+        assert (later[-1] - later[0]) / (len(later) - 1) == pytest.approx(alpha * 0.1, rel=0.05), model

@@ -4,14 +4,12 @@ engine, and afterwards every slab, block and arena byte is accounted for."""
 
 from __future__ import annotations
 
-import json
 import random
 import resource
 import shutil
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from conftest import cut_layers
 from tokenpool.engine.host_kv_pool import HostKVPool
 from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
@@ -27,17 +25,9 @@ MAX_TOKENS = (6, 20, 40)
 def five_models(tiny_dir, tmp_path_factory):
     """The four tiny models plus a two-layer cut of tiny-mistral: five distinct shapes."""
     root = tmp_path_factory.mktemp("five")
-    folders = {}
-    for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"):
-        folders[name] = shutil.copytree(tiny_dir / name, root / name)
-    cut = shutil.copytree(tiny_dir / "tiny-mistral", root / "tiny-mistral-2l")
-    config = json.loads((cut / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    (cut / "config.json").write_text(json.dumps(config))
-    tensors = {k: np.ascontiguousarray(v) for k, v in load_file(cut / "model.safetensors").items()
-               if not k.startswith("model.layers.2.")}
-    save_file(tensors, cut / "model.safetensors")
-    folders["tiny-mistral-2l"] = cut
+    folders = {name: shutil.copytree(tiny_dir / name, root / name)
+               for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")}
+    folders["tiny-mistral-2l"] = cut_layers(tiny_dir / "tiny-mistral", root / "tiny-mistral-2l", 2)
     return folders
 
 
