@@ -60,9 +60,16 @@ def _describe(service: dict) -> str:
     except grpc.RpcError as exc:
         return f"unreachable ({exc.code().name})"
     per_model = ", ".join(f"{m} {n}" for m, n in sorted(s.requests_by_model.items())) or "none"
-    return (f"active {s.active_model or '-'}; queued {s.queued}, running {s.running}; requests: {per_model}; "
-            f"KV blocks {s.kv_blocks_used}, host KV {s.host_kv_used_bytes / 2**20:.1f} MiB; "
-            f"{s.switches} switches; models {', '.join(s.models)}")
+    lines = [f"{s.policy}; active {s.active_model or '-'}; queued {s.queued}, running {s.running}; "
+             f"requests: {per_model}; KV blocks {s.kv_blocks_used}, host KV "
+             f"{s.host_kv_used_bytes / 2**20:.1f} MiB; {s.switches} switches"]
+    if s.groups:
+        lines.append(f"prefill groups: {', '.join(s.groups)}")
+    if s.tbt_target_s:
+        quotas = ", ".join(f"{m} {q * 1e3:.0f} ms" for m, q in s.quotas_s.items()) or "-"
+        lines.append(f"TBT target {s.tbt_target_s * 1e3:.1f} ms, alpha {s.alpha:.2f}, quotas: {quotas}")
+    lines.append(f"models: {', '.join(s.models)}")
+    return ("\n" + " " * 40).join(lines)  # under the description column
 
 
 def _print_table(name: str, requests: bool) -> None:

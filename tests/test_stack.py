@@ -219,6 +219,7 @@ def test_status_shows_instances_and_the_request_table(stack, stub, capsys):
     for name in ("proxy", "prefill-0", "decode-0", "decode-1", "kvtransfer-0"):
         assert name in out, out
     assert f"{stack.name}: " in out and "stack-probe" in out
+    assert "aegaeon; active" in out and "TBT target" in out and "alpha" in out, out
 
 
 def test_a_javascript_client_works_against_the_stack(stack, tiny_dir):
