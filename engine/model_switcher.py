@@ -10,6 +10,7 @@ chunks, so a prefetch running beside compute yields often.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class ModelProfile:
     specs: tuple[TensorSpec, ...]
     slot_bytes: int  # arena slot bytes the model takes (its page-aligned cached segment)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
