@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenpool.bench import attention_bench, engine_bench, switch_bench
+from tokenpool.bench import attention_bench, engine_bench, serve_bench, switch_bench
 
 from . import generate_command, models_command, serve_command, status_command, up_command
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     engine_bench.add_parser(bench)
     switch_bench.add_parser(bench)
+    serve_bench.add_parser(bench)
     attention_bench.add_parser(bench)
     return parser
 

@@ -1,0 +1,270 @@
+"""`tokenpool bench serve`: SLO attainment of live stacks under open-loop ShareGPT load, per policy.
+
+For each policy a stack is started (`tokenpool up`'s launcher: 1 prefill + 1 decode instance
+by default), and for each per-model rate of the sweep a Poisson trace of real ShareGPT
+prompts (reference answers' lengths as output lengths) is replayed over gRPC; every
+token's arrival is recorded and scored with the paper's attainment. Goodput is the highest
+rate at which mean attainment stays at 90% or more.
+
+SLOs on a CPU are scaled from the measured step, as the GPU numbers relate to a GPU step:
+TBT = the decode instance's default target (4x the slowest model's single-sequence step),
+TTFT = 100x TBT (the paper's 10 s over 100 ms). The report states both.
+
+`static` gets the same instances, so it serves only the models that fit resident at once
+(one per instance); requests for the others score 0, and the report names the served ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tokenpool.bench.metrics import SLO, LoadPoint, RequestResult, goodput, summarize
+from tokenpool.bench.workload import TraceRequest, WorkloadConfig, make_trace
+
+TTFT_PER_TBT = 100.0  # the paper's 10 s TTFT over its 100 ms TBT
+DRAIN_FACTOR = 3.0  # after the last arrival, wait this many trace durations for stragglers
+POLICIES = ("aegaeon", "request", "static")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("serve", help="SLO attainment and goodput of live stacks, per policy")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help="a model to serve (repeatable; default: the four tiny models)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="comma-separated, from " + ", ".join(POLICIES))
+    p.add_argument("--rates", default="0.25,0.5,1,2", help="per-model request rates to sweep (req/s)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-output-tokens", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=1)
+    p.add_argument("--decode", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="per instance (default: cores shared out)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG of attainment against rate (default: beside --json)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from tokenpool.cli.serve_command import TINY, catalogue
+
+    policies = _parse_policies(args.policies)
+    rates = _parse_rates(args.rates)
+    models = catalogue(args.model or list(TINY))
+    pairs, count_tokens = _conversations(models)
+    report = {"sweep": "rate_per_model", "command": " ".join(["tokenpool", *sys.argv[1:]]),
+              "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "models": list(models), "duration_s": args.duration, "policies": {}}
+    slo = None
+    for policy in policies:
+        served = _served(policy, models, args)
+        result, slo = _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args)
+        report["policies"][policy] = result
+    report["slo"] = {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s,
+                     "how": f"TBT = the decode instance's default target (4x the slowest model's "
+                            f"single-sequence step here); TTFT = {TTFT_PER_TBT:g}x TBT"}
+    _set_goodputs(report["policies"])
+    _write(args, report)
+
+
+def _parse_policies(text: str) -> list[str]:
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or not policies:
+        raise ValueError(f"--policies {text!r}: expected a comma-separated list from {', '.join(POLICIES)}")
+    return policies
+
+
+def _parse_rates(text: str) -> list[float]:
+    try:
+        rates = sorted(float(r) for r in text.split(","))
+    except ValueError:
+        raise ValueError(f"--rates {text!r}: expected comma-separated numbers") from None
+    if not rates or rates[0] <= 0:
+        raise ValueError(f"--rates {text!r}: every rate must be positive")
+    return rates
+
+
+def _conversations(models: dict[str, Path]):
+    from tokenpool.bench.sharegpt import load_pairs
+    from tokenpool.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(next(iter(models.values())))
+    return load_pairs(), lambda text: len(tokenizer.encode(text))
+
+
+def _served(policy: str, models: dict[str, Path], args) -> dict[str, Path]:
+    """static: only as many models as instances of each kind (each pinned, resident)."""
+    if policy != "static":
+        return models
+    return dict(list(models.items())[:min(args.prefill, args.decode)])
+
+
+def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
+    from tokenpool.compose.launcher import Stack, StackConfig
+
+    tbt_ms = slo.tbt_s * 1e3 if slo else None
+    config = StackConfig(models=served, prefill=args.prefill, decode=args.decode, port=0, policy=policy,
+                         threads=args.threads, tbt_ms=tbt_ms)
+    with tempfile.TemporaryDirectory(prefix="tokenpool-bench-") as logs, Stack(config, Path(logs)) as stack:
+        print(f"[{policy}] starting the stack ({', '.join(served)})", file=sys.stderr, flush=True)
+        stack.start(progress=lambda line: None)
+        slo = slo or _scaled_slo(stack)
+        points = []
+        for rate in rates:
+            workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
+                                      args.max_output_tokens)
+            trace = make_trace(workload, pairs, count_tokens)
+            label = f"[{policy}] {rate:g}"
+            results = asyncio.run(replay(stack.address, trace, set(served), args.duration, label))
+            point = summarize(rate, results, slo)
+            print(f"[{policy}] rate {rate:g}/s per model: attainment {point.attainment:.1%}, "
+                  f"TTFT p50 {point.ttft_p50:.2f} s, TBT p50 {point.tbt_p50 * 1e3:.0f} ms", file=sys.stderr)
+            points.append(point)
+    return {"points": [asdict(p) for p in points], "served_models": list(served)}, slo
+
+
+def _scaled_slo(stack) -> SLO:
+    import grpc
+    from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+    from tokenpool.protos.internal.v1 import instances_pb2_grpc
+
+    decode = next(s for s in stack.services if s.name.startswith("decode"))
+    with grpc.insecure_channel(decode.address) as channel:
+        status = instances_pb2_grpc.DecodeStub(channel).Status(ipb.StatusRequest(), timeout=30)
+    if not status.tbt_target_s:
+        raise RuntimeError("the decode instance reports no TBT target (start the first policy as aegaeon)")
+    return SLO(ttft_s=TTFT_PER_TBT * status.tbt_target_s, tbt_s=status.tbt_target_s)
+
+
+async def replay(address: str, trace: list[TraceRequest], served: set[str], duration: float,
+                 label: str) -> list[RequestResult]:
+    """Send each request at its arrival time (open loop) and record its tokens' arrival times.
+    Requests for models the stack does not serve, or still running at the drain deadline, score 0."""
+    import grpc
+    from tokenpool.protos.v1 import inference_pb2 as pb
+    from tokenpool.protos.v1 import inference_pb2_grpc
+
+    start = time.monotonic()
+    deadline = duration * (1 + DRAIN_FACTOR)
+    done = [0]
+
+    async def one(channel, request: TraceRequest) -> RequestResult:
+        await asyncio.sleep(max(0.0, request.arrival_s - (time.monotonic() - start)))
+        times: list[float] = []
+        if request.model not in served:
+            return RequestResult(request.arrival_s, [], finished=False)
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        sampling = pb.SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
+        message = pb.GenerateRequest(model=request.model, text=request.prompt, request_id=request.request_id,
+                                     sampling=sampling)
+        finished = False
+        try:
+            call = stub.Generate(message, timeout=max(1.0, deadline - request.arrival_s))
+            async for response in call:
+                now = time.monotonic() - start
+                times += [now] * len(response.token_ids)
+                finished = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        except grpc.aio.AioRpcError:
+            finished = False
+        done[0] += 1
+        return RequestResult(request.arrival_s, times, finished)
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            sent = sum(1 for r in trace if r.arrival_s <= time.monotonic() - start)
+            print(f"{label}: {sent}/{len(trace)} sent, {done[0]} done", file=sys.stderr, flush=True)
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reporter = asyncio.create_task(progress())
+        try:
+            return list(await asyncio.gather(*(one(channel, r) for r in trace)))
+        finally:
+            reporter.cancel()
+
+
+def _set_goodputs(policies: dict[str, dict]) -> None:
+    """Each policy's goodput; a policy below 90% even at the lowest rate gets 0 and a note (static
+    serving few models does). ValueError, before anything is written, if no policy reaches 90%."""
+    notes = []
+    for policy, result in policies.items():
+        try:
+            result["goodput"] = goodput([LoadPoint(**p) for p in result["points"]])
+        except ValueError as exc:
+            result["goodput"], result["note"] = 0.0, str(exc)
+            notes.append(f"{policy}: {exc}")
+    if len(notes) == len(policies):
+        raise ValueError(f"the sweep never reaches 90% attainment ({'; '.join(notes)}); lower --rates "
+                         "(no result files were written)")
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def _write(args, report: dict) -> None:
+    """JSON and PNG, both or neither."""
+    plot = args.plot or args.json.with_suffix(".png")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = args.json.with_name(args.json.name + ".tmp")
+    tmp_json.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        _plot(report, plot)
+    except BaseException:
+        tmp_json.unlink(missing_ok=True)
+        raise
+    tmp_json.replace(args.json)
+    print_table(report)
+    print(f"wrote {args.json} and {plot}")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, result in report["policies"].items():
+        points = result["points"]
+        ax.plot([p["load"] for p in points], [p["attainment"] * 100 for p in points], marker="o",
+                label=f"{policy} (goodput {result['goodput']:g}/s)")
+    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("requests per second, per model")
+    ax.set_ylabel("mean SLO attainment (%)")
+    ax.set_title(f"{len(report['models'])} models, TTFT {report['slo']['ttft_s']:.1f} s, "
+                 f"TBT {report['slo']['tbt_s'] * 1e3:.0f} ms")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def print_table(report: dict) -> None:
+    print(f"\nSLO: TTFT {report['slo']['ttft_s']:.2f} s, TBT {report['slo']['tbt_s'] * 1e3:.1f} ms")
+    head = ("policy", "rate/s", "attain", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99")
+    print("".join(f"{h:>10}" for h in head))
+    for policy, result in report["policies"].items():
+        for p in result["points"]:
+            cells = (policy, f"{p['load']:g}", f"{p['attainment']:.1%}", f"{p['ttft_p50']:.2f}",
+                     f"{p['ttft_p99']:.2f}", f"{p['tbt_p50'] * 1e3:.0f}", f"{p['tbt_p99'] * 1e3:.0f}")
+            print("".join(f"{c:>10}" for c in cells))
+        served = ", ".join(result["served_models"])
+        print(f"{policy:>10} goodput {result['goodput']:g} req/s per model; serves {served}")
+        if "note" in result:
+            print(f"{'':>10} {result['note']}")

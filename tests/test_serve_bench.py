@@ -1,0 +1,52 @@
+"""`tokenpool bench serve`: argument checks, goodput per policy, all-or-nothing output, and one
+short live run against a real stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenpool.bench import serve_bench
+from tokenpool.cli.main import main
+
+
+def point(load, attainment):
+    return {"load": load, "attainment": attainment, "ttft_p50": 0.1, "ttft_p99": 0.2, "tbt_p50": 0.01,
+            "tbt_p99": 0.02}
+
+
+def test_goodput_per_policy_and_a_policy_that_never_reaches_90_percent_gets_a_note():
+    policies = {"aegaeon": {"points": [point(1, 0.99), point(2, 0.95), point(4, 0.5)]},
+                "static": {"points": [point(1, 0.3), point(2, 0.2)]}}
+    serve_bench._set_goodputs(policies)
+    assert policies["aegaeon"]["goodput"] == 2 and "note" not in policies["aegaeon"]
+    assert policies["static"]["goodput"] == 0 and "never reaches 90%" in policies["static"]["note"]
+
+
+def test_a_sweep_where_no_policy_reaches_90_percent_is_an_error():
+    with pytest.raises(ValueError, match="the sweep never reaches 90% attainment"):
+        serve_bench._set_goodputs({"request": {"points": [point(1, 0.5)]}})
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--rates", "1,x"], "--rates '1,x'"), (["--rates", "0,1"], "must be positive"),
+    (["--policies", "aegaeon,fifo"], "--policies 'aegaeon,fifo'"),
+])
+def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags, needle):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--json", str(out), *flags]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_a_short_live_run_writes_json_and_a_plot(tmp_path, tiny_dir):
+    out = tmp_path / "serve.json"
+    models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
+    assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
+                 "--duration", "3", "--threads", "1", *models]) == 0
+    report = json.loads(out.read_text())
+    assert report["sweep"] == "rate_per_model" and set(report["policies"]) == {"aegaeon"}
+    result = report["policies"]["aegaeon"]
+    assert result["goodput"] == 0.5 and result["points"][0]["attainment"] >= 0.9
+    assert report["slo"]["ttft_s"] == pytest.approx(100 * report["slo"]["tbt_s"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
