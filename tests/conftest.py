@@ -63,3 +63,30 @@ def six_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     for name in ("tiny-llama", "tiny-mistral"):
         models[f"{name}-2l"] = cut_layers(tiny_dir / name, root / f"{name}-2l", 2)
     return models
+
+
+def _bad_requests():
+    """(GenerateRequest fields, status, a phrase the message must hold): every front door refuses these."""
+    import grpc
+    from tokenpool.protos.v1 import inference_pb2 as pb
+
+    return [
+        ({"model": "nope", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+        ({"model": "tiny-llama", "text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=0)},
+         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=10**6)},
+         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(temperature=-1)},
+         grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(top_p=1.5)},
+         grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[5] * 5000)}, grpc.StatusCode.OUT_OF_RANGE,
+         "context"),
+        ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[10**6])}, grpc.StatusCode.INVALID_ARGUMENT,
+         "vocabulary"),
+        ({"model": "tiny-llama", "text": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ]
+
+
+BAD_REQUESTS = _bad_requests()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import BAD_REQUESTS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
@@ -73,23 +74,7 @@ def test_concurrent_streams_give_the_engines_greedy_tokens(stub, tiny_dir):
         assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
 
 
-@pytest.mark.parametrize("request_kwargs, code, needle", [
-    ({"model": "nope", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "'nope'"),
-    ({"model": "tiny-llama", "text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=0)},
-     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=10**6)},
-     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(temperature=-1)},
-     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(top_p=1.5)},
-     grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[5] * 5000)}, grpc.StatusCode.OUT_OF_RANGE,
-     "context"),
-    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[10**6])}, grpc.StatusCode.INVALID_ARGUMENT,
-     "vocabulary"),
-    ({"model": "tiny-llama", "text": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
-])
+@pytest.mark.parametrize("request_kwargs, code, needle", BAD_REQUESTS)
 def test_bad_requests_get_the_right_status_and_the_server_stays_up(stub, request_kwargs, code, needle):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=30))

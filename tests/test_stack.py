@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import BAD_REQUESTS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenpool.compose.launcher import Stack, StackConfig
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
@@ -162,21 +163,7 @@ def test_a_full_request_table_refuses_at_once(stack, stub):
     assert len(stream(stub, "tiny-mistral", "room again", 4)[-1].token_ids) >= 1
 
 
-@pytest.mark.parametrize("request_kwargs, code, needle", [
-    ({"model": "nope", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "'nope'"),
-    ({"model": "tiny-llama", "text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=0)},
-     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(max_tokens=10**6)},
-     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ({"model": "tiny-llama", "text": "hi", "sampling": pb.SamplingParams(temperature=-1)},
-     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[5] * 5000)}, grpc.StatusCode.OUT_OF_RANGE,
-     "context"),
-    ({"model": "tiny-llama", "token_ids": pb.TokenIds(ids=[10**6])}, grpc.StatusCode.INVALID_ARGUMENT,
-     "vocabulary"),
-    ({"model": "tiny-llama", "text": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
-])
+@pytest.mark.parametrize("request_kwargs, code, needle", BAD_REQUESTS)
 def test_bad_requests_get_the_right_status_and_the_stack_stays_up(stack, stub, request_kwargs, code, needle):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=30))

@@ -1,0 +1,79 @@
+"""Measured GPU latency profiles (bench/profiles/*.json, from the Aegaeon artifact) as the
+step-time models the schedulers and the simulator use.
+
+A file holds, per model, rows of {input_len, batch, prefill_s, decode_step_s}; a row says
+prefilling `batch` prompts of `input_len` tokens took prefill_s, and one decode step of
+`batch` sequences at a context of about `input_len` took decode_step_s. Fitted here:
+
+    decode:  a + b * (batch * input_len) + c * batch      (StepTimeModel: sum_seq_len, batch_size)
+    prefill: a + b * (batch * input_len)                   (PrefillTimeModel: tokens)
+
+Weights are bf16 (2 bytes a parameter); the parameter counts are the models' own (see the
+profiles' README). Switch time = weight bytes over the host-to-device bandwidth, which is
+stated with its source rather than measured (no GPU here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenpool.engine.step_time_model import PrefillTimeModel, StepTimeModel, TimingProfile
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+ROW_FIELDS = ("input_len", "batch", "prefill_s", "decode_step_s")
+PARAMETERS = {"qwen2_5_7b": 7.6e9, "yi1_5_9b_chat": 8.8e9, "llama2_13b_chat": 13.0e9}
+BYTES_PER_PARAMETER = 2  # bf16
+# PCIe 5.0 x16 moves 64 GB/s each way in theory; ~50 GB/s is what host-to-device copies from
+# pinned memory reach in practice (the H800 testbed of the paper is PCIe 5 x16).
+H2D_GBPS = {"H800": 50.0, "H100": 50.0, "H20": 50.0, "A100": 25.0, "A10": 25.0}  # A100/A10: PCIe 4
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file, model, row and field."""
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    gpu: str
+    h2d_gbps: float
+    models: dict[str, TimingProfile]
+
+    def switch_seconds(self, model: str) -> float:
+        return self.models[model].weight_bytes / (self.h2d_gbps * 1e9)
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def load(name_or_path: str | Path) -> GpuProfile:
+    """A profile by GPU name (h800, h100, h20, a100, a10) or path; ProfileError naming the problem."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{str(name_or_path).lower()}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"profile {path}: {exc} (available: {', '.join(available())})") from None
+    for key in ("gpu", "models"):
+        if key not in data:
+            raise ProfileError(f"profile {path}: missing field {key!r}")
+    gpu = str(data["gpu"])
+    if gpu not in H2D_GBPS:
+        raise ProfileError(f"profile {path}: no host-to-device bandwidth known for GPU {gpu!r}")
+    models = {m: _fit(path, m, rows) for m, rows in data["models"].items()}
+    return GpuProfile(gpu, H2D_GBPS[gpu], models)
+
+
+def _fit(path: Path, model: str, rows: list) -> TimingProfile:
+    if model not in PARAMETERS:
+        raise ProfileError(f"profile {path}: unknown model {model!r}; known: {', '.join(PARAMETERS)}")
+    for i, row in enumerate(rows):
+        missing = [f for f in ROW_FIELDS if f not in row]
+        if missing:
+            raise ProfileError(f"profile {path}: {model} row {i} lacks {', '.join(missing)}")
+    decode = StepTimeModel.fit([(r["batch"] * r["input_len"], r["batch"], r["decode_step_s"]) for r in rows])
+    prefill = PrefillTimeModel.fit([(r["batch"] * r["input_len"], r["prefill_s"]) for r in rows])
+    return TimingProfile(decode, prefill, int(PARAMETERS[model] * BYTES_PER_PARAMETER))
