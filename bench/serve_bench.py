@@ -49,6 +49,8 @@ def add_parser(commands) -> None:
     p.add_argument("--decode", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="per instance (default: cores shared out)")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--raw", type=Path, default=None,
+                   help="also write every request's token times (JSONL), to re-score other SLOs later")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of attainment against rate (default: beside --json)")
     p.set_defaults(run=run)
@@ -119,18 +121,21 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
         print(f"[{policy}] starting the stack ({', '.join(served)})", file=sys.stderr, flush=True)
         stack.start(progress=lambda line: None)
         slo = slo or _scaled_slo(stack)
-        points = []
+        points, raw = [], []
         for rate in rates:
             workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
                                       args.max_output_tokens)
             trace = make_trace(workload, pairs, count_tokens)
             label = f"[{policy}] {rate:g}"
             results = asyncio.run(replay(stack.address, trace, set(served), args.duration, label))
+            raw.extend({"policy": policy, "rate": rate, "request_id": r.request_id, "model": r.model,
+                        "arrival_s": res.arrival_s, "token_times": res.token_times, "finished": res.finished}
+                       for r, res in zip(trace, results, strict=True))
             point = summarize(rate, results, slo)
             print(f"[{policy}] rate {rate:g}/s per model: attainment {point.attainment:.1%}, "
                   f"TTFT p50 {point.ttft_p50:.2f} s, TBT p50 {point.tbt_p50 * 1e3:.0f} ms", file=sys.stderr)
             points.append(point)
-    return {"points": [asdict(p) for p in points], "served_models": list(served)}, slo
+    return {"points": [asdict(p) for p in points], "served_models": list(served), "_raw": raw}, slo
 
 
 def _scaled_slo(stack) -> SLO:
@@ -216,17 +221,25 @@ def _machine() -> str:
 
 
 def _write(args, report: dict) -> None:
-    """JSON and PNG, both or neither."""
+    """JSON and PNG (and the raw JSONL if asked), all or none."""
+    raw = [record for result in report["policies"].values() for record in result.pop("_raw")]
     plot = args.plot or args.json.with_suffix(".png")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp_json = args.json.with_name(args.json.name + ".tmp")
     tmp_json.write_text(json.dumps(report, indent=2) + "\n")
+    tmp_raw = args.raw.with_name(args.raw.name + ".tmp") if args.raw else None
     try:
+        if tmp_raw is not None:
+            tmp_raw.write_text("".join(json.dumps(r) + "\n" for r in raw))
         _plot(report, plot)
     except BaseException:
         tmp_json.unlink(missing_ok=True)
+        if tmp_raw is not None:
+            tmp_raw.unlink(missing_ok=True)
         raise
     tmp_json.replace(args.json)
+    if tmp_raw is not None:
+        tmp_raw.replace(args.raw)
     print_table(report)
     print(f"wrote {args.json} and {plot}")
 

@@ -42,11 +42,16 @@ def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags,
 def test_a_short_live_run_writes_json_and_a_plot(tmp_path, tiny_dir):
     out = tmp_path / "serve.json"
     models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
+    raw = tmp_path / "raw.jsonl"
     assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
-                 "--duration", "3", "--threads", "1", *models]) == 0
+                 "--duration", "3", "--threads", "1", "--raw", str(raw), *models]) == 0
     report = json.loads(out.read_text())
     assert report["sweep"] == "rate_per_model" and set(report["policies"]) == {"aegaeon"}
     result = report["policies"]["aegaeon"]
     assert result["goodput"] == 0.5 and result["points"][0]["attainment"] >= 0.9
     assert report["slo"]["ttft_s"] == pytest.approx(100 * report["slo"]["tbt_s"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert records and all(r["policy"] == "aegaeon" and r["rate"] == 0.5 for r in records)
+    assert all(r["finished"] and r["token_times"][0] >= r["arrival_s"] for r in records)
+    assert "_raw" not in report["policies"]["aegaeon"]
