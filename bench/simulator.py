@@ -1,0 +1,439 @@
+"""A discrete-event simulation of a tokenpool fleet that drives the real scheduler classes.
+
+Each instance is an actor on its own thread, but only one runs at a time: the world hands
+a baton to whichever actor's next event is earliest, so the simulation is sequential and
+deterministic. A decode actor runs the live policy class unchanged (DecodeScheduler,
+RequestLevelTurns, RoundRobinTurns) over a simulated TurnRunner whose steps and switches
+advance the simulated clock by the profile's predictions; a prefill actor runs the live
+grouped-FCFS PrefillQueue. Dispatch follows the proxy's rules.
+
+    arrival -> prefill queue (grouped FCFS) -> prefill time -> first token
+            -> decode instance (dispatch) -> batch joins at its model's next turn -> tokens
+
+What is left out: KV capacity limits (batches are capped at MAX_BATCH sequences), KV
+transfer time (node-local hand-off is memory-speed), and the cost of the proxy itself.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenpool.bench.metrics import RequestResult
+from tokenpool.decode_svc.decode_scheduler import DecodeScheduler, Predictor
+from tokenpool.decode_svc.quota import QuotaConfig
+from tokenpool.engine.step_time_model import TimingProfile
+from tokenpool.engine.turn_policy import (
+    BatchInfo,
+    RequestLevelTurns,
+    RoundRobinTurns,
+    TurnPolicy,
+    check_policy,
+)
+from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
+
+MAX_BATCH = 64
+
+
+@dataclass
+class SimRequest:
+    request_id: str
+    model: str
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    token_times: list[float] = field(default_factory=list)
+    decode: object = None  # the SimDecode it was dispatched to
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_tokens + len(self.token_times)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.token_times) >= self.max_tokens
+
+
+class World:
+    """The simulated clock and the baton: events run in time order, one actor at a time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list = []
+        self._order = itertools.count()
+        self._yielded = threading.Semaphore(0)
+
+    def at(self, time: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (time, next(self._order), fn))
+
+    def run(self) -> None:
+        while self._events:
+            time, _, item = heapq.heappop(self._events)
+            self.now = max(self.now, time)
+            if isinstance(item, Actor):
+                item.resume()
+            else:
+                item()
+
+
+class _Stopped(Exception):
+    """Unwinds an actor's thread when the simulation is over."""
+
+
+class Actor:
+    """A thread that runs only while it holds the world's baton."""
+
+    def __init__(self, world: World, body: Callable[[Actor], None], name: str) -> None:
+        self.world = world
+        self.parked = False
+        self.stopped = False
+        self._go = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._main, args=(body,), name=name, daemon=True)
+        self._thread.start()
+        world.at(0.0, self)
+
+    def _main(self, body) -> None:
+        self._go.acquire()
+        try:
+            if not self.stopped:
+                body(self)
+        except _Stopped:
+            pass
+
+    def stop(self) -> None:
+        """End the thread (it is parked or waiting: the world has no more events)."""
+        self.stopped = True
+        self._go.release()
+
+    def resume(self) -> None:
+        self._go.release()
+        self.world._yielded.acquire()
+
+    def sleep(self, seconds: float) -> None:
+        self.world.at(self.world.now + max(0.0, seconds), self)
+        self._yield()
+
+    def park(self) -> None:
+        """Wait until someone wake()s this actor."""
+        self.parked = True
+        self._yield()
+
+    def wake(self) -> None:
+        if self.parked:
+            self.parked = False
+            self.world.at(self.world.now, self)
+
+    def _yield(self) -> None:
+        self.world._yielded.release()
+        self._go.acquire()
+        if self.stopped:
+            raise _Stopped
+
+
+class SimDecodeRunner:
+    """The TurnRunner of a simulated decode instance."""
+
+    def __init__(self, world: World, profiles: dict[str, TimingProfile], switch_s: Callable[[str], float],
+                 on_finish: Callable[[SimRequest], None]) -> None:
+        self.world, self.profiles, self.switch_s, self.on_finish = world, profiles, switch_s, on_finish
+        self.actor: Actor | None = None
+        self.batches: dict[str, list[SimRequest]] = {}
+        self.incoming: dict[str, list[SimRequest]] = {}
+        self.arrivals: dict[str, str] = {}
+        self.active: str | None = None
+        self.prefetched: tuple[str, float] | None = None
+        self.switches = 0
+
+    def admit(self, request: SimRequest) -> None:
+        self.incoming.setdefault(request.model, []).append(request)
+        self.arrivals[request.request_id] = request.model
+        self.actor.wake()
+
+    def now(self) -> float:
+        return self.world.now
+
+    def models_with_work(self) -> list[str]:
+        models = {m for m, b in self.batches.items() if b} | {m for m, q in self.incoming.items() if q}
+        return [m for m in dict.fromkeys(self.arrivals.values()) if m in models]
+
+    def batch(self, model: str) -> BatchInfo:
+        seqs = self.batches.get(model, []) + self.incoming.get(model, [])
+        return BatchInfo(model, len(seqs), sum(s.seq_len for s in seqs))
+
+    def has_work(self, model: str) -> bool:
+        return bool(self.batches.get(model) or self.incoming.get(model))
+
+    def activate(self, model: str) -> bool:
+        if model != self.active:
+            cost = self.switch_s(model)
+            if self.prefetched and self.prefetched[0] == model:
+                cost = max(0.0, cost - (self.world.now - self.prefetched[1]))
+            self.actor.sleep(cost)
+            self.active, self.prefetched = model, None
+            self.switches += 1
+        return True
+
+    def prefetch(self, model: str) -> None:
+        self.prefetched = (model, self.world.now)
+
+    def step(self, model: str) -> int:
+        batch = self.batches.setdefault(model, [])
+        waiting = self.incoming.get(model, [])
+        while waiting and len(batch) < MAX_BATCH:
+            batch.append(waiting.pop(0))
+        if not batch:
+            return 0
+        self.actor.sleep(self.profiles[model].decode.predict(sum(s.seq_len for s in batch), len(batch)))
+        for seq in batch:
+            seq.token_times.append(self.world.now)
+        for seq in [s for s in batch if s.finished]:
+            batch.remove(seq)
+            self.arrivals.pop(seq.request_id, None)
+            self.on_finish(seq)
+        return len(batch)
+
+
+@dataclass
+class _Load:
+    by_model: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_model.values())
+
+
+@dataclass
+class SimDecode:
+    name: str
+    runner: SimDecodeRunner
+    policy: TurnPolicy
+    load: _Load = field(default_factory=_Load)
+
+
+@dataclass
+class SimConfig:
+    policy: str
+    num_prefill: int
+    num_decode: int
+    tbt_s: float
+    qmax_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy)
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError(f"need >= 1 prefill and decode instances, got {self.num_prefill} and "
+                             f"{self.num_decode}")
+
+
+class Simulation:
+    """One run: the requests of a trace through the fleet; results per request."""
+
+    def __init__(self, config: SimConfig, profiles: dict[str, TimingProfile],
+                 switch_s: Callable[[str], float], models: Sequence[str]) -> None:
+        self.config, self.profiles, self.switch_s = config, profiles, switch_s
+        self.models = list(models)
+        if config.policy == "static" and len(self.models) > min(config.num_prefill, config.num_decode):
+            raise ValueError(f"static needs an instance of each kind per model: {len(self.models)} models")
+        self.world = World()
+        self._pending: dict[str, SimRequest] = {}
+        self.prefill = [self._prefill_actor(i) for i in range(config.num_prefill)]
+        self.decode = [self._decode_instance(i) for i in range(config.num_decode)]
+        self.waiting: list[SimRequest] = []  # request policy: waiting for a decode instance
+        self.prefill_load = [0] * config.num_prefill
+
+    def run(self, requests: Sequence[SimRequest]) -> list[RequestResult]:
+        for request in requests:
+            self.world.at(request.arrival_s, lambda r=request: self._arrive(r))
+        try:
+            self.world.run()
+        finally:
+            for actor in [a for _, a in self.prefill] + [d.runner.actor for d in self.decode]:
+                actor.stop()
+        return [RequestResult(r.arrival_s, r.token_times, r.finished) for r in requests]
+
+    # -- placement ---------------------------------------------------------------
+
+    def _arrive(self, request: SimRequest) -> None:
+        if self.config.policy == "request":
+            self.waiting.append(request)
+            self._admit_waiting()
+        else:
+            self._start(request, self._choose_decode(request.model))
+
+    def _choose_decode(self, model: str) -> SimDecode:
+        if self.config.policy == "static":
+            return self.decode[self.models.index(model)]
+        with_room = [d for d in self.decode if 0 < d.load.by_model.get(model, 0) < MAX_BATCH]
+        if with_room:
+            return with_room[0]
+        return min(self.decode, key=lambda d: (len(d.load.by_model), d.load.total))
+
+    def _admit_waiting(self) -> None:
+        """request policy: FCFS; a request takes the instance serving its model, or an idle one."""
+        while self.waiting:
+            model = self.waiting[0].model
+            serving = [d for d in self.decode if d.load.by_model.get(model, 0) > 0]
+            idle = [d for d in self.decode if d.load.total == 0]
+            choice = (serving or idle or [None])[0]
+            if choice is None:
+                return
+            self._start(self.waiting.pop(0), choice)
+
+    def _start(self, request: SimRequest, decode: SimDecode) -> None:
+        decode.load.by_model[request.model] = decode.load.by_model.get(request.model, 0) + 1
+        request.decode = decode
+        index = self._choose_prefill(request.model)
+        queue, actor = self.prefill[index]
+        queue.add(request.request_id, request.model, self.profiles[request.model].prefill.predict(
+            request.prompt_tokens))
+        self._pending[request.request_id] = request
+        self.prefill_load[index] += 1
+        actor.wake()
+
+    def _choose_prefill(self, model: str) -> int:
+        if self.config.policy == "static":
+            return self.models.index(model)
+        for i, (queue, _) in enumerate(self.prefill):
+            if queue.group_with_room(model) is not None:
+                return i
+        return min(range(len(self.prefill)), key=lambda i: self.prefill_load[i])
+
+    # -- actors ----------------------------------------------------------------------
+
+    def _prefill_actor(self, index: int):
+        group = MAX_GROUP_SIZE if self.config.policy == "aegaeon" else 1
+        queue = PrefillQueue(group)
+        state = {"active": None}
+
+        def body(actor: Actor) -> None:
+            while True:
+                head = queue.pop_next()
+                if head is None:
+                    actor.park()
+                    continue
+                request = self._pending.pop(head[0])
+                if state["active"] != request.model:
+                    actor.sleep(self.switch_s(request.model))
+                    state["active"] = request.model
+                actor.sleep(self.profiles[request.model].prefill.predict(request.prompt_tokens))
+                request.token_times.append(self.world.now)
+                self.prefill_load[index] -= 1
+                if request.finished:
+                    self._finish(request)
+                else:
+                    request.decode.runner.admit(request)
+
+        return queue, Actor(self.world, body, f"prefill-{index}")
+
+    def _decode_instance(self, index: int) -> SimDecode:
+        runner = SimDecodeRunner(self.world, self.profiles, self.switch_s, self._finish)
+        policy = self._decode_policy()
+
+        def body(actor: Actor) -> None:
+            while True:
+                if not policy.run_turn(runner):
+                    actor.park()
+
+        runner.actor = Actor(self.world, body, f"decode-{index}")
+        return SimDecode(f"decode-{index}", runner, policy)
+
+    def _decode_policy(self) -> TurnPolicy:
+        if self.config.policy == "request":
+            return RequestLevelTurns()
+        if self.config.policy == "static":
+            return RoundRobinTurns()
+        predictor = Predictor(lambda b: self.profiles[b.model].decode.predict(b.sum_seq_len, b.num_seqs),
+                              self.switch_s)
+        return DecodeScheduler(QuotaConfig(self.config.tbt_s, self.config.qmax_s), predictor)
+
+    def _finish(self, request: SimRequest) -> None:
+        decode = request.decode
+        decode.load.by_model[request.model] -= 1
+        if not decode.load.by_model[request.model]:
+            del decode.load.by_model[request.model]
+        if self.config.policy == "request":
+            self._admit_waiting()
+
+
+# -- `tokenpool sim`: the paper's setting on measured GPU profiles -------------------------
+
+SHAPE_MIX = ("qwen2_5_7b", "qwen2_5_7b", "qwen2_5_7b", "yi1_5_9b_chat", "llama2_13b_chat")  # 60/20/20
+CHARS_PER_TOKEN = 4  # prompts are counted by a rule of thumb: these models' tokenizers are not here
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("sim", help="simulate a fleet on measured GPU profiles (the paper's setting)")
+    p.add_argument("--profile", default="h800", help="h800, h100, h20, a100, a10 or a JSON path")
+    p.add_argument("--policies", default="aegaeon,request")
+    p.add_argument("--prefill", type=int, default=6)
+    p.add_argument("--decode", type=int, default=10)
+    p.add_argument("--rate", type=float, default=0.1, help="requests per second, per model")
+    p.add_argument("--models", default="16,32,48,64,80", help="numbers of models to sweep")
+    p.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per point")
+    p.add_argument("--ttft-s", type=float, default=10.0)
+    p.add_argument("--tbt-ms", type=float, default=100.0)
+    p.add_argument("--max-output-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(run=run_cli)
+
+
+def run_cli(args) -> None:
+    from tokenpool.bench import gpu_profiles
+    from tokenpool.bench.metrics import SLO, goodput, summarize
+    from tokenpool.bench.sharegpt import load_pairs
+
+    gpu = gpu_profiles.load(args.profile)
+    policies = [p for p in args.policies.split(",") if p]
+    counts = sorted(int(n) for n in args.models.split(","))
+    slo = SLO(args.ttft_s, args.tbt_ms / 1e3)
+    shapes = [s for s in SHAPE_MIX if s in gpu.models] or list(gpu.models)
+    pairs = load_pairs()
+    report = {"sweep": "models", "profile": gpu.gpu, "h2d_gbps": gpu.h2d_gbps, "rate_per_model": args.rate,
+              "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policies": {}}
+    for policy in policies:
+        points = []
+        for count in counts:
+            names = [f"m{i:03d}" for i in range(count)]
+            shape_of = {n: shapes[i % len(shapes)] for i, n in enumerate(names)}
+            requests = _requests(names, args, pairs)
+            sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s),
+                             {n: gpu.models[shape_of[n]] for n in names},
+                             lambda n, s=shape_of: gpu.switch_seconds(s[n]), names)
+            point = summarize(count, sim.run(requests), slo)
+            print(f"[{policy}] {count} models: attainment {point.attainment:.1%}", file=sys.stderr,
+                  flush=True)
+            points.append(point)
+        try:
+            best = goodput(points)
+        except ValueError as exc:
+            best, note = 0.0, str(exc)
+        else:
+            note = None
+        report["policies"][policy] = {"goodput": best, "points": [asdict(p) for p in points],
+                                      **({"note": note} if note else {})}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(args.json)
+    for policy, result in report["policies"].items():
+        cells = ", ".join(f"{p['load']:g} models {p['attainment']:.0%}" for p in result["points"])
+        print(f"{policy:>10}: {cells}; goodput {result['goodput']:g} models")
+    print(f"wrote {args.json}")
+
+
+def _requests(names: list[str], args, pairs) -> list[SimRequest]:
+    from tokenpool.bench.workload import WorkloadConfig, make_trace
+
+    def count(text: str) -> int:
+        return len(text) // CHARS_PER_TOKEN + 1
+
+    workload = WorkloadConfig(tuple(names), args.rate, args.duration, args.seed, 2048, args.max_output_tokens)
+    trace = make_trace(workload, pairs, count)
+    return [SimRequest(r.request_id, r.model, r.arrival_s, count(r.prompt), r.max_tokens) for r in trace]
