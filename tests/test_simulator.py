@@ -70,3 +70,25 @@ def test_the_simulation_is_deterministic_and_bad_settings_are_refused():
         SimConfig("fifo", 1, 1, 0.1)
     with pytest.raises(ValueError, match="static needs"):
         Simulation(SimConfig("static", 1, 1, 0.1), PROFILES, lambda m: SWITCH, ["a", "b"])
+
+
+def test_tokenpool_sim_writes_a_sweep_per_policy(tmp_path):
+    import json
+
+    from tokenpool.cli.main import main
+
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--profile", "h800", "--models", "2,4", "--duration", "20", "--prefill", "1",
+                 "--decode", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sweep"] == "models" and set(report["policies"]) == {"aegaeon", "request"}
+    for result in report["policies"].values():
+        assert [p["load"] for p in result["points"]] == [2, 4] and "goodput" in result
+
+
+def test_tokenpool_sim_refuses_an_unknown_profile(tmp_path, capsys):
+    from tokenpool.cli.main import main
+
+    assert main(["sim", "--profile", "v100", "--json", str(tmp_path / "x.json")]) == 2
+    assert "available: a10, a100, h100, h20, h800" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
