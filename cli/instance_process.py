@@ -23,6 +23,7 @@ from tokenpool.engine.turn_policy import POLICIES
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE
 
 from .instance_setup import add_engine_args, build_engine, parse_models
+from .service_process import run_service
 
 ROLES = ("prefill", "decode")
 STOP_GRACE_S = 3.0
@@ -121,11 +122,4 @@ def main(role: str, argv: list[str] | None = None) -> int:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     args = build_parser(role).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s: %(message)s")
-    import uvloop
-
-    try:
-        uvloop.run(serve(role, args))
-    except (OSError, ValueError, MemoryError, RuntimeError) as exc:
-        print(f"tokenpool: {args.name}: cannot serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(serve(role, args), args.name)

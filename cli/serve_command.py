@@ -7,9 +7,7 @@ engine. The disaggregated stack (`tokenpool up`) replaces the backend, not the A
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -58,26 +56,26 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
+    from tokenpool.protos.v1 import inference_pb2_grpc
     from tokenpool.proxy.inference_servicer import InferenceServicer
     from tokenpool.proxy.local_backend import LocalBackend
     from tokenpool.proxy.request_table import make_request_table
     from tokenpool.proxy.served_model import served_models
-    from tokenpool.proxy.server import start_server
+
+    from .service_process import start_grpc_server, wait_for_signal
 
     engine = build_engine(args, folders)
     served = served_models(engine)
     backend = LocalBackend(engine)
     table = make_request_table("shm", name=f"serve-{os.getpid()}", capacity=args.table_slots, create=True)
-    server, port = await start_server(f"{args.host}:{args.port}", InferenceServicer(backend, served, table))
-    print(f"tokenpool: serving {', '.join(served)} on {args.host}:{port} "
+    servicer = InferenceServicer(backend, served, table)
+    server = await start_grpc_server(f"{args.host}:{args.port}", [
+        (inference_pb2_grpc.add_InferenceServicer_to_server, servicer)], ["tokenpool.v1.Inference"])
+    print(f"tokenpool: serving {', '.join(served)} on {server.address} "
           f"(tokenpool.v1.Inference; health and reflection on)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_signal()
     print("tokenpool: shutting down", file=sys.stderr, flush=True)
-    await server.stop(grace=5)
+    await server.grpc.stop(grace=5)
     await backend.close()
     engine.close()
     table.close()

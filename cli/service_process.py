@@ -16,7 +16,8 @@ import faulthandler
 import json
 import os
 import signal
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,19 @@ def announce_ready(ready_file: Path | None, name: str, address: str, **extra) ->
     tmp = ready_file.with_name(ready_file.name + ".tmp")
     tmp.write_text(json.dumps({"name": name, "address": address, "pid": os.getpid(), **extra}))
     tmp.replace(ready_file)
+
+
+def run_service(serve: Coroutine, name: str) -> int:
+    """Run a service's serve() coroutine on uvloop -> exit status: 0, or 1 with one line naming
+    why it could not serve (a port taken, a bad model folder, no room in /dev/shm...)."""
+    import uvloop
+
+    try:
+        uvloop.run(serve)
+    except (OSError, ValueError, MemoryError, RuntimeError) as exc:
+        print(f"tokenpool: {name}: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def wait_for_signal() -> None:

@@ -90,14 +90,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvloop
+    from tokenpool.cli.service_process import run_service
 
-    try:
-        uvloop.run(serve(args))
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"tokenpool: {args.name}: cannot serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(serve(args), args.name)
 
 
 if __name__ == "__main__":

@@ -80,14 +80,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import uvloop
+    from tokenpool.cli.service_process import run_service
 
-    try:
-        uvloop.run(serve(args))
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"tokenpool: proxy: cannot serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(serve(args), "proxy")
 
 
 if __name__ == "__main__":
