@@ -23,6 +23,7 @@ from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+from tokenpool.engine.step_profiler import measure_copy_gbps
 
 _CHILD = r"""
 import json, sys, time
@@ -82,7 +83,7 @@ def measure(folder: Path, all_folders: list[Path], dtype: str, tmp: Path) -> dic
     engine.register("other", other)
     engine.register("third", third)
     naive = _naive(folder, dtype)
-    bandwidth = _memcpy_bandwidth(max(profile.nbytes, _DRAM_PROBE_BYTES))
+    bandwidth = measure_copy_gbps(nbytes=max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
     reinit = _timed(lambda: LLMEngine(folder, EngineConfig(dtype=dtype, kv_cache_bytes=64 << 20)))
     cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
     prefetched = min(_switch(engine, folder.name, prefetch=True) for _ in range(3))
@@ -139,13 +140,6 @@ def _switch(engine: MultiModelEngine, model_id: str, prefetch: bool) -> float:
 # memcpy bandwidth is measured with buffers far past the last-level cache, so every model's
 # bound uses the same DRAM figure (a 2 MiB probe would measure the cache instead).
 _DRAM_PROBE_BYTES = 256 << 20
-
-
-def _memcpy_bandwidth(nbytes: int) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in first
-    return nbytes / min(_timed(lambda: dst.copy_(src)) for _ in range(3))
 
 
 def _kv_swap(engine: MultiModelEngine, model_id: str, pool: HostKVPool) -> dict:
