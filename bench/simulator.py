@@ -37,8 +37,7 @@ from tokenpool.engine.turn_policy import (
     check_policy,
 )
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
-
-MAX_BATCH = 64
+from tokenpool.proxy.dispatcher import MAX_BATCH, InstanceLoad, join_or_fewest_batches, serving_or_idle
 
 
 @dataclass
@@ -200,20 +199,11 @@ class SimDecodeRunner:
 
 
 @dataclass
-class _Load:
-    by_model: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_model.values())
-
-
-@dataclass
 class SimDecode:
     name: str
     runner: SimDecodeRunner
     policy: TurnPolicy
-    load: _Load = field(default_factory=_Load)
+    load: InstanceLoad = field(default_factory=InstanceLoad)
 
 
 @dataclass
@@ -269,24 +259,18 @@ class Simulation:
     def _choose_decode(self, model: str) -> SimDecode:
         if self.config.policy == "static":
             return self.decode[self.models.index(model)]
-        with_room = [d for d in self.decode if 0 < d.load.by_model.get(model, 0) < MAX_BATCH]
-        if with_room:
-            return with_room[0]
-        return min(self.decode, key=lambda d: (len(d.load.by_model), d.load.total))
+        return join_or_fewest_batches(model, self.decode, MAX_BATCH)
 
     def _admit_waiting(self) -> None:
         """request policy: FCFS; a request takes the instance serving its model, or an idle one."""
         while self.waiting:
-            model = self.waiting[0].model
-            serving = [d for d in self.decode if d.load.by_model.get(model, 0) > 0]
-            idle = [d for d in self.decode if d.load.total == 0]
-            choice = (serving or idle or [None])[0]
+            choice = serving_or_idle(self.waiting[0].model, self.decode)
             if choice is None:
                 return
             self._start(self.waiting.pop(0), choice)
 
     def _start(self, request: SimRequest, decode: SimDecode) -> None:
-        decode.load.by_model[request.model] = decode.load.by_model.get(request.model, 0) + 1
+        decode.load.add(request.model)
         request.decode = decode
         index = self._choose_prefill(request.model)
         queue, actor = self.prefill[index]
@@ -353,10 +337,7 @@ class Simulation:
         return DecodeScheduler(QuotaConfig(self.config.tbt_s, self.config.qmax_s), predictor)
 
     def _finish(self, request: SimRequest) -> None:
-        decode = request.decode
-        decode.load.by_model[request.model] -= 1
-        if not decode.load.by_model[request.model]:
-            del decode.load.by_model[request.model]
+        request.decode.load.remove(request.model)
         if self.config.policy == "request":
             self._admit_waiting()
 

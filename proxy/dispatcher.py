@@ -40,16 +40,23 @@ class InstanceLoad:
     def total(self) -> int:
         return sum(self.by_model.values())
 
+    def add(self, model: str) -> None:
+        self.by_model[model] += 1
+
+    def remove(self, model: str) -> None:
+        """One request of model fewer; a model with none left is no longer on the instance."""
+        self.by_model[model] -= 1
+        if not self.by_model[model]:
+            del self.by_model[model]
+
     @contextlib.contextmanager
     def hold(self, model: str) -> Iterator[None]:
         """Count a request on this instance while the block runs."""
-        self.by_model[model] += 1
+        self.add(model)
         try:
             yield
         finally:
-            self.by_model[model] -= 1
-            if not self.by_model[model]:
-                del self.by_model[model]
+            self.remove(model)
 
 
 class HasLoad(Protocol):
@@ -67,6 +74,23 @@ class Timing:
     prefill_a: float
     prefill_b: float
     switch_s: float
+
+
+def join_or_fewest_batches(model: str, instances: Sequence[InstanceT],
+                           max_batch: int = MAX_BATCH) -> InstanceT:
+    """Aegaeon's decode placement: the first instance whose batch of model has room, else the
+    instance with the fewest batches (then the fewest requests)."""
+    with_room = [i for i in instances if 0 < i.load.by_model[model] < max_batch]
+    if with_room:
+        return with_room[0]
+    return min(instances, key=lambda i: (len(i.load.by_model), i.load.total))
+
+
+def serving_or_idle(model: str, instances: Sequence[InstanceT]) -> InstanceT | None:
+    """Request-level placement: the instance already serving model, else an idle one, else None."""
+    serving = [i for i in instances if i.load.by_model[model] > 0]
+    idle = [i for i in instances if i.load.total == 0]
+    return (serving or idle or [None])[0]
 
 
 class Dispatcher(ABC):
@@ -110,15 +134,9 @@ class AegaeonDispatcher(Dispatcher):
 
     @contextlib.asynccontextmanager
     async def decode_slot(self, model, instances) -> AsyncIterator:
-        instance = self._choose_decode(model, instances)
+        instance = join_or_fewest_batches(model, instances, self.max_batch)
         with instance.load.hold(model):
             yield instance
-
-    def _choose_decode(self, model: str, instances: Sequence[InstanceT]) -> InstanceT:
-        with_room = [i for i in instances if 0 < i.load.by_model[model] < self.max_batch]
-        if with_room:
-            return with_room[0]
-        return min(instances, key=lambda i: (len(i.load.by_model), i.load.total))
 
 
 class StaticDispatcher(Dispatcher):
@@ -173,17 +191,13 @@ class RequestLevelDispatcher(Dispatcher):
 
     @staticmethod
     def _available(model: str, instances: Sequence[InstanceT]) -> InstanceT | None:
-        serving = [i for i in instances if i.load.by_model[model] > 0]
-        idle = [i for i in instances if i.load.total == 0]
-        choice = (serving or idle or [None])[0]
+        choice = serving_or_idle(model, instances)
         if choice is not None:
-            choice.load.by_model[model] += 1
+            choice.load.add(model)
         return choice
 
     def _release(self, instance: HasLoad, model: str, instances: Sequence[HasLoad]) -> None:
-        instance.load.by_model[model] -= 1
-        if not instance.load.by_model[model]:
-            del instance.load.by_model[model]
+        instance.load.remove(model)
         self._wake(instances)
 
     def _wake(self, instances: Sequence[HasLoad]) -> None:
