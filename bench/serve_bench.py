@@ -28,17 +28,18 @@ from pathlib import Path
 
 from tokenpool.bench.metrics import SLO, LoadPoint, RequestResult, goodput, summarize
 from tokenpool.bench.workload import TraceRequest, WorkloadConfig, make_trace
+from tokenpool.engine.turn_policy import POLICIES
 
 TTFT_PER_TBT = 100.0  # the paper's 10 s TTFT over its 100 ms TBT
 DRAIN_FACTOR = 3.0  # after the last arrival, wait this many trace durations for stragglers
-POLICIES = ("aegaeon", "request", "static")
+DEFAULT_POLICIES = "aegaeon,request,static"  # the order they run in
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser("serve", help="SLO attainment and goodput of live stacks, per policy")
     p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
                    help="a model to serve (repeatable; default: the four tiny models)")
-    p.add_argument("--policies", default=",".join(POLICIES),
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="comma-separated, from " + ", ".join(POLICIES))
     p.add_argument("--rates", default="0.25,0.5,1,2", help="per-model request rates to sweep (req/s)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")

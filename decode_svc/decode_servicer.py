@@ -33,8 +33,6 @@ from tokenpool.proxy.request_table import RequestState, RequestTable, touch_reco
 
 from .decode_scheduler import DecodeScheduler
 
-STEPS_PER_TURN = 4
-
 
 @dataclass
 class _Stream:
@@ -52,7 +50,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         self.engine = engine
         self.transport = transport
         self.table = table
-        self.policy = policy or RoundRobinTurns(STEPS_PER_TURN)
+        self.policy = policy or RoundRobinTurns()
         self.policy_name = policy_name
         self.timings = timings
         self._streams: dict[str, _Stream] = {}  # engine thread only

@@ -17,15 +17,13 @@ from tokenpool.engine.turn_policy import RoundRobinTurns
 
 from .backend import Backend, BackendFullError, Submission
 
-STEPS_PER_TURN = 4
-
 
 class LocalBackend(Backend):
     def __init__(self, engine: MultiModelEngine, max_in_flight: int = 256) -> None:
         self.engine = engine
         self.max_in_flight = max_in_flight
         self._live: dict[str, Submission] = {}  # touched on the engine thread only
-        self.worker = EngineWorker(engine, RoundRobinTurns(STEPS_PER_TURN), self._route, self._fail)
+        self.worker = EngineWorker(engine, RoundRobinTurns(), self._route, self._fail)
 
     async def submit(self, sub: Submission) -> None:
         sub.loop = asyncio.get_running_loop()
