@@ -68,7 +68,7 @@ class EngineWorker:
         return self.post(fn).result(timeout)
 
     def track(self, request_id: str, model: str) -> None:
-        """Note an arrival (engine thread, e.g. inside a posted fn) for FIFO policies."""
+        """Note an arrival (engine thread, e.g. in a posted fn) for arrival-order policies."""
         self.arrivals[request_id] = model
 
     def forget(self, request_id: str) -> None:

@@ -74,18 +74,6 @@ class RoundRobinTurns(TurnPolicy):
         return True
 
 
-class FifoTurns(TurnPolicy):
-    """The model of the oldest request, one step at a time (a plain prefill queue)."""
-
-    def run_turn(self, runner: TurnRunner) -> bool:
-        model = next((m for m in runner.arrivals.values() if runner.has_work(m)), None)
-        if model is None:
-            return False
-        if runner.activate(model):
-            runner.step(model)
-        return True
-
-
 class RequestLevelTurns(TurnPolicy):
     """Request-level scaling (the `request` baseline, ServerlessLLM's behaviour): the active model
     runs until it has no requests left, new ones of it joining its batch; then the model of the

@@ -7,7 +7,7 @@ import time
 
 from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.request_book import RequestOutput
-from tokenpool.engine.turn_policy import FifoTurns, RoundRobinTurns
+from tokenpool.engine.turn_policy import RoundRobinTurns
 
 
 class FakeEngine:
@@ -60,13 +60,6 @@ def test_round_robin_gives_each_model_with_work_a_turn_in_order():
     while policy.run_turn(runner):
         pass
     assert engine.steps == ["a", "a", "c", "c", "a"]
-
-
-def test_fifo_serves_the_oldest_request_model_first():
-    engine = FakeEngine({"a": 1, "b": 1})
-    runner = FakeRunner(engine, {"r1": "b", "r2": "a"})
-    assert FifoTurns().run_turn(runner) and engine.steps == ["b"]
-    assert FifoTurns().run_turn(FakeRunner(engine, {})) is False
 
 
 def test_a_cancelled_post_never_runs_and_the_worker_keeps_serving():
