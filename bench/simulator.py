@@ -3,9 +3,10 @@
 Each instance is an actor on its own thread, but only one runs at a time: the world hands
 a baton to whichever actor's next event is earliest, so the simulation is sequential and
 deterministic. A decode actor runs the live policy class unchanged (DecodeScheduler,
-RequestLevelTurns, RoundRobinTurns) over a simulated TurnRunner whose steps and switches
-advance the simulated clock by the profile's predictions; a prefill actor runs the live
-grouped-FCFS PrefillQueue. Dispatch follows the proxy's rules.
+RequestLevelTurns, RoundRobinTurns, built by the instances' own make_decode_policy) over
+a simulated TurnRunner whose steps and switches advance the simulated clock by the
+profile's predictions; a prefill actor runs the live grouped-FCFS PrefillQueue. Dispatch
+uses the proxy's placement functions.
 
     arrival -> prefill queue (grouped FCFS) -> prefill time -> first token
             -> decode instance (dispatch) -> batch joins at its model's next turn -> tokens
@@ -26,13 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokenpool.bench.metrics import RequestResult
-from tokenpool.decode_svc.decode_scheduler import DecodeScheduler, Predictor
-from tokenpool.decode_svc.quota import QuotaConfig
+from tokenpool.decode_svc.decode_policy import make_decode_policy
+from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.engine.step_time_model import TimingProfile
 from tokenpool.engine.turn_policy import (
     BatchInfo,
-    RequestLevelTurns,
-    RoundRobinTurns,
     TurnPolicy,
     check_policy,
 )
@@ -224,9 +223,10 @@ class SimConfig:
 class Simulation:
     """One run: the requests of a trace through the fleet; results per request."""
 
-    def __init__(self, config: SimConfig, profiles: dict[str, TimingProfile],
-                 switch_s: Callable[[str], float], models: Sequence[str]) -> None:
-        self.config, self.profiles, self.switch_s = config, profiles, switch_s
+    def __init__(self, config: SimConfig, timings: InstanceTimings, models: Sequence[str]) -> None:
+        """timings: every model's profile and the bandwidth switches copy weights at."""
+        self.config, self.timings = config, timings
+        self.profiles, self.switch_s = timings.profiles, timings.switch_seconds
         self.models = list(models)
         if config.policy == "static" and len(self.models) > min(config.num_prefill, config.num_decode):
             raise ValueError(f"static needs an instance of each kind per model: {len(self.models)} models")
@@ -317,7 +317,8 @@ class Simulation:
 
     def _decode_instance(self, index: int) -> SimDecode:
         runner = SimDecodeRunner(self.world, self.profiles, self.switch_s, self._finish)
-        policy = self._decode_policy()
+        policy = make_decode_policy(self.config.policy, self.timings, self.config.tbt_s * 1e3,
+                                    self.config.qmax_s)
 
         def body(actor: Actor) -> None:
             while True:
@@ -326,15 +327,6 @@ class Simulation:
 
         runner.actor = Actor(self.world, body, f"decode-{index}")
         return SimDecode(f"decode-{index}", runner, policy)
-
-    def _decode_policy(self) -> TurnPolicy:
-        if self.config.policy == "request":
-            return RequestLevelTurns()
-        if self.config.policy == "static":
-            return RoundRobinTurns()
-        predictor = Predictor(lambda b: self.profiles[b.model].decode.predict(b.sum_seq_len, b.num_seqs),
-                              self.switch_s)
-        return DecodeScheduler(QuotaConfig(self.config.tbt_s, self.config.qmax_s), predictor)
 
     def _finish(self, request: SimRequest) -> None:
         request.decode.load.remove(request.model)
@@ -384,9 +376,8 @@ def run_cli(args) -> None:
             names = [f"m{i:03d}" for i in range(count)]
             shape_of = {n: shapes[i % len(shapes)] for i, n in enumerate(names)}
             requests = _requests(names, args, pairs)
-            sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s),
-                             {n: gpu.models[shape_of[n]] for n in names},
-                             lambda n, s=shape_of: gpu.switch_seconds(s[n]), names)
+            timings = InstanceTimings({n: gpu.models[shape_of[n]] for n in names}, gpu.h2d_gbps)
+            sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, names)
             point = summarize(count, sim.run(requests), slo)
             print(f"[{policy}] {count} models: attainment {point.attainment:.1%}", file=sys.stderr,
                   flush=True)

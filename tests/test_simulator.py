@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 from tokenpool.bench.metrics import SLO, summarize
 from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
+from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.engine.step_time_model import PrefillTimeModel, StepTimeModel, TimingProfile
 
 PROFILE = TimingProfile(StepTimeModel(0.01, 0.0, 0.0), PrefillTimeModel(0.05, 0.0), 10**9)
 PROFILES = {"a": PROFILE, "b": PROFILE}
 SWITCH = 0.2
+TIMINGS = InstanceTimings(PROFILES, copy_gbps=PROFILE.weight_bytes / SWITCH / 1e9)  # switches take SWITCH s
 
 
 def requests(spec):
@@ -19,7 +21,7 @@ def requests(spec):
 
 def simulate(policy, spec, num_prefill=1, num_decode=1, models=("a", "b"), tbt=0.05, qmax=0.5):
     config = SimConfig(policy, num_prefill, num_decode, tbt, qmax)
-    sim = Simulation(config, PROFILES, lambda m: SWITCH, models)
+    sim = Simulation(config, TIMINGS, models)
     reqs = requests(spec)
     return sim, reqs, sim.run(reqs)
 
@@ -69,7 +71,7 @@ def test_the_simulation_is_deterministic_and_bad_settings_are_refused():
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         SimConfig("fifo", 1, 1, 0.1)
     with pytest.raises(ValueError, match="static needs"):
-        Simulation(SimConfig("static", 1, 1, 0.1), PROFILES, lambda m: SWITCH, ["a", "b"])
+        Simulation(SimConfig("static", 1, 1, 0.1), TIMINGS, ["a", "b"])
 
 
 def test_tokenpool_sim_writes_a_sweep_per_policy(tmp_path):
