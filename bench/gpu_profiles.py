@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenpool.engine.step_profiler import PROFILE_FILE_KIND, InstanceTimings
 from tokenpool.engine.step_time_model import PrefillTimeModel, StepTimeModel, TimingProfile
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -49,14 +50,24 @@ def available() -> list[str]:
 
 
 def load(name_or_path: str | Path) -> GpuProfile:
-    """A profile by GPU name (h800, h100, h20, a100, a10) or path; ProfileError naming the problem."""
+    """A profile by GPU name (h800, h100, h20, a100, a10) or path (a GPU profile, or a file of
+    `tokenpool profile`, whose bandwidth is the measured copy bandwidth); ProfileError naming the
+    problem."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILES_DIR / f"{str(name_or_path).lower()}.json"
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise ProfileError(f"profile {path}: {exc} (available: {', '.join(available())})") from None
+    if isinstance(data, dict) and data.get("kind") == PROFILE_FILE_KIND:  # `tokenpool profile` wrote it
+        try:
+            timings = InstanceTimings.from_json(text, f"profile {path}")
+        except ValueError as exc:
+            raise ProfileError(str(exc)) from None
+        label = f"{data.get('device', '?')} ({data.get('machine', '?')}, {data.get('threads', '?')} threads)"
+        return GpuProfile(label, timings.copy_gbps, timings.profiles)
     for key in ("gpu", "models"):
         if key not in data:
             raise ProfileError(f"profile {path}: missing field {key!r}")

@@ -52,6 +52,9 @@ def add_parser(commands) -> None:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--raw", type=Path, default=None,
                    help="also write every request's token times (JSONL), to re-score other SLOs later")
+    p.add_argument("--sim-profile", type=Path, default=None, metavar="FILE",
+                   help="also simulate every point on this `tokenpool profile` file (same trace, "
+                        "instances, SLO) and report the simulator's gap to the live run")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of attainment against rate (default: beside --json)")
     p.set_defaults(run=run)
@@ -63,18 +66,29 @@ def run(args: argparse.Namespace) -> None:
     policies = _parse_policies(args.policies)
     rates = _parse_rates(args.rates)
     models = catalogue(args.model or list(TINY))
+    profile = _sim_profile(args.sim_profile, models) if args.sim_profile else None
     pairs, count_tokens = _conversations(models)
     report = {"sweep": "rate_per_model", "command": " ".join(["tokenpool", *sys.argv[1:]]),
-              "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "models": list(models), "duration_s": args.duration, "policies": {}}
     slo = None
     for policy in policies:
         served = _served(policy, models, args)
         result, slo = _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args)
+        if profile is not None:
+            result["simulated"] = {"points": [asdict(p) for p in _simulate(
+                policy, served, models, rates, pairs, count_tokens, slo, args, profile)]}
+            result["sim_gap_pp"] = max(abs(live["attainment"] - sim["attainment"]) * 100 for live, sim
+                                       in zip(result["points"], result["simulated"]["points"], strict=True))
         report["policies"][policy] = result
     report["slo"] = {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s,
                      "how": f"TBT = the decode instance's default target (4x the slowest model's "
                             f"single-sequence step here); TTFT = {TTFT_PER_TBT:g}x TBT"}
+    if profile is not None:
+        report["sim_profile"] = {"file": str(args.sim_profile), "label": profile.gpu,
+                                 "how": "tokenpool sim's Simulation (the live scheduler classes on a "
+                                        "simulated clock) replays each point's trace with the profile's "
+                                        "step, prefill and switch times; same instances, SLO and drain cut"}
     _set_goodputs(report["policies"])
     _write(args, report)
 
@@ -103,6 +117,17 @@ def _conversations(models: dict[str, Path]):
 
     tokenizer = Tokenizer.from_folder(next(iter(models.values())))
     return load_pairs(), lambda text: len(tokenizer.encode(text))
+
+
+def _sim_profile(path: Path, models: dict[str, Path]):
+    from tokenpool.bench import gpu_profiles
+
+    profile = gpu_profiles.load(path)
+    missing = [m for m in models if m not in profile.models]
+    if missing:
+        raise ValueError(f"--sim-profile {path} lacks {', '.join(missing)}: run `tokenpool profile` with the "
+                         "same --model flags and --threads as the instances")
+    return profile
 
 
 def _served(policy: str, models: dict[str, Path], args) -> dict[str, Path]:
@@ -137,6 +162,37 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
                   f"TTFT p50 {point.ttft_p50:.2f} s, TBT p50 {point.tbt_p50 * 1e3:.0f} ms", file=sys.stderr)
             points.append(point)
     return {"points": [asdict(p) for p in points], "served_models": list(served), "_raw": raw}, slo
+
+
+def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:
+    """The live sweep again in the simulator: same traces, instance counts, TBT target and drain cut."""
+    from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
+    from tokenpool.engine.step_profiler import InstanceTimings
+    from tokenpool.engine.tokenizer import Tokenizer
+
+    tokenizers = {m: Tokenizer.from_folder(folder) for m, folder in served.items()}
+    timings = InstanceTimings({m: profile.models[m] for m in served}, profile.h2d_gbps)
+    cut = args.duration * (1 + DRAIN_FACTOR)
+    points = []
+    for rate in rates:
+        workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
+                                  args.max_output_tokens)
+        trace = make_trace(workload, pairs, count_tokens)
+        requests = {r.request_id: SimRequest(r.request_id, r.model, r.arrival_s,
+                                             len(tokenizers[r.model].encode(r.prompt)), r.max_tokens)
+                    for r in trace if r.model in served}
+        sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, list(served))
+        sim.run(list(requests.values()))
+        results = []
+        for r in trace:
+            seq = requests.get(r.request_id)
+            times = [t for t in seq.token_times if t <= cut] if seq else []
+            finished = seq is not None and len(times) == r.max_tokens
+            results.append(RequestResult(r.arrival_s, times, finished))
+        points.append(summarize(rate, results, slo))
+        print(f"[{policy}] simulated rate {rate:g}/s per model: attainment {points[-1].attainment:.1%}",
+              file=sys.stderr, flush=True)
+    return points
 
 
 def _scaled_slo(stack) -> SLO:
@@ -200,21 +256,27 @@ async def replay(address: str, trace: list[TraceRequest], served: set[str], dura
 
 
 def _set_goodputs(policies: dict[str, dict]) -> None:
-    """Each policy's goodput; a policy below 90% even at the lowest rate gets 0 and a note (static
-    serving few models does). ValueError, before anything is written, if no policy reaches 90%."""
+    """Each policy's goodput (live, and simulated if it was); a sweep below 90% even at the lowest
+    rate gets 0 and a note (static serving few models does). ValueError, before anything is
+    written, if no policy reaches 90% live."""
     notes = []
     for policy, result in policies.items():
-        try:
-            result["goodput"] = goodput([LoadPoint(**p) for p in result["points"]])
-        except ValueError as exc:
-            result["goodput"], result["note"] = 0.0, str(exc)
-            notes.append(f"{policy}: {exc}")
+        for part in [result, result.get("simulated")]:
+            if part is None:
+                continue
+            try:
+                part["goodput"] = goodput([LoadPoint(**p) for p in part["points"]])
+            except ValueError as exc:
+                part["goodput"], part["note"] = 0.0, str(exc)
+                if part is result:
+                    notes.append(f"{policy}: {exc}")
     if len(notes) == len(policies):
         raise ValueError(f"the sweep never reaches 90% attainment ({'; '.join(notes)}); lower --rates "
                          "(no result files were written)")
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The machine a result was measured on, in one line."""
     import os
 
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
@@ -254,8 +316,12 @@ def _plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, result in report["policies"].items():
         points = result["points"]
-        ax.plot([p["load"] for p in points], [p["attainment"] * 100 for p in points], marker="o",
-                label=f"{policy} (goodput {result['goodput']:g}/s)")
+        line, = ax.plot([p["load"] for p in points], [p["attainment"] * 100 for p in points], marker="o",
+                         label=f"{policy} (goodput {result['goodput']:g}/s)")
+        if "simulated" in result:
+            sim = result["simulated"]["points"]
+            ax.plot([p["load"] for p in sim], [p["attainment"] * 100 for p in sim], linestyle="--",
+                    color=line.get_color(), label=f"{policy}, simulated (gap {result['sim_gap_pp']:.1f} pp)")
     ax.axhline(90, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("requests per second, per model")
     ax.set_ylabel("mean SLO attainment (%)")
@@ -280,5 +346,9 @@ def print_table(report: dict) -> None:
             print("".join(f"{c:>10}" for c in cells))
         served = ", ".join(result["served_models"])
         print(f"{policy:>10} goodput {result['goodput']:g} req/s per model; serves {served}")
+        if "simulated" in result:
+            cells = ", ".join(f"{p['load']:g}: {p['attainment']:.1%}" for p in result["simulated"]["points"])
+            print(f"{'':>10} simulated {cells} (largest gap to live {result['sim_gap_pp']:.1f} pp, "
+                  f"goodput {result['simulated']['goodput']:g})")
         if "note" in result:
             print(f"{'':>10} {result['note']}")

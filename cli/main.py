@@ -7,7 +7,7 @@ import sys
 
 from tokenpool.bench import attention_bench, engine_bench, serve_bench, simulator, switch_bench
 
-from . import generate_command, models_command, serve_command, status_command, up_command
+from . import generate_command, models_command, profile_command, serve_command, status_command, up_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.add_parser(commands)
     up_command.add_parser(commands)
     status_command.add_parser(commands)
+    profile_command.add_parser(commands)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     engine_bench.add_parser(bench)
     switch_bench.add_parser(bench)

@@ -15,6 +15,7 @@ import logging
 import statistics
 import time
 
+import msgspec
 import torch
 
 from .multi_model_engine import MultiModelEngine
@@ -129,6 +130,15 @@ def _drop(engine: MultiModelEngine, model_id: str, seqs: list) -> None:
             engine.abort(model_id, seq.request_id)
 
 
+PROFILE_FILE_KIND = "tokenpool-instance-profile"
+
+
+class _ProfileFile(msgspec.Struct):
+    kind: str
+    copy_gbps: float
+    models: dict[str, TimingProfile]
+
+
 class InstanceTimings:
     """Every registered model's profile on this instance, and the copy bandwidth: the predictions
     schedulers and dispatch use (step, prefill and switch seconds)."""
@@ -144,6 +154,24 @@ class InstanceTimings:
         """Profiles from the cache or measured now, for every model the engine has registered."""
         profiles = {m: cached_profile(engine, m, cache) for m in engine.models}
         return cls(profiles, measure_copy_gbps(engine.config.engine.device))
+
+    def to_json(self, **meta: object) -> bytes:
+        """This instance's timings as a profile file (`tokenpool profile`; the simulator reads it)."""
+        file = {"kind": PROFILE_FILE_KIND, **meta, "copy_gbps": self.copy_gbps, "models": self.profiles}
+        return msgspec.json.format(msgspec.json.encode(file), indent=1)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, source: str = "profile") -> InstanceTimings:
+        """Read a profile file; ValueError naming `source` and the problem."""
+        try:
+            file = msgspec.json.decode(data, type=_ProfileFile)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"{source}: not a tokenpool profile ({exc})") from None
+        if file.kind != PROFILE_FILE_KIND:
+            raise ValueError(f"{source}: kind {file.kind!r}, expected {PROFILE_FILE_KIND!r}")
+        if not file.models:
+            raise ValueError(f"{source}: no models")
+        return cls(file.models, file.copy_gbps)
 
     def step_seconds(self, batch) -> float:
         """Predicted decode step of a BatchInfo."""

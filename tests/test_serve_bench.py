@@ -8,6 +8,7 @@ import json
 import pytest
 from tokenpool.bench import serve_bench
 from tokenpool.cli.main import main
+from tokenpool.engine.step_profiler import InstanceTimings
 
 
 def point(load, attainment):
@@ -39,12 +40,26 @@ def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags,
     assert not out.exists() and not out.with_suffix(".png").exists()
 
 
-def test_a_short_live_run_writes_json_and_a_plot(tmp_path, tiny_dir):
+def test_a_profile_that_lacks_a_model_is_refused_before_any_stack_starts(tmp_path, tiny_dir, capsys):
+    profile, out = tmp_path / "cpu.json", tmp_path / "serve.json"
+    only = f"--model=tiny-qwen2={tiny_dir / 'tiny-qwen2'}"
+    assert main(["profile", "--threads", "1", "--json", str(profile), only]) == 0
+    timings = InstanceTimings.from_json(profile.read_bytes())
+    assert list(timings.profiles) == ["tiny-qwen2"] and timings.copy_gbps > 0
+    assert timings.profiles["tiny-qwen2"].decode.predict(16, 1) > 0
+    models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
+    assert main(["bench", "serve", "--json", str(out), "--sim-profile", str(profile), *models]) == 2
+    assert "lacks tiny-llama" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tmp_path, tiny_dir):
     out = tmp_path / "serve.json"
     models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
-    raw = tmp_path / "raw.jsonl"
+    raw, profile = tmp_path / "raw.jsonl", tmp_path / "cpu.json"
+    assert main(["profile", "--threads", "1", "--json", str(profile), *models]) == 0
     assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
-                 "--duration", "3", "--threads", "1", "--raw", str(raw), *models]) == 0
+                 "--duration", "3", "--threads", "1", "--raw", str(raw), "--sim-profile", str(profile),
+                 *models]) == 0
     report = json.loads(out.read_text())
     assert report["sweep"] == "rate_per_model" and set(report["policies"]) == {"aegaeon"}
     result = report["policies"]["aegaeon"]
@@ -55,3 +70,8 @@ def test_a_short_live_run_writes_json_and_a_plot(tmp_path, tiny_dir):
     assert records and all(r["policy"] == "aegaeon" and r["rate"] == 0.5 for r in records)
     assert all(r["finished"] and r["token_times"][0] >= r["arrival_s"] for r in records)
     assert "_raw" not in report["policies"]["aegaeon"]
+    simulated = result["simulated"]["points"]
+    assert [p["load"] for p in simulated] == [0.5] and simulated[0]["attainment"] >= 0.9  # light load
+    gap = abs(simulated[0]["attainment"] - result["points"][0]["attainment"]) * 100
+    assert result["sim_gap_pp"] == pytest.approx(gap)
+    assert report["sim_profile"]["file"] == str(profile)
