@@ -4,7 +4,12 @@ For each policy a stack is started (`tokenpool up`'s launcher: 1 prefill + 1 dec
 by default), and for each per-model rate of the sweep a Poisson trace of real ShareGPT
 prompts (reference answers' lengths as output lengths) is replayed over gRPC; every
 token's arrival is recorded and scored with the paper's attainment. Goodput is the highest
-rate at which mean attainment stays at 90% or more.
+rate at which mean attainment stays at 90% or more, so once a point falls below
+--stop-below the policy's higher rates are skipped (the report lists them).
+
+With --sim-profile (a `tokenpool profile` file), every point is also simulated on the same
+trace, instance counts, TBT target and drain cut, and the report gives the simulator's
+largest gap to the live attainment, per policy.
 
 SLOs on a CPU are scaled from the measured step, as the GPU numbers relate to a GPU step:
 TBT = the decode instance's default target (4x the slowest model's single-sequence step),
@@ -43,6 +48,9 @@ def add_parser(commands) -> None:
                    help="comma-separated, from " + ", ".join(POLICIES))
     p.add_argument("--rates", default="0.25,0.5,1,2", help="per-model request rates to sweep (req/s)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
+    p.add_argument("--stop-below", type=float, default=0.5, metavar="ATTAINMENT",
+                   help="skip a policy's higher rates once a point falls below this (they cannot change "
+                        "its goodput; 0 runs every rate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-output-tokens", type=int, default=64)
@@ -65,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
 
     policies = _parse_policies(args.policies)
     rates = _parse_rates(args.rates)
+    if not 0 <= args.stop_below <= 1:
+        raise ValueError(f"--stop-below {args.stop_below!r}: expected an attainment in [0, 1]")
     models = catalogue(args.model or list(TINY))
     profile = _sim_profile(args.sim_profile, models) if args.sim_profile else None
     pairs, count_tokens = _conversations(models)
@@ -76,8 +86,9 @@ def run(args: argparse.Namespace) -> None:
         served = _served(policy, models, args)
         result, slo = _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args)
         if profile is not None:
+            ran = rates[:len(result["points"])]
             result["simulated"] = {"points": [asdict(p) for p in _simulate(
-                policy, served, models, rates, pairs, count_tokens, slo, args, profile)]}
+                policy, served, models, ran, pairs, count_tokens, slo, args, profile)]}
             result["sim_gap_pp"] = max(abs(live["attainment"] - sim["attainment"]) * 100 for live, sim
                                        in zip(result["points"], result["simulated"]["points"], strict=True))
         report["policies"][policy] = result
@@ -161,7 +172,14 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
             print(f"[{policy}] rate {rate:g}/s per model: attainment {point.attainment:.1%}, "
                   f"TTFT p50 {point.ttft_p50:.2f} s, TBT p50 {point.tbt_p50 * 1e3:.0f} ms", file=sys.stderr)
             points.append(point)
-    return {"points": [asdict(p) for p in points], "served_models": list(served), "_raw": raw}, slo
+            if point.attainment < args.stop_below:
+                break
+    result = {"points": [asdict(p) for p in points], "served_models": list(served), "_raw": raw}
+    if len(points) < len(rates):
+        result["skipped_rates"] = rates[len(points):]
+        print(f"[{policy}] below {args.stop_below:.0%}: skipping rates {result['skipped_rates']}",
+              file=sys.stderr, flush=True)
+    return result, slo
 
 
 def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:
@@ -352,3 +370,6 @@ def print_table(report: dict) -> None:
                   f"goodput {result['simulated']['goodput']:g})")
         if "note" in result:
             print(f"{'':>10} {result['note']}")
+        if "skipped_rates" in result:
+            skipped = ", ".join(f"{r:g}" for r in result["skipped_rates"])
+            print(f"{'':>10} not run (a lower rate fell below --stop-below): {skipped}")

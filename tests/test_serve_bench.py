@@ -31,7 +31,7 @@ def test_a_sweep_where_no_policy_reaches_90_percent_is_an_error():
 
 @pytest.mark.parametrize("flags, needle", [
     (["--rates", "1,x"], "--rates '1,x'"), (["--rates", "0,1"], "must be positive"),
-    (["--policies", "aegaeon,fifo"], "--policies 'aegaeon,fifo'"),
+    (["--policies", "aegaeon,fifo"], "--policies 'aegaeon,fifo'"), (["--stop-below", "2"], "--stop-below 2"),
 ])
 def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags, needle):
     out = tmp_path / "serve.json"
