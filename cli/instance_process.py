@@ -23,7 +23,7 @@ from tokenpool.engine.turn_policy import POLICIES
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE
 
 from .instance_setup import add_engine_args, build_engine, parse_models
-from .service_process import run_service
+from .service_process import add_metrics_arg, run_service
 
 ROLES = ("prefill", "decode")
 STOP_GRACE_S = 3.0
@@ -48,12 +48,15 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         p.add_argument("--tbt-ms", type=float, default=None,
                        help="TBT target (default: 4x the slowest model's single-sequence step here)")
         p.add_argument("--qmax-s", type=float, default=DEFAULT_QMAX_S, help="longest time quota of a turn")
+    add_metrics_arg(p)
     return p
 
 
 async def serve(role: str, args: argparse.Namespace) -> None:
+    from prometheus_client import CollectorRegistry
     from tokenpool.kvtransfer.transport import make_transport
     from tokenpool.protos.internal.v1 import instances_pb2_grpc
+    from tokenpool.telemetry.instance_metrics import InstanceMetrics
 
     from .service_process import announce_ready, start_grpc_server, wait_for_signal
 
@@ -67,11 +70,16 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     except BaseException:
         engine.close()
         raise
-    servicer, add, service = _servicer(role, args, engine, transport, timings, policy, instances_pb2_grpc)
+    registry = CollectorRegistry()
+    metrics = InstanceMetrics(registry, role, sorted(engine.models))
+    servicer, add, service = _servicer(role, args, engine, transport, timings, policy, instances_pb2_grpc,
+                                       metrics)
     attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
     try:
-        server = await start_grpc_server(args.listen, [(add, servicer)], [service])
-        announce_ready(args.ready_file, args.name, server.address, role=role, models=sorted(engine.models))
+        server = await start_grpc_server(args.listen, [(add, servicer)], [service],
+                                         metrics_port=args.metrics_port, registry=registry)
+        announce_ready(args.ready_file, args.name, server.address, role=role, models=sorted(engine.models),
+                       metrics=server.metrics_address)
         await stop
         print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
         await server.grpc.stop(STOP_GRACE_S)
@@ -104,16 +112,16 @@ def _decode_policy(args: argparse.Namespace, timings: InstanceTimings):
     return make_decode_policy(args.policy, timings, args.tbt_ms, args.qmax_s)
 
 
-def _servicer(role, args, engine, transport, timings, policy, grpc_module):
+def _servicer(role, args, engine, transport, timings, policy, grpc_module, metrics=None):
     if role == "prefill":
         from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
 
         group = MAX_GROUP_SIZE if args.policy == "aegaeon" else 1  # 1: plain FCFS for the baselines
-        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy)
+        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy, metrics)
         return servicer, grpc_module.add_PrefillServicer_to_server, "tokenpool.internal.v1.Prefill"
     from tokenpool.decode_svc.decode_servicer import DecodeServicer
 
-    servicer = DecodeServicer(args.name, engine, transport, None, policy, args.policy, timings)
+    servicer = DecodeServicer(args.name, engine, transport, None, policy, args.policy, timings, metrics)
     return servicer, grpc_module.add_DecodeServicer_to_server, "tokenpool.internal.v1.Decode"
 
 

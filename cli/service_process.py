@@ -1,12 +1,16 @@
 """The lifecycle every tokenpool service process shares: listen, health, reflection, ready, stop.
 
-    server = await start_grpc_server("127.0.0.1:0", [(add_XServicer_to_server, servicer)], names)
-    announce_ready(ready_file, name, server.address)   # the launcher waits for this file
+    server = await start_grpc_server("127.0.0.1:0", [(add_XServicer_to_server, servicer)], names,
+                                     metrics_port=0, registry=registry)   # /metrics, if asked
+    announce_ready(ready_file, name, server.address, metrics=server.metrics_address)
     await wait_for_signal()                            # SIGINT / SIGTERM
     await server.grpc.stop(grace)
 
 Every service answers the standard gRPC health check ("" and each of its services) and
-server reflection, so grpcurl and clients in other languages need no .proto files.
+server reflection, so grpcurl and clients in other languages need no .proto files. With
+tracing on (OTEL_* variables, telemetry/tracing.py; run_service sets it up) every call is
+traced under its caller's W3C traceparent; with --metrics-port, a Prometheus endpoint serves
+the service's registry on the gRPC server's host.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 MAX_MESSAGE_BYTES = 4 << 20  # a larger message is refused with RESOURCE_EXHAUSTED
 EXIT_WITH_PARENT = "TOKENPOOL_EXIT_WITH_PARENT"
@@ -35,16 +40,35 @@ class RunningServer:
     grpc: grpc.aio.Server
     address: str  # host:port actually bound
     health: health.aio.HealthServicer
+    metrics: object | None = None  # telemetry.metrics_server.MetricsServer, when asked for
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics.address if self.metrics is not None else None
+
+
+def add_metrics_arg(p) -> None:
+    """--metrics-port, for every service's flag parser."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST being --listen's "
+                        "(0 picks a port, announced in the ready file; default: no endpoint)")
 
 
 async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, object]],
-                            service_names: Iterable[str]) -> RunningServer:
+                            service_names: Iterable[str], trace_roots: bool = False,
+                            metrics_port: int | None = None,
+                            registry: CollectorRegistry | None = None) -> RunningServer:
     """Serve the servicers on address ('host:port'; port 0 picks one), with health and reflection.
 
     servicers: (add_XServicer_to_server, servicer) pairs; service_names: their full names
     (e.g. 'tokenpool.v1.Inference'), marked SERVING once the server has started.
+    trace_roots: start a trace for a call that carries none (the front door; tracing on only).
+    metrics_port: serve registry at http://<address's host>:metrics_port/metrics (0 picks one).
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    from tokenpool.telemetry.grpc_tracing import server_interceptors
+
+    server = grpc.aio.server(interceptors=server_interceptors(trace_roots),
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     for add, servicer in servicers:
         add(servicer, server)
@@ -60,7 +84,16 @@ async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, ob
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = address.rpartition(":")[0] or "127.0.0.1"
-    return RunningServer(server, f"{host}:{port}", health_servicer)
+    metrics = None
+    if metrics_port is not None:
+        from tokenpool.telemetry.metrics_server import start_metrics_server
+
+        try:
+            metrics = start_metrics_server(host, metrics_port, registry or CollectorRegistry())
+        except BaseException:
+            await server.stop(None)
+            raise
+    return RunningServer(server, f"{host}:{port}", health_servicer, metrics)
 
 
 def announce_ready(ready_file: Path | None, name: str, address: str, **extra) -> None:
@@ -77,12 +110,17 @@ def run_service(serve: Coroutine, name: str) -> int:
     """Run a service's serve() coroutine on uvloop -> exit status: 0, or 1 with one line naming
     why it could not serve (a port taken, a bad model folder, no room in /dev/shm...)."""
     import uvloop
+    from tokenpool.telemetry import tracing
 
     try:
+        tracing.configure(name)  # from the OTEL_* variables; installs nothing when they ask for none
         uvloop.run(serve)
     except (OSError, ValueError, MemoryError, RuntimeError) as exc:
+        serve.close()  # not started if tracing's settings were refused
         print(f"tokenpool: {name}: cannot serve: {exc}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()  # flush the last spans (bounded)
     return 0
 
 

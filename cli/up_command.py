@@ -23,7 +23,7 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "table_slots", "policy", "tbt_ms", "qmax_s")
+               "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -47,6 +47,9 @@ def add_parser(commands) -> None:
     p.add_argument("--tbt-ms", type=float, help="decode TBT target (default: 4x the measured single step)")
     p.add_argument("--qmax-s", type=float, help="longest decode time quota, seconds (default 4)")
     p.add_argument("--log-dir", type=Path, default=None, help="one log per service (default: a temp dir)")
+    p.add_argument("--trace", dest="trace_endpoint", nargs="?", const="http://127.0.0.1:4317", default=None,
+                   metavar="ENDPOINT", help="send every service's traces to this OTLP gRPC endpoint "
+                   "(default http://127.0.0.1:4317, e.g. Jaeger all-in-one)")
     p.set_defaults(run=run)
 
 
@@ -92,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"tokenpool: stack up: connect to {stack.address} (tokenpool.v1.Inference; health and "
           f"reflection on); `tokenpool status` shows it; Ctrl-C stops it", flush=True)
+    print("tokenpool: metrics: " + ", ".join(f"{s.name} {s.metrics_url}" for s in stack.services), flush=True)
+    if config.trace_endpoint:
+        print(f"tokenpool: traces go to {config.trace_endpoint} (OTLP gRPC)", flush=True)
     code = _watch(stack, stopping)
     print("tokenpool: shutting down", file=sys.stderr, flush=True)
     for name, exit_code in stack.stop():

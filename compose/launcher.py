@@ -4,7 +4,9 @@
 
 Each service is its own process (`python -m tokenpool.<service>`), started in that order
 because each needs the addresses of the ones before it; a service announces its address
-in a ready file. Logs go to one file per service. A stack file under the node's private
+in a ready file, with its Prometheus endpoint (every service gets one, on a free port).
+With a trace endpoint, every service exports its spans there over OTLP (the OTEL_*
+variables are set for it). Logs go to one file per service. A stack file under the node's private
 shared-memory folder names every address, for `tokenpool status`. stop() sends SIGTERM in
 reverse order and SIGKILLs what does not exit.
 """
@@ -44,6 +46,8 @@ class StackConfig:
     policy: aegaeon, static or request (every service gets it).
     tbt_ms, qmax_s: the decode instances' TBT target (None: scaled from their measured step)
       and longest quota (aegaeon).
+    trace_endpoint: an OTLP gRPC endpoint (http://host:4317) every service sends its spans to;
+      None: the services trace only if the environment's OTEL_* variables say so.
     """
 
     models: dict[str, Path]
@@ -60,6 +64,7 @@ class StackConfig:
     policy: str = "aegaeon"
     tbt_ms: float | None = None
     qmax_s: float = DEFAULT_QMAX_S
+    trace_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -77,6 +82,9 @@ class StackConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        if self.trace_endpoint is not None and not self.trace_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"trace_endpoint must be an http:// or https:// URL (OTLP gRPC), "
+                             f"got {self.trace_endpoint!r}")
 
     @property
     def threads_per_instance(self) -> int:
@@ -94,6 +102,10 @@ class Service:
     @property
     def address(self) -> str:
         return self.info["address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.info['metrics']}/metrics"
 
 
 class StackStartError(RuntimeError):
@@ -170,12 +182,13 @@ class Stack:
         ready = self.log_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.log_dir / f"{name}.log"
-        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready)]
+        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready),
+                "--metrics-port", "0"]
         args += self._args(name, role, agent, instances or [])
         with open(log, "w") as out:
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops services in order.
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, env={**os.environ, EXIT_WITH_PARENT: "1"})
+                                       start_new_session=True, env=self._env(name))
         service = Service(name, process, log, ready)
         self.services.append(service)
         return service
@@ -196,6 +209,13 @@ class Stack:
                 "--threads", str(c.threads_per_instance), "--policy", c.policy, *models,
                 *(quotas if role == "decode" else [])]
 
+    def _env(self, name: str) -> dict[str, str]:
+        env = {**os.environ, EXIT_WITH_PARENT: "1", "OTEL_SERVICE_NAME": name}
+        if self.config.trace_endpoint:
+            env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
+                       OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=self.config.trace_endpoint)
+        return env
+
     def _wait_ready(self, service: Service) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not service.ready_file.exists():
@@ -214,8 +234,8 @@ class Stack:
     def _write_stack_file(self) -> None:
         """Addresses of every service, for `tokenpool status` (0600, in the private folder)."""
         data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
-                "services": [{"name": s.name, "address": s.address, "pid": s.process.pid}
-                             for s in self.services]}
+                "services": [{"name": s.name, "address": s.address, "pid": s.process.pid,
+                              "metrics": s.info.get("metrics")} for s in self.services]}
         tmp = self.stack_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:

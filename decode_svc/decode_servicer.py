@@ -30,6 +30,8 @@ from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_fro
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+from tokenpool.telemetry import tracing
+from tokenpool.telemetry.turn_tracer import TurnTracer
 
 from .decode_scheduler import DecodeScheduler
 
@@ -39,13 +41,16 @@ class _Stream:
     model: str
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)  # RequestOutput, or an Exception
+    trace: object | None = None  # the request's trace context (tracing on)
 
 
 class DecodeServicer(instances_pb2_grpc.DecodeServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
                  table: RequestTable | None = None, policy: TurnPolicy | None = None,
-                 policy_name: str = "round-robin", timings: InstanceTimings | None = None) -> None:
-        """policy: how co-located models take turns (make_decode_policy); plain round-robin if None."""
+                 policy_name: str = "round-robin", timings: InstanceTimings | None = None,
+                 metrics=None) -> None:
+        """policy: how co-located models take turns (make_decode_policy); plain round-robin if None.
+        metrics: a telemetry.instance_metrics.InstanceMetrics to report to, or None."""
         self.name = name
         self.engine = engine
         self.transport = transport
@@ -54,10 +59,31 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         self.policy_name = policy_name
         self.timings = timings
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        self.worker = EngineWorker(engine, self.policy, self._on_output, self._on_failure, name)
+        self.metrics = metrics
+        self.turns = TurnTracer("decode.turn") if tracing.enabled() else None
+        observers = tuple(o for o in (metrics, self.turns) if o is not None)
+        self.worker = EngineWorker(engine, self.policy, self._on_output, self._on_failure, name, observers)
+        if metrics is not None:
+            metrics.bind(self.worker, _queued_by_model, self._last_round)
 
     async def Decode(self, request, context):
-        stream = await self._adopt(request, context)
+        outcome = "failed"
+        try:
+            async for chunk in self._decode(request, context):
+                yield chunk
+            outcome = "finished"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            if self.metrics is not None and request.model in self.engine.models:
+                self.metrics.request_ended(request.model, outcome)
+
+    async def _decode(self, request, context):
+        trace = tracing.capture()
+        with tracing.span("decode.admission", model=request.model, kv_blocks=len(request.kv.block_offsets),
+                          kv_tokens=request.kv.num_tokens):
+            stream = await self._adopt(request, context, trace)
         slot = request.table_slot if request.HasField("table_slot") else None
         touch_record(self.table, slot, request.request_id, state=RequestState.DECODING,
                      decode_instance=self.name)
@@ -94,7 +120,14 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
     def close(self) -> None:
         self.worker.close()
 
-    async def _adopt(self, request, context) -> _Stream:
+    def _last_round(self) -> tuple[float, dict[str, float]] | None:
+        """Engine thread: the last round's alpha and quotas (aegaeon), for metrics."""
+        last = self.policy.last if isinstance(self.policy, DecodeScheduler) else None
+        if last is None:
+            return None
+        return last.plan.alpha, dict(zip(last.models, last.plan.quotas, strict=True))
+
+    async def _adopt(self, request, context, trace=None) -> _Stream:
         """Map the handed-over KV, stage it on this instance and release the handle."""
         if request.model not in self.engine.models:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered on "
@@ -103,7 +136,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
             handle = handle_from_pb(request.kv)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {exc}")
-        stream = _Stream(request.model, asyncio.get_running_loop())
+        stream = _Stream(request.model, asyncio.get_running_loop(), trace=trace)
         try:
             await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, handle, stream)))
         except (InvalidRequestError, ValueError) as exc:
@@ -116,7 +149,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
             self.worker.post(lambda e: self._abort(e, request.request_id))
             raise
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, self.transport.release, handle)
+            await asyncio.to_thread(self.transport.release, handle)  # in this context: traced under it
         return stream
 
     @staticmethod
@@ -156,12 +189,16 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
                      request.first_token_id, sampling, request.seed, blocks)
         self._streams[request.request_id] = stream
         self.worker.track(request.request_id, request.model)
+        if self.turns is not None:
+            self.turns.begin(request.request_id, stream.trace)
 
     def _abort(self, engine: MultiModelEngine, request_id: str) -> bool:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             engine.abort(stream.model, request_id)
             self.worker.forget(request_id)
+            if self.turns is not None:
+                self.turns.forget(request_id)
         return stream is not None
 
     def _on_output(self, model: str, out: RequestOutput) -> None:
@@ -177,3 +214,8 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
             if stream.model == model:
                 self._abort(self.engine, request_id)
                 stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, exc)
+
+
+def _queued_by_model(engine: MultiModelEngine) -> dict[str, int]:
+    """Engine thread: adopted sequences not yet in their batch, and waiting ones, per model."""
+    return {m: len(x.arriving) + len(x.book.scheduler.waiting) for m, x in engine.models.items()}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from .multi_model_engine import MultiModelEngine
+from .multi_model_engine import MultiModelEngine, SwitchRecord
 from .request_book import RequestOutput
 from .slab_allocator import KVPoolFullError
 from .turn_policy import BatchInfo, TurnPolicy
@@ -27,6 +27,23 @@ from .turn_policy import BatchInfo, TurnPolicy
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
+
+
+class WorkerObserver:
+    """What the engine thread reports as it works (metrics, traces); every method runs on the
+    engine thread, between steps, and must be quick. The base class ignores everything."""
+
+    def turn_started(self) -> None:
+        """The policy is about to run a turn (one per loop; an idle one does nothing)."""
+
+    def switched(self, record: SwitchRecord) -> None:
+        """activate() switched models."""
+
+    def stepped(self, model: str, outputs: list[RequestOutput]) -> None:
+        """One step of model ran and produced outputs."""
+
+    def turn_ended(self) -> None:
+        """The turn is over."""
 
 
 class EngineWorker:
@@ -42,8 +59,10 @@ class EngineWorker:
 
     def __init__(self, engine: MultiModelEngine, policy: TurnPolicy,
                  on_output: Callable[[str, RequestOutput], None],
-                 on_failure: Callable[[str, Exception], None], name: str = "engine") -> None:
+                 on_failure: Callable[[str, Exception], None], name: str = "engine",
+                 observers: tuple[WorkerObserver, ...] = ()) -> None:
         self.engine = engine
+        self.observers = observers
         self.policy = policy
         self.on_output = on_output
         self.on_failure = on_failure
@@ -94,6 +113,7 @@ class EngineWorker:
         return self.engine.has_unfinished(model)
 
     def activate(self, model: str) -> bool:
+        switches = self.engine.switches if self.observers else 0
         try:
             self.engine.switch_to(model)
         except KVPoolFullError:
@@ -101,6 +121,9 @@ class EngineWorker:
         except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
             self.on_failure(model, exc)
             return False
+        if self.observers and self.engine.switches != switches:
+            for observer in self.observers:
+                observer.switched(self.engine.last_switch)
         return True
 
     def prefetch(self, model: str) -> None:
@@ -117,6 +140,8 @@ class EngineWorker:
         except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving
             self.on_failure(model, exc)
             return 0
+        for observer in self.observers:
+            observer.stepped(model, outputs)
         for out in outputs:
             if out.finished:
                 self.forget(out.request_id)
@@ -129,10 +154,22 @@ class EngineWorker:
         while not self._stop.is_set():
             try:
                 self._run_posted(block=not self.engine.has_unfinished())
-                self.policy.run_turn(self)
+                self._run_turn()
             except Exception:  # a bug in a callback must not silently stop the instance
                 log.exception("engine worker %s: unexpected error; serving on", self._thread.name)
         self._run_posted(block=False)  # fail what arrived while stopping
+
+    def _run_turn(self) -> None:
+        if not self.observers:
+            self.policy.run_turn(self)
+            return
+        for observer in self.observers:
+            observer.turn_started()
+        try:
+            self.policy.run_turn(self)
+        finally:
+            for observer in self.observers:
+                observer.turn_ended()
 
     def _run_posted(self, block: bool) -> None:
         try:

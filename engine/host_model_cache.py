@@ -129,6 +129,17 @@ def default_root() -> Path:
     return shm_root() / "models"
 
 
+@dataclass
+class CacheCounters:
+    """What this process's HostModelCache did (for metrics): a registration or attach that
+    found the model cached is a hit, one that had to read the checkpoint (or found nothing to
+    attach) a miss; evictions are models removed to make room."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
 class HostModelCache:
     """Models' weights in shared memory, bounded by capacity_bytes, LRU-evicted when unused.
 
@@ -144,6 +155,7 @@ class HostModelCache:
         self.root = private_dir(Path(root) if root is not None else default_root())
         self._capacity = capacity_bytes
         self.progress = progress
+        self.counters = CacheCounters()
         with self._registry_lock():
             self._sweep_crashed()
 
@@ -189,10 +201,12 @@ class HostModelCache:
                 self._sweep_crashed()
                 if self._manifest(key).exists():
                     self._check_same_layout(model_id, entries, total)
+                    self.counters.hits += 1
                     return None
                 busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
                 if busy is None:
                     self._make_room(model_id, total)
+                    self.counters.misses += 1
                     return self._create_segment(key, total)
             _wait_for_writer(busy)
 
@@ -263,6 +277,7 @@ class HostModelCache:
                 raise CacheFullError(self._full_message(model_id, need, in_use))
             for victim, _ in victims:
                 self._remove_files(victim.key)
+                self.counters.evictions += 1
         finally:
             for _, fd in victims:
                 os.close(fd)
@@ -298,12 +313,14 @@ class HostModelCache:
         key = _file_key(model_id)
         with self._registry_lock():
             if not self._manifest(key).exists():
+                self.counters.misses += 1
                 raise CacheMissError(f"model {model_id!r} is not in the host model cache at {self.root}")
             manifest = self._read_manifest(model_id)
             fd = _open_existing(self._segment(key))
             if fd is None:
                 raise CorruptManifestError(f"model {model_id!r} has a manifest but no segment file")
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only evict/sweep take EX, under this same lock
+            self.counters.hits += 1
             now = time.time_ns()
             os.utime(self._manifest(key), ns=(now, now))
         try:

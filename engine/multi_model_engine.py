@@ -61,6 +61,20 @@ class InstanceConfig:
                              f"{self.slot_bytes}")
 
 
+@dataclass(frozen=True)
+class SwitchRecord:
+    """One model switch, as switch_to() measured it (for logs, metrics and traces)."""
+
+    outgoing: str | None
+    incoming: str
+    weight_bytes: int
+    prefetched: bool  # the incoming weights were already (being) copied into the free slot
+    kv_out: int  # sequences of the outgoing model whose KV was swapped out to the host pool
+    kv_in: int  # sequences of the incoming model whose KV swap-in started
+    started_ns: int  # wall clock (time.time_ns) when the switch began
+    seconds: float
+
+
 @dataclass
 class _Model:
     profile: ModelProfile
@@ -89,6 +103,7 @@ class MultiModelEngine:
         self.active: str | None = None
         self.runner: ModelRunner | None = None
         self.switches = 0
+        self.last_switch: SwitchRecord | None = None
 
     # -- registration and requests --------------------------------------------
 
@@ -209,7 +224,7 @@ class MultiModelEngine:
         if model_id == self.active:
             return
         incoming = self._model(model_id)
-        start, outgoing = time.perf_counter(), self.active
+        start, started_ns, outgoing = time.perf_counter(), time.time_ns(), self.active
         prefetched = self.switcher.is_prefetched(model_id)
         pending_out = self._swap_out_active()
         model = self.switcher.activate(incoming.profile)
@@ -218,10 +233,12 @@ class MultiModelEngine:
         self.runner = ModelRunner(model, self._kv_view(incoming), self.backend)
         self.active = model_id
         self.switches += 1
-        self._swap_in(incoming)
+        kv_in = self._swap_in(incoming)
+        self.last_switch = SwitchRecord(outgoing, model_id, incoming.profile.nbytes, prefetched,
+                                        len(pending_out), kv_in, started_ns, time.perf_counter() - start)
         log.info("switch %s -> %s: %d weight bytes%s, %d sequences' KV out, %.2f ms", outgoing, model_id,
                  incoming.profile.nbytes, " (prefetched)" if prefetched else "", len(pending_out),
-                 (time.perf_counter() - start) * 1e3)
+                 self.last_switch.seconds * 1e3)
 
     def _kv_view(self, model: _Model) -> PagedKVCache:
         """The arena's KV region seen in model's block shape (built once per model)."""
@@ -250,10 +267,12 @@ class MultiModelEngine:
                 handles.append(handle)
         return handles
 
-    def _swap_in(self, model: _Model) -> None:
-        for seq in model.book.scheduler.running:
-            if seq.request_id in model.swapped:
-                self._start_swap_in(model, seq)
+    def _swap_in(self, model: _Model) -> int:
+        """Start swapping in the running sequences' KV -> how many."""
+        seqs = [seq for seq in model.book.scheduler.running if seq.request_id in model.swapped]
+        for seq in seqs:
+            self._start_swap_in(model, seq)
+        return len(seqs)
 
     def _start_swap_in(self, model: _Model, seq: Sequence) -> None:
         offsets = model.swapped.pop(seq.request_id).result()

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tokenpool.cli.service_process import add_metrics_arg
+
 STOP_GRACE_S = 1.0  # KVTransfer calls are short; in-flight ones get this long to finish
 
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write {name, address, pid, pool} here as JSON once serving (else print a line)")
     p.add_argument("--handle-ttl-s", type=_positive(float), default=300.0,
                    help="seconds after which an unreleased handle's blocks are reclaimed")
+    add_metrics_arg(p)
     return p
 
 
@@ -64,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from prometheus_client import CollectorRegistry
     from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
     from tokenpool.protos.internal.v1 import instances_pb2_grpc
+    from tokenpool.telemetry.agent_metrics import AgentMetrics
 
     from .agent import SERVICE_NAME, KVTransferAgent
 
@@ -73,13 +78,16 @@ async def serve(args: argparse.Namespace) -> None:
     # clean shutdown below instead of killing the process and leaving the file in /dev/shm.
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
+    registry = CollectorRegistry()
     agent = KVTransferAgent(args.pool_mib << 20, slab_bytes=args.slab_mib << 20,
-                            handle_ttl_s=args.handle_ttl_s)
+                            handle_ttl_s=args.handle_ttl_s, metrics=AgentMetrics(registry))
     try:
         servicers = [(instances_pb2_grpc.add_KVTransferServicer_to_server, agent)]
-        server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME])
+        server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME],
+                                         metrics_port=args.metrics_port, registry=registry)
         agent.start()
-        announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path))
+        announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path),
+                       metrics=server.metrics_address)
         await stop
         print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
         await server.grpc.stop(STOP_GRACE_S)

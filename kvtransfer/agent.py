@@ -26,6 +26,7 @@ from tokenpool.engine.host_kv_pool import DEFAULT_SLAB_BYTES, HostKVPool
 from tokenpool.engine.slab_allocator import BlockShape, KVPoolFullError
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.telemetry import tracing
 
 from .handle import KVHandleInfo, handle_to_pb, shape_from_pb
 
@@ -146,7 +147,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
 
     def __init__(self, pool_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
                  handle_ttl_s: float = DEFAULT_HANDLE_TTL_S, sweep_interval_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics=None) -> None:
+        """metrics: a telemetry.agent_metrics.AgentMetrics to count hand-offs in, or None."""
         if sweep_interval_s is not None and not sweep_interval_s > 0:
             raise ValueError(f"sweep_interval_s must be positive seconds, got {sweep_interval_s!r}")
         self.pool = _shared_pool(pool_bytes, slab_bytes)
@@ -157,11 +159,20 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
             raise
         self.sweep_interval_s = sweep_interval_s or min(handle_ttl_s / 4, MAX_SWEEP_INTERVAL_S)
         self._sweeper: asyncio.Task | None = None
+        self.metrics = metrics
 
     def start(self) -> None:
         """Start the ttl sweep on the running event loop."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.metrics is not None:
+            self.metrics.bind(asyncio.get_running_loop(), self._gauges)
+
+    def _gauges(self) -> dict[str, float]:
+        book = self.book.stats()
+        return {"tokenpool_handoff_pool_used_bytes": self.pool.stats().used_bytes,
+                "tokenpool_handoff_pool_capacity_bytes": self.pool.nbytes,
+                "tokenpool_handoff_live_handles": book.handles, "tokenpool_handoff_live_blocks": book.blocks}
 
     def close(self) -> None:
         """Stop the sweep and close the pool (its file is unlinked; peers' mappings stay valid)."""
@@ -172,22 +183,43 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
 
     async def Allocate(self, request, context):
         def allocate() -> ipb.KVHandle:
-            shape = shape_from_pb(request.block_dims, request.dtype)
-            handle = self.book.allocate(shape, request.num_blocks, request.request_id)
+            try:
+                shape = shape_from_pb(request.block_dims, request.dtype)
+                handle = self.book.allocate(shape, request.num_blocks, request.request_id)
+            except (KVPoolFullError, ValueError) as exc:
+                if self.metrics is not None:
+                    self.metrics.refused.labels("pool_full" if isinstance(exc, KVPoolFullError)
+                                                else "invalid").inc()
+                raise
+            nbytes = handle.num_blocks * shape.nbytes
+            tracing.annotate(request_id=request.request_id, kv_blocks=handle.num_blocks, kv_bytes=nbytes,
+                             kv_path="node-local", pool=str(self.pool.path))
+            if self.metrics is not None:
+                self.metrics.handles.inc()
+                self.metrics.bytes.inc(nbytes)
             return handle_to_pb(handle, ready=False)
         return await _answer(context, allocate)
 
     async def MarkReady(self, request, context):
+        tracing.annotate(kv_tokens=request.num_tokens)
         return await _answer(context, lambda: handle_to_pb(
             self.book.mark_ready(request.handle_id, request.num_tokens), ready=True))
 
     async def Release(self, request, context):
-        return await _answer(context, lambda: ipb.ReleaseResponse(
-            num_blocks=self.book.release(request.handle_id)))
+        def release() -> ipb.ReleaseResponse:
+            blocks = self.book.release(request.handle_id)
+            tracing.annotate(kv_blocks=blocks)
+            if self.metrics is not None:
+                self.metrics.releases.inc()
+            return ipb.ReleaseResponse(num_blocks=blocks)
+        return await _answer(context, release)
 
     async def ReleaseAll(self, request, context):
-        return await _answer(context, lambda: ipb.ReleaseResponse(
-            num_blocks=self.book.release_request(request.request_id)))
+        def release_all() -> ipb.ReleaseResponse:
+            blocks = self.book.release_request(request.request_id)
+            tracing.annotate(kv_blocks=blocks)
+            return ipb.ReleaseResponse(num_blocks=blocks)
+        return await _answer(context, release_all)
 
     async def Describe(self, request, context):
         return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,
@@ -202,7 +234,9 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             try:
-                self.book.reclaim_expired()
+                reclaimed = self.book.reclaim_expired()
+                if reclaimed and self.metrics is not None:
+                    self.metrics.reclaimed.inc(len(reclaimed))
             except Exception:  # a sweep that died would leak every later crashed handle
                 logger.exception("KV handle sweep failed; retrying in %.1f s", self.sweep_interval_s)
 
@@ -224,3 +258,4 @@ async def _answer(context, work: Callable[[], object]):
     except (KVPoolFullError, UnknownHandleError, ValueError) as exc:
         code = next(code for kind, code in _STATUS if isinstance(exc, kind))
         await context.abort(code, str(exc))
+

@@ -18,6 +18,7 @@ import torch
 from tokenpool.engine.slab_allocator import BlockShape, KVPoolFullError
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.telemetry.grpc_tracing import intercept
 
 from .handle import KVHandleInfo, handle_from_pb, shape_to_dims
 from .pool_attachment import PoolAttachment
@@ -41,6 +42,8 @@ class KVTransport(ABC):
 
     Methods are synchronous (engine threads call them) and thread-safe.
     """
+
+    kind = ""  # the name make_transport knows it by (traces record the hand-off's path)
 
     @abstractmethod
     def publish(self, request_id: str, shape: BlockShape, blocks: Sequence[torch.Tensor],
@@ -80,13 +83,15 @@ class NodeLocalTransport(KVTransport):
     allocated meanwhile are reclaimed by its ttl sweep.
     """
 
+    kind = "node-local"
+
     def __init__(self, agent_address: str, timeout_s: float = 10.0) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.agent_address = agent_address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(agent_address)
-        self._stub = instances_pb2_grpc.KVTransferStub(self._channel)
+        self._stub = instances_pb2_grpc.KVTransferStub(intercept(self._channel))  # carries the trace
         try:
             info = self._call("Describe", ipb.DescribeRequest())
             self.attachment = PoolAttachment(Path(info.path), info.nbytes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +29,8 @@ from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_fro
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+from tokenpool.telemetry import tracing
+from tokenpool.telemetry.turn_tracer import TurnTracer
 
 from .prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
 from .prefill_turns import GroupedFcfsTurns
@@ -41,13 +44,16 @@ class _Pending:
     seed: int
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future  # -> (RequestOutput, KVHandleInfo | None)
+    trace: object | None = None  # the request's trace context (tracing on)
+    queue_span: object | None = None  # open while the request waits in the queue
 
 
 class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
                  table: RequestTable | None = None, timings: InstanceTimings | None = None,
-                 max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon") -> None:
-        """timings: to estimate queued prefill time (and report); max_group_size 1 is plain FCFS."""
+                 max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon", metrics=None) -> None:
+        """timings: to estimate queued prefill time (and report); max_group_size 1 is plain FCFS.
+        metrics: a telemetry.instance_metrics.InstanceMetrics to report to, or None."""
         self.name = name
         self.engine = engine
         self.transport = transport
@@ -60,15 +66,33 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         # Published and not yet answered: a caller that goes away meanwhile gets its KV released.
         self._published: dict[str, KVHandleInfo] = {}
         self._published_lock = threading.Lock()
+        self.metrics = metrics
+        self.turns = TurnTracer("prefill.compute") if tracing.enabled() else None
+        observers = tuple(o for o in (metrics, self.turns) if o is not None)
         self.worker = EngineWorker(engine, GroupedFcfsTurns(self.queue, self._start), self._on_output,
-                                   self._on_failure, name)
+                                   self._on_failure, name, observers)
+        if metrics is not None:
+            metrics.bind(self.worker, self._queued_by_model)
 
     async def Prefill(self, request, context):
         if request.model not in self.engine.models:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not registered on "
                                 f"{self.name}; registered: {', '.join(sorted(self.engine.models))}")
+        outcome = "failed"
+        try:
+            response = await self._prefill(request, context)
+            outcome = "prefilled"
+            return response
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.request_ended(request.model, outcome)
+
+    async def _prefill(self, request, context) -> ipb.PrefillResponse:
         loop = asyncio.get_running_loop()
-        pending = _Pending(request.model, 0, loop, loop.create_future())
+        pending = _Pending(request.model, 0, loop, loop.create_future(), tracing.capture())
         try:
             await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, pending)))
         except InvalidRequestError as exc:
@@ -100,6 +124,9 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def close(self) -> None:
         self.worker.close()
 
+    def _queued_by_model(self, engine: MultiModelEngine) -> dict[str, int]:
+        return dict(Counter(request.model for request, _ in self._queued.values()))
+
     def _status(self, engine: MultiModelEngine) -> ipb.InstanceStatus:
         status = instance_status(engine, self.name, "prefill", len(self.queue), self.policy, self.timings)
         status.groups.extend(f"{g.model} x{len(g.request_ids)}" for g in self.queue.groups())
@@ -116,6 +143,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         tokens = len(request.prompt_token_ids)
         estimate = self.timings.prefill_seconds(request.model, tokens) if self.timings else 0.0
+        pending.queue_span = tracing.start_child(pending.trace, "prefill.queue", model=request.model,
+                                                 queued_ahead=len(self.queue), prompt_tokens=tokens)
         self.queue.add(request.request_id, request.model, estimate)
         self._queued[request.request_id] = (request, sampling)
         self._pending[request.request_id] = pending
@@ -126,6 +155,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         pending = self._pending.get(request_id)
         if entry is None or pending is None:
             return False
+        _end_queue_span(pending)
         request, sampling = entry
         try:
             seq = self.engine.add_request(request.model, list(request.prompt_token_ids), sampling,
@@ -136,14 +166,18 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             return False
         pending.seed = seq.seed
         self.worker.track(request_id, request.model)
+        if self.turns is not None:
+            self.turns.begin(request_id, pending.trace)
         return True
 
     def _on_output(self, model: str, out: RequestOutput) -> None:
         pending = self._pending.pop(out.request_id, None)
         if pending is None:
             return
+        if self.turns is not None:
+            self.turns.forget(out.request_id)
         try:
-            handle = None if out.finished else self._publish(model, out)
+            handle = None if out.finished else self._publish(model, out, pending.trace)
         except Exception as exc:  # noqa: BLE001 - reported to the waiting RPC
             self._settle(pending, exception=exc)
         else:
@@ -153,9 +187,12 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
                 self.engine.abort(model, out.request_id)  # the KV lives on in the pool: free the device
                 self.worker.forget(out.request_id)
 
-    def _publish(self, model: str, out: RequestOutput) -> KVHandleInfo:
+    def _publish(self, model: str, out: RequestOutput, trace=None) -> KVHandleInfo:
         shape, blocks = self.engine.handoff_blocks(model, out.request_id)
-        handle = self.transport.publish(out.request_id, shape, blocks, out.num_prompt_tokens)
+        with tracing.child_span(trace, "kv.publish", model=model, kv_blocks=len(blocks),
+                                kv_bytes=len(blocks) * shape.nbytes, kv_tokens=out.num_prompt_tokens,
+                                kv_path=self.transport.kind):
+            handle = self.transport.publish(out.request_id, shape, blocks, out.num_prompt_tokens)
         with self._published_lock:
             self._published[out.request_id] = handle
         return handle
@@ -167,6 +204,9 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
                 self._settle(pending, exception=exc)
 
     def _drop(self, request_id: str, pending: _Pending) -> None:
+        _end_queue_span(pending)
+        if self.turns is not None:
+            self.turns.forget(request_id)
         self._pending.pop(request_id, None)
         self._queued.pop(request_id, None)
         self.queue.remove(request_id)
@@ -203,3 +243,9 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         if handle is not None:
             response.kv.CopyFrom(handle_to_pb(handle))
         return response
+
+
+def _end_queue_span(pending: _Pending) -> None:
+    if pending.queue_span is not None:
+        pending.queue_span.end()
+        pending.queue_span = None

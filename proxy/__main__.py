@@ -16,9 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+from tokenpool.cli.service_process import add_metrics_arg
 from tokenpool.engine.turn_policy import POLICIES
 
 STOP_GRACE_S = 5.0
+TTFT_PER_TBT = 100.0  # the paper's SLO: 10 s TTFT over 100 ms TBT
+DEFAULT_TBT_S = 0.1
+SLO_POLL_S = 1.0
 
 
 def _named_address(text: str) -> tuple[str, str]:
@@ -44,13 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dispatch: aegaeon (grouped FCFS, batch co-location), static (model i on "
                         "instance i), request (request-level scaling)")
     p.add_argument("--ready-file", type=Path, default=None)
+    p.add_argument("--slo-tbt-ms", type=float, default=None,
+                   help="TBT target attainment is scored against (default: the decode instances')")
+    p.add_argument("--slo-ttft-s", type=float, default=None,
+                   help="TTFT target attainment is scored against (default: 100 x the TBT target, "
+                        "the paper's 10 s over 100 ms)")
+    add_metrics_arg(p)
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from prometheus_client import CollectorRegistry
     from tokenpool.cli.instance_setup import parse_models
     from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
     from tokenpool.protos.v1 import inference_pb2_grpc
+    from tokenpool.telemetry.proxy_metrics import ProxyMetrics
 
     from .dispatcher import make_dispatcher
     from .fleet_backend import FleetBackend
@@ -58,24 +70,49 @@ async def serve(args: argparse.Namespace) -> None:
     from .request_table import make_request_table
     from .served_model import served_model_from_folder
 
+    for flag in ("slo_tbt_ms", "slo_ttft_s"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value!r}")
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
     models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
     dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
     backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher)
     table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry, sorted(models))
+    slo = asyncio.create_task(_learn_slo(args, backend, metrics))
     try:
-        servicer = InferenceServicer(backend, models, table)
+        servicer = InferenceServicer(backend, models, table, metrics)
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
-                                                        servicer)], ["tokenpool.v1.Inference"])
-        announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models))
+                                                        servicer)], ["tokenpool.v1.Inference"],
+                                         trace_roots=True, metrics_port=args.metrics_port, registry=registry)
+        announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models),
+                       metrics=server.metrics_address)
         await stop
         print("tokenpool: proxy shutting down", file=sys.stderr, flush=True)
         await server.grpc.stop(STOP_GRACE_S)
     finally:
+        slo.cancel()
         await backend.close()
         table.close()
         table.unlink()
+
+
+async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:
+    """The SLO attainment is scored against: the flags, else the decode instances' TBT target
+    (asked until one answers) and TTFT_PER_TBT times it."""
+    from tokenpool.bench.metrics import SLO
+
+    tbt_s = args.slo_tbt_ms / 1e3 if args.slo_tbt_ms else None
+    while tbt_s is None:
+        decode = [s for s in await backend.statuses() if s.role == "decode"]  # answered
+        if decode:  # the baselines set no target: the paper's 100 ms
+            tbt_s = next((s.tbt_target_s for s in decode if s.tbt_target_s), DEFAULT_TBT_S)
+        else:
+            await asyncio.sleep(SLO_POLL_S)
+    metrics.slo = SLO(ttft_s=args.slo_ttft_s or TTFT_PER_TBT * tbt_s, tbt_s=tbt_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,8 @@ from tokenpool.engine.request_book import RequestOutput
 from tokenpool.protos.convert import FINISH_FROM_PB, sampling_to_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.telemetry import tracing
+from tokenpool.telemetry.grpc_tracing import aio_channel
 
 from .backend import Backend, BackendFullError, Submission
 from .dispatcher import Dispatcher, InstanceLoad, Timing
@@ -51,7 +53,7 @@ class FleetBackend(Backend):
                              f"and {len(decode)} decode")
         self.prefill = [_connect(n, a, instances_pb2_grpc.PrefillStub) for n, a in prefill.items()]
         self.decode = [_connect(n, a, instances_pb2_grpc.DecodeStub) for n, a in decode.items()]
-        self._agent_channel = grpc.aio.insecure_channel(kvtransfer)
+        self._agent_channel = aio_channel(kvtransfer)
         self.agent = instances_pb2_grpc.KVTransferStub(self._agent_channel)
         self.dispatcher = dispatcher
         self._timings_tried = False
@@ -115,7 +117,7 @@ class FleetBackend(Backend):
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
         try:
-            with instance.load.hold(sub.model):
+            with instance.load.hold(sub.model), tracing.span("proxy.prefill", instance=instance.name):
                 return await instance.stub.Prefill(request, timeout=_left(deadline))
         finally:
             self.dispatcher.prefill_done(sub.request_id)
@@ -129,8 +131,9 @@ class FleetBackend(Backend):
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
         decoding.append(instance)
-        async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
-            sub.deliver(self._output(sub, chunk))
+        with tracing.span("proxy.decode", instance=instance.name):
+            async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
+                sub.deliver(self._output(sub, chunk))
 
     async def _learn_timings(self) -> None:
         """Once: the models' prefill and switch times as a prefill instance profiled them."""
@@ -170,7 +173,7 @@ class FleetBackend(Backend):
 
 
 def _connect(name: str, address: str, stub_class) -> Instance:
-    channel = grpc.aio.insecure_channel(address)
+    channel = aio_channel(address)
     return Instance(name, address, channel, stub_class(channel))
 
 

@@ -6,6 +6,7 @@ limit; nothing reaches the engine unless it fits.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -15,6 +16,7 @@ from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.protos.convert import FINISH_TO_PB, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
+from tokenpool.telemetry import tracing
 
 from .backend import Backend, BackendFullError, Submission
 from .request_table import (
@@ -37,10 +39,13 @@ class RequestError(Exception):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, backend: Backend, models: dict[str, ServedModel], table: RequestTable) -> None:
+    def __init__(self, backend: Backend, models: dict[str, ServedModel], table: RequestTable,
+                 metrics=None) -> None:
+        """metrics: a telemetry.proxy_metrics.ProxyMetrics to count requests in, or None."""
         self.backend = backend
         self.models = models
         self.table = table
+        self.metrics = metrics
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[
@@ -53,21 +58,35 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sub = self._submission(request, context.time_remaining())
             sub.table_slot = self._admit(sub)
         except RequestError as exc:
+            self._rejected(request.model)
             await context.abort(exc.code, str(exc))
         except InvalidRequestError as exc:
+            self._rejected(request.model)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        state, submitted = RequestState.FAILED, False
+        tracing.annotate(model=sub.model, request_id=sub.request_id, prompt_tokens=len(sub.prompt))
+        timer = self.metrics.admitted(sub.model, start) if self.metrics is not None else None
+        state, submitted, outcome = RequestState.FAILED, False, "rejected"
         try:
             await self._submit(sub, context)
-            submitted, state = True, RequestState.CANCELLED
-            async for response in self._stream(sub, start, context):
+            submitted, state, outcome = True, RequestState.CANCELLED, "failed"
+            async for response in self._stream(sub, start, context, timer):
                 yield response
-            state = RequestState.FINISHED
+            state, outcome = RequestState.FINISHED, "finished"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
         finally:
             if submitted and state is not RequestState.FINISHED:
                 self.backend.cancel(sub)  # client gone, deadline passed or failed: free the KV
             self._set(sub.table_slot, state=state)
             self.table.release(sub.table_slot)
+            if timer is not None:
+                timer.ended(outcome)
+            tracing.annotate(outcome=outcome)
+
+    def _rejected(self, model: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(model)
 
     def _admit(self, sub: Submission) -> int:
         """A row in the request table; RESOURCE_EXHAUSTED when it is full."""
@@ -93,7 +112,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
-    async def _stream(self, sub: Submission, start: float, context):
+    async def _stream(self, sub: Submission, start: float, context, timer=None):
         first = None
         while (item := await sub.outputs.get()) is not None:
             if isinstance(item, RequestError):
@@ -101,6 +120,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(item, Exception):
                 await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
             first = first or time.perf_counter()
+            if timer is not None:
+                timer.tokens(len(item.new_token_ids))
             self._set(sub.table_slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
             yield self._response(item, sub.request_id, len(sub.prompt), first - start)
             if item.finished:

@@ -7,7 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
 from tokenpool.cli.instance_process import build_parser as instance_parser
+from tokenpool.kvtransfer.__main__ import build_parser as agent_parser
 from tokenpool.proxy.__main__ import build_parser as proxy_parser
 
 COMPOSE = Path(__file__).resolve().parent.parent / "compose" / "docker-compose.yml"
@@ -24,7 +26,7 @@ def compose_config() -> dict:
 
 def test_compose_file_validates_and_wires_the_stack():
     services = compose_config()["services"]
-    assert set(services) == {"models", "kvtransfer", *INSTANCES, "proxy", "jaeger"}
+    assert set(services) == {"models", "kvtransfer", *INSTANCES, "proxy", "jaeger", "prometheus"}
     assert (COMPOSE.parent / Path(services["models"]["build"]["dockerfile"]).name).is_file()
     proxy = proxy_parser().parse_args(services["proxy"]["command"][3:])
     assert any(p["target"] == 50051 for p in services["proxy"]["ports"])
@@ -46,4 +48,22 @@ def test_compose_file_validates_and_wires_the_stack():
         env = services[name]["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317" and env["OTEL_SERVICE_NAME"]
         assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
-    assert {p["target"] for p in services["jaeger"]["ports"]} == {16686, 4317}
+    published = {(name, p["target"]) for name, s in services.items() for p in s.get("ports", [])}
+    assert published == {("proxy", 50051), ("jaeger", 16686), ("prometheus", 9090)}
+    assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port():
+    services = compose_config()["services"]
+    mount = next(v for v in services["prometheus"]["volumes"]
+                 if v["target"] == "/etc/prometheus/prometheus.yml")
+    scrape = yaml.safe_load(Path(mount["source"]).read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    parsers = {"proxy": proxy_parser(), "kvtransfer": agent_parser(),
+               **{n: instance_parser(n.split("-")[0]) for n in INSTANCES}}
+    expected = set()
+    for name, parser in parsers.items():
+        args = parser.parse_args(services[name]["command"][3:])
+        assert args.metrics_port, f"{name} serves no metrics"
+        expected.add(f"{name}:{args.metrics_port}")
+    assert targets == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from tokenpool.cli.main import build_parser
 from tokenpool.cli.up_command import stack_config
@@ -34,3 +36,24 @@ def test_bad_config_files_are_refused(tmp_path, tiny_dir, text, needle):
     with pytest.raises((ValueError, FileNotFoundError)) as info:
         config_from(["--config", str(path)])
     assert needle in str(info.value)
+
+
+def test_trace_flag_sets_the_otlp_endpoint_for_every_service(tiny_dir):
+    model = f"--model=tiny-llama={tiny_dir / 'tiny-llama'}"
+    assert config_from([model]).trace_endpoint is None
+    assert config_from([model, "--trace"]).trace_endpoint == "http://127.0.0.1:4317"
+    assert config_from([model, "--trace", "http://jaeger:4317"]).trace_endpoint == "http://jaeger:4317"
+    with pytest.raises(ValueError, match="'jaeger:4317'"):
+        config_from([model, "--trace", "jaeger:4317"])
+
+
+def test_launcher_gives_services_the_otel_settings_only_with_a_trace_endpoint(tiny_dir, tmp_path):
+    from tokenpool.compose.launcher import Stack
+
+    model = f"--model=tiny-llama={tiny_dir / 'tiny-llama'}"
+    traced = Stack(config_from([model, "--trace"]), tmp_path)._env("decode-1")
+    assert traced["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://127.0.0.1:4317"
+    assert traced["OTEL_SERVICE_NAME"] == "decode-1" and traced["OTEL_TRACES_EXPORTER"] == "otlp"
+    plain = Stack(config_from([model]), tmp_path)._env("proxy")  # the environment's own, untouched
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        assert plain.get(name) == os.environ.get(name)

@@ -1,0 +1,1 @@
+"""Observability: distributed traces (OpenTelemetry, exported over OTLP) and Prometheus metrics."""
