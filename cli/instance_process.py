@@ -26,7 +26,8 @@ from .instance_setup import add_engine_args, build_engine, parse_models
 from .service_process import add_metrics_arg, run_service
 
 ROLES = ("prefill", "decode")
-STOP_GRACE_S = 3.0
+DRAIN_GRACE_S = 5.0  # SIGTERM: in-flight work gets this long; the proxy moves the rest elsewhere
+DRAIN_NOTICE_S = 0.6  # of which NOT_SERVING is announced before new calls are refused (> a probe)
 TABLE_POLL_S = 0.2
 
 
@@ -41,6 +42,8 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {name, address, pid} here once serving (for launchers)")
     add_engine_args(p, kv_mib=64, host_kv_mib=256)
+    p.add_argument("--drain-s", type=float, default=DRAIN_GRACE_S,
+                   help="on SIGTERM, how long work in flight may take to finish (the rest moves elsewhere)")
     p.add_argument("--policy", choices=POLICIES, default="aegaeon",
                    help="scheduling: aegaeon (grouped-FCFS prefill, weighted round-robin decode), "
                         "static (one model per instance) or request (request-level scaling)")
@@ -60,6 +63,8 @@ async def serve(role: str, args: argparse.Namespace) -> None:
 
     from .service_process import announce_ready, start_grpc_server, wait_for_signal
 
+    if not args.drain_s >= 0:
+        raise ValueError(f"--drain-s must be >= 0 seconds, got {args.drain_s!r}")
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
     engine = build_engine(args, parse_models(args.model))
@@ -81,8 +86,13 @@ async def serve(role: str, args: argparse.Namespace) -> None:
         announce_ready(args.ready_file, args.name, server.address, role=role, models=sorted(engine.models),
                        metrics=server.metrics_address)
         await stop
-        print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
-        await server.grpc.stop(STOP_GRACE_S)
+        # Drain: health says NOT_SERVING (the proxy sends nothing new), new calls are refused, calls
+        # in flight get the grace period; those still running then end, and the proxy re-dispatches them.
+        print(f"tokenpool: {args.name} draining (up to {args.drain_s:g} s)", file=sys.stderr, flush=True)
+        await server.health.enter_graceful_shutdown()
+        await asyncio.sleep(min(args.drain_s, DRAIN_NOTICE_S))  # the proxy's next health probe sees it
+        await server.grpc.stop(max(0.0, args.drain_s - DRAIN_NOTICE_S))
+        print(f"tokenpool: {args.name} stopped", file=sys.stderr, flush=True)
     finally:
         servicer.close()
         engine.close()

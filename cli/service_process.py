@@ -7,7 +7,8 @@
     await server.grpc.stop(grace)
 
 Every service answers the standard gRPC health check ("" and each of its services) and
-server reflection, so grpcurl and clients in other languages need no .proto files. With
+server reflection, so grpcurl and clients in other languages need no .proto files; a body
+that does not parse as the method's message gets INVALID_ARGUMENT (cli/grpc_guard.py). With
 tracing on (OTEL_* variables, telemetry/tracing.py; run_service sets it up) every call is
 traced under its caller's W3C traceparent; with --metrics-port, a Prometheus endpoint serves
 the service's registry on the gRPC server's host.
@@ -67,7 +68,9 @@ async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, ob
     """
     from tokenpool.telemetry.grpc_tracing import server_interceptors
 
-    server = grpc.aio.server(interceptors=server_interceptors(trace_roots),
+    from .grpc_guard import MalformedRequestGuard
+
+    server = grpc.aio.server(interceptors=[MalformedRequestGuard(), *server_interceptors(trace_roots)],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     for add, servicer in servicers:

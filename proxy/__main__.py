@@ -117,8 +117,11 @@ async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
     from tokenpool.cli.service_process import run_service
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s proxy %(levelname)s: %(message)s")
     return run_service(serve(args), "proxy")
 
 

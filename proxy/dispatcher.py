@@ -94,6 +94,8 @@ def serving_or_idle(model: str, instances: Sequence[InstanceT]) -> InstanceT | N
 
 
 class Dispatcher(ABC):
+    pins_instances = False  # True: a model has its own instances, chosen by position in the full fleet
+
     def __init__(self) -> None:
         self.timings: dict[str, Timing] = {}  # filled from the instances' Status
 
@@ -126,7 +128,7 @@ class AegaeonDispatcher(Dispatcher):
 
     def pick_prefill(self, request_id, model, num_tokens, instances):
         name = self.placement.place(request_id, model, self.prefill_seconds(model, num_tokens),
-                                    self.switch_seconds)
+                                    self.switch_seconds, among={i.name for i in instances})
         return next(i for i in instances if i.name == name)
 
     def prefill_done(self, request_id: str) -> None:
@@ -141,6 +143,8 @@ class AegaeonDispatcher(Dispatcher):
 
 class StaticDispatcher(Dispatcher):
     """Model i of the catalogue on prefill instance i and decode instance i: nothing switches."""
+
+    pins_instances = True
 
     def __init__(self, models: Sequence[str], num_prefill: int, num_decode: int) -> None:
         super().__init__()

@@ -8,16 +8,30 @@ the RPC in progress, and the instances free the KV: a prefill instance drops the
 releases what it published; a handle between the two calls is released here; a decode
 instance aborts the sequence (the explicit Cancel RPC backs up the stream's cancellation).
 An instance's error ends the request with that instance's status and message.
+
+Instances fail. The proxy checks every instance's health every HEALTH_PROBE_S; one that
+answers NOT_SERVING (draining after SIGTERM) gets no new work but keeps what it has; one
+that fails LOST_AFTER probes in a row (killed, hung by SIGSTOP, partitioned) or whose call
+fails UNAVAILABLE is lost: every request on it is abandoned there (its call cancelled, so a
+hung instance that comes back finds its work fenced off and frees it) and dispatched again
+with the prompt plus every token already streamed as the new prompt: the KV is recomputed,
+the client's stream goes on with the next token, nothing lost or repeated (greedy decoding
+gives exactly the undisturbed tokens). A lost instance that answers again rejoins. After
+MAX_ATTEMPTS dispatches, or with no live instance for the model, the request ends with
+UNAVAILABLE in its stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.protos.convert import FINISH_FROM_PB, sampling_to_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
@@ -28,8 +42,19 @@ from tokenpool.telemetry.grpc_tracing import aio_channel
 from .backend import Backend, BackendFullError, Submission
 from .dispatcher import Dispatcher, InstanceLoad, Timing
 from .inference_servicer import RequestError
+from .request_table import ATTEMPT_MARK
+
+log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 5.0
+HEALTH_PROBE_S = 0.5  # every instance's health is checked this often
+HEALTH_TIMEOUT_S = 1.0
+LOST_AFTER = 3  # failed probes in a row: the instance is lost (detected within ~2.5-4.5 s)
+MAX_ATTEMPTS = 3  # dispatches of one request: the first and two after losing an instance
+
+
+class InstanceLost(Exception):
+    """The instance a request's call was on stopped answering (or failed UNAVAILABLE)."""
 
 
 @dataclass
@@ -41,6 +66,10 @@ class Instance:
     channel: grpc.aio.Channel
     stub: object
     load: InstanceLoad = field(default_factory=InstanceLoad)
+    health: object = None  # HealthStub on the same channel
+    serving: bool = True  # takes new work (False: draining, or lost)
+    failed_probes: int = 0
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set while lost; a new one on return
 
 
 class FleetBackend(Backend):
@@ -59,6 +88,7 @@ class FleetBackend(Backend):
         self._timings_tried = False
         self.max_in_flight = max_in_flight
         self._tasks: dict[str, asyncio.Task] = {}
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_health())
 
     async def submit(self, sub: Submission) -> None:
         if len(self._tasks) >= self.max_in_flight:
@@ -76,6 +106,7 @@ class FleetBackend(Backend):
             task.cancel()
 
     async def close(self) -> None:
+        self._monitor.cancel()
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -93,47 +124,155 @@ class FleetBackend(Backend):
                                          *[one(i, "decode") for i in self.decode]))
 
     async def _run(self, sub: Submission, deadline: float | None) -> None:
-        decoding: list[Instance] = []  # the decode instance, once the Decode call has started
-        try:
-            await self._learn_timings()
-            async with self.dispatcher.decode_slot(sub.model, self.decode) as decode:
-                prefilled = await self._prefill(sub, deadline)
-                sub.deliver(self._first_output(sub, prefilled))
-                if prefilled.finish_reason == 0:
-                    await self._decode(sub, decode, prefilled, deadline, decoding)
-            sub.deliver(None)
-        except grpc.aio.AioRpcError as exc:
-            await self._clean_up(sub, decoding)
-            sub.deliver(RequestError(exc.code(), exc.details() or str(exc.code())))
-        except asyncio.CancelledError:
-            await self._clean_up(sub, decoding)
-            raise
+        streamed: list[int] = []  # every token delivered to the client so far, over all attempts
+        seed = sub.sampling.seed
+        for attempt in range(MAX_ATTEMPTS):
+            attempt_id = sub.request_id if attempt == 0 else f"{sub.request_id}{ATTEMPT_MARK}{attempt}"
+            decoding: list[Instance] = []  # the decode instance, once the Decode call has started
+            try:
+                await self._learn_timings()
+                seed = await self._attempt(sub, attempt_id, streamed, seed, deadline, decoding)
+                sub.deliver(None)
+                return
+            except InstanceLost as exc:
+                log.warning("request %s: %s lost after %d tokens; dispatching again (attempt %d of %d)",
+                            sub.request_id, exc, len(streamed), attempt + 2, MAX_ATTEMPTS)
+                self._clean_up_later(attempt_id, decoding)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+            except grpc.aio.AioRpcError as exc:
+                await self._clean_up(attempt_id, decoding)
+                sub.deliver(RequestError(exc.code(), exc.details() or str(exc.code())))
+                return
+            except RequestError as exc:
+                await self._clean_up(attempt_id, decoding)
+                sub.deliver(exc)
+                return
+            except asyncio.CancelledError:
+                await self._clean_up(attempt_id, decoding)
+                raise
+        sub.deliver(RequestError(grpc.StatusCode.UNAVAILABLE,
+                                 f"request {sub.request_id}: instances lost {MAX_ATTEMPTS} times (or its "
+                                 f"deadline passed) after {len(streamed)} tokens"))
 
-    async def _prefill(self, sub: Submission, deadline: float | None) -> ipb.PrefillResponse:
-        instance = self.dispatcher.pick_prefill(sub.request_id, sub.model, len(sub.prompt), self.prefill)
-        request = ipb.PrefillRequest(request_id=sub.request_id, model=sub.model, prompt_token_ids=sub.prompt,
-                                     sampling=sampling_to_pb(sub.sampling),
+    async def _attempt(self, sub: Submission, attempt_id: str, streamed: list[int], seed: int | None,
+                       deadline: float | None, decoding: list[Instance]) -> int | None:
+        """One dispatch: prefill of the prompt plus what was streamed, then decode. -> the seed used."""
+        if streamed:  # a re-dispatch: recompute the KV of everything the client has seen
+            sampling = dataclasses.replace(sub.sampling, max_tokens=sub.sampling.max_tokens - len(streamed),
+                                           seed=seed)
+        else:
+            sampling = sub.sampling
+        prompt = sub.prompt + streamed
+        async with self.dispatcher.decode_slot(sub.model, self._candidates(self.decode, sub.model)) as decode:
+            prefilled = await self._prefill(sub, attempt_id, prompt, sampling, deadline)
+            streamed.append(prefilled.first_token_id)
+            sub.deliver(self._first_output(sub, prefilled, len(streamed)))
+            if prefilled.finish_reason == 0:
+                await self._decode(sub, attempt_id, prompt, sampling, decode, prefilled, deadline, decoding,
+                                   streamed)
+        return prefilled.seed
+
+    def _candidates(self, instances: list[Instance], model: str) -> list[Instance]:
+        """Instances that may take new work; a policy that pins models gets the whole fleet (its
+        pinned instance, if not serving, is treated as lost)."""
+        if self.dispatcher.pins_instances:
+            return instances
+        serving = [i for i in instances if i.serving]
+        if not serving:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no live instance can serve {model!r} now")
+        return serving
+
+    async def _prefill(self, sub: Submission, attempt_id: str, prompt: list[int], sampling,
+                       deadline: float | None) -> ipb.PrefillResponse:
+        instance = self.dispatcher.pick_prefill(attempt_id, sub.model, len(prompt),
+                                                self._candidates(self.prefill, sub.model))
+        request = ipb.PrefillRequest(request_id=attempt_id, model=sub.model, prompt_token_ids=prompt,
+                                     sampling=sampling_to_pb(sampling),
                                      timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
         try:
             with instance.load.hold(sub.model), tracing.span("proxy.prefill", instance=instance.name):
-                return await instance.stub.Prefill(request, timeout=_left(deadline))
+                return await self._on(instance, instance.stub.Prefill(request, timeout=_left(deadline)))
         finally:
-            self.dispatcher.prefill_done(sub.request_id)
+            self.dispatcher.prefill_done(attempt_id)
 
-    async def _decode(self, sub: Submission, instance: Instance, prefilled: ipb.PrefillResponse,
-                      deadline: float | None, decoding: list[Instance]) -> None:
+    async def _decode(self, sub: Submission, attempt_id: str, prompt: list[int], sampling, instance: Instance,
+                      prefilled: ipb.PrefillResponse, deadline: float | None, decoding: list[Instance],
+                      streamed: list[int]) -> None:
         request = ipb.DecodeRequest(
-            request_id=sub.request_id, model=sub.model, prompt_token_ids=sub.prompt,
-            first_token_id=prefilled.first_token_id, sampling=sampling_to_pb(sub.sampling),
+            request_id=attempt_id, model=sub.model, prompt_token_ids=prompt,
+            first_token_id=prefilled.first_token_id, sampling=sampling_to_pb(sampling),
             seed=prefilled.seed, kv=prefilled.kv, timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
         decoding.append(instance)
         with tracing.span("proxy.decode", instance=instance.name):
-            async for chunk in instance.stub.Decode(request, timeout=_left(deadline)):
-                sub.deliver(self._output(sub, chunk))
+            call = instance.stub.Decode(request, timeout=_left(deadline))
+            try:
+                while (chunk := await self._on(instance, call.read())) is not grpc.aio.EOF:
+                    streamed.extend(chunk.token_ids)
+                    sub.deliver(self._output(sub, chunk, len(streamed)))
+            finally:
+                call.cancel()  # a no-op once the stream ended; else the instance aborts (fencing)
+
+    async def _on(self, instance: Instance, call):
+        """Await a call on instance -> its result; InstanceLost if the instance is lost first (the
+        call is cancelled) or the call fails UNAVAILABLE (the instance is marked lost)."""
+        if instance.lost.is_set():  # a pinned instance, or lost since it was picked
+            raise InstanceLost(instance.name)
+        work = asyncio.ensure_future(call)
+        lost = asyncio.ensure_future(instance.lost.wait())
+        try:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not work.done():
+                work.cancel()  # lost, or we were cancelled
+        if not work.done() or work.cancelled():
+            raise InstanceLost(instance.name)
+        try:
+            return work.result()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE or (exc.code() == grpc.StatusCode.CANCELLED
+                                                              and not instance.serving):
+                self._mark_lost(instance, exc.details() or str(exc.code()))
+                raise InstanceLost(instance.name) from None
+            raise
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(i) for i in self.prefill + self.decode))
+            await asyncio.sleep(HEALTH_PROBE_S)
+
+    async def _probe(self, instance: Instance) -> None:
+        try:
+            reply = await instance.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            instance.failed_probes += 1
+            if instance.failed_probes >= LOST_AFTER:
+                self._mark_lost(instance, f"{instance.failed_probes} health checks failed "
+                                          f"({exc.code().name})")
+            return
+        instance.failed_probes = 0
+        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        if instance.lost.is_set():
+            if not serving:
+                return
+            instance.lost = asyncio.Event()  # its abandoned calls stay abandoned: fenced
+            log.warning("instance %s answers again; it rejoins", instance.name)
+        elif instance.serving and not serving:
+            log.warning("instance %s is draining: no new work for it", instance.name)
+        instance.serving = serving
+
+    def _mark_lost(self, instance: Instance, why: str) -> None:
+        instance.serving = False
+        if not instance.lost.is_set():
+            log.warning("instance %s lost: %s; its requests go elsewhere", instance.name, why)
+            instance.lost.set()
 
     async def _learn_timings(self) -> None:
         """Once: the models' prefill and switch times as a prefill instance profiled them."""
@@ -145,36 +284,43 @@ class FleetBackend(Backend):
             self.dispatcher.timings.update({t.model: Timing(t.prefill_a, t.prefill_b, t.switch_s)
                                             for t in status.timings})
 
-    async def _clean_up(self, sub: Submission, decoding: list[Instance]) -> None:
+    async def _clean_up(self, request_id: str, decoding: list[Instance]) -> None:
         """After a cancellation or a failed call, free the request's KV wherever it may be: the
         hand-off pool (a handle published but never adopted, whatever the race) and the decode
         instance. Shielded from the cancellation that got us here; best-effort."""
         async def clean() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.agent.ReleaseAll(ipb.RequestRef(request_id=sub.request_id),
-                                            timeout=CLEANUP_TIMEOUT_S)
+                await self.agent.ReleaseAll(ipb.RequestRef(request_id=request_id), timeout=CLEANUP_TIMEOUT_S)
             for instance in decoding:
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    await instance.stub.Cancel(ipb.CancelRequest(request_id=sub.request_id),
+                    await instance.stub.Cancel(ipb.CancelRequest(request_id=request_id),
                                                timeout=CLEANUP_TIMEOUT_S)
         await asyncio.shield(clean())
 
-    @staticmethod
-    def _first_output(sub: Submission, prefilled: ipb.PrefillResponse) -> RequestOutput:
-        reason = FINISH_FROM_PB.get(prefilled.finish_reason)
-        return RequestOutput(sub.request_id, [prefilled.first_token_id], prefilled.first_text,
-                             reason is not None, reason, len(sub.prompt), 1)
+    def _clean_up_later(self, request_id: str, decoding: list[Instance]) -> None:
+        """An abandoned attempt's clean-up, off the request's path (a hung instance may take the
+        whole timeout to answer, or never)."""
+        task = asyncio.get_running_loop().create_task(self._clean_up(request_id, decoding))
+        self._cleanups = getattr(self, "_cleanups", set())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     @staticmethod
-    def _output(sub: Submission, chunk: ipb.DecodeChunk) -> RequestOutput:
+    def _first_output(sub: Submission, prefilled: ipb.PrefillResponse, num_output: int) -> RequestOutput:
+        reason = FINISH_FROM_PB.get(prefilled.finish_reason)
+        return RequestOutput(sub.request_id, [prefilled.first_token_id], prefilled.first_text,
+                             reason is not None, reason, len(sub.prompt), num_output)
+
+    @staticmethod
+    def _output(sub: Submission, chunk: ipb.DecodeChunk, num_output: int) -> RequestOutput:
         reason = FINISH_FROM_PB.get(chunk.finish_reason)
         return RequestOutput(sub.request_id, list(chunk.token_ids), chunk.text, reason is not None, reason,
-                             len(sub.prompt), chunk.num_output_tokens)
+                             len(sub.prompt), num_output)
 
 
 def _connect(name: str, address: str, stub_class) -> Instance:
     channel = aio_channel(address)
-    return Instance(name, address, channel, stub_class(channel))
+    return Instance(name, address, channel, stub_class(channel), health=health_pb2_grpc.HealthStub(channel))
 
 
 def _left(deadline: float | None) -> float | None:

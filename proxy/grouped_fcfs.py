@@ -8,7 +8,7 @@ implied switches grows least.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
 
@@ -28,26 +28,32 @@ class GroupedFcfsPlacement:
         self._model_of: dict[str, str] = {}
 
     def place(
-        self, request_id: str, model: str, est_seconds: float, switch_seconds: Callable[[str], float]
+        self, request_id: str, model: str, est_seconds: float, switch_seconds: Callable[[str], float],
+        among: Collection[str] | None = None,
     ) -> str:
-        """Choose the instance for a new request, record it in that mirror queue, and return its name."""
+        """Choose the instance for a new request, record it in that mirror queue, and return its name.
+        among: the instances that may take it (None: all; the proxy leaves out lost and draining ones)."""
         if request_id in self._model_of:
             raise ValueError(f"request {request_id!r} is already placed")
-        instance = self._instance_with_group(model)
+        names = [n for n in self._queues if among is None or n in among]
+        if not names:
+            raise ValueError("no prefill instance to place on")
+        instance = self._instance_with_group(model, names)
         if instance is None:
-            instance = self._least_loaded(model, est_seconds, switch_seconds)
+            instance = self._least_loaded(model, est_seconds, switch_seconds, names)
         self._queues[instance].add(request_id, model, est_seconds)
         self._instance_of[request_id] = instance
         self._model_of[request_id] = model
         return instance
 
-    def _instance_with_group(self, model: str) -> str | None:
-        return next((name for name, q in self._queues.items() if q.group_with_room(model)), None)
+    def _instance_with_group(self, model: str, names: Sequence[str]) -> str | None:
+        return next((name for name in names if self._queues[name].group_with_room(model)), None)
 
-    def _least_loaded(self, model: str, est_seconds: float, switch_seconds: Callable[[str], float]) -> str:
+    def _least_loaded(self, model: str, est_seconds: float, switch_seconds: Callable[[str], float],
+                      names: Sequence[str]) -> str:
         # min() keeps the first of equal loads: ties go to instance order.
         return min(
-            self._queues,
+            names,
             key=lambda name: self._queues[name].load_if_added(
                 model, est_seconds, self._active[name], switch_seconds
             ),

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import msgspec
+from google.protobuf import unknown_fields
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.protos.convert import FINISH_TO_PB, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
@@ -29,6 +30,9 @@ from .request_table import (
 )
 from .served_model import ServedModel
 
+RETRY_AFTER_MS = 1000  # the hint a refused-for-load request gets (trailing metadata "retry-after-ms")
+RETRY_HINT = (("retry-after-ms", str(RETRY_AFTER_MS)),)
+
 
 class RequestError(Exception):
     """A request that ends with this gRPC status (raised by the servicer or a backend)."""
@@ -36,6 +40,21 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def trailers(self) -> tuple:
+        return RETRY_HINT if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+
+
+def _unknown_fields(message, path: str = "") -> list[str]:
+    """Field numbers the message (or a message in it) carries that its schema does not define:
+    fields only services set (KV handles, shared-memory names, offsets, peers) smuggled into a
+    public request land here."""
+    found = [f"{path}{f.field_number}" for f in unknown_fields.UnknownFieldSet(message)]
+    for field, value in message.ListFields():
+        if field.message_type is not None and not field.is_repeated:
+            found += _unknown_fields(value, f"{path}{field.name}.")
+    return found
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -59,7 +78,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sub.table_slot = self._admit(sub)
         except RequestError as exc:
             self._rejected(request.model)
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
         except InvalidRequestError as exc:
             self._rejected(request.model)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -108,15 +127,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BackendFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later",
+                                trailing_metadata=RETRY_HINT)
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
 
     async def _stream(self, sub: Submission, start: float, context, timer=None):
         first = None
         while (item := await sub.outputs.get()) is not None:
             if isinstance(item, RequestError):
-                await context.abort(item.code, str(item))
+                await context.abort(item.code, str(item), trailing_metadata=item.trailers)
             if isinstance(item, Exception):
                 await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
             first = first or time.perf_counter()
@@ -131,6 +151,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.table.update(slot, lambda r: msgspec.structs.replace(r, updated_ns=time.time_ns(), **changes))
 
     def _submission(self, request, timeout_s: float | None) -> Submission:
+        unknown = _unknown_fields(request)
+        if unknown:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"fields {', '.join(unknown)} are not part of {request.DESCRIPTOR.full_name} "
+                               "(fields only services set, such as KV handles, are refused)")
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id has {len(request_id)} "

@@ -172,19 +172,26 @@ def make_request_table(kind: str, **options: Any) -> RequestTable:
     raise ValueError(f"unknown request table kind {kind!r}; expected 'shm' or 'redis'")
 
 
+ATTEMPT_MARK = "~"  # a re-dispatched request runs on the instances as '<request_id>~<attempt>'
+
+
 def touch_record(table: RequestTable | None, slot: int | None, request_id: str, **changes: Any) -> bool:
-    """Update a request's row from an instance: only if the slot still holds request_id (a
-    released slot may hold another request by now). False when the row is gone, never raises
-    for that; instances report progress best-effort and must not fail a request over it."""
+    """Update a request's row from an instance: only if the slot still holds request_id, or the
+    request of which request_id is a re-dispatch ('<id>~<n>', see FleetBackend); a released slot
+    may hold another request by now. False when the row is gone, never raises for that;
+    instances report progress best-effort and must not fail a request over it."""
     if table is None or slot is None:
         return False
 
+    def ours(record: RequestRecord) -> bool:
+        return request_id == record.request_id or request_id.startswith(record.request_id + ATTEMPT_MARK)
+
     def change(record: RequestRecord) -> RequestRecord:
-        if record.request_id != request_id:
+        if not ours(record):
             return record
         return msgspec.structs.replace(record, updated_ns=time.time_ns(), **changes)
 
     try:
-        return table.update(slot, change).request_id == request_id
+        return ours(table.update(slot, change))
     except (SlotFreeError, CorruptSlotError, IndexError):
         return False

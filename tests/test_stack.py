@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,12 +13,8 @@ import grpc
 import pytest
 from conftest import BAD_REQUESTS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stack_helpers import expected_streams, instance_status, stream, wait_until_idle
 from tokenpool.compose.launcher import Stack, StackConfig
-from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
-from tokenpool.engine.sampling_params import SamplingParams
-from tokenpool.engine.tokenizer import IncrementalDetokenizer
-from tokenpool.protos.internal.v1 import instances_pb2 as ipb
-from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.request_table import RequestRecord
@@ -49,32 +44,6 @@ def stub(stack):
         yield inference_pb2_grpc.InferenceStub(channel)
 
 
-def service(stack, name):
-    return next(s for s in stack.services if s.name == name)
-
-
-def expected_streams(tiny_dir, jobs):
-    """Greedy tokens and streamed text of the single-process engine for each (model, prompt, n)."""
-    engines = {m: LLMEngine(tiny_dir / m, EngineConfig(dtype="float32")) for m in MODELS}
-    expected = {}
-    for model, prompt, n in set(jobs):
-        engine = engines[model]
-        seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
-        detok = IncrementalDetokenizer(engine.tokenizer, ())
-        text = ""
-        for i, token in enumerate(seq.output_token_ids):
-            detok.add(token)
-            text += detok.delta(final=i == len(seq.output_token_ids) - 1)
-        expected[model, prompt, n] = (seq.output_token_ids, seq.num_prompt_tokens, text)
-    return expected
-
-
-def stream(stub, model, prompt, n):
-    request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
-        max_tokens=n, ignore_eos=True))
-    return list(stub.Generate(request, timeout=240))
-
-
 def test_forty_concurrent_streams_over_four_models_give_the_engines_greedy_tokens(stack, stub, tiny_dir):
     jobs = [(MODELS[i % 4], PROMPTS[i % len(PROMPTS)], (8, 16, 24)[i % 3]) for i in range(40)]
     expected = expected_streams(tiny_dir, jobs)
@@ -95,36 +64,6 @@ def test_forty_concurrent_streams_over_four_models_give_the_engines_greedy_token
         assert status.role == "decode" and sorted(status.models) == sorted(MODELS)
         served.add(status.active_model)
     assert served - {""}, "no decode instance ever ran a model"
-
-
-def instance_status(stack, name) -> ipb.InstanceStatus:
-    with grpc.insecure_channel(service(stack, name).address) as channel:
-        decode = name.startswith("decode")
-        stub_class = instances_pb2_grpc.DecodeStub if decode else instances_pb2_grpc.PrefillStub
-        return stub_class(channel).Status(ipb.StatusRequest(), timeout=10)
-
-
-def agent_stats(stack) -> ipb.PoolStats:
-    with grpc.insecure_channel(service(stack, "kvtransfer-0").address) as channel:
-        return instances_pb2_grpc.KVTransferStub(channel).Stats(ipb.StatsRequest(), timeout=10)
-
-
-def wait_until_idle(stack, timeout=60.0):
-    """Every table slot, hand-off block and instance block free (cancellations land asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with ShmRequestTable.attach(stack.name) as table:
-            used = table.usage().used
-        stats = agent_stats(stack)
-        instances = [instance_status(stack, n) for n in ("prefill-0", "decode-0", "decode-1")]
-        busy = [s.name for s in instances if s.running or s.kv_blocks_used or s.host_kv_used_bytes
-                or s.requests_by_model]
-        if not used and not stats.handles and not stats.used_bytes and not busy:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"not idle after {timeout} s: table {used} slots, pool {stats}, busy {busy}: "
-                        f"{instances}")
-        time.sleep(0.2)
 
 
 def test_cancelling_streams_mid_way_frees_their_kv_and_table_slots(stack, stub):

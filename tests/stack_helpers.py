@@ -1,0 +1,77 @@
+"""Helpers for tests that drive a stack of service processes (tokenpool.compose.launcher.Stack)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.engine.tokenizer import IncrementalDetokenizer
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.internal.v1 import instances_pb2_grpc
+from tokenpool.protos.v1 import inference_pb2 as pb
+from tokenpool.proxy.shm_request_table import ShmRequestTable
+
+
+def service(stack, name):
+    return next(s for s in stack.services if s.name == name)
+
+
+def expected_streams(tiny_dir, jobs):
+    """Greedy tokens, prompt length and streamed text of the single-process engine for each
+    (model, prompt, n)."""
+    engines = {m: LLMEngine(tiny_dir / m, EngineConfig(dtype="float32")) for m in {job[0] for job in jobs}}
+    expected = {}
+    for model, prompt, n in set(jobs):
+        engine = engines[model]
+        seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        detok = IncrementalDetokenizer(engine.tokenizer, ())
+        text = ""
+        for i, token in enumerate(seq.output_token_ids):
+            detok.add(token)
+            text += detok.delta(final=i == len(seq.output_token_ids) - 1)
+        expected[model, prompt, n] = (seq.output_token_ids, seq.num_prompt_tokens, text)
+    return expected
+
+
+def stream(stub, model, prompt, n, timeout=240):
+    request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
+        max_tokens=n, ignore_eos=True))
+    return list(stub.Generate(request, timeout=timeout))
+
+
+def instance_status(stack, name) -> ipb.InstanceStatus:
+    with grpc.insecure_channel(service(stack, name).address) as channel:
+        decode = name.startswith("decode")
+        stub_class = instances_pb2_grpc.DecodeStub if decode else instances_pb2_grpc.PrefillStub
+        return stub_class(channel).Status(ipb.StatusRequest(), timeout=10)
+
+
+def agent_stats(stack, name="kvtransfer-0") -> ipb.PoolStats:
+    with grpc.insecure_channel(service(stack, name).address) as channel:
+        return instances_pb2_grpc.KVTransferStub(channel).Stats(ipb.StatsRequest(), timeout=10)
+
+
+def wait_until_idle(stack, instances=None, timeout=60.0):
+    """Every table slot, hand-off block (of every node's agent) and block of the named instances
+    (default: every live prefill and decode instance) free; cancellations land asynchronously."""
+    if instances is None:
+        instances = [s.name for s in stack.services if s.name.startswith(("prefill", "decode"))
+                     and s.process.poll() is None]
+    deadline = time.monotonic() + timeout
+    while True:
+        with ShmRequestTable.attach(stack.name) as table:
+            used = table.usage().used
+        stats = [agent_stats(stack, s.name) for s in stack.services if s.name.startswith("kvtransfer")
+                 and s.process.poll() is None]
+        statuses = [instance_status(stack, n) for n in instances]
+        busy = [s.name for s in statuses if s.running or s.kv_blocks_used or s.host_kv_used_bytes
+                or s.requests_by_model]
+        if not used and not any(s.handles or s.used_bytes for s in stats) and not busy:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not idle after {timeout} s: table {used} slots, pool {stats}, busy {busy}: "
+                        f"{statuses}")
+        time.sleep(0.2)

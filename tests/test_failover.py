@@ -1,0 +1,198 @@
+"""Instances fail for real (kill -9, SIGSTOP, SIGTERM) under live streams; every accepted request
+still completes with exactly the undisturbed greedy tokens, and nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stack_helpers import expected_streams, instance_status, service, stream, wait_until_idle
+from tokenpool.compose.launcher import Stack, StackConfig
+from tokenpool.protos.v1 import inference_pb2 as pb
+from tokenpool.protos.v1 import inference_pb2_grpc
+from tokenpool.proxy.fleet_backend import HEALTH_PROBE_S, HEALTH_TIMEOUT_S, LOST_AFTER
+
+MODELS = ("tiny-llama", "tiny-qwen3")
+PROMPTS = ("The quick brown fox", "Numbers 12345 and more", "A longer prompt, with commas.")
+# A hung instance is declared lost after LOST_AFTER failed probes; its requests resume after a
+# prefill of prompt + streamed tokens. The stated bound on the gap a client sees:
+DETECTION_S = LOST_AFTER * (HEALTH_PROBE_S + HEALTH_TIMEOUT_S)
+MIGRATION_BOUND_S = DETECTION_S + 5.0
+
+
+def start_stack(tiny_dir, tmp_path, prefill=1, decode=2):
+    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=prefill, decode=decode, port=0,
+                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=64)
+    stack = Stack(config, tmp_path / "logs")
+    stack.start(progress=lambda line: None)
+    return stack
+
+
+@pytest.fixture
+def two_decode(tiny_dir, tmp_path):
+    stack = start_stack(tiny_dir, tmp_path)
+    yield stack
+    stack.stop()
+
+
+def run_streams(stack, jobs):
+    """Start every job's stream in a thread -> (futures, received-token counter, pool)."""
+    received = [0]
+    lock = threading.Lock()
+    channel = grpc.insecure_channel(stack.address)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    def one(job):
+        model, prompt, n = job
+        request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
+            max_tokens=n, ignore_eos=True))
+        out, times = [], []
+        for response in stub.Generate(request, timeout=240):
+            out.append(response)
+            times.append(time.monotonic())
+            with lock:
+                received[0] += len(response.token_ids)
+        return out, times
+
+    pool = ThreadPoolExecutor(len(jobs))
+    return [pool.submit(one, job) for job in jobs], received, pool, channel
+
+
+def wait_for_tokens(received, count, timeout=120):
+    deadline = time.monotonic() + timeout
+    while received[0] < count:
+        assert time.monotonic() < deadline, f"only {received[0]} tokens after {timeout} s"
+        time.sleep(0.02)
+
+
+def check_exact(jobs, results, expected):
+    for job, (responses, _) in zip(jobs, results, strict=True):
+        tokens, num_prompt, _ = expected[job]
+        assert [t for r in responses for t in r.token_ids] == tokens, job
+        last = responses[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH, job
+        assert last.usage.completion_tokens == job[2] and last.usage.prompt_tokens == num_prompt
+
+
+def jobs_of(count, n):
+    return [(MODELS[i % 2], PROMPTS[i % len(PROMPTS)], n) for i in range(count)]
+
+
+def redispatches(stack, lost: str) -> int:
+    """Requests the proxy dispatched again after losing the named instance (its log says so)."""
+    text = (stack.log_dir / "proxy.log").read_text()
+    return sum(1 for line in text.splitlines()
+               if f": {lost} lost after" in line and "dispatching again" in line)
+
+
+def decode_busy(stack, name) -> int:
+    return sum(instance_status(stack, name).requests_by_model.values())
+
+
+def test_kill_9_of_a_decode_instance_mid_stream_loses_and_repeats_no_token(two_decode, tiny_dir):
+    jobs = jobs_of(20, 200)
+    expected = expected_streams(tiny_dir, jobs)
+    futures, received, pool, channel = run_streams(two_decode, jobs)
+    wait_for_tokens(received, 300)
+    victim = service(two_decode, "decode-0")
+    os.kill(victim.process.pid, signal.SIGKILL)
+    results = [f.result(timeout=240) for f in futures]
+    pool.shutdown()
+    channel.close()
+    check_exact(jobs, results, expected)
+    assert redispatches(two_decode, "decode-0") > 0
+    wait_until_idle(two_decode, ["prefill-0", "decode-1"])
+
+
+def test_a_hung_decode_instance_is_detected_and_its_streams_move_and_it_rejoins_fenced(two_decode, tiny_dir):
+    jobs = jobs_of(12, 200)
+    expected = expected_streams(tiny_dir, jobs)
+    futures, received, pool, channel = run_streams(two_decode, jobs)
+    wait_for_tokens(received, 200)
+    victim = service(two_decode, "decode-0")
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        results = [f.result(timeout=240) for f in futures]
+    finally:
+        os.kill(victim.process.pid, signal.SIGCONT)
+    pool.shutdown()
+    channel.close()
+    check_exact(jobs, results, expected)  # nothing lost, nothing twice
+    assert redispatches(two_decode, "decode-0") > 0
+    worst_gap = max(b - a for _, times in results for a, b in zip(times, times[1:], strict=False)
+                    if b > stopped_at)
+    assert worst_gap < MIGRATION_BOUND_S, worst_gap
+    # Back from SIGCONT: its abandoned sequences are freed (their calls were cancelled), it
+    # answers health again and serves new work; the finished streams got nothing more.
+    deadline = time.monotonic() + 30
+    while decode_busy(two_decode, "decode-0") or instance_status(two_decode, "decode-0").kv_blocks_used:
+        assert time.monotonic() < deadline, instance_status(two_decode, "decode-0")
+        time.sleep(0.2)
+    with grpc.insecure_channel(two_decode.address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        more = jobs_of(8, 8)
+        expected_more = expected_streams(tiny_dir, more)
+        with ThreadPoolExecutor(8) as p:
+            check_exact(more, [(r, None) for r in p.map(lambda j: stream(stub, *j), more)], expected_more)
+    wait_until_idle(two_decode)
+
+
+def test_sigterm_drains_a_decode_instance_and_its_streams_finish(two_decode, tiny_dir):
+    jobs = jobs_of(10, 200)
+    expected = expected_streams(tiny_dir, jobs)
+    futures, received, pool, channel = run_streams(two_decode, jobs)
+    wait_for_tokens(received, 100)
+    victim = service(two_decode, "decode-0")
+    os.kill(victim.process.pid, signal.SIGTERM)
+    with grpc.insecure_channel(victim.address) as ch:  # health says so while it drains
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        deadline = time.monotonic() + 3
+        while reply.status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert victim.process.wait(30) == 0  # a clean exit within the grace period
+    results = [f.result(timeout=240) for f in futures]
+    pool.shutdown()
+    channel.close()
+    check_exact(jobs, results, expected)
+    wait_until_idle(two_decode, ["prefill-0", "decode-1"])
+
+
+def test_killing_a_prefill_instance_with_requests_on_it_requeues_them(tiny_dir, tmp_path):
+    stack = start_stack(tiny_dir, tmp_path, prefill=2, decode=1)
+    try:
+        victim = service(stack, "prefill-0")
+        os.kill(victim.process.pid, signal.SIGSTOP)  # requests placed on it now wait there
+        jobs = jobs_of(10, 16)
+        expected = expected_streams(tiny_dir, jobs)
+        futures, _, pool, channel = run_streams(stack, jobs)
+        time.sleep(0.5)
+        os.kill(victim.process.pid, signal.SIGKILL)
+        results = [f.result(timeout=240) for f in futures]
+        pool.shutdown()
+        channel.close()
+        check_exact(jobs, results, expected)
+        wait_until_idle(stack, ["prefill-1", "decode-0"])
+    finally:
+        stack.stop()
+
+
+def test_with_no_decode_instance_left_a_request_fails_unavailable_at_once(two_decode):
+    for name in ("decode-0", "decode-1"):
+        os.kill(service(two_decode, name).process.pid, signal.SIGKILL)
+    time.sleep(DETECTION_S + 0.5)
+    with grpc.insecure_channel(two_decode.address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stream(stub, MODELS[0], "anyone there?", 4, timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert time.monotonic() - start < 5
