@@ -31,6 +31,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from .server_security import ServerSecurity
+
 MAX_MESSAGE_BYTES = 4 << 20  # a larger message is refused with RESOURCE_EXHAUSTED
 EXIT_WITH_PARENT = "TOKENPOOL_EXIT_WITH_PARENT"
 PARENT_POLL_S = 1.0
@@ -58,19 +60,23 @@ def add_metrics_arg(p) -> None:
 async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, object]],
                             service_names: Iterable[str], trace_roots: bool = False,
                             metrics_port: int | None = None,
-                            registry: CollectorRegistry | None = None) -> RunningServer:
+                            registry: CollectorRegistry | None = None,
+                            security: ServerSecurity | None = None) -> RunningServer:
     """Serve the servicers on address ('host:port'; port 0 picks one), with health and reflection.
 
     servicers: (add_XServicer_to_server, servicer) pairs; service_names: their full names
     (e.g. 'tokenpool.v1.Inference'), marked SERVING once the server has started.
     trace_roots: start a trace for a call that carries none (the front door; tracing on only).
     metrics_port: serve registry at http://<address's host>:metrics_port/metrics (0 picks one).
+    security: TLS and a bearer token (cli/server_security.py); None: plaintext, no token.
     """
     from tokenpool.telemetry.grpc_tracing import server_interceptors
 
     from .grpc_guard import MalformedRequestGuard
 
-    server = grpc.aio.server(interceptors=[MalformedRequestGuard(), *server_interceptors(trace_roots)],
+    security = security or ServerSecurity()
+    server = grpc.aio.server(interceptors=[*security.interceptors(), MalformedRequestGuard(),
+                                           *server_interceptors(trace_roots)],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     for add, servicer in servicers:
@@ -80,7 +86,8 @@ async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, ob
     names = list(service_names)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    credentials = security.credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from tokenpool.cli.server_security import ServerSecurity, add_security_args
 from tokenpool.cli.service_process import add_metrics_arg
 from tokenpool.engine.turn_policy import POLICIES
 
@@ -35,6 +36,7 @@ def _named_address(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpool.proxy", description=__doc__.splitlines()[0])
     p.add_argument("--listen", default="127.0.0.1:50051", help="host:port (port 0 picks one)")
+    add_security_args(p)  # TLS and a bearer token for the public API
     p.add_argument("--prefill", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--decode", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
@@ -76,6 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value!r}")
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
+    security = ServerSecurity.from_args(args)  # bad files fail before anything starts
     models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
     dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
     backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher)
@@ -87,7 +90,8 @@ async def serve(args: argparse.Namespace) -> None:
         servicer = InferenceServicer(backend, models, table, metrics)
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
                                                         servicer)], ["tokenpool.v1.Inference"],
-                                         trace_roots=True, metrics_port=args.metrics_port, registry=registry)
+                                         trace_roots=True, metrics_port=args.metrics_port, registry=registry,
+                                         security=security)
         announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models),
                        metrics=server.metrics_address)
         await stop

@@ -1,0 +1,111 @@
+"""Who may talk to a service: TLS (optionally mutual) and a bearer token, for the public API.
+
+    --tls-cert FILE --tls-key FILE    serve TLS with this certificate chain and key (PEM)
+    --tls-client-ca FILE              mutual TLS: clients must present a certificate this CA signed
+    --auth-token-file FILE            every call but health checks needs "authorization: Bearer <token>"
+
+Health checks stay reachable without a token (load balancers and `tokenpool status` probe them);
+they still go over TLS when TLS is on. Tokens are compared in constant time. A file that
+cannot be read, an empty token, or a certificate without its key is refused at start, by name.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_TOKEN_BYTES = 4096
+
+
+def add_security_args(p) -> None:
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                   help="serve TLS: certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="serve TLS: private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None, metavar="FILE",
+                   help="mutual TLS: accept only clients with a certificate this CA (PEM) signed")
+    p.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
+                   help="require 'authorization: Bearer <the file's first line>' on every call but health")
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    client_ca: bytes | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> ServerSecurity:
+        """ValueError naming the flag: half a key pair, an unreadable file, an empty token."""
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if args.tls_client_ca is not None and args.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        token = None
+        if args.auth_token_file is not None:
+            token = _read(args.auth_token_file, "--auth-token-file").decode("utf-8", "replace").splitlines()
+            token = token[0].strip() if token else ""
+            if not token or len(token) > MAX_TOKEN_BYTES:
+                raise ValueError(f"--auth-token-file {args.auth_token_file}: the first line must hold a "
+                                 f"token of 1 to {MAX_TOKEN_BYTES} characters")
+        return cls(_read(args.tls_cert, "--tls-cert") if args.tls_cert else None,
+                   _read(args.tls_key, "--tls-key") if args.tls_key else None,
+                   _read(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None, token)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if self.cert_chain is None:
+            return None
+        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)],
+                                           root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
+
+    def interceptors(self) -> list:
+        return [BearerTokenGuard(self.token)] if self.token else []
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+class BearerTokenGuard(grpc.aio.ServerInterceptor):
+    """Calls without the token end UNAUTHENTICATED before any servicer code runs; health is exempt."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return handler
+        return _refusing(handler)
+
+
+async def _refuse(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+async def _refuse_stream(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    yield  # pragma: no cover - abort raises
+
+
+def _refusing(handler):
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_refuse_stream, deserialize, serialize)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_refuse, deserialize, serialize)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_refuse_stream, deserialize, serialize)
+    return grpc.unary_unary_rpc_method_handler(_refuse, deserialize, serialize)
+
