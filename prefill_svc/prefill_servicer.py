@@ -97,6 +97,9 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, pending)))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except asyncio.CancelledError:  # the caller left during queueing: take the request out again
+            self._cancel(request.request_id, pending)  # (else it would publish KV nobody frees)
+            raise
         slot = request.table_slot if request.HasField("table_slot") else None
         touch_record(self.table, slot, request.request_id, state=RequestState.PREFILLING,
                      prefill_instance=self.name)

@@ -230,6 +230,8 @@ class FleetBackend(Backend):
             lost.cancel()
             if not work.done():
                 work.cancel()  # lost, or we were cancelled
+            elif not work.cancelled():
+                work.exception()  # mark it retrieved: an abandoned call's failure is no news
         if not work.done() or work.cancelled():
             raise InstanceLost(instance.name)
         try:
