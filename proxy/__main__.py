@@ -5,7 +5,8 @@
         --model tiny-llama=/path/to/tiny-llama --table stack-1
 
 Creates the node's request table (instances attach it by name), serves tokenpool.v1.Inference
-with health and reflection, and removes the table on SIGINT/SIGTERM.
+with health and reflection, and removes the table on SIGINT/SIGTERM. A table left by a proxy
+that died is adopted, and its rows reclaimed (proxy/table_recovery.py).
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ async def serve(args: argparse.Namespace) -> None:
     from tokenpool.telemetry.proxy_metrics import ProxyMetrics
 
     from .dispatcher import make_dispatcher
-    from .fleet_backend import FleetBackend
+    from .fleet_backend import MAX_ATTEMPTS, FleetBackend
     from .inference_servicer import InferenceServicer
     from .request_table import make_request_table
     from .served_model import served_model_from_folder
+    from .table_recovery import reclaim_orphans
 
     for flag in ("slo_tbt_ms", "slo_ttft_s"):
         value = getattr(args, flag)
@@ -82,7 +84,13 @@ async def serve(args: argparse.Namespace) -> None:
     models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
     dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
     backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher)
-    table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
+    try:
+        table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
+    except FileExistsError:  # a proxy before us died without removing it: adopt it, reclaim its rows
+        from .shm_request_table import ShmRequestTable
+
+        table = ShmRequestTable.attach(args.table)
+    await reclaim_orphans(table, [backend.agent], MAX_ATTEMPTS)
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, sorted(models))
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))

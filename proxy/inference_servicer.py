@@ -7,6 +7,7 @@ limit; nothing reaches the engine unless it fits.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -112,7 +113,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         now = time.time_ns()
         deadline = now + int(sub.timeout_s * 1e9) if sub.timeout_s is not None else 0
         record = RequestRecord(request_id=sub.request_id, model=sub.model, num_prompt_tokens=len(sub.prompt),
-                               created_ns=now, updated_ns=now, deadline_ns=deadline)
+                               created_ns=now, updated_ns=now, deadline_ns=deadline, proxy_pid=os.getpid())
         try:
             return self.table.insert(record)
         except TableFullError as exc:

@@ -52,6 +52,7 @@ class RequestRecord(msgspec.Struct, frozen=True, array_like=True):
     updated_ns: NonNegative = 0
     deadline_ns: NonNegative = 0  # 0: no deadline
     error: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)] = ""
+    proxy_pid: NonNegative = 0  # the proxy that admitted it (0: unknown); a dead proxy's rows are orphans
 
 
 class TableUsage(msgspec.Struct, frozen=True):
