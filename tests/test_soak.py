@@ -165,7 +165,11 @@ def test_a_bounded_soak_returns_every_counter_to_idle(stack, capsys):
         assert len(models_after) <= len(MODELS), (name, models_after)
         before = {k: n for k, n in idle["fds"][name].items() if MODEL_SEGMENTS not in k}
         now = {k: n for k, n in after["fds"][name].items() if MODEL_SEGMENTS not in k}
-        assert now.pop("socket", 0) <= before.pop("socket", 0), (name, idle["fds"][name], after["fds"][name])
+        # gRPC reconnects (the hung instance's peers) may leave a connection open until keepalive
+        # closes it: at most one per peer service, never growing with the request count.
+        peers = len(stack.services) - 1
+        assert now.pop("socket", 0) <= before.pop("socket", 0) + peers, (name, idle["fds"][name],
+                                                                         after["fds"][name])
         assert now == before, (name, before, now)  # pipes, eventfds, files: exactly as idle
         assert {m for m in after["shm"][name] if MODEL_SEGMENTS not in m} == \
             {m for m in idle["shm"][name] if MODEL_SEGMENTS not in m}, name
