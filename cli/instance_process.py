@@ -47,6 +47,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICIES, default="aegaeon",
                    help="scheduling: aegaeon (grouped-FCFS prefill, weighted round-robin decode), "
                         "static (one model per instance) or request (request-level scaling)")
+    if role == "prefill":
+        p.add_argument("--kv-streaming", choices=("on", "off"), default="on",
+                       help="on: each layer's KV leaves while later layers compute; off: all of it after")
     if role == "decode":
         p.add_argument("--tbt-ms", type=float, default=None,
                        help="TBT target (default: 4x the slowest model's single-sequence step here)")
@@ -127,7 +130,8 @@ def _servicer(role, args, engine, transport, timings, policy, grpc_module, metri
         from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
 
         group = MAX_GROUP_SIZE if args.policy == "aegaeon" else 1  # 1: plain FCFS for the baselines
-        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy, metrics)
+        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy, metrics,
+                                   stream_kv=args.kv_streaming == "on")
         return servicer, grpc_module.add_PrefillServicer_to_server, "tokenpool.internal.v1.Prefill"
     from tokenpool.decode_svc.decode_servicer import DecodeServicer
 

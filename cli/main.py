@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenpool.bench import attention_bench, engine_bench, serve_bench, simulator, switch_bench, tracing_bench
+from tokenpool.bench import (
+    attention_bench,
+    engine_bench,
+    kvtransfer_bench,
+    serve_bench,
+    simulator,
+    switch_bench,
+    tracing_bench,
+)
 
 from . import generate_command, models_command, profile_command, serve_command, status_command, up_command
 
@@ -25,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_parser(bench)
     attention_bench.add_parser(bench)
     tracing_bench.add_parser(bench)
+    kvtransfer_bench.add_parser(bench)
     simulator.add_parser(commands)
     return parser
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint")
+               "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
+               "kv_streaming")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -50,6 +51,12 @@ def add_parser(commands) -> None:
     p.add_argument("--trace", dest="trace_endpoint", nargs="?", const="http://127.0.0.1:4317", default=None,
                    metavar="ENDPOINT", help="send every service's traces to this OTLP gRPC endpoint "
                    "(default http://127.0.0.1:4317, e.g. Jaeger all-in-one)")
+    p.add_argument("--nodes", type=int, help="1 (default), or 2: two simulated nodes on this machine, each "
+                   "with its own kvtransfer agent and pool, prefill on node 0, decode on node 1, KV moved "
+                   "by NIXL")
+    p.add_argument("--kv-streaming", dest="kv_streaming", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="prefill streams each layer's KV out while later layers compute (default: on)")
     p.set_defaults(run=run)
 
 

@@ -48,6 +48,11 @@ class StackConfig:
       and longest quota (aegaeon).
     trace_endpoint: an OTLP gRPC endpoint (http://host:4317) every service sends its spans to;
       None: the services trace only if the environment's OTEL_* variables say so.
+    nodes: 1, or 2 to exercise the cross-node path on one machine: two "nodes", each its own
+      kvtransfer agent and pool (NIXL data plane between them), prefill instances on node 0,
+      decode instances on node 1.
+    kv_streaming: prefill instances stream each layer's KV out while later layers compute.
+    kv_stall_s: (nodes 2) a cross-node transfer without progress this long is failed and freed.
     """
 
     models: dict[str, Path]
@@ -65,8 +70,15 @@ class StackConfig:
     tbt_ms: float | None = None
     qmax_s: float = DEFAULT_QMAX_S
     trace_endpoint: str | None = None
+    nodes: int = 1
+    kv_streaming: bool = True
+    kv_stall_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.nodes not in (1, 2):
+            raise ValueError(f"nodes must be 1 or 2, got {self.nodes!r}")
+        if not self.kv_stall_s > 0:
+            raise ValueError(f"kv_stall_s must be positive, got {self.kv_stall_s!r}")
         check_policy(self.policy)
         if self.policy == "static" and len(self.models) > min(self.prefill, self.decode):
             raise ValueError(f"the static policy pins each model to its own instances: {len(self.models)} "
@@ -119,6 +131,7 @@ class Stack:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tokenpool-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.services: list[Service] = []
+        self.agents: list[str] = []  # each node's kvtransfer agent, node 0 first
         self.stack_file = private_dir(shm_root()) / f"{self.name}.stack.json"
 
     @property
@@ -128,10 +141,11 @@ class Stack:
     def start(self, progress=print) -> None:
         """Start every service and wait until each serves; on failure stop what started and raise."""
         try:
-            agent = self._launch_wait(["kvtransfer"], progress)[0]
+            agents = self._launch_wait(["kvtransfer"] * self.config.nodes, progress)
+            self.agents = [a.address for a in agents]
             instances = self._launch_wait(["prefill"] * self.config.prefill + ["decode"] * self.config.decode,
-                                          progress, agent=agent.address)
-            self._launch_wait(["proxy"], progress, agent=agent.address, instances=instances)
+                                          progress, agent=agents[0].address)
+            self._launch_wait(["proxy"], progress, agent=agents[0].address, instances=instances)
         except BaseException:
             self.stop()
             raise
@@ -197,17 +211,36 @@ class Stack:
         c = self.config
         models = [f"--model={m}={f}" for m, f in c.models.items()]
         if role == "kvtransfer":
-            return ["--name", name, "--listen", f"{c.host}:0", "--pool-mib", str(c.pool_mib)]
+            return ["--name", name, "--listen", f"{c.host}:0", "--pool-mib", str(c.pool_mib),
+                    *self._cross_node_args(name)]
         if role == "proxy":
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
             return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
                     "--table-slots", str(c.table_slots), "--dtype", c.dtype, "--policy", c.policy,
-                    *wiring, *models]
+                    *wiring, *models, *self._node_args(instances)]
+        if role == "decode" and c.nodes == 2:
+            agent = self.agents[1]
+        if role == "prefill":
+            models += ["--kv-streaming", "on" if c.kv_streaming else "off"]
         quotas = ["--qmax-s", str(c.qmax_s)] + (["--tbt-ms", str(c.tbt_ms)] if c.tbt_ms else [])
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
                 "--threads", str(c.threads_per_instance), "--policy", c.policy, *models,
                 *(quotas if role == "decode" else [])]
+
+    def _cross_node_args(self, name: str) -> list[str]:
+        """Two nodes: each agent serves NIXL and accepts only the other."""
+        if self.config.nodes == 1:
+            return []
+        peer = "kvtransfer-1" if name == "kvtransfer-0" else "kvtransfer-0"
+        return ["--nixl", "--allow-peer", peer, "--stall-s", str(self.config.kv_stall_s)]
+
+    def _node_args(self, instances: list[Service]) -> list[str]:
+        """Two nodes: where each instance runs and each node's agent, for the proxy's routing."""
+        if self.config.nodes == 1:
+            return []
+        nodes = [f"--node={s.name}=node-{1 if s.name.startswith('decode') else 0}" for s in instances]
+        return nodes + [f"--node-agent=node-{i}={a}" for i, a in enumerate(self.agents)]
 
     def _env(self, name: str) -> dict[str, str]:
         env = {**os.environ, EXIT_WITH_PARENT: "1", "OTEL_SERVICE_NAME": name}

@@ -53,6 +53,13 @@ class HostKVPool:
     def nbytes(self) -> int:
         return self.allocator.capacity_bytes
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole pool as one uint8 tensor [nbytes], e.g. to register with a NIXL agent."""
+        if self._bytes is None:
+            raise RuntimeError("HostKVPool is closed")
+        return self._bytes
+
     def alloc(self, shape: BlockShape, n: int) -> list[int]:
         """Offsets of n blocks of `shape`; KVPoolFullError and no change when they do not fit."""
         with self._lock:

@@ -10,6 +10,7 @@ one fused call each on the CPU, torch's ops elsewhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -174,12 +175,18 @@ class CausalLM(nn.Module):
                 module.weight = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]."""
+                meta: AttentionMetadata, backend: AttentionBackend,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size].
+
+        on_layer(i) runs after layer i has written its KV (streaming it out overlaps the layers after).
+        """
         x, residual = F.embedding(input_ids, self.embed), None  # a fresh tensor: residual may own it
         cos, sin = self.rotary.lookup(positions, self.dtype)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, kv_cache.layer(i), meta, backend)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

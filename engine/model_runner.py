@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .attention import AttentionBackend, AttentionMetadata, PrefillSpan, attend_mask
@@ -22,12 +24,13 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_layer: Callable[[int], None] | None = None) -> StepResult:
+        """on_layer(i): called once layer i has written the step's KV (see CausalLM.forward)."""
         # Decodes (one new token after cached context) first: the backend batches them.
         chunks = sorted(plan.chunks, key=lambda c: not self._is_decode(c))
         input_ids, positions, slots = self._flatten(chunks)
         meta = self._metadata(chunks, slots)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend, on_layer)
         rows, seqs, end = [], [], 0
         for chunk in chunks:
             end += chunk.num_tokens

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,11 @@ from .slab_allocator import BlockShape, KVPoolFullError
 from .turn_policy import BatchInfo
 
 log = logging.getLogger(__name__)
+
+# sink(layer, first_block, kv_layer, block_ids): layer `layer` of the sequence's blocks first_block,
+# first_block + 1, ... is computed; they are kv_layer[:, b] for b in block_ids, where kv_layer is
+# [2, num_device_blocks, block_size, kv_heads, head_dim] and stays valid until the sequence ends.
+KVSink = Callable[[int, int, torch.Tensor, list[int]], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class _Model:
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
     arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
+    kv_sinks: dict[str, KVSink] = field(default_factory=dict)  # request_id -> where its KV streams
 
 
 class MultiModelEngine:
@@ -170,9 +177,18 @@ class MultiModelEngine:
         n = -(-seq.num_computed_tokens // self.config.engine.block_size)
         return model.shape, [self.runner.kv_cache.kv.select(2, b) for b in seq.block_table[:n]]
 
+    def stream_kv(self, model_id: str, request_id: str, sink: KVSink) -> None:
+        """Hand request_id's KV to sink layer by layer as its steps compute it (a prefill that
+        streams its KV out while later layers compute), until stop_stream or abort."""
+        self._model(model_id).kv_sinks[request_id] = sink
+
+    def stop_stream(self, model_id: str, request_id: str) -> None:
+        self._model(model_id).kv_sinks.pop(request_id, None)
+
     def abort(self, model_id: str, request_id: str) -> None:
         """Stop a request and free its KV wherever it is: device blocks or the host pool."""
         model = self._model(model_id)
+        model.kv_sinks.pop(request_id, None)
         model.arriving = deque(s for s in model.arriving if s.request_id != request_id)
         swapped = model.swapped.pop(request_id, None)
         if swapped is not None:
@@ -323,9 +339,31 @@ class MultiModelEngine:
             if model.book.has_unfinished and not model.landing:
                 raise MemoryError(f"the KV region cannot hold even one waiting sequence of {model_id}")
             return []
-        outputs = model.book.apply(plan, self.runner.execute(plan))
+        outputs = model.book.apply(plan, self.runner.execute(plan, self._layer_hook(model, plan)))
         self._forget_finished(model)
         return outputs
+
+    def _layer_hook(self, model: _Model, plan) -> Callable[[int], None] | None:
+        """The forward pass's per-layer callback feeding the plan's streamed sequences; None (no
+        cost) when none of them streams."""
+        if not model.kv_sinks:
+            return None
+        bs = self.config.engine.block_size
+        targets = []
+        for chunk in plan.chunks:
+            sink = model.kv_sinks.get(chunk.seq.request_id)
+            if sink is not None:  # the blocks this chunk's tokens land in
+                start = chunk.seq.num_computed_tokens
+                first, end = start // bs, -(-(start + chunk.num_tokens) // bs)
+                targets.append((sink, first, list(chunk.seq.block_table[first:end])))
+        if not targets:
+            return None
+        kv = self.runner.kv_cache.kv  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+
+        def on_layer(i: int) -> None:
+            for sink, first, block_ids in targets:
+                sink(i, first, kv[i], block_ids)
+        return on_layer
 
     def _wait_landing(self, model: _Model) -> None:
         for seq in list(model.book.scheduler.running):

@@ -1,10 +1,13 @@
 """`python -m tokenpool.kvtransfer`: the node's KV transfer agent as a service process.
 
     python -m tokenpool.kvtransfer --listen 127.0.0.1:0 --pool-mib 256 --slab-mib 4 \\
-        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300]
+        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300] \\
+        [--nixl [--allow-peer kvtransfer-1 ...] [--stall-s 30]]
 
 Creates the host KV pool file, serves tokenpool.internal.v1.KVTransfer (with health and
 reflection), announces its address, and on SIGTERM or SIGINT stops serving and unlinks the file.
+With --nixl the pool is registered with a NIXL (UCX) agent named --name and other nodes' agents
+may Connect and exchange KV with it (only those named by --allow-peer, when given).
 Exit codes: 0 after a signal, 1 when the agent cannot start, 2 for bad flags.
 """
 
@@ -53,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write {name, address, pid, pool} here as JSON once serving (else print a line)")
     p.add_argument("--handle-ttl-s", type=_positive(float), default=300.0,
                    help="seconds after which an unreleased handle's blocks are reclaimed")
+    p.add_argument("--nixl", action="store_true",
+                   help="serve cross-node transfers: register the pool with a NIXL (UCX) agent named --name")
+    p.add_argument("--allow-peer", action="append", default=None, metavar="NAME",
+                   help="with --nixl: an agent that may connect (repeatable; default: any, up to "
+                        "--max-peers)")
+    p.add_argument("--max-peers", type=_positive(int), default=16, help="with --nixl: peers at most")
+    p.add_argument("--stall-s", type=_positive(float), default=30.0,
+                   help="with --nixl: a cross-node transfer with no progress this long is failed and freed")
     add_metrics_arg(p)
     return p
 
@@ -79,15 +90,19 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
     registry = CollectorRegistry()
+    allowed = frozenset(args.allow_peer) if args.allow_peer else None
     agent = KVTransferAgent(args.pool_mib << 20, slab_bytes=args.slab_mib << 20,
-                            handle_ttl_s=args.handle_ttl_s, metrics=AgentMetrics(registry))
+                            handle_ttl_s=args.handle_ttl_s, metrics=AgentMetrics(registry), name=args.name,
+                            nixl=args.nixl, allowed_peers=allowed, max_peers=args.max_peers,
+                            stall_s=args.stall_s, transfer_timeout_s=min(10.0, args.stall_s / 2))
     try:
         servicers = [(instances_pb2_grpc.add_KVTransferServicer_to_server, agent)]
         server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME],
                                          metrics_port=args.metrics_port, registry=registry)
+        agent.address = server.address
         agent.start()
         announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path),
-                       metrics=server.metrics_address)
+                       metrics=server.metrics_address, nixl=args.nixl)
         await stop
         print(f"tokenpool: {args.name} shutting down", file=sys.stderr, flush=True)
         await server.grpc.stop(STOP_GRACE_S)

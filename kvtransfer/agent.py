@@ -10,6 +10,8 @@
 
 Only offsets cross gRPC; KV bytes move through the shared file. A handle nobody releases within
 its ttl (its instance crashed) is reclaimed by a periodic sweep, so the pool cannot leak forever.
+With a NIXL data plane (nixl=True) the agent also moves KV to other nodes' agents: Allocate with a
+destination, Push, and MarkReady answering the destination's handle (cross_node.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import grpc
@@ -28,6 +30,7 @@ from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.telemetry import tracing
 
+from .cross_node import DEFAULT_MAX_PEERS, DEFAULT_STALL_S, CrossNode, CrossNodeError
 from .handle import KVHandleInfo, handle_to_pb, shape_from_pb
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class _Entry:
     request_id: str
     deadline: float  # clock() after which the sweep reclaims the blocks
     ready: bool = False
+    stall_s: float | None = None  # cross-node: reclaimed when not ready and untouched this long
+    stall_deadline: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,9 @@ class BookStats:
 class HandleBook:
     """The agent's handles over a HostKVPool: allocate, mark ready, release, reclaim after a ttl.
 
-    A handle's ttl runs from its allocation; marking it ready does not extend it. Not thread-safe:
-    the agent calls it from its event loop only.
+    A handle's ttl runs from its allocation; marking it ready does not extend it. A handle
+    allocated with stall_s (a cross-node transfer) is also reclaimed when it is not ready and
+    nothing touch()ed it for stall_s. Not thread-safe: the agent calls it from its event loop only.
     """
 
     def __init__(self, pool: HostKVPool, ttl_s: float = DEFAULT_HANDLE_TTL_S,
@@ -70,8 +76,10 @@ class HandleBook:
         self.ttl_s = ttl_s
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self.agent_address = ""  # the owning agent's control address, stamped on handles once known
 
-    def allocate(self, shape: BlockShape, num_blocks: int, request_id: str = "") -> KVHandleInfo:
+    def allocate(self, shape: BlockShape, num_blocks: int, request_id: str = "",
+                 stall_s: float | None = None) -> KVHandleInfo:
         """A new handle (num_tokens 0, not ready) of num_blocks pool blocks of `shape`.
 
         ValueError for num_blocks < 1 or a block larger than a slab; KVPoolFullError, nothing
@@ -80,9 +88,23 @@ class HandleBook:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         offsets = self.pool.alloc(shape, num_blocks)
-        info = KVHandleInfo(secrets.token_hex(16), tuple(offsets), shape, 0)
-        self._entries[info.handle_id] = _Entry(info, request_id, self._clock() + self.ttl_s)
+        info = KVHandleInfo(secrets.token_hex(16), tuple(offsets), shape, 0, self.agent_address)
+        entry = _Entry(info, request_id, self._clock() + self.ttl_s, stall_s=stall_s)
+        self._entries[info.handle_id] = entry
+        self.touch(info.handle_id)
         return info
+
+    def touch(self, handle_id: str) -> None:
+        """Progress on a handle allocated with stall_s: its stall timer starts over."""
+        entry = self._entry(handle_id)
+        if entry.stall_s is not None:
+            entry.stall_deadline = self._clock() + entry.stall_s
+
+    def is_live(self, handle_id: str) -> bool:
+        return handle_id in self._entries
+
+    def info(self, handle_id: str) -> KVHandleInfo:
+        return self._entry(handle_id).info
 
     def mark_ready(self, handle_id: str, num_tokens: int) -> KVHandleInfo:
         """Record that the handle's blocks hold num_tokens tokens of KV; ValueError if they cannot."""
@@ -112,12 +134,19 @@ class HandleBook:
     def reclaim_expired(self) -> list[str]:
         """Release every handle past its ttl (a warning each, naming its request) -> their ids."""
         now = self._clock()
-        expired = [e for e in self._entries.values() if e.deadline <= now]
+        expired = [e for e in self._entries.values()
+                   if e.deadline <= now or (not e.ready and e.stall_deadline <= now)]
         for entry in expired:
             self.release(entry.info.handle_id)
-            logger.warning("reclaimed KV handle %s of request %r: not released within %.0f s (%d blocks, %s)",
-                           entry.info.handle_id, entry.request_id, self.ttl_s, entry.info.num_blocks,
-                           "ready" if entry.ready else "never marked ready")
+            if entry.deadline <= now:
+                logger.warning("reclaimed KV handle %s of request %r: not released within %.0f s (%d blocks, "
+                               "%s)", entry.info.handle_id, entry.request_id, self.ttl_s,
+                               entry.info.num_blocks,
+                               "ready" if entry.ready else "never marked ready")
+            else:
+                logger.warning("reclaimed KV handle %s of request %r: its cross-node transfer stalled (no "
+                               "progress for %.1f s, %d blocks)", entry.info.handle_id, entry.request_id,
+                               entry.stall_s, entry.info.num_blocks)
         return [e.info.handle_id for e in expired]
 
     def stats(self) -> BookStats:
@@ -134,7 +163,9 @@ class HandleBook:
 # Checked in order: KVPoolFullError is a MemoryError, the rest are the book's and handle.py's.
 _STATUS = ((KVPoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
            (UnknownHandleError, grpc.StatusCode.NOT_FOUND),
-           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+           (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+           (PermissionError, grpc.StatusCode.PERMISSION_DENIED))
+_REFUSALS = (KVPoolFullError, UnknownHandleError, ValueError, PermissionError, CrossNodeError)
 
 
 class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
@@ -147,24 +178,47 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
 
     def __init__(self, pool_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
                  handle_ttl_s: float = DEFAULT_HANDLE_TTL_S, sweep_interval_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, metrics=None) -> None:
-        """metrics: a telemetry.agent_metrics.AgentMetrics to count hand-offs in, or None."""
+                 clock: Callable[[], float] = time.monotonic, metrics=None, name: str = "kvtransfer-0",
+                 nixl: bool = False, allowed_peers: frozenset[str] | None = None,
+                 max_peers: int = DEFAULT_MAX_PEERS, stall_s: float = DEFAULT_STALL_S,
+                 transfer_timeout_s: float | None = None) -> None:
+        """metrics: a telemetry.agent_metrics.AgentMetrics to count hand-offs in, or None.
+        nixl: register the pool with a NIXL agent named `name` and serve cross-node transfers, with
+        at most max_peers peers (only allowed_peers, if given); cross-node handles that make no
+        progress for stall_s are reclaimed; one push may take transfer_timeout_s (< stall_s)."""
         if sweep_interval_s is not None and not sweep_interval_s > 0:
             raise ValueError(f"sweep_interval_s must be positive seconds, got {sweep_interval_s!r}")
         self.pool = _shared_pool(pool_bytes, slab_bytes)
         try:
             self.book = HandleBook(self.pool, handle_ttl_s, clock)
+            self.cross = _cross_node(self.book, self.pool, name, allowed_peers, max_peers, stall_s,
+                                     transfer_timeout_s) if nixl else None
         except BaseException:
             self.pool.close()  # a bad ttl must not leave a pool file behind
             raise
-        self.sweep_interval_s = sweep_interval_s or min(handle_ttl_s / 4, MAX_SWEEP_INTERVAL_S)
+        interval = min(handle_ttl_s / 4, MAX_SWEEP_INTERVAL_S, stall_s / 4 if nixl else MAX_SWEEP_INTERVAL_S)
+        self.sweep_interval_s = sweep_interval_s or interval
         self._sweeper: asyncio.Task | None = None
         self.metrics = metrics
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return self.book.agent_address
+
+    @address.setter
+    def address(self, value: str) -> None:
+        """Where this agent serves (known once it does): stamped on its handles, told to peers."""
+        self.book.agent_address = value
+        if self.cross is not None:
+            self.cross.address = value
 
     def start(self) -> None:
         """Start the ttl sweep on the running event loop."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.cross is not None:
+            self.cross.start()
         if self.metrics is not None:
             self.metrics.bind(asyncio.get_running_loop(), self._gauges)
 
@@ -179,13 +233,15 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.cross is not None:
+            self.cross.close()
         self.pool.close()
 
     async def Allocate(self, request, context):
-        def allocate() -> ipb.KVHandle:
+        async def allocate() -> ipb.KVHandle:
             try:
                 shape = shape_from_pb(request.block_dims, request.dtype)
-                handle = self.book.allocate(shape, request.num_blocks, request.request_id)
+                handle = await self._allocate(shape, request)
             except (KVPoolFullError, ValueError) as exc:
                 if self.metrics is not None:
                     self.metrics.refused.labels("pool_full" if isinstance(exc, KVPoolFullError)
@@ -193,21 +249,41 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
                 raise
             nbytes = handle.num_blocks * shape.nbytes
             tracing.annotate(request_id=request.request_id, kv_blocks=handle.num_blocks, kv_bytes=nbytes,
-                             kv_path="node-local", pool=str(self.pool.path))
+                             kv_path="nixl" if request.destination or request.source else "node-local",
+                             pool=str(self.pool.path))
             if self.metrics is not None:
                 self.metrics.handles.inc()
                 self.metrics.bytes.inc(nbytes)
             return handle_to_pb(handle, ready=False)
-        return await _answer(context, allocate)
+        return await _answer_async(context, allocate)
+
+    async def _allocate(self, shape, request) -> KVHandleInfo:
+        if not (request.destination or request.source):
+            return self.book.allocate(shape, request.num_blocks, request.request_id)
+        if self.cross is None:
+            raise CrossNodeError(f"{self.name} has no NIXL data plane (start it with --nixl); it cannot move "
+                                 f"KV across nodes", grpc.StatusCode.FAILED_PRECONDITION)
+        if request.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {request.num_blocks}")
+        if request.source:
+            return self.cross.allocate_in(shape, request.num_blocks, request.request_id, request.source)
+        return await self.cross.allocate_out(shape, request.num_blocks, request.request_id,
+                                             request.destination)
 
     async def MarkReady(self, request, context):
         tracing.annotate(kv_tokens=request.num_tokens)
+        if self.cross is not None and self.cross.is_routed(request.handle_id):
+            return await _answer_async(context, lambda: self.cross.complete(request.handle_id,
+                                                                            request.num_tokens))
         return await _answer(context, lambda: handle_to_pb(
             self.book.mark_ready(request.handle_id, request.num_tokens), ready=True))
 
     async def Release(self, request, context):
         def release() -> ipb.ReleaseResponse:
-            blocks = self.book.release(request.handle_id)
+            if self.cross is not None and self.cross.is_routed(request.handle_id):
+                blocks = self.cross.release(request.handle_id)
+            else:
+                blocks = self.book.release(request.handle_id)
             tracing.annotate(kv_blocks=blocks)
             if self.metrics is not None:
                 self.metrics.releases.inc()
@@ -217,9 +293,25 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
     async def ReleaseAll(self, request, context):
         def release_all() -> ipb.ReleaseResponse:
             blocks = self.book.release_request(request.request_id)
+            if self.cross is not None:
+                self.cross.drop_dead_routes()
             tracing.annotate(kv_blocks=blocks)
             return ipb.ReleaseResponse(num_blocks=blocks)
         return await _answer(context, release_all)
+
+    async def Connect(self, request, context):
+        if self.cross is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{self.name} has no NIXL data plane (start it with --nixl)")
+        return await _answer(context, lambda: self.cross.register(request))
+
+    async def Push(self, request, context):
+        if self.cross is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{self.name} has no NIXL data plane (start it with --nixl)")
+        reply = await _answer_async(context, lambda: self.cross.push(request))
+        tracing.annotate(kv_bytes=reply.bytes, kv_push_s=reply.seconds)
+        return reply
 
     async def Describe(self, request, context):
         return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,
@@ -235,6 +327,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 reclaimed = self.book.reclaim_expired()
+                if self.cross is not None:
+                    self.cross.drop_dead_routes()
                 if reclaimed and self.metrics is not None:
                     self.metrics.reclaimed.inc(len(reclaimed))
             except Exception:  # a sweep that died would leak every later crashed handle
@@ -251,11 +345,32 @@ def _shared_pool(pool_bytes: int, slab_bytes: int) -> HostKVPool:
     return pool
 
 
+def _cross_node(book: HandleBook, pool: HostKVPool, name: str, allowed_peers, max_peers: int,
+                stall_s: float, transfer_timeout_s: float | None) -> CrossNode:
+    from .nixl_link import NixlLink
+
+    options = {} if transfer_timeout_s is None else {"transfer_timeout_s": transfer_timeout_s}
+    return CrossNode(book, NixlLink(name, pool.buffer), allowed_peers, max_peers, stall_s, **options)
+
+
 async def _answer(context, work: Callable[[], object]):
     """work()'s message, or the call aborted with the status its exception maps to."""
     try:
         return work()
-    except (KVPoolFullError, UnknownHandleError, ValueError) as exc:
-        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
-        await context.abort(code, str(exc))
+    except _REFUSALS as exc:
+        await context.abort(_code(exc), str(exc))
+
+
+async def _answer_async(context, work: Callable[[], Awaitable]):
+    """As _answer, for work() returning an awaitable."""
+    try:
+        return await work()
+    except _REFUSALS as exc:
+        await context.abort(_code(exc), str(exc))
+
+
+def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, CrossNodeError):
+        return exc.code
+    return next(code for kind, code in _STATUS if isinstance(exc, kind))
 

@@ -23,6 +23,7 @@ class KVHandleInfo:
     offsets: tuple[int, ...]  # byte offsets of the blocks in the pool, in sequence order
     shape: BlockShape
     num_tokens: int  # tokens of KV the blocks hold; <= len(offsets) * shape.block_size
+    agent: str = ""  # the agent (HOST:PORT) whose pool holds the blocks; "" = the receiver's node
 
     @property
     def num_blocks(self) -> int:
@@ -51,7 +52,7 @@ def shape_from_pb(block_dims: Sequence[int], dtype: str) -> BlockShape:
 
 def handle_to_pb(h: KVHandleInfo, ready: bool = True) -> ipb.KVHandle:
     return ipb.KVHandle(handle_id=h.handle_id, block_offsets=h.offsets, block_dims=shape_to_dims(h.shape),
-                        dtype=h.shape.dtype, num_tokens=h.num_tokens, ready=ready)
+                        dtype=h.shape.dtype, num_tokens=h.num_tokens, ready=ready, agent=h.agent)
 
 
 def handle_from_pb(msg: ipb.KVHandle) -> KVHandleInfo:
@@ -63,7 +64,7 @@ def handle_from_pb(msg: ipb.KVHandle) -> KVHandleInfo:
     if not msg.handle_id:
         raise ValueError("KVHandle.handle_id is empty")
     shape = shape_from_pb(msg.block_dims, msg.dtype)
-    info = KVHandleInfo(msg.handle_id, tuple(msg.block_offsets), shape, msg.num_tokens)
+    info = KVHandleInfo(msg.handle_id, tuple(msg.block_offsets), shape, msg.num_tokens, msg.agent)
     if info.num_tokens > info.capacity_tokens:
         raise ValueError(f"KVHandle.num_tokens={info.num_tokens} exceeds what its {info.num_blocks} blocks "
                          f"of {shape.block_size} tokens hold ({info.capacity_tokens})")

@@ -1,14 +1,19 @@
 """KVTransport: how an instance publishes a sequence's KV blocks and how another fetches them.
 
     prefill:  handle = transport.publish(request_id, shape, blocks, num_tokens)   -> KVHandle to the proxy
+          or  stream = transport.begin(request_id, shape, num_blocks); stream.put(layer, ...) while
+              the prefill computes; handle = stream.finish(num_tokens)               (kv_stream.py)
     decode:   views = transport.fetch(handle); copy them into device KV; transport.release(handle)
 
 NodeLocalTransport goes through the node's KVTransferAgent (control over gRPC, bytes through the
-shared pool file); a cross-node backend (NIXL) will be another subclass behind make_transport.
+shared pool file). Given a destination (another node's agent), the same calls move the KV there:
+this node's agent Pushes the blocks over NIXL as they are written, and the handle answered is the
+destination's, which a decode instance on that node fetches like any node-local one.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +26,10 @@ from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.telemetry.grpc_tracing import intercept
 
 from .handle import KVHandleInfo, handle_from_pb, shape_to_dims
+from .kv_stream import KVStream
 from .pool_attachment import PoolAttachment
 
-TRANSPORT_KINDS = ("node-local",)
+TRANSPORT_KINDS = ("node-local",)  # cross-node is node-local plus a destination (the agents' NIXL)
 
 
 class KVTransferError(RuntimeError):
@@ -47,12 +53,18 @@ class KVTransport(ABC):
 
     @abstractmethod
     def publish(self, request_id: str, shape: BlockShape, blocks: Sequence[torch.Tensor],
-                num_tokens: int) -> KVHandleInfo:
+                num_tokens: int, destination: str = "") -> KVHandleInfo:
         """Allocate len(blocks) pool blocks, copy blocks[i] (each a tensor of shape.dims, shape.torch_dtype,
         may be a non-contiguous view) into block i, mark ready. On any failure release what was allocated
         and raise (KVPoolFullError when the pool is full, KVTransferError otherwise). ValueError, before
         anything is allocated, for no blocks, blocks of the wrong shape or dtype, or num_tokens they
-        cannot hold."""
+        cannot hold. destination: another node's agent (HOST:PORT) to move the blocks to; the handle
+        returned is then that node's."""
+
+    @abstractmethod
+    def begin(self, request_id: str, shape: BlockShape, num_blocks: int, destination: str = "") -> KVStream:
+        """Allocate num_blocks pool blocks (and at the destination, if given) to fill layer by layer:
+        a KVStream. KVPoolFullError or KVTransferError, nothing held, when they cannot be had."""
 
     @abstractmethod
     def fetch(self, handle: KVHandleInfo) -> list[torch.Tensor]:
@@ -90,6 +102,9 @@ class NodeLocalTransport(KVTransport):
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.agent_address = agent_address
         self.timeout_s = timeout_s
+        self.pushed_bytes = 0  # moved to other nodes by the agent's NIXL WRITEs, and the time they took
+        self.push_seconds = 0.0
+        self._stats_lock = threading.Lock()
         self._channel = grpc.insecure_channel(agent_address)
         self._stub = instances_pb2_grpc.KVTransferStub(intercept(self._channel))  # carries the trace
         try:
@@ -100,13 +115,15 @@ class NodeLocalTransport(KVTransport):
             raise
 
     def publish(self, request_id: str, shape: BlockShape, blocks: Sequence[torch.Tensor],
-                num_tokens: int) -> KVHandleInfo:
+                num_tokens: int, destination: str = "") -> KVHandleInfo:
         blocks = list(blocks)
         _check_blocks(shape, blocks, num_tokens)
-        handle = self._allocate(request_id, shape, len(blocks))
+        handle = self._allocate(request_id, shape, len(blocks), destination)
         try:
             for view, block in zip(self._views(handle), blocks, strict=True):
                 view.copy_(block)  # copy_ takes any strides (and devices) on either side
+            if destination:
+                self._push(handle, 0, shape.num_layers, 0, len(blocks))
             return self._mark_ready(handle, num_tokens)
         except KVTransferError:
             self._release_quietly(handle.handle_id)
@@ -118,10 +135,28 @@ class NodeLocalTransport(KVTransport):
             self._release_quietly(handle.handle_id)
             raise
 
+    def begin(self, request_id: str, shape: BlockShape, num_blocks: int, destination: str = "") -> KVStream:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        handle = self._allocate(request_id, shape, num_blocks, destination)
+        try:
+            views = self._views(handle)
+        except BaseException:
+            self._release_quietly(handle.handle_id)
+            raise
+        return KVStream(handle, views, self._push if destination else None, self._mark_ready,
+                        lambda h: self._release_quietly(h.handle_id))
+
     def fetch(self, handle: KVHandleInfo) -> list[torch.Tensor]:
+        if handle.agent and handle.agent != self.agent_address:
+            raise KVTransferError(f"KV handle {handle.handle_id} lies in the pool of the agent at "
+                                  f"{handle.agent}, not this node's ({self.agent_address})",
+                                  grpc.StatusCode.FAILED_PRECONDITION)
         return self._views(handle)
 
     def release(self, handle: KVHandleInfo) -> None:
+        if handle.agent and handle.agent != self.agent_address:
+            return  # not this node's: the proxy's clean-up releases it there
         try:
             self._call("Release", ipb.KVHandle(handle_id=handle.handle_id))
         except KVTransferError as exc:
@@ -132,9 +167,10 @@ class NodeLocalTransport(KVTransport):
         self._channel.close()
         self.attachment.close()
 
-    def _allocate(self, request_id: str, shape: BlockShape, num_blocks: int) -> KVHandleInfo:
+    def _allocate(self, request_id: str, shape: BlockShape, num_blocks: int,
+                  destination: str = "") -> KVHandleInfo:
         request = ipb.AllocateRequest(block_dims=shape_to_dims(shape), dtype=shape.dtype,
-                                      num_blocks=num_blocks, request_id=request_id)
+                                      num_blocks=num_blocks, request_id=request_id, destination=destination)
         try:
             reply = self._call("Allocate", request)
         except KVTransferError as exc:
@@ -151,6 +187,16 @@ class NodeLocalTransport(KVTransport):
     def _mark_ready(self, handle: KVHandleInfo, num_tokens: int) -> KVHandleInfo:
         request = ipb.KVHandle(handle_id=handle.handle_id, num_tokens=num_tokens)
         return self._parse(self._call("MarkReady", request))
+
+    def _push(self, handle: KVHandleInfo, layer_start: int, layer_end: int, block_start: int,
+              block_end: int) -> None:
+        """Have the agent move those layers of those blocks to the handle's destination (NIXL)."""
+        reply = self._call("Push", ipb.PushRequest(handle_id=handle.handle_id, layer_start=layer_start,
+                                                   layer_end=layer_end, block_start=block_start,
+                                                   block_end=block_end), timeout_s=2 * self.timeout_s)
+        with self._stats_lock:
+            self.pushed_bytes += reply.bytes
+            self.push_seconds += reply.seconds
 
     def _views(self, handle: KVHandleInfo) -> list[torch.Tensor]:
         try:
@@ -173,9 +219,9 @@ class NodeLocalTransport(KVTransport):
         except KVTransferError:
             pass
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout_s: float | None = None):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
             raise KVTransferError(f"KVTransfer.{method} at {self.agent_address} failed: "
                                   f"{exc.code().name}: {exc.details()}", exc.code()) from None

@@ -7,6 +7,11 @@ the device blocks are free for the next prompt before the RPC even answers:
 
     Prefill RPC -> post(add_request) -> ... step ... -> on_output: first token
                 -> transport.publish(KV) -> abort (frees device blocks) -> PrefillResponse
+
+With stream_kv the KV leaves while the prompt computes: at its turn the request's pool blocks
+are allocated (transport.begin) and each layer goes out as soon as the forward pass has written
+it, so at the first token only the last layer's copy is left (stream.finish). A request whose
+kv_destination names another node's agent has its KV moved there (NIXL), streamed or not.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
 from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_to_pb
+from tokenpool.kvtransfer.kv_stream import KVStream
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
@@ -44,16 +50,20 @@ class _Pending:
     seed: int
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future  # -> (RequestOutput, KVHandleInfo | None)
+    destination: str = ""  # another node's kvtransfer agent to move the KV to; "" = this node
     trace: object | None = None  # the request's trace context (tracing on)
     queue_span: object | None = None  # open while the request waits in the queue
+    publish_span: object | None = None  # streamed: open from the blocks' allocation to their hand-off
 
 
 class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
                  table: RequestTable | None = None, timings: InstanceTimings | None = None,
-                 max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon", metrics=None) -> None:
+                 max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon", metrics=None,
+                 stream_kv: bool = False) -> None:
         """timings: to estimate queued prefill time (and report); max_group_size 1 is plain FCFS.
-        metrics: a telemetry.instance_metrics.InstanceMetrics to report to, or None."""
+        metrics: a telemetry.instance_metrics.InstanceMetrics to report to, or None.
+        stream_kv: publish each layer's KV as the prefill computes it (else all of it after)."""
         self.name = name
         self.engine = engine
         self.transport = transport
@@ -63,6 +73,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         self.queue = PrefillQueue(max_group_size)  # engine thread only
         self._queued: dict[str, tuple] = {}  # request id -> (request, sampling), waiting in the queue
         self._pending: dict[str, _Pending] = {}  # engine thread only
+        self.stream_kv = stream_kv
+        self._streams: dict[str, KVStream] = {}  # engine thread only: KV streaming out
         # Published and not yet answered: a caller that goes away meanwhile gets its KV released.
         self._published: dict[str, KVHandleInfo] = {}
         self._published_lock = threading.Lock()
@@ -92,7 +104,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
 
     async def _prefill(self, request, context) -> ipb.PrefillResponse:
         loop = asyncio.get_running_loop()
-        pending = _Pending(request.model, 0, loop, loop.create_future(), tracing.capture())
+        pending = _Pending(request.model, 0, loop, loop.create_future(), request.kv_destination,
+                           tracing.capture())
         try:
             await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, pending)))
         except InvalidRequestError as exc:
@@ -168,9 +181,33 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             self._settle(pending, exception=exc)
             return False
         pending.seed = seq.seed
+        if self.stream_kv and not self._begin_stream(request, pending):
+            return False
         self.worker.track(request_id, request.model)
         if self.turns is not None:
             self.turns.begin(request_id, pending.trace)
+        return True
+
+    def _begin_stream(self, request, pending: _Pending) -> bool:
+        """Allocate the prompt's pool blocks and stream its KV into them as it computes -> False (the
+        request dropped, its RPC failed) when they cannot be had."""
+        shape = self.engine.models[request.model].shape
+        num_blocks = -(-len(request.prompt_token_ids) // shape.block_size)
+        pending.publish_span = tracing.start_child(
+            pending.trace, "kv.publish", model=request.model, kv_blocks=num_blocks,
+            kv_bytes=num_blocks * shape.nbytes, kv_tokens=len(request.prompt_token_ids),
+            kv_path="nixl" if pending.destination else self.transport.kind, kv_streamed=True)
+        try:
+            with tracing.within(pending.publish_span):
+                stream = self.transport.begin(request.request_id, shape, num_blocks, pending.destination)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting RPC
+            _end_publish_span(pending)
+            self._pending.pop(request.request_id, None)
+            self.engine.abort(request.model, request.request_id)
+            self._settle(pending, exception=exc)
+            return False
+        self._streams[request.request_id] = stream
+        self.engine.stream_kv(request.model, request.request_id, stream.put)
         return True
 
     def _on_output(self, model: str, out: RequestOutput) -> None:
@@ -179,8 +216,14 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             return
         if self.turns is not None:
             self.turns.forget(out.request_id)
+        stream = self._streams.pop(out.request_id, None)
+        if stream is not None:
+            self.engine.stop_stream(model, out.request_id)
         try:
-            handle = None if out.finished else self._publish(model, out, pending.trace)
+            if out.finished and stream is not None:
+                stream.abort()  # the first token ended it: no KV to hand on
+                _end_publish_span(pending)
+            handle = None if out.finished else self._publish(model, out, pending, stream)
         except Exception as exc:  # noqa: BLE001 - reported to the waiting RPC
             self._settle(pending, exception=exc)
         else:
@@ -190,12 +233,22 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
                 self.engine.abort(model, out.request_id)  # the KV lives on in the pool: free the device
                 self.worker.forget(out.request_id)
 
-    def _publish(self, model: str, out: RequestOutput, trace=None) -> KVHandleInfo:
-        shape, blocks = self.engine.handoff_blocks(model, out.request_id)
-        with tracing.child_span(trace, "kv.publish", model=model, kv_blocks=len(blocks),
-                                kv_bytes=len(blocks) * shape.nbytes, kv_tokens=out.num_prompt_tokens,
-                                kv_path=self.transport.kind):
-            handle = self.transport.publish(out.request_id, shape, blocks, out.num_prompt_tokens)
+    def _publish(self, model: str, out: RequestOutput, pending: _Pending,
+                 stream: KVStream | None = None) -> KVHandleInfo:
+        if stream is not None:
+            try:
+                with tracing.within(pending.publish_span):
+                    handle = stream.finish(out.num_prompt_tokens)
+            finally:
+                _end_publish_span(pending)
+        else:
+            shape, blocks = self.engine.handoff_blocks(model, out.request_id)
+            with tracing.child_span(pending.trace, "kv.publish", model=model, kv_blocks=len(blocks),
+                                    kv_bytes=len(blocks) * shape.nbytes, kv_tokens=out.num_prompt_tokens,
+                                    kv_path="nixl" if pending.destination else self.transport.kind,
+                                    kv_streamed=False):
+                handle = self.transport.publish(out.request_id, shape, blocks, out.num_prompt_tokens,
+                                                pending.destination)
         with self._published_lock:
             self._published[out.request_id] = handle
         return handle
@@ -213,6 +266,10 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         self._pending.pop(request_id, None)
         self._queued.pop(request_id, None)
         self.queue.remove(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:  # first: its copy thread may still read the device blocks
+            stream.abort()
+            _end_publish_span(pending)
         self.engine.abort(pending.model, request_id)
         self.worker.forget(request_id)
 
@@ -246,6 +303,12 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         if handle is not None:
             response.kv.CopyFrom(handle_to_pb(handle))
         return response
+
+
+def _end_publish_span(pending: _Pending) -> None:
+    if pending.publish_span is not None:
+        pending.publish_span.end()
+        pending.publish_span = None
 
 
 def _end_queue_span(pending: _Pending) -> None:

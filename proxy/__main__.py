@@ -34,6 +34,13 @@ def _named_address(text: str) -> tuple[str, str]:
     return name, address
 
 
+def _pair(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpool.proxy", description=__doc__.splitlines()[0])
     p.add_argument("--listen", default="127.0.0.1:50051", help="host:port (port 0 picks one)")
@@ -41,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--decode", action="append", type=_named_address, required=True, metavar="NAME=ADDR")
     p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
+    p.add_argument("--node", action="append", default=[], type=_pair, metavar="INSTANCE=NODE",
+                   help="the node an instance runs on (repeatable; default: all on --kvtransfer's)")
+    p.add_argument("--node-agent", action="append", default=[], type=_named_address, metavar="NODE=ADDR",
+                   help="a node's kvtransfer agent (repeatable): KV crosses nodes through the agents")
     p.add_argument("--model", action="append", required=True, metavar="ID[=FOLDER]",
                    help="a served model: its tokenizer and limits (repeatable)")
     p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
@@ -83,14 +94,18 @@ async def serve(args: argparse.Namespace) -> None:
     security = ServerSecurity.from_args(args)  # bad files fail before anything starts
     models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
     dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
-    backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher)
+    nodes, node_agents = dict(args.node), dict(args.node_agent)
+    if missing := sorted(set(nodes.values()) - set(node_agents)):
+        raise ValueError(f"--node names nodes without a --node-agent: {', '.join(missing)}")
+    backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher,
+                           nodes=nodes, node_agents=node_agents)
     try:
         table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
     except FileExistsError:  # a proxy before us died without removing it: adopt it, reclaim its rows
         from .shm_request_table import ShmRequestTable
 
         table = ShmRequestTable.attach(args.table)
-    await reclaim_orphans(table, [backend.agent], MAX_ATTEMPTS)
+    await reclaim_orphans(table, backend.agents, MAX_ATTEMPTS)
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, sorted(models))
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))

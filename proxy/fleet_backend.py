@@ -74,9 +74,12 @@ class Instance:
 
 class FleetBackend(Backend):
     def __init__(self, prefill: dict[str, str], decode: dict[str, str], kvtransfer: str,
-                 dispatcher: Dispatcher, max_in_flight: int = 1024) -> None:
+                 dispatcher: Dispatcher, max_in_flight: int = 1024, nodes: dict[str, str] | None = None,
+                 node_agents: dict[str, str] | None = None) -> None:
         """prefill, decode: instance name -> address; kvtransfer: the node's agent. Call in a running
-        event loop (grpc.aio channels bind to it)."""
+        event loop (grpc.aio channels bind to it). nodes: instance name -> node, node_agents: node ->
+        its kvtransfer agent (HOST:PORT); a prefill whose decode instance is on another node moves
+        the KV there (NIXL). Without them every instance is on kvtransfer's node."""
         if not prefill or not decode:
             raise ValueError(f"a fleet needs prefill and decode instances, got {len(prefill)} prefill "
                              f"and {len(decode)} decode")
@@ -84,6 +87,9 @@ class FleetBackend(Backend):
         self.decode = [_connect(n, a, instances_pb2_grpc.DecodeStub) for n, a in decode.items()]
         self._agent_channel = aio_channel(kvtransfer)
         self.agent = instances_pb2_grpc.KVTransferStub(self._agent_channel)
+        self.nodes, self.node_agents = nodes or {}, node_agents or {}
+        self._other_agents = {a: aio_channel(a) for a in set(self.node_agents.values()) - {kvtransfer}}
+        self.agents = [self.agent, *map(instances_pb2_grpc.KVTransferStub, self._other_agents.values())]
         self.dispatcher = dispatcher
         self._timings_tried = False
         self.max_in_flight = max_in_flight
@@ -110,7 +116,8 @@ class FleetBackend(Backend):
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        for channel in [i.channel for i in self.prefill + self.decode] + [self._agent_channel]:
+        for channel in [i.channel for i in self.prefill + self.decode] + [self._agent_channel,
+                                                                            *self._other_agents.values()]:
             await channel.close()
 
     async def statuses(self) -> list[ipb.InstanceStatus]:
@@ -165,7 +172,7 @@ class FleetBackend(Backend):
             sampling = sub.sampling
         prompt = sub.prompt + streamed
         async with self.dispatcher.decode_slot(sub.model, self._candidates(self.decode, sub.model)) as decode:
-            prefilled = await self._prefill(sub, attempt_id, prompt, sampling, deadline)
+            prefilled = await self._prefill(sub, attempt_id, prompt, sampling, deadline, decode)
             streamed.append(prefilled.first_token_id)
             sub.deliver(self._first_output(sub, prefilled, len(streamed)))
             if prefilled.finish_reason == 0:
@@ -184,7 +191,7 @@ class FleetBackend(Backend):
         return serving
 
     async def _prefill(self, sub: Submission, attempt_id: str, prompt: list[int], sampling,
-                       deadline: float | None) -> ipb.PrefillResponse:
+                       deadline: float | None, decode: Instance | None = None) -> ipb.PrefillResponse:
         instance = self.dispatcher.pick_prefill(attempt_id, sub.model, len(prompt),
                                                 self._candidates(self.prefill, sub.model))
         request = ipb.PrefillRequest(request_id=attempt_id, model=sub.model, prompt_token_ids=prompt,
@@ -192,6 +199,7 @@ class FleetBackend(Backend):
                                      timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
+        request.kv_destination = self._kv_destination(instance, decode)
         try:
             with instance.load.hold(sub.model), tracing.span("proxy.prefill", instance=instance.name):
                 return await self._on(instance, instance.stub.Prefill(request, timeout=_left(deadline)))
@@ -291,13 +299,21 @@ class FleetBackend(Backend):
         hand-off pool (a handle published but never adopted, whatever the race) and the decode
         instance. Shielded from the cancellation that got us here; best-effort."""
         async def clean() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.agent.ReleaseAll(ipb.RequestRef(request_id=request_id), timeout=CLEANUP_TIMEOUT_S)
+            for agent in self.agents:  # every node's: a cross-node hand-off holds blocks on both
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await agent.ReleaseAll(ipb.RequestRef(request_id=request_id), timeout=CLEANUP_TIMEOUT_S)
             for instance in decoding:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await instance.stub.Cancel(ipb.CancelRequest(request_id=request_id),
                                                timeout=CLEANUP_TIMEOUT_S)
         await asyncio.shield(clean())
+
+    def _kv_destination(self, prefill: Instance, decode: Instance | None) -> str:
+        """The decode node's agent when it is another node than the prefill's, else "" (this node)."""
+        node = self.nodes.get(decode.name) if decode is not None else None
+        if node is None or node == self.nodes.get(prefill.name):
+            return ""
+        return self.node_agents[node]
 
     def _clean_up_later(self, request_id: str, decoding: list[Instance]) -> None:
         """An abandoned attempt's clean-up, off the request's path (a hung instance may take the

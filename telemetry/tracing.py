@@ -152,6 +152,16 @@ def start_child(parent: otel_context.Context | None, name: str, start_ns: int | 
     return _tracer.start_span(name, context=parent, attributes=attributes, start_time=start_ns)
 
 
+@contextmanager
+def within(span: trace.Span | None) -> Iterator[None]:
+    """span current inside the block (calls made in it carry it), not ended on exit; no-op for None."""
+    if span is None:
+        yield
+        return
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
 def annotate(**attributes) -> None:
     """Set attributes on the current span (no-op when off)."""
     if ENABLED:

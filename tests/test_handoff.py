@@ -91,3 +91,38 @@ def test_adopt_refuses_bad_input_and_changes_nothing(tmp_path, tiny_dir):
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         decoder.adopt("tiny-llama", "r", [1, 2, 3], 10**6, sampling, 0, [block])
     assert decoder.pool.stats().used_bytes == 0 and not decoder.has_unfinished()
+
+
+def test_streamed_layers_equal_the_blocks_after_prefill_over_chunks(tmp_path, tiny_dir):
+    """engine.stream_kv hands each layer out as the forward pass writes it; over a prefill cut into
+    chunks (max_num_batched_tokens 12: chunk edges inside blocks) the assembled blocks equal the
+    finished device blocks."""
+    from tokenpool.engine.scheduler import SchedulerConfig
+
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=128 << 20, progress=False)
+    pool = HostKVPool(16 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    config = EngineConfig(dtype="float32", scheduler=SchedulerConfig(max_num_batched_tokens=12))
+    instance = InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20, engine=config)
+    engine = MultiModelEngine(instance, cache, pool)
+    engine.register("tiny-llama", tiny_dir / "tiny-llama")
+    prompt = list(range(3, 43))  # 40 tokens, 3 blocks of 16; chunks [0,12) [12,24) [24,36) [36,40)
+    seq = engine.add_request("tiny-llama", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    shape = engine.models["tiny-llama"].shape
+    streamed = torch.full((3, *shape.dims), float("nan"))
+    calls = []
+
+    def sink(layer, first, kv_layer, block_ids):
+        calls.append((layer, first, len(block_ids)))
+        for j, b in enumerate(block_ids):
+            streamed[first + j, layer] = kv_layer[:, b]
+    engine.stream_kv("tiny-llama", seq.request_id, sink)
+    while seq.num_output_tokens == 0:
+        engine.step("tiny-llama")
+    _, blocks = engine.handoff_blocks("tiny-llama", seq.request_id)
+    assert torch.equal(streamed, torch.stack(blocks))
+    assert sorted({(first, n) for _, first, n in calls}) == [(0, 1), (0, 2), (1, 2), (2, 1)]
+    assert [layer for layer, _, _ in calls] == list(range(shape.num_layers)) * 4
+    engine.abort("tiny-llama", seq.request_id)
+    calls.clear()
+    engine.step("tiny-llama")  # no sink left: nothing streams
+    assert not calls

@@ -8,36 +8,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "timeout_seconds", "table_slot")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "timeout_seconds", "table_slot", "kv_destination")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TABLE_SLOT_FIELD_NUMBER: _ClassVar[int]
+    KV_DESTINATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
     timeout_seconds: float
     table_slot: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ...) -> None: ...
+    kv_destination: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ..., kv_destination: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "block_offsets", "block_dims", "dtype", "num_tokens", "ready")
+    __slots__ = ("handle_id", "block_offsets", "block_dims", "dtype", "num_tokens", "ready", "agent")
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_DIMS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     block_offsets: _containers.RepeatedScalarFieldContainer[int]
     block_dims: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     num_tokens: int
     ready: bool
-    def __init__(self, handle_id: _Optional[str] = ..., block_offsets: _Optional[_Iterable[int]] = ..., block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_tokens: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    agent: str
+    def __init__(self, handle_id: _Optional[str] = ..., block_offsets: _Optional[_Iterable[int]] = ..., block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "kv", "seed", "first_text", "finish_reason")
@@ -100,16 +104,56 @@ class CancelResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("block_dims", "dtype", "num_blocks", "request_id")
+    __slots__ = ("block_dims", "dtype", "num_blocks", "request_id", "destination", "source")
     BLOCK_DIMS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     block_dims: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     num_blocks: int
     request_id: str
-    def __init__(self, block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    destination: str
+    source: str
+    def __init__(self, block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., request_id: _Optional[str] = ..., destination: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("name", "nixl_metadata", "pool_address", "pool_nbytes", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
+    POOL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    POOL_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nixl_metadata: bytes
+    pool_address: int
+    pool_nbytes: int
+    address: str
+    def __init__(self, name: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., pool_address: _Optional[int] = ..., pool_nbytes: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("handle_id", "layer_start", "layer_end", "block_start", "block_end")
+    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_START_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_END_FIELD_NUMBER: _ClassVar[int]
+    handle_id: str
+    layer_start: int
+    layer_end: int
+    block_start: int
+    block_end: int
+    def __init__(self, handle_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("bytes", "seconds")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RequestRef(_message.Message):
     __slots__ = ("request_id",)

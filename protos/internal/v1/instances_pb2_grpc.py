@@ -350,6 +350,16 @@ class KVTransferStub:
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.FromString,
                 _registered_method=True)
+        self.Connect = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/Connect',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.FromString,
+                _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/Push',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -399,6 +409,22 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request, context):
+        """Connect registers a peer agent (another node's) for the NIXL data plane and answers with
+        this agent's own description. Only registered peers may allocate inbound blocks here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request, context):
+        """Push writes layers of a handle's blocks to the blocks reserved for it on its destination
+        node (NIXL WRITE); it answers once the bytes have landed there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -431,6 +457,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.SerializeToString,
+            ),
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -596,6 +632,60 @@ class KVTransfer:
             '/tokenpool.internal.v1.KVTransfer/Stats',
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatsRequest.SerializeToString,
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PoolStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/Connect',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/Push',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
