@@ -11,6 +11,7 @@ from tokenpool.engine.model_store import DEFAULT_MODEL
 from tokenpool.engine.sampling_params import SamplingParams
 
 from .models_command import ensure_model
+from .server_security import add_client_security_args
 
 
 def add_parser(commands) -> None:
@@ -27,7 +28,8 @@ def add_parser(commands) -> None:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--server", default=None, metavar="ADDR",
-                     help="stream from a running `tokenpool serve` at host:port instead")
+                     help="stream from a running `tokenpool serve` or `tokenpool up` at host:port instead")
+    add_client_security_args(gen)
     gen.set_defaults(run=run)
 
 
@@ -63,13 +65,16 @@ def _remote(args: argparse.Namespace, sampling: SamplingParams):
     from tokenpool.protos.v1 import inference_pb2 as pb
     from tokenpool.protos.v1 import inference_pb2_grpc
 
+    from .server_security import client_channel, client_metadata
+
     params = pb.SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
                                stop=sampling.stop)
     request = pb.GenerateRequest(model=args.model, text=args.prompt, chat=args.chat, sampling=params)
-    with grpc.insecure_channel(args.server) as channel:
+    metadata = client_metadata(args)
+    with client_channel(args.server, args) as channel:
         try:
-            for response in inference_pb2_grpc.InferenceStub(channel).Generate(request):
+            for response in inference_pb2_grpc.InferenceStub(channel).Generate(request, metadata=metadata):
                 finish = pb.FinishReason.Name(response.finish_reason) if response.finish_reason else None
                 yield len(response.token_ids), response.text, finish and finish.removeprefix(
                     "FINISH_REASON_").lower()

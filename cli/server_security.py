@@ -109,3 +109,40 @@ def _refusing(handler):
         return grpc.unary_stream_rpc_method_handler(_refuse_stream, deserialize, serialize)
     return grpc.unary_unary_rpc_method_handler(_refuse, deserialize, serialize)
 
+
+
+# -- the client side (tokenpool generate) ---------------------------------------------------------
+
+def add_client_security_args(p) -> None:
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="FILE",
+                   help="connect with TLS, trusting this CA (PEM)")
+    p.add_argument("--tls-client-cert", type=Path, default=None, metavar="FILE",
+                   help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-client-key", type=Path, default=None, metavar="FILE", help="and its key (PEM)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help="send 'authorization: Bearer <the file's first line>'")
+
+
+def client_channel(address: str, args) -> grpc.Channel:
+    """A channel as the flags ask: plaintext, TLS, or mutual TLS; ValueError naming a bad flag."""
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise ValueError("--tls-client-cert and --tls-client-key go together")
+    if args.tls_ca is None:
+        if args.tls_client_cert is not None:
+            raise ValueError("--tls-client-cert needs --tls-ca (mutual TLS is TLS first)")
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca, "--tls-ca"),
+        private_key=_read(args.tls_client_key, "--tls-client-key") if args.tls_client_key else None,
+        certificate_chain=_read(args.tls_client_cert, "--tls-client-cert") if args.tls_client_cert else None)
+    return grpc.secure_channel(address, credentials)
+
+
+def client_metadata(args) -> list[tuple[str, str]]:
+    if args.token_file is None:
+        return []
+    lines = _read(args.token_file, "--token-file").decode("utf-8", "replace").splitlines()
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ValueError(f"--token-file {args.token_file}: the first line must hold the token")
+    return [("authorization", f"Bearer {token}")]

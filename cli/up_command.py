@@ -24,7 +24,7 @@ from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
                "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
-               "kv_streaming")
+               "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -57,6 +57,12 @@ def add_parser(commands) -> None:
     p.add_argument("--kv-streaming", dest="kv_streaming", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="prefill streams each layer's KV out while later layers compute (default: on)")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="TLS on the public port (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None, metavar="FILE",
+                   help="mutual TLS: clients need a certificate this CA signed")
+    p.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
+                   help="clients need 'authorization: Bearer <the file's first line>' (health exempt)")
     p.set_defaults(run=run)
 
 

@@ -53,6 +53,8 @@ class StackConfig:
       decode instances on node 1.
     kv_streaming: prefill instances stream each layer's KV out while later layers compute.
     kv_stall_s: (nodes 2) a cross-node transfer without progress this long is failed and freed.
+    tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
+      bearer token (cli/server_security.py); internal services stay on loopback without them.
     """
 
     models: dict[str, Path]
@@ -73,6 +75,10 @@ class StackConfig:
     nodes: int = 1
     kv_streaming: bool = True
     kv_stall_s: float = 30.0
+    tls_cert: Path | None = None  # the proxy's public port: TLS certificate chain and key (PEM)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
+    auth_token_file: Path | None = None  # clients need "authorization: Bearer <token>" (health exempt)
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -217,7 +223,7 @@ class Stack:
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
             return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
                     "--table-slots", str(c.table_slots), "--dtype", c.dtype, "--policy", c.policy,
-                    *wiring, *models, *self._node_args(instances)]
+                    *wiring, *models, *self._node_args(instances), *self._security_args()]
         if role == "decode" and c.nodes == 2:
             agent = self.agents[1]
         if role == "prefill":
@@ -227,6 +233,13 @@ class Stack:
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
                 "--threads", str(c.threads_per_instance), "--policy", c.policy, *models,
                 *(quotas if role == "decode" else [])]
+
+    def _security_args(self) -> list[str]:
+        """The proxy's TLS and token flags (it checks the files and refuses to start on bad ones)."""
+        c = self.config
+        pairs = (("--tls-cert", c.tls_cert), ("--tls-key", c.tls_key), ("--tls-client-ca", c.tls_client_ca),
+                 ("--auth-token-file", c.auth_token_file))
+        return [item for flag, path in pairs if path is not None for item in (flag, str(path))]
 
     def _cross_node_args(self, name: str) -> list[str]:
         """Two nodes: each agent serves NIXL and accepts only the other."""

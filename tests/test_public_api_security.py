@@ -169,3 +169,21 @@ def test_bad_security_flags_stop_the_proxy_at_start_by_name(stack, tiny_dir, tmp
     process, address, err = start_proxy(stack, tiny_dir, tmp_path, *resolved)
     assert address is None and process.returncode == 1
     assert needle in err, err
+
+
+def test_a_stack_started_with_tls_and_a_token_serves_tokenpool_generate_with_them(tiny_dir, tmp_path, pki,
+                                                                                   capsys):
+    from tokenpool.cli.main import main
+
+    config = StackConfig(models={MODEL: tiny_dir / MODEL}, prefill=1, decode=1, port=0, dtype="float32",
+                         kv_mib=8, host_kv_mib=16, pool_mib=16, threads=1, tls_cert=pki["server_cert"],
+                         tls_key=pki["server_key"], auth_token_file=pki["token"])
+    with Stack(config, tmp_path / "logs") as stack:
+        stack.start(progress=lambda line: None)
+        base = ["generate", "hello", "--model", MODEL, "--max-tokens", "3", "--server", stack.address]
+        assert main([*base, "--tls-ca", str(pki["ca"]), "--token-file", str(pki["token"])]) == 0
+        assert "[3 tokens" in capsys.readouterr().err
+        assert main([*base, "--tls-ca", str(pki["ca"])]) == 2  # no token
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main([*base, "--tls-client-cert", str(pki["client_cert"])]) == 2
+        assert "--tls-client-cert and --tls-client-key go together" in capsys.readouterr().err
