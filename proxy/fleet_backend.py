@@ -94,6 +94,7 @@ class FleetBackend(Backend):
         self._timings_tried = False
         self.max_in_flight = max_in_flight
         self._tasks: dict[str, asyncio.Task] = {}
+        self._cleanups: set[asyncio.Task] = set()  # abandoned attempts' clean-ups (held until done)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_health())
 
     async def submit(self, sub: Submission) -> None:
@@ -319,7 +320,6 @@ class FleetBackend(Backend):
         """An abandoned attempt's clean-up, off the request's path (a hung instance may take the
         whole timeout to answer, or never)."""
         task = asyncio.get_running_loop().create_task(self._clean_up(request_id, decoding))
-        self._cleanups = getattr(self, "_cleanups", set())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 

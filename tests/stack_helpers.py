@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+from tokenpool.compose.launcher import Stack, StackConfig
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.tokenizer import IncrementalDetokenizer
@@ -13,6 +14,17 @@ from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.proxy.shm_request_table import ShmRequestTable
+
+SMALL_STACK = {"port": 0, "dtype": "float32", "kv_mib": 8, "host_kv_mib": 32, "pool_mib": 32, "threads": 1}
+"""StackConfig settings of the tests' stacks: tiny models, small memory, one thread an instance."""
+
+
+def start_tiny_stack(tiny_dir, models, log_dir, **settings) -> Stack:
+    """A started stack of the named tiny models (settings override SMALL_STACK and StackConfig's)."""
+    config = StackConfig(models={m: tiny_dir / m for m in models}, **{**SMALL_STACK, **settings})
+    stack = Stack(config, log_dir)
+    stack.start(progress=lambda line: None)
+    return stack
 
 
 def service(stack, name):

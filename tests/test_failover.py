@@ -12,8 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack_helpers import expected_streams, instance_status, service, stream, wait_until_idle
-from tokenpool.compose.launcher import Stack, StackConfig
+from stack_helpers import (
+    expected_streams,
+    instance_status,
+    service,
+    start_tiny_stack,
+    stream,
+    wait_until_idle,
+)
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.fleet_backend import HEALTH_PROBE_S, HEALTH_TIMEOUT_S, LOST_AFTER
@@ -27,11 +33,8 @@ MIGRATION_BOUND_S = DETECTION_S + 5.0
 
 
 def start_stack(tiny_dir, tmp_path, prefill=1, decode=2):
-    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=prefill, decode=decode, port=0,
-                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=64)
-    stack = Stack(config, tmp_path / "logs")
-    stack.start(progress=lambda line: None)
-    return stack
+    return start_tiny_stack(tiny_dir, MODELS, tmp_path / "logs", prefill=prefill, decode=decode,
+                            table_slots=64)
 
 
 @pytest.fixture
@@ -41,34 +44,42 @@ def two_decode(tiny_dir, tmp_path):
     stack.stop()
 
 
-def run_streams(stack, jobs):
-    """Start every job's stream in a thread -> (futures, received-token counter, pool)."""
-    received = [0]
-    lock = threading.Lock()
-    channel = grpc.insecure_channel(stack.address)
-    stub = inference_pb2_grpc.InferenceStub(channel)
+class Streams:
+    """Every job's stream on a thread of its own, its responses and their arrival times recorded."""
 
-    def one(job):
+    def __init__(self, stack, jobs) -> None:
+        self.received = 0
+        self._lock = threading.Lock()
+        self._channel = grpc.insecure_channel(stack.address)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._pool = ThreadPoolExecutor(len(jobs))
+        self._futures = [self._pool.submit(self._one, job) for job in jobs]
+
+    def _one(self, job):
         model, prompt, n = job
         request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
             max_tokens=n, ignore_eos=True))
         out, times = [], []
-        for response in stub.Generate(request, timeout=240):
+        for response in self._stub.Generate(request, timeout=240):
             out.append(response)
             times.append(time.monotonic())
-            with lock:
-                received[0] += len(response.token_ids)
+            with self._lock:
+                self.received += len(response.token_ids)
         return out, times
 
-    pool = ThreadPoolExecutor(len(jobs))
-    return [pool.submit(one, job) for job in jobs], received, pool, channel
+    def wait_for_tokens(self, count, timeout=120):
+        deadline = time.monotonic() + timeout
+        while self.received < count:
+            assert time.monotonic() < deadline, f"only {self.received} tokens after {timeout} s"
+            time.sleep(0.02)
 
-
-def wait_for_tokens(received, count, timeout=120):
-    deadline = time.monotonic() + timeout
-    while received[0] < count:
-        assert time.monotonic() < deadline, f"only {received[0]} tokens after {timeout} s"
-        time.sleep(0.02)
+    def results(self):
+        """Every stream's (responses, arrival times), once all have ended."""
+        try:
+            return [f.result(timeout=240) for f in self._futures]
+        finally:
+            self._pool.shutdown()
+            self._channel.close()
 
 
 def check_exact(jobs, results, expected):
@@ -98,13 +109,11 @@ def decode_busy(stack, name) -> int:
 def test_kill_9_of_a_decode_instance_mid_stream_loses_and_repeats_no_token(two_decode, tiny_dir):
     jobs = jobs_of(20, 200)
     expected = expected_streams(tiny_dir, jobs)
-    futures, received, pool, channel = run_streams(two_decode, jobs)
-    wait_for_tokens(received, 300)
+    streams = Streams(two_decode, jobs)
+    streams.wait_for_tokens(300)
     victim = service(two_decode, "decode-0")
     os.kill(victim.process.pid, signal.SIGKILL)
-    results = [f.result(timeout=240) for f in futures]
-    pool.shutdown()
-    channel.close()
+    results = streams.results()
     check_exact(jobs, results, expected)
     assert redispatches(two_decode, "decode-0") > 0
     wait_until_idle(two_decode, ["prefill-0", "decode-1"])
@@ -113,17 +122,15 @@ def test_kill_9_of_a_decode_instance_mid_stream_loses_and_repeats_no_token(two_d
 def test_a_hung_decode_instance_is_detected_and_its_streams_move_and_it_rejoins_fenced(two_decode, tiny_dir):
     jobs = jobs_of(12, 200)
     expected = expected_streams(tiny_dir, jobs)
-    futures, received, pool, channel = run_streams(two_decode, jobs)
-    wait_for_tokens(received, 200)
+    streams = Streams(two_decode, jobs)
+    streams.wait_for_tokens(200)
     victim = service(two_decode, "decode-0")
     os.kill(victim.process.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        results = [f.result(timeout=240) for f in futures]
+        results = streams.results()
     finally:
         os.kill(victim.process.pid, signal.SIGCONT)
-    pool.shutdown()
-    channel.close()
     check_exact(jobs, results, expected)  # nothing lost, nothing twice
     assert redispatches(two_decode, "decode-0") > 0
     worst_gap = max(b - a for _, times in results for a, b in zip(times, times[1:], strict=False)
@@ -147,8 +154,8 @@ def test_a_hung_decode_instance_is_detected_and_its_streams_move_and_it_rejoins_
 def test_sigterm_drains_a_decode_instance_and_its_streams_finish(two_decode, tiny_dir):
     jobs = jobs_of(10, 200)
     expected = expected_streams(tiny_dir, jobs)
-    futures, received, pool, channel = run_streams(two_decode, jobs)
-    wait_for_tokens(received, 100)
+    streams = Streams(two_decode, jobs)
+    streams.wait_for_tokens(100)
     victim = service(two_decode, "decode-0")
     os.kill(victim.process.pid, signal.SIGTERM)
     with grpc.insecure_channel(victim.address) as ch:  # health says so while it drains
@@ -159,9 +166,7 @@ def test_sigterm_drains_a_decode_instance_and_its_streams_finish(two_decode, tin
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert victim.process.wait(30) == 0  # a clean exit within the grace period
-    results = [f.result(timeout=240) for f in futures]
-    pool.shutdown()
-    channel.close()
+    results = streams.results()
     check_exact(jobs, results, expected)
     wait_until_idle(two_decode, ["prefill-0", "decode-1"])
 
@@ -173,12 +178,10 @@ def test_killing_a_prefill_instance_with_requests_on_it_requeues_them(tiny_dir, 
         os.kill(victim.process.pid, signal.SIGSTOP)  # requests placed on it now wait there
         jobs = jobs_of(10, 16)
         expected = expected_streams(tiny_dir, jobs)
-        futures, _, pool, channel = run_streams(stack, jobs)
+        streams = Streams(stack, jobs)
         time.sleep(0.5)
         os.kill(victim.process.pid, signal.SIGKILL)
-        results = [f.result(timeout=240) for f in futures]
-        pool.shutdown()
-        channel.close()
+        results = streams.results()
         check_exact(jobs, results, expected)
         wait_until_idle(stack, ["prefill-1", "decode-0"])
     finally:

@@ -16,12 +16,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenpool.compose.launcher import Stack, StackConfig
+from stack_helpers import service, start_tiny_stack, wait_until_idle
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
-from tokenpool.proxy.shm_request_table import ShmRequestTable
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 FUZZ_CASES = 150
@@ -46,10 +45,8 @@ class _Marker:
 
 @pytest.fixture(scope="module")
 def stack(tiny_dir, tmp_path_factory):
-    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=1, decode=1, port=0,
-                         dtype="float32", kv_mib=8, host_kv_mib=16, pool_mib=16, threads=1, table_slots=16)
-    stack = Stack(config, tmp_path_factory.mktemp("hostile-logs"))
-    stack.start(progress=lambda line: None)
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path_factory.mktemp("hostile-logs"), prefill=1, decode=1,
+                             host_kv_mib=16, pool_mib=16, table_slots=16)
     yield stack
     codes = stack.stop()
     assert codes and all(code == 0 for _, code in codes), codes
@@ -59,10 +56,6 @@ def stack(tiny_dir, tmp_path_factory):
 def channel(stack):
     with grpc.insecure_channel(stack.address) as channel:
         yield channel
-
-
-def service(stack, prefix):
-    return next(s for s in stack.services if s.name.startswith(prefix))
 
 
 def listening_ports(stack) -> list[tuple[str, str]]:
@@ -96,21 +89,6 @@ def assert_still_generates(channel):
                                  sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True))
     responses = list(inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60))
     assert sum(len(r.token_ids) for r in responses) == 4
-
-
-def wait_idle(stack, timeout=30.0):
-    agent = service(stack, "kvtransfer")
-    deadline = time.monotonic() + timeout
-    while True:
-        with ShmRequestTable.attach(stack.name) as table:
-            used = table.usage().used
-        with grpc.insecure_channel(agent.address) as ch:
-            stats = instances_pb2_grpc.KVTransferStub(ch).Stats(ipb.StatsRequest(), timeout=10)
-        if used == 0 and stats.handles == 0 and stats.used_bytes == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"not idle after {timeout} s: {used} table slots, pool {stats}")
-        time.sleep(0.2)
 
 
 def call_raw(channel, method: str, streaming: bool, payload: bytes, timeout: float = 10):
@@ -155,7 +133,7 @@ def test_a_pickle_payload_on_every_port_and_in_the_kv_path_is_never_unpickled(st
             list(stub.Generate(request, timeout=60))
         except grpc.RpcError as exc:
             assert exc.code() in PROPER, exc
-    decode = service(stack, "decode")
+    decode = service(stack, "decode-0")
     forged = ipb.KVHandle(handle_id=text, block_offsets=[2**63, 0, 12345], block_dims=[2, 2, 16, 2, 16],
                           dtype=text, num_tokens=5, ready=True)
     with grpc.insecure_channel(decode.address) as ch:
@@ -164,7 +142,7 @@ def test_a_pickle_payload_on_every_port_and_in_the_kv_path_is_never_unpickled(st
         with pytest.raises(grpc.RpcError) as info:
             list(instances_pb2_grpc.DecodeStub(ch).Decode(request, timeout=30))
         assert info.value.code() in PROPER - {grpc.StatusCode.OK}, info.value
-    agent = service(stack, "kvtransfer")
+    agent = service(stack, "kvtransfer-0")
     with grpc.insecure_channel(agent.address) as ch:
         kv = instances_pb2_grpc.KVTransferStub(ch)
         for call in (kv.MarkReady, kv.Release):
@@ -179,7 +157,7 @@ def test_a_pickle_payload_on_every_port_and_in_the_kv_path_is_never_unpickled(st
     assert not marker.exists(), "a service unpickled peer data"
     assert_all_serving(stack)
     assert_still_generates(channel)
-    wait_idle(stack)
+    wait_until_idle(stack)
 
 
 def test_fields_only_services_set_are_refused_when_a_client_sends_them(channel):
@@ -264,7 +242,7 @@ def test_fuzzing_the_public_api_leaves_every_service_up_with_proper_statuses(sta
         assert code in PROPER, (bytes(data), code)
     assert_all_serving(stack)
     assert_still_generates(channel)
-    wait_idle(stack)
+    wait_until_idle(stack)
 
 
 def rss_bytes(pid: int) -> int:
@@ -306,4 +284,4 @@ def test_a_burst_of_ten_times_the_table_is_refused_at_once_and_the_admitted_fini
     assert all(dict(meta or ()).get("retry-after-ms") for *_, meta in refused)  # a retry hint
     after = {s.name: rss_bytes(s.process.pid) for s in stack.services}
     assert all(after[n] - before[n] < RSS_GROWTH_BOUND for n in before), (before, after)
-    wait_idle(stack)
+    wait_until_idle(stack)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from stack_helpers import instance_status, service, stream, wait_until_idle
-from tokenpool.compose.launcher import Stack, StackConfig
+from stack_helpers import instance_status, service, start_tiny_stack, stream, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.shm_request_table import ShmRequestTable
@@ -25,10 +24,7 @@ MODELS = ("tiny-llama", "tiny-qwen3")
 
 @pytest.fixture
 def stack(tiny_dir, tmp_path):
-    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=1, decode=1, port=0,
-                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=32)
-    stack = Stack(config, tmp_path / "logs")
-    stack.start(progress=lambda line: None)
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path / "logs", prefill=1, decode=1, table_slots=32)
     yield stack
     stack.stop()
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from stack_helpers import agent_stats, instance_status, service, wait_until_idle
-from tokenpool.compose.launcher import Stack, StackConfig
+from stack_helpers import agent_stats, instance_status, service, start_tiny_stack, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 
@@ -62,10 +61,7 @@ def snapshot(stack) -> dict:
 
 @pytest.fixture
 def stack(tiny_dir, tmp_path):
-    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=1, decode=2, port=0,
-                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=64)
-    stack = Stack(config, tmp_path / "logs")
-    stack.start(progress=lambda line: None)
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path / "logs", prefill=1, decode=2, table_slots=64)
     yield stack
     stack.stop()
 

@@ -13,8 +13,7 @@ import grpc
 import pytest
 from conftest import BAD_REQUESTS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack_helpers import expected_streams, instance_status, stream, wait_until_idle
-from tokenpool.compose.launcher import Stack, StackConfig
+from stack_helpers import expected_streams, instance_status, start_tiny_stack, stream, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.request_table import RequestRecord
@@ -28,11 +27,8 @@ TABLE_SLOTS = 48
 
 @pytest.fixture(scope="module")
 def stack(tiny_dir, tmp_path_factory):
-    config = StackConfig(models={m: tiny_dir / m for m in MODELS}, prefill=1, decode=2, port=0,
-                         dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1,
-                         table_slots=TABLE_SLOTS)
-    stack = Stack(config, tmp_path_factory.mktemp("stack-logs"))
-    stack.start(progress=lambda line: None)
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path_factory.mktemp("stack-logs"), prefill=1, decode=2,
+                             table_slots=TABLE_SLOTS)
     yield stack
     codes = stack.stop()
     assert codes and all(code == 0 for _, code in codes), codes
