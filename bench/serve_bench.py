@@ -184,11 +184,13 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
 
 def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:
     """The live sweep again in the simulator: same traces, instance counts, TBT target and drain cut."""
-    from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
+    from tokenpool.bench.simulator import SimConfig, Simulation
+    from tokenpool.engine.model_config import ModelConfig
     from tokenpool.engine.step_profiler import InstanceTimings
     from tokenpool.engine.tokenizer import Tokenizer
 
     tokenizers = {m: Tokenizer.from_folder(folder) for m, folder in served.items()}
+    contexts = {m: ModelConfig.from_folder(folder).max_position_embeddings for m, folder in served.items()}
     timings = InstanceTimings({m: profile.models[m] for m in served}, profile.h2d_gbps)
     cut = args.duration * (1 + DRAIN_FACTOR)
     points = []
@@ -196,21 +198,33 @@ def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, pro
         workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
                                   args.max_output_tokens)
         trace = make_trace(workload, pairs, count_tokens)
-        requests = {r.request_id: SimRequest(r.request_id, r.model, r.arrival_s,
-                                             len(tokenizers[r.model].encode(r.prompt)), r.max_tokens)
-                    for r in trace if r.model in served}
+        requests = {r.request_id: sim for r in trace if r.model in served
+                    for sim in [sim_request(r, len(tokenizers[r.model].encode(r.prompt)), contexts[r.model])]
+                    if sim is not None}
         sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, list(served))
         sim.run(list(requests.values()))
         results = []
         for r in trace:
             seq = requests.get(r.request_id)
             times = [t for t in seq.token_times if t <= cut] if seq else []
-            finished = seq is not None and len(times) == r.max_tokens
+            finished = seq is not None and len(times) == seq.max_tokens
             results.append(RequestResult(r.arrival_s, times, finished))
         points.append(summarize(rate, results, slo))
         print(f"[{policy}] simulated rate {rate:g}/s per model: attainment {points[-1].attainment:.1%}",
               file=sys.stderr, flush=True)
     return points
+
+
+def sim_request(request: TraceRequest, prompt_len: int, context: int):
+    """The request as the simulator runs it, judged as the live engine judges it: None if its
+    prompt leaves no room in the model's context (live refuses it: it scores 0), and its output
+    cut where the context ends (live stops there and calls it finished)."""
+    from tokenpool.bench.simulator import SimRequest
+
+    if prompt_len >= context:
+        return None
+    return SimRequest(request.request_id, request.model, request.arrival_s, prompt_len,
+                      min(request.max_tokens, context - prompt_len))
 
 
 def _scaled_slo(stack) -> SLO:

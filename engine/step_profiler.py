@@ -25,8 +25,9 @@ from .step_time_model import PrefillTimeModel, ProfileCache, StepTimeModel, Timi
 log = logging.getLogger(__name__)
 
 PREFILL_LENGTHS = (16, 64, 192)
-DECODE_SHAPES = ((1, 16), (1, 128), (4, 64), (8, 16), (8, 128))  # (batch size, prompt length)
-DECODE_STEPS = 3
+DECODE_SHAPES = ((1, 16), (1, 128), (2, 64), (4, 64), (8, 16), (8, 128))  # (batch size, prompt length)
+DECODE_STEPS = 8  # timed, after one untimed step (the first decode step after a prefill runs slow)
+PROFILE_METHOD = 2  # part of the cache key: profiles measured by an older method are measured again
 COPY_PROBE_BYTES = 64 << 20
 
 
@@ -52,7 +53,8 @@ def profile_key(engine: MultiModelEngine, model_id: str) -> str:
                             heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                             ffn=c.intermediate_size, vocab=c.vocab_size, dtype=str(model.profile.dtype),
                             block=ec.block_size, threads=torch.get_num_threads(), device=ec.device,
-                            backend=ec.attention_backend, torch=torch.__version__)
+                            backend=ec.attention_backend, torch=torch.__version__,
+                            method=PROFILE_METHOD)
 
 
 def profile_model(engine: MultiModelEngine, model_id: str) -> TimingProfile:
@@ -62,7 +64,7 @@ def profile_model(engine: MultiModelEngine, model_id: str) -> TimingProfile:
     engine.switch_to(model_id)
     limit = _fitting_tokens(engine, model_id)
     prefill = [(n, _time_prefill(engine, model_id, n)) for n in PREFILL_LENGTHS if n + 2 <= limit]
-    decode = [sample for batch, length in DECODE_SHAPES if batch * (length + DECODE_STEPS + 2) <= limit
+    decode = [sample for batch, length in DECODE_SHAPES if batch * (length + DECODE_STEPS + 3) <= limit
               for sample in _time_decode(engine, model_id, batch, length)]
     return TimingProfile(decode=StepTimeModel.fit(decode), prefill=PrefillTimeModel.fit(prefill),
                          weight_bytes=engine.models[model_id].profile.nbytes)
@@ -110,9 +112,10 @@ def _time_prefill(engine: MultiModelEngine, model_id: str, length: int) -> float
 
 
 def _time_decode(engine: MultiModelEngine, model_id: str, batch: int, length: int) -> list:
-    seqs = _requests(engine, model_id, batch, length, max_tokens=DECODE_STEPS + 2)
+    seqs = _requests(engine, model_id, batch, length, max_tokens=DECODE_STEPS + 3)
     while any(s.num_output_tokens == 0 for s in seqs):  # prefill every prompt first
         engine.step(model_id)
+    engine.step(model_id)
     times = []
     for _ in range(DECODE_STEPS):
         sum_len = sum(s.num_tokens for s in seqs)

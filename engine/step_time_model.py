@@ -37,7 +37,8 @@ class StepTimeModel(msgspec.Struct, frozen=True):
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, int, float]]) -> StepTimeModel:
-        """Least squares over (sum_seq_len, batch_size, seconds) samples; every coefficient >= 0."""
+        """Least squares of the relative error over (sum_seq_len, batch_size, seconds) samples;
+        every coefficient >= 0."""
         rows = _checked(samples, width=3, min_samples=3, names=("sum_seq_len", "batch_size"))
         a, b, c = _fit_nonnegative(rows)
         return cls(a=a, b=b, c=c)
@@ -54,7 +55,7 @@ class PrefillTimeModel(msgspec.Struct, frozen=True):
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, float]]) -> PrefillTimeModel:
-        """Least squares over (num_tokens, seconds) samples; every coefficient >= 0."""
+        """Least squares of the relative error over (num_tokens, seconds) samples; every coefficient >= 0."""
         rows = _checked(samples, width=2, min_samples=2, names=("num_tokens",))
         a, b = _fit_nonnegative(rows)
         return cls(a=a, b=b)
@@ -84,14 +85,17 @@ def _checked(samples: Sequence[tuple], width: int, min_samples: int, names: tupl
 
 
 def _fit_nonnegative(rows: np.ndarray) -> list[float]:
-    """Non-negative least squares for y = x0 + x1*col0 + ..., with rows = [inputs..., y].
+    """Non-negative least squares for y = x0 + x1*col0 + ..., with rows = [inputs..., y], of the
+    relative error (each row weighted 1/y): a one-sequence step is predicted as closely as an
+    eight-sequence one, instead of the long steps' absolute errors deciding the fit.
 
     With at most three terms, trying every subset of terms and keeping the best fit whose
     coefficients are all >= 0 is exact NNLS: a term that would go negative is dropped and
     the rest refitted, instead of clipping it and leaving the others biased.
     """
-    design = np.column_stack([np.ones(len(rows)), rows[:, :-1]])
-    y = rows[:, -1]
+    weight = 1.0 / rows[:, -1]
+    design = np.column_stack([np.ones(len(rows)), rows[:, :-1]]) * weight[:, None]
+    y = np.ones(len(rows))  # rows[:, -1] * weight
     num_terms = design.shape[1]
     best, best_residual = [0.0] * num_terms, float(np.sum(y * y))
     for size in range(1, num_terms + 1):

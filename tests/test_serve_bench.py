@@ -7,6 +7,8 @@ import json
 
 import pytest
 from tokenpool.bench import serve_bench
+from tokenpool.bench.serve_bench import sim_request
+from tokenpool.bench.workload import TraceRequest
 from tokenpool.cli.main import main
 from tokenpool.engine.step_profiler import InstanceTimings
 
@@ -75,3 +77,12 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     gap = abs(simulated[0]["attainment"] - result["points"][0]["attainment"]) * 100
     assert result["sim_gap_pp"] == pytest.approx(gap)
     assert report["sim_profile"]["file"] == str(profile)
+
+
+def test_the_simulator_judges_a_request_against_the_context_as_the_engine_does():
+    request = TraceRequest(arrival_s=1.5, model="m", prompt="...", max_tokens=64, request_id="r1")
+    assert sim_request(request, prompt_len=512, context=512) is None  # live refuses it: scores 0
+    assert sim_request(request, prompt_len=600, context=512) is None
+    cut = sim_request(request, prompt_len=500, context=512)
+    assert (cut.prompt_tokens, cut.max_tokens, cut.arrival_s) == (500, 12, 1.5)  # stops at the context
+    assert sim_request(request, prompt_len=100, context=512).max_tokens == 64

@@ -32,6 +32,16 @@ def test_step_fit_recovers_exact_coefficients():
     assert m.predict(1000, 4) == pytest.approx(0.01 + 2e-3 + 1.2e-3, rel=1e-6)
 
 
+def test_step_fit_weighs_short_steps_by_relative_error():
+    # Steps that grow less than linearly with the batch (as on a CPU): a one-sequence step must
+    # not be predicted 40% long because the eight-sequence steps' absolute errors dominate.
+    samples = [(17, 1, 0.068), (129, 1, 0.069), (130, 2, 0.099), (260, 4, 0.158), (136, 8, 0.170),
+               (1032, 8, 0.189)] * 3
+    m = StepTimeModel.fit(samples)
+    for seq, batch, seconds in samples:
+        assert m.predict(seq, batch) == pytest.approx(seconds, rel=0.10 if batch == 1 else 0.25)
+
+
 def test_step_fit_with_noise_is_close():
     m = StepTimeModel.fit(_step_samples(0.01, 2e-6, 3e-4, noise=0.01, n=400))
     assert m.a == pytest.approx(0.01, rel=0.1)
@@ -51,10 +61,10 @@ def test_step_fit_clamps_negative_term_and_refits():
     m = StepTimeModel.fit(samples)
     assert min(m.a, m.b, m.c) >= 0
     assert m.c == 0.0
-    assert m.b == pytest.approx(1e-4, rel=1e-6)
+    assert m.b == pytest.approx(1e-4, rel=0.05)
 
-    def sse(coef):
-        return float(np.sum((design @ coef - times) ** 2))
+    def sse(coef):  # what the fit minimises: the squared relative error
+        return float(np.sum(((design @ coef - times) / times) ** 2))
 
     # Refitted without c, not just clipped: strictly better than zeroing c in the free fit.
     assert sse(np.array([m.a, m.b, m.c])) < sse(np.array([free[0], free[1], 0.0])) * 0.5
