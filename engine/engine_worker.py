@@ -153,7 +153,7 @@ class EngineWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._run_posted(block=not self.engine.has_unfinished())
+                self._run_posted(block=not (self.engine.has_unfinished() or self.policy.has_waiting()))
                 self._run_turn()
             except Exception:  # a bug in a callback must not silently stop the instance
                 log.exception("engine worker %s: unexpected error; serving on", self._thread.name)

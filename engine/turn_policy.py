@@ -48,6 +48,11 @@ class TurnPolicy(ABC):
     def run_turn(self, runner: TurnRunner) -> bool:
         """Serve one turn; False when no model had work."""
 
+    def has_waiting(self) -> bool:
+        """Work the policy holds outside the engine, to start in a coming turn (a prefill queue):
+        while there is some, the worker must not sit idle waiting for posted calls."""
+        return False
+
 
 class RoundRobinTurns(TurnPolicy):
     """Every model with work in turn, `steps` steps each (plain co-location on a decode instance)."""

@@ -39,6 +39,9 @@ class GroupedFcfsTurns(TurnPolicy):
             runner.step(model)
         return True
 
+    def has_waiting(self) -> bool:
+        return len(self.queue) > 0
+
     def _start_next(self) -> str | None:
         while (head := self.queue.pop_next()) is not None:
             request_id, model = head

@@ -97,3 +97,53 @@ def test_an_error_in_a_callback_does_not_stop_the_worker():
         assert worker.call(lambda e: "alive", timeout=5) == "alive"
     finally:
         worker.close()
+
+
+def test_work_a_policy_holds_outside_the_engine_starts_without_waiting_for_a_post(monkeypatch):
+    # A prefill queue holds its requests until their turn: the engine has nothing unfinished
+    # between two of them. The worker must go straight on to the next turn, not sit in the
+    # idle wait for a posted call (it did: 0.5 s lost after every prefill).
+    from tokenpool.engine import engine_worker
+
+    monkeypatch.setattr(engine_worker, "IDLE_WAIT_S", 30.0)
+    engine = FakeEngine({"a": 0})
+    started = []
+
+    class QueuedStarts(RoundRobinTurns):
+        def __init__(self, queued: int) -> None:
+            super().__init__()
+            self.queued = queued
+
+        def run_turn(self, runner):
+            if not runner.models_with_work() and self.queued:
+                self.queued -= 1
+                engine.work["a"] = 1  # the head of the queue goes into the engine
+                started.append(time.monotonic())
+            return super().run_turn(runner)
+
+        def has_waiting(self):
+            return self.queued > 0
+
+    outputs = []
+    worker = EngineWorker(engine, QueuedStarts(5), lambda m, o: outputs.append(o), lambda m, e: None)
+    try:
+        worker.post(lambda e: None)  # wake the idle worker once
+        deadline = time.monotonic() + 10
+        while len(outputs) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(outputs) == 5, f"{len(outputs)} of 5 queued requests ran in 10 s"
+    finally:
+        worker.close()
+
+
+def test_a_prefill_instance_reports_its_queue_as_waiting_work():
+    from tokenpool.prefill_svc.prefill_scheduler import PrefillQueue
+    from tokenpool.prefill_svc.prefill_turns import GroupedFcfsTurns
+
+    queue = PrefillQueue()
+    turns = GroupedFcfsTurns(queue, start=lambda request_id: True)
+    assert not turns.has_waiting()
+    queue.add("r1", "a", 0.01)
+    assert turns.has_waiting()
+    queue.pop_next()
+    assert not turns.has_waiting()
