@@ -27,6 +27,7 @@ from tokenpool.cli.service_process import EXIT_WITH_PARENT
 from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
 from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.turn_policy import check_policy
+from tokenpool.kvtransfer.lease import DEFAULT_LEASE_S
 
 START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB
 STOP_TIMEOUT_S = 15.0
@@ -53,6 +54,7 @@ class StackConfig:
       decode instances on node 1.
     kv_streaming: prefill instances stream each layer's KV out while later layers compute.
     kv_stall_s: (nodes 2) a cross-node transfer without progress this long is failed and freed.
+    kv_lease_s: a handed-off KV handle whose receiver stops renewing it is freed after this long.
     tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
       bearer token (cli/server_security.py); internal services stay on loopback without them.
     """
@@ -75,6 +77,7 @@ class StackConfig:
     nodes: int = 1
     kv_streaming: bool = True
     kv_stall_s: float = 30.0
+    kv_lease_s: float = DEFAULT_LEASE_S
     tls_cert: Path | None = None  # the proxy's public port: TLS certificate chain and key (PEM)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
@@ -218,7 +221,7 @@ class Stack:
         models = [f"--model={m}={f}" for m, f in c.models.items()]
         if role == "kvtransfer":
             return ["--name", name, "--listen", f"{c.host}:0", "--pool-mib", str(c.pool_mib),
-                    *self._cross_node_args(name)]
+                    "--lease-s", str(c.kv_lease_s), *self._cross_node_args(name)]
         if role == "proxy":
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
             return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,

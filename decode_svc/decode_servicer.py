@@ -7,7 +7,9 @@ round-robin (the Aegaeon weighted round-robin plugs in there later); each step's
 go back on the request's stream, several steps coalesced into one chunk when the client
 reads slower than the engine produces.
 
-    Decode RPC -> fetch(handle) -> post(adopt) -> release(handle) -> chunks ... -> last chunk
+    Decode RPC -> hold(handle) -> fetch(handle) -> post(adopt) -> release(handle) -> chunks ... -> last chunk
+    (a held handle's lease is renewed at its agent every RENEW_INTERVAL_S, kvtransfer/lease.py;
+    if this process dies holding it, the agent frees the blocks when the lease runs out)
     client gone / Cancel RPC -> post(abort): frees device blocks and pool blocks
 """
 
@@ -25,6 +27,7 @@ from tokenpool.engine.slab_allocator import KVPoolFullError
 from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.engine.turn_policy import RoundRobinTurns, TurnPolicy
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_from_pb
+from tokenpool.kvtransfer.lease import LeaseRenewer
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
@@ -63,6 +66,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         self.turns = TurnTracer("decode.turn") if tracing.enabled() else None
         observers = tuple(o for o in (metrics, self.turns) if o is not None)
         self.worker = EngineWorker(engine, self.policy, self._on_output, self._on_failure, name, observers)
+        self.leases = LeaseRenewer(lambda ids: asyncio.to_thread(transport.renew, ids))
         if metrics is not None:
             metrics.bind(self.worker, _queued_by_model, self._last_round)
 
@@ -118,6 +122,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         return status
 
     def close(self) -> None:
+        self.leases.close()
         self.worker.close()
 
     def _last_round(self) -> tuple[float, dict[str, float]] | None:
@@ -137,6 +142,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {exc}")
         stream = _Stream(request.model, asyncio.get_running_loop(), trace=trace)
+        self.leases.hold(handle.handle_id)  # renewed until released, so the agent keeps the blocks
         try:
             await asyncio.wrap_future(self.worker.post(lambda e: self._accept(e, request, handle, stream)))
         except (InvalidRequestError, ValueError) as exc:
@@ -149,7 +155,13 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
             self.worker.post(lambda e: self._abort(e, request.request_id))
             raise
         finally:
-            await asyncio.to_thread(self.transport.release, handle)  # in this context: traced under it
+            self.leases.let_go(handle.handle_id)
+            released = await asyncio.to_thread(self.transport.release, handle)  # traced under this span
+        if not released:  # reclaimed while held (this process hung past the lease, or the proxy gave
+            # up on the request): the blocks may have held another request's KV while they were copied
+            self.worker.post(lambda e: self._abort(e, request.request_id))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name}: the KV handle "
+                                f"{handle.handle_id} was reclaimed before it was adopted (lease ran out)")
         return stream
 
     @staticmethod

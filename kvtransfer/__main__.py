@@ -1,7 +1,7 @@
 """`python -m tokenpool.kvtransfer`: the node's KV transfer agent as a service process.
 
     python -m tokenpool.kvtransfer --listen 127.0.0.1:0 --pool-mib 256 --slab-mib 4 \\
-        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300] \\
+        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300] [--lease-s 10] \\
         [--nixl [--allow-peer kvtransfer-1 ...] [--stall-s 30]]
 
 Creates the host KV pool file, serves tokenpool.internal.v1.KVTransfer (with health and
@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokenpool.cli.service_process import add_metrics_arg
+
+from .lease import DEFAULT_LEASE_S, MIN_LEASE_S, RENEW_INTERVAL_S
 
 STOP_GRACE_S = 1.0  # KVTransfer calls are short; in-flight ones get this long to finish
 
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write {name, address, pid, pool} here as JSON once serving (else print a line)")
     p.add_argument("--handle-ttl-s", type=_positive(float), default=300.0,
                    help="seconds after which an unreleased handle's blocks are reclaimed")
+    p.add_argument("--lease-s", type=_positive(float), default=DEFAULT_LEASE_S,
+                   help="a handed-off handle whose receiver stops renewing it is freed after this long "
+                        f"(at least {MIN_LEASE_S:g} s)")
     p.add_argument("--nixl", action="store_true",
                    help="serve cross-node transfers: register the pool with a NIXL (UCX) agent named --name")
     p.add_argument("--allow-peer", action="append", default=None, metavar="NAME",
@@ -71,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lease_s < MIN_LEASE_S:
+        parser.error(f"--lease-s {args.lease_s:g}: at least {MIN_LEASE_S:g} s (receivers renew every "
+                     f"{RENEW_INTERVAL_S:g} s)")
     if args.slab_mib > args.pool_mib:
         parser.error(f"--slab-mib {args.slab_mib} exceeds --pool-mib {args.pool_mib}: "
                      f"the pool holds whole slabs")
@@ -92,7 +100,8 @@ async def serve(args: argparse.Namespace) -> None:
     registry = CollectorRegistry()
     allowed = frozenset(args.allow_peer) if args.allow_peer else None
     agent = KVTransferAgent(args.pool_mib << 20, slab_bytes=args.slab_mib << 20,
-                            handle_ttl_s=args.handle_ttl_s, metrics=AgentMetrics(registry), name=args.name,
+                            handle_ttl_s=args.handle_ttl_s, lease_s=args.lease_s, metrics=AgentMetrics(registry),
+                            name=args.name,
                             nixl=args.nixl, allowed_peers=allowed, max_peers=args.max_peers,
                             stall_s=args.stall_s, transfer_timeout_s=min(10.0, args.stall_s / 2))
     try:

@@ -6,10 +6,14 @@
     MarkReady(handle, num_tokens)  ---->  HandleBook.mark_ready
                  the handle travels prefill -> proxy -> decode  --------->  Describe once, map the file
                                                                             read the blocks
+                                          HandleBook.renew    <----------  Renew(held handles),
+                                                                            lease.py's heartbeat
                                           HandleBook.release  <----------  Release(handle)
 
-Only offsets cross gRPC; KV bytes move through the shared file. A handle nobody releases within
-its ttl (its instance crashed) is reclaimed by a periodic sweep, so the pool cannot leak forever.
+Only offsets cross gRPC; KV bytes move through the shared file. A ready handle is leased to its
+receiver: when nobody renews it within the lease (the decode instance died, or the request never
+reached one), a periodic sweep frees its blocks. A handle nobody marks ready or releases within its
+ttl (its prefill instance crashed) is reclaimed by the same sweep, so the pool cannot leak forever.
 With a NIXL data plane (nixl=True) the agent also moves KV to other nodes' agents: Allocate with a
 destination, Push, and MarkReady answering the destination's handle (cross_node.py).
 """
@@ -20,7 +24,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -32,12 +36,14 @@ from tokenpool.telemetry import tracing
 
 from .cross_node import DEFAULT_MAX_PEERS, DEFAULT_STALL_S, CrossNode, CrossNodeError
 from .handle import KVHandleInfo, handle_to_pb, shape_from_pb
+from .lease import DEFAULT_LEASE_S, MIN_LEASE_S, RENEW_INTERVAL_S
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = ipb.DESCRIPTOR.services_by_name["KVTransfer"].full_name  # tokenpool.internal.v1.KVTransfer
 DEFAULT_HANDLE_TTL_S = 300.0
 MAX_SWEEP_INTERVAL_S = 10.0
+MAX_RENEW_IDS = 4096
 
 
 class UnknownHandleError(LookupError):
@@ -52,6 +58,7 @@ class _Entry:
     ready: bool = False
     stall_s: float | None = None  # cross-node: reclaimed when not ready and untouched this long
     stall_deadline: float = float("inf")
+    lease_deadline: float = float("inf")  # once ready: reclaimed when not renewed by then
 
 
 @dataclass(frozen=True)
@@ -61,19 +68,25 @@ class BookStats:
 
 
 class HandleBook:
-    """The agent's handles over a HostKVPool: allocate, mark ready, release, reclaim after a ttl.
+    """The agent's handles over a HostKVPool: allocate, mark ready, renew, release, reclaim.
 
-    A handle's ttl runs from its allocation; marking it ready does not extend it. A handle
-    allocated with stall_s (a cross-node transfer) is also reclaimed when it is not ready and
-    nothing touch()ed it for stall_s. Not thread-safe: the agent calls it from its event loop only.
+    A handle's ttl runs from its allocation; marking it ready does not extend it. Marking it
+    ready also starts its lease: renew() (the receiver's heartbeat) extends it to lease_s from
+    now, and a ready handle not renewed in time is reclaimed. A handle allocated with stall_s (a
+    cross-node transfer) is also reclaimed when it is not ready and nothing touch()ed it for
+    stall_s. Not thread-safe: the agent calls it from its event loop only.
     """
 
     def __init__(self, pool: HostKVPool, ttl_s: float = DEFAULT_HANDLE_TTL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, lease_s: float = DEFAULT_LEASE_S) -> None:
         if not ttl_s > 0:
             raise ValueError(f"handle ttl must be positive seconds, got {ttl_s!r}")
+        if not lease_s >= MIN_LEASE_S:
+            raise ValueError(f"lease must be at least {MIN_LEASE_S:g} s (receivers renew every "
+                             f"{RENEW_INTERVAL_S:g} s), got {lease_s!r}")
         self.pool = pool
         self.ttl_s = ttl_s
+        self.lease_s = lease_s
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self.agent_address = ""  # the owning agent's control address, stamped on handles once known
@@ -115,7 +128,21 @@ class HandleBook:
                              f"blocks of {info.shape.block_size} tokens hold ({info.capacity_tokens})")
         entry.info = replace(info, num_tokens=num_tokens)
         entry.ready = True
+        entry.lease_deadline = self._clock() + self.lease_s
         return entry.info
+
+    def renew(self, handle_ids: Sequence[str]) -> list[str]:
+        """The receiver's heartbeat: each live ready handle is held lease_s from now -> the ids
+        that are not live (the receiver must not read them). A handle not yet ready is left as
+        it is (its sender still writes it; the ttl covers it)."""
+        now, unknown = self._clock(), []
+        for handle_id in handle_ids:
+            entry = self._entries.get(handle_id)
+            if entry is None:
+                unknown.append(handle_id)
+            elif entry.ready:
+                entry.lease_deadline = now + self.lease_s
+        return unknown
 
     def release(self, handle_id: str) -> int:
         """Free the handle's blocks -> how many; UnknownHandleError for an id not live."""
@@ -132,13 +159,17 @@ class HandleBook:
         return sum(self.release(h) for h in ids)
 
     def reclaim_expired(self) -> list[str]:
-        """Release every handle past its ttl (a warning each, naming its request) -> their ids."""
+        """Release every handle past its ttl or lease (a warning each, naming its request) -> their ids."""
         now = self._clock()
-        expired = [e for e in self._entries.values()
-                   if e.deadline <= now or (not e.ready and e.stall_deadline <= now)]
+        expired = [e for e in self._entries.values() if e.deadline <= now or e.lease_deadline <= now
+                   or (not e.ready and e.stall_deadline <= now)]
         for entry in expired:
             self.release(entry.info.handle_id)
-            if entry.deadline <= now:
+            if entry.lease_deadline <= now:
+                logger.warning("reclaimed KV handle %s of request %r: its lease ran out (not renewed for "
+                               "%.1f s: the receiver is gone; %d blocks)", entry.info.handle_id,
+                               entry.request_id, self.lease_s, entry.info.num_blocks)
+            elif entry.deadline <= now:
                 logger.warning("reclaimed KV handle %s of request %r: not released within %.0f s (%d blocks, "
                                "%s)", entry.info.handle_id, entry.request_id, self.ttl_s,
                                entry.info.num_blocks,
@@ -177,7 +208,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
     """
 
     def __init__(self, pool_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
-                 handle_ttl_s: float = DEFAULT_HANDLE_TTL_S, sweep_interval_s: float | None = None,
+                 handle_ttl_s: float = DEFAULT_HANDLE_TTL_S, lease_s: float = DEFAULT_LEASE_S,
+                 sweep_interval_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic, metrics=None, name: str = "kvtransfer-0",
                  nixl: bool = False, allowed_peers: frozenset[str] | None = None,
                  max_peers: int = DEFAULT_MAX_PEERS, stall_s: float = DEFAULT_STALL_S,
@@ -190,13 +222,14 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
             raise ValueError(f"sweep_interval_s must be positive seconds, got {sweep_interval_s!r}")
         self.pool = _shared_pool(pool_bytes, slab_bytes)
         try:
-            self.book = HandleBook(self.pool, handle_ttl_s, clock)
+            self.book = HandleBook(self.pool, handle_ttl_s, clock, lease_s)
             self.cross = _cross_node(self.book, self.pool, name, allowed_peers, max_peers, stall_s,
                                      transfer_timeout_s) if nixl else None
         except BaseException:
             self.pool.close()  # a bad ttl must not leave a pool file behind
             raise
-        interval = min(handle_ttl_s / 4, MAX_SWEEP_INTERVAL_S, stall_s / 4 if nixl else MAX_SWEEP_INTERVAL_S)
+        interval = min(handle_ttl_s / 4, lease_s / 4, MAX_SWEEP_INTERVAL_S,
+                       stall_s / 4 if nixl else MAX_SWEEP_INTERVAL_S)
         self.sweep_interval_s = sweep_interval_s or interval
         self._sweeper: asyncio.Task | None = None
         self.metrics = metrics
@@ -289,6 +322,14 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
                 self.metrics.releases.inc()
             return ipb.ReleaseResponse(num_blocks=blocks)
         return await _answer(context, release)
+
+    async def Renew(self, request, context):
+        def renew() -> ipb.RenewResponse:
+            if len(request.handle_ids) > MAX_RENEW_IDS:
+                raise ValueError(f"renew at most {MAX_RENEW_IDS} handles a call, got {len(request.handle_ids)}")
+            return ipb.RenewResponse(unknown_handle_ids=self.book.renew(request.handle_ids),
+                                     lease_s=self.book.lease_s)
+        return await _answer(context, renew)
 
     async def ReleaseAll(self, request, context):
         def release_all() -> ipb.ReleaseResponse:

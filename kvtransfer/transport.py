@@ -72,9 +72,14 @@ class KVTransport(ABC):
         handle whose offsets do not lie in the pool."""
 
     @abstractmethod
-    def release(self, handle: KVHandleInfo) -> None:
-        """Free the handle's blocks. A handle the agent no longer knows (already released or reclaimed)
-        is not an error."""
+    def release(self, handle: KVHandleInfo) -> bool:
+        """Free the handle's blocks -> False if the agent no longer knew it (already released, or
+        reclaimed when its lease ran out: views fetched from it may have been overwritten since)."""
+
+    @abstractmethod
+    def renew(self, handle_ids: Sequence[str]) -> list[str]:
+        """The receiver's heartbeat: hold these handles another lease -> the ids the agent no longer
+        knows (released or reclaimed)."""
 
     def close(self) -> None:  # noqa: B027 - a transport without connections has nothing to close
         """Drop connections and mappings; views already fetched stay readable."""
@@ -154,14 +159,20 @@ class NodeLocalTransport(KVTransport):
                                   grpc.StatusCode.FAILED_PRECONDITION)
         return self._views(handle)
 
-    def release(self, handle: KVHandleInfo) -> None:
+    def release(self, handle: KVHandleInfo) -> bool:
         if handle.agent and handle.agent != self.agent_address:
-            return  # not this node's: the proxy's clean-up releases it there
+            return True  # not this node's (never fetched here): the proxy's clean-up releases it there
         try:
             self._call("Release", ipb.KVHandle(handle_id=handle.handle_id))
         except KVTransferError as exc:
             if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
+            return False
+        return True
+
+    def renew(self, handle_ids: Sequence[str]) -> list[str]:
+        reply = self._call("Renew", ipb.RenewRequest(handle_ids=handle_ids))
+        return list(reply.unknown_handle_ids)
 
     def close(self) -> None:
         self._channel.close()

@@ -197,6 +197,20 @@ class ReleaseResponse(_message.Message):
     num_blocks: int
     def __init__(self, num_blocks: _Optional[int] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("handle_ids",)
+    HANDLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    handle_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, handle_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("unknown_handle_ids", "lease_s")
+    UNKNOWN_HANDLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    unknown_handle_ids: _containers.RepeatedScalarFieldContainer[str]
+    lease_s: float
+    def __init__(self, unknown_handle_ids: _Optional[_Iterable[str]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -360,6 +360,11 @@ class KVTransferStub:
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/tokenpool.internal.v1.KVTransfer/Renew',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -425,6 +430,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Renew is the receiver's heartbeat: a ready handle is leased, and its blocks go back to the
+        pool when nobody renews it within the lease (the receiver died or never came).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -467,6 +480,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -686,6 +704,33 @@ class KVTransfer:
             '/tokenpool.internal.v1.KVTransfer/Push',
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushRequest.SerializeToString,
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.KVTransfer/Renew',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
