@@ -109,14 +109,15 @@ import asyncio, sys
 from tokenpool.kvtransfer.lease import LeaseRenewer
 from tokenpool.kvtransfer.transport import NodeLocalTransport
 
-async def main(address, handle_id):
+async def main(address):
     transport = NodeLocalTransport(address)
     renewer = LeaseRenewer(lambda ids: asyncio.to_thread(transport.renew, ids))
-    renewer.hold(handle_id)
+    print("ready", flush=True)
+    renewer.hold(sys.stdin.readline().strip())
     print("holding", flush=True)
     await asyncio.sleep(3600)
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+asyncio.run(main(sys.argv[1]))
 """
 
 
@@ -139,11 +140,14 @@ def test_a_receiver_killed_while_holding_kv_gives_the_blocks_back_within_the_lea
     proc, ready = start_agent(tmp_path / "ready.json", "--lease-s", str(LEASE_S))
     receiver = None
     try:
+        receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ready["address"]],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert receiver.stdout.readline().strip() == "ready"  # imported and connected
         with NodeLocalTransport(ready["address"]) as sender:
             held = sender.publish("req-held", SHAPE, random_blocks(SHAPE, 3, seed=1), num_tokens=40)
             sender.publish("req-unclaimed", SHAPE, random_blocks(SHAPE, 2, seed=2), num_tokens=20)
-        receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ready["address"], held.handle_id],
-                                    stdout=subprocess.PIPE, text=True)
+        receiver.stdin.write(held.handle_id + "\n")
+        receiver.stdin.flush()
         assert receiver.stdout.readline().strip() == "holding"
         time.sleep(2.5 * LEASE_S)  # the receiver's heartbeats hold its handle; nobody holds the other
         stats = _stats(ready["address"])
