@@ -64,10 +64,12 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     from tokenpool.protos.internal.v1 import instances_pb2_grpc
     from tokenpool.telemetry.instance_metrics import InstanceMetrics
 
+    from . import internal_token
     from .service_process import announce_ready, start_grpc_server, wait_for_signal
 
     if not args.drain_s >= 0:
         raise ValueError(f"--drain-s must be >= 0 seconds, got {args.drain_s!r}")
+    internal_token.check_listen(args.listen)
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
     engine = build_engine(args, parse_models(args.model))
@@ -85,7 +87,8 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
     try:
         server = await start_grpc_server(args.listen, [(add, servicer)], [service],
-                                         metrics_port=args.metrics_port, registry=registry)
+                                         metrics_port=args.metrics_port, registry=registry,
+                                         security=internal_token.server_security())
         announce_ready(args.ready_file, args.name, server.address, role=role, models=sorted(engine.models),
                        metrics=server.metrics_address)
         await stop

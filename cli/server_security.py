@@ -47,7 +47,7 @@ class ServerSecurity:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         token = None
         if args.auth_token_file is not None:
-            token = _first_line(args.auth_token_file, "--auth-token-file")
+            token = first_line(args.auth_token_file, "--auth-token-file")
             if not token or len(token) > MAX_TOKEN_BYTES:
                 raise ValueError(f"--auth-token-file {args.auth_token_file}: the first line must hold a "
                                  f"token of 1 to {MAX_TOKEN_BYTES} characters")
@@ -66,7 +66,7 @@ class ServerSecurity:
         return [BearerTokenGuard(self.token)] if self.token else []
 
 
-def _first_line(path: Path, flag: str) -> str:
+def first_line(path: Path, flag: str) -> str:
     """A token file's token: its first line, stripped ("" for an empty file)."""
     lines = _read(path, flag).decode("utf-8", "replace").splitlines()
     return lines[0].strip() if lines else ""
@@ -146,7 +146,7 @@ def client_channel(address: str, args) -> grpc.Channel:
 def client_metadata(args) -> list[tuple[str, str]]:
     if args.token_file is None:
         return []
-    token = _first_line(args.token_file, "--token-file")
+    token = first_line(args.token_file, "--token-file")
     if not token:
         raise ValueError(f"--token-file {args.token_file}: the first line must hold the token")
     return [("authorization", f"Bearer {token}")]

@@ -33,13 +33,17 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_stack(path: Path) -> None:
+    from .internal_token import read_token
+
     info = json.loads(path.read_text())
     print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
+    token_file = info.get("internal_token_file")
+    metadata = (("authorization", f"Bearer {read_token(Path(token_file))}"),) if token_file else ()
     for service in info["services"]:
-        print(f"  {service['name']:14} {service['address']:22} {_describe(service)}")
+        print(f"  {service['name']:14} {service['address']:22} {_describe(service, metadata)}")
 
 
-def _describe(service: dict) -> str:
+def _describe(service: dict, metadata: tuple = ()) -> str:
     import grpc
     from tokenpool.protos.internal.v1 import instances_pb2 as ipb
     from tokenpool.protos.internal.v1 import instances_pb2_grpc as rpc
@@ -53,10 +57,10 @@ def _describe(service: dict) -> str:
         with grpc.insecure_channel(service["address"]) as channel:
             stub = stub_class[kind](channel)
             if kind == "kvtransfer":
-                s = stub.Stats(ipb.StatsRequest(), timeout=STATUS_TIMEOUT_S)
+                s = stub.Stats(ipb.StatsRequest(), timeout=STATUS_TIMEOUT_S, metadata=metadata)
                 return (f"hand-off pool {s.used_bytes / 2**20:.1f}/{s.capacity_bytes / 2**20:.0f} MiB, "
                         f"{s.handles} handles")
-            s = stub.Status(ipb.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+            s = stub.Status(ipb.StatusRequest(), timeout=STATUS_TIMEOUT_S, metadata=metadata)
     except grpc.RpcError as exc:
         return f"unreachable ({exc.code().name})"
     per_model = ", ".join(f"{m} {n}" for m, n in sorted(s.requests_by_model.items())) or "none"

@@ -24,7 +24,7 @@ from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
                "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
-               "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+               "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -63,6 +63,9 @@ def add_parser(commands) -> None:
                    help="mutual TLS: clients need a certificate this CA signed")
     p.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
                    help="clients need 'authorization: Bearer <the file's first line>' (health exempt)")
+    p.add_argument("--internal-token", dest="internal_token", action=argparse.BooleanOptionalAction,
+                   default=None, help="services authenticate each other with a random token made for this "
+                   "stack (always on when --host is not loopback)")
     p.set_defaults(run=run)
 
 

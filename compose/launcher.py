@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from tokenpool.cli.service_process import EXIT_WITH_PARENT
 from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
 from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.turn_policy import check_policy
+from tokenpool.cli.internal_token import ENV as INTERNAL_TOKEN_ENV
+from tokenpool.cli.internal_token import is_loopback
 from tokenpool.kvtransfer.lease import DEFAULT_LEASE_S
 
 START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB
@@ -55,6 +58,9 @@ class StackConfig:
     kv_streaming: prefill instances stream each layer's KV out while later layers compute.
     kv_stall_s: (nodes 2) a cross-node transfer without progress this long is failed and freed.
     kv_lease_s: a handed-off KV handle whose receiver stops renewing it is freed after this long.
+    internal_token: services authenticate each other with a random token (cli/internal_token.py),
+      written 0600 in the node's private folder for the stack's life; always on when host is not
+      loopback (internal services then listen there too).
     tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
       bearer token (cli/server_security.py); internal services stay on loopback without them.
     """
@@ -78,6 +84,7 @@ class StackConfig:
     kv_streaming: bool = True
     kv_stall_s: float = 30.0
     kv_lease_s: float = DEFAULT_LEASE_S
+    internal_token: bool = False
     tls_cert: Path | None = None  # the proxy's public port: TLS certificate chain and key (PEM)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
@@ -142,6 +149,7 @@ class Stack:
         self.services: list[Service] = []
         self.agents: list[str] = []  # each node's kvtransfer agent, node 0 first
         self.stack_file = private_dir(shm_root()) / f"{self.name}.stack.json"
+        self.token_file: Path | None = None  # the internal token, while the stack runs
 
     @property
     def address(self) -> str:
@@ -150,6 +158,8 @@ class Stack:
     def start(self, progress=print) -> None:
         """Start every service and wait until each serves; on failure stop what started and raise."""
         try:
+            if self.config.internal_token or not is_loopback(self.config.host):
+                self.token_file = _write_token(private_dir(shm_root()) / f"{self.name}.internal-token")
             agents = self._launch_wait(["kvtransfer"] * self.config.nodes, progress)
             self.agents = [a.address for a in agents]
             instances = self._launch_wait(["prefill"] * self.config.prefill + ["decode"] * self.config.decode,
@@ -174,6 +184,8 @@ class Stack:
             codes.append((service.name, code))
         self.services.clear()
         self.stack_file.unlink(missing_ok=True)
+        if self.token_file is not None:
+            self.token_file.unlink(missing_ok=True)
         return codes
 
     def dead(self) -> list[Service]:
@@ -260,6 +272,8 @@ class Stack:
 
     def _env(self, name: str) -> dict[str, str]:
         env = {**os.environ, EXIT_WITH_PARENT: "1", "OTEL_SERVICE_NAME": name}
+        if self.token_file is not None:
+            env[INTERNAL_TOKEN_ENV] = str(self.token_file)
         if self.config.trace_endpoint:
             env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
                        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=self.config.trace_endpoint)
@@ -283,6 +297,7 @@ class Stack:
     def _write_stack_file(self) -> None:
         """Addresses of every service, for `tokenpool status` (0600, in the private folder)."""
         data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
+                "internal_token_file": str(self.token_file) if self.token_file else None,
                 "services": [{"name": s.name, "address": s.address, "pid": s.process.pid,
                               "metrics": s.info.get("metrics")} for s in self.services]}
         tmp = self.stack_file.with_suffix(".tmp")
@@ -300,3 +315,12 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _write_token(path: Path) -> Path:
+    """A fresh random token in a new file only this user can read."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path

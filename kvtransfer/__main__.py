@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     from prometheus_client import CollectorRegistry
+    from tokenpool.cli import internal_token
     from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
     from tokenpool.protos.internal.v1 import instances_pb2_grpc
     from tokenpool.telemetry.agent_metrics import AgentMetrics
@@ -95,6 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     # Handlers go in before the pool file exists: a SIGTERM during start-up then ends in the
     # clean shutdown below instead of killing the process and leaving the file in /dev/shm.
+    internal_token.check_listen(args.listen)
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
     registry = CollectorRegistry()
@@ -107,7 +109,8 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         servicers = [(instances_pb2_grpc.add_KVTransferServicer_to_server, agent)]
         server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME],
-                                         metrics_port=args.metrics_port, registry=registry)
+                                         metrics_port=args.metrics_port, registry=registry,
+                                         security=internal_token.server_security())
         agent.address = server.address
         agent.start()
         announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path),

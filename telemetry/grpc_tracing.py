@@ -22,6 +22,9 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from tokenpool.cli.internal_token import internal_token
+from tokenpool.cli.internal_token import metadata as internal_metadata
+
 from . import tracing
 
 UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -32,14 +35,19 @@ def server_interceptors(roots: bool) -> list[grpc.aio.ServerInterceptor]:
 
 
 def aio_channel(address: str, options=None) -> grpc.aio.Channel:
-    """grpc.aio.insecure_channel(address) that carries the current trace context when tracing is on."""
-    interceptors = [_AioUnaryInterceptor(), _AioStreamInterceptor()] if tracing.enabled() else None
+    """grpc.aio.insecure_channel(address) for calls between services: each carries the current
+    trace context when tracing is on, and the internal token when one is configured."""
+    interceptors = [_AioUnaryInterceptor(), _AioStreamInterceptor()] if _decorating() else None
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 def intercept(channel: grpc.Channel) -> grpc.Channel:
-    """A blocking channel that carries the current trace context (the channel itself when off)."""
-    return grpc.intercept_channel(channel, _SyncClientInterceptor()) if tracing.enabled() else channel
+    """A blocking channel whose calls carry the trace context and internal token, as aio_channel's."""
+    return grpc.intercept_channel(channel, _SyncClientInterceptor()) if _decorating() else channel
+
+
+def _decorating() -> bool:
+    return tracing.enabled() or internal_token() is not None
 
 
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):
@@ -132,12 +140,17 @@ class _AioStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_aio_details(client_call_details), request)
 
 
+def _outgoing() -> list[tuple[str, str]]:
+    """Metadata every call between services adds: the trace context and the internal token."""
+    return [*_carrier().items(), *internal_metadata()]
+
+
 def _aio_details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    carrier = _carrier()
-    if not carrier:
+    extra = _outgoing()
+    if not extra:
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    for key, value in carrier.items():
+    for key, value in extra:
         metadata.add(key, value)
     return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                       details.wait_for_ready)
@@ -151,10 +164,10 @@ class _CallDetails(namedtuple("_CallDetails", ("method", "timeout", "metadata", 
 
 class _SyncClientInterceptor(grpc.UnaryUnaryClientInterceptor):
     def intercept_unary_unary(self, continuation, client_call_details, request):
-        carrier = _carrier()
-        if carrier:
+        extra = _outgoing()
+        if extra:
             d = client_call_details
-            metadata = [*(d.metadata or ()), *carrier.items()]
+            metadata = [*(d.metadata or ()), *extra]
             client_call_details = _CallDetails(d.method, d.timeout, metadata, d.credentials,
                                                getattr(d, "wait_for_ready", None),
                                                getattr(d, "compression", None))

@@ -1,0 +1,76 @@
+"""The token internal services share: every call between them carries it, every internal server
+checks it.
+
+    TOKENPOOL_INTERNAL_TOKEN_FILE=FILE   the token is the file's first line; the file must be
+                                         readable by its owner only (tokenpool up --internal-token
+                                         writes one in the stack's private folder)
+    servers   prefill, decode and kvtransfer answer UNAUTHENTICATED to a call without
+              "authorization: Bearer <token>" (health checks exempt)
+    clients   every internal channel (telemetry.grpc_tracing.aio_channel / intercept: proxy ->
+              instances and agents, instances -> agent, agent -> agent) attaches it
+
+Internal services bind 127.0.0.1 by default; one told to listen anywhere else refuses to start
+without a token, so nothing reaches them from off the machine unauthenticated.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import stat
+from pathlib import Path
+
+from .server_security import MAX_TOKEN_BYTES, ServerSecurity, first_line
+
+ENV = "TOKENPOOL_INTERNAL_TOKEN_FILE"
+
+
+@functools.cache
+def internal_token() -> str | None:
+    """The token named by $TOKENPOOL_INTERNAL_TOKEN_FILE (read once), or None when it is unset.
+    ValueError naming the file: unreadable, empty, or readable by anyone but its owner."""
+    path = os.environ.get(ENV)
+    return read_token(Path(path)) if path else None
+
+
+def read_token(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"{ENV}={path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{ENV}={path}: the token file must be readable by its owner only "
+                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
+    token = first_line(path, ENV)
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise ValueError(f"{ENV}={path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} characters")
+    return token
+
+
+def server_security() -> ServerSecurity:
+    """What an internal server checks: the internal token, if one is configured."""
+    return ServerSecurity(token=internal_token())
+
+
+def check_listen(address: str) -> None:
+    """ValueError when an internal service would listen beyond loopback without a token."""
+    host = address.rpartition(":")[0].strip("[]")
+    if internal_token() is None and not is_loopback(host):
+        raise ValueError(f"--listen {address}: an internal service listening beyond 127.0.0.1 needs the "
+                         f"internal token (set {ENV} to a 0600 file holding it)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata an internal call carries (empty without a token)."""
+    token = internal_token()
+    return (("authorization", f"Bearer {token}"),) if token else ()
