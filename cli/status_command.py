@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def _print_stack(path: Path) -> None:
     from .internal_token import read_token
 
     info = json.loads(path.read_text())
+    if not _alive(info["pid"]):  # its launcher was killed (SIGKILL: no clean stop)
+        path.unlink(missing_ok=True)
+        print(f"{info['name']}: launcher pid {info['pid']} is gone; removed its stale entry")
+        return
     print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
     token_file = info.get("internal_token_file")
     metadata = (("authorization", f"Bearer {read_token(Path(token_file))}"),) if token_file else ()
@@ -93,3 +98,13 @@ def _print_records(records) -> None:
         where = "/".join(i for i in (r.prefill_instance, r.decode_instance) if i) or "-"
         print(f"  slot {slot:5} {r.request_id:34} {r.model:24} {r.state.value:12} {where:20} "
               f"prompt {r.num_prompt_tokens:5} out {r.num_output_tokens:5} age {age:7.2f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -7,6 +7,8 @@ mapping stands in and the pool works the same within one process.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import mmap
 import os
 import secrets
@@ -21,7 +23,10 @@ import torch
 from .private_shm import private_dir
 from .slab_allocator import BlockShape, SlabAllocator, SlabStats
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SHM_DIR = Path("/dev/shm")
+POOL_PREFIX = "kv-pool-"  # pool files: kv-pool-<pid>-<random>, each flock-ed by its owner
 # Large enough that the biggest common block (a 70B model in bf16 is 5 MiB per 16 tokens) wastes
 # little at a slab's tail; small enough that a model with few sequences holds few slabs.
 DEFAULT_SLAB_BYTES = 64 << 20
@@ -39,11 +44,11 @@ class HostKVPool:
         the buffer for CUDA DMA (needs a CUDA build of torch)."""
         self.allocator = SlabAllocator(total_bytes, slab_bytes)
         self._lock = threading.Lock()
-        self.path, self._mmap = _map_buffer(self.allocator.capacity_bytes, shm_dir or DEFAULT_SHM_DIR)
+        self.path, self._mmap, lock_fd = _map_buffer(self.allocator.capacity_bytes, shm_dir or DEFAULT_SHM_DIR)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)  # [capacity_bytes]
-        # A pool dropped without close() still removes its file (not after a crash: then the
-        # per-user folder is where to look).
-        self._unlink = weakref.finalize(self, _unlink, self.path)
+        # A pool dropped without close() still removes its file; after a crash (no finalizer runs)
+        # its lock is gone with the process, and the next pool created on the node removes it.
+        self._unlink = weakref.finalize(self, _unlink, self.path, lock_fd)
         self.pinned = False
         if pin:
             _cuda_host_register(self._bytes)
@@ -131,36 +136,69 @@ class HostKVPool:
         self.close()
 
 
-def _map_buffer(size: int, shm_dir: Path) -> tuple[Path | None, mmap.mmap]:
-    """(path, mapping) of a new 0600 file of `size` bytes under shm_dir, else (None, anonymous)."""
+def _map_buffer(size: int, shm_dir: Path) -> tuple[Path | None, mmap.mmap, int | None]:
+    """(path, mapping, lock fd) of a new 0600 file of `size` bytes under shm_dir, else (None,
+    anonymous, None)."""
     try:
         return _map_shm_file(size, shm_dir)
     except OSError as exc:
         warnings.warn(f"host KV pool: {shm_dir} unusable ({exc}); using an anonymous buffer", stacklevel=3)
-        return None, mmap.mmap(-1, size)
+        return None, mmap.mmap(-1, size), None
 
 
-def _map_shm_file(size: int, shm_dir: Path) -> tuple[Path, mmap.mmap]:
+def _map_shm_file(size: int, shm_dir: Path) -> tuple[Path, mmap.mmap, int]:
+    """The file is made under a temporary name, locked (flock EX, held by the returned fd for the
+    pool's life), then renamed into place: a sweeper never sees a pool file nobody holds but a
+    dead owner's."""
     if not shm_dir.is_dir():  # never create the shared-memory mount itself: fall back instead
         raise FileNotFoundError(f"no folder {shm_dir}")
     folder = private_dir(shm_dir / f"tokenpool-{os.getuid()}")
-    path = folder / f"kv-pool-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    sweep_orphaned_pools(folder)
+    name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging, path = folder / f".{name}.new", folder / name
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # Reserve the pages now: a sparse tmpfs file that later runs out of room kills the
         # process with SIGBUS on first touch instead of failing here.
         os.posix_fallocate(fd, 0, size)
-        return path, mmap.mmap(fd, size)
+        mapping = mmap.mmap(fd, size)
+        os.rename(staging, path)
+        return path, mapping, fd
     except BaseException:
-        path.unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
+        os.close(fd)
         raise
-    finally:
-        os.close(fd)  # the mapping keeps its own reference to the file
 
 
-def _unlink(path: Path | None) -> None:
+def sweep_orphaned_pools(folder: Path) -> list[Path]:
+    """Remove the pool files under folder whose owner died without closing them (kill -9: no
+    finalizer ran); an owner's lock dies with it. -> the files removed."""
+    removed = []
+    for path in folder.glob(f"{POOL_PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or not a regular file we may open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner lives
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d host KV pool files of processes that died holding them", len(removed))
+    return removed
+
+
+def _unlink(path: Path | None, lock_fd: int | None = None) -> None:
     if path is not None:
         path.unlink(missing_ok=True)
+    if lock_fd is not None:
+        os.close(lock_fd)
 
 
 def _cuda_host_register(data: torch.Tensor) -> None:

@@ -105,8 +105,9 @@ def test_a_stack_with_the_internal_token_serves_and_its_internal_ports_refuse_st
                 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert main(["status"]) == 0  # reads the token named in the stack file
-        out = capsys.readouterr().out
-        assert "hand-off pool" in out and "unreachable" not in out
+        out = capsys.readouterr().out.split(f"{stack.name} (launcher pid", 1)[1]  # this stack's lines
+        ours = out.split("\nstack-", 1)[0]
+        assert "hand-off pool" in ours and "unreachable" not in ours
     finally:
         stack.stop()
     assert not token_file.exists()

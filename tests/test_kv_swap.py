@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
-from tokenpool.engine.host_kv_pool import HostKVPool
+from tokenpool.engine.host_kv_pool import POOL_PREFIX, HostKVPool
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.slab_allocator import BlockShape, KVPoolFullError
 
@@ -144,3 +147,34 @@ def test_missing_shm_dir_falls_back_to_anonymous_memory(tmp_path):
         (offset,) = pool.alloc(A, 1)
         pool.block_view(offset, A).fill_(2)
         assert pool.block_view(offset, A).sum().item() == 2 * A.nbytes // 4
+
+
+POOL_OWNER = """
+import sys, time
+from pathlib import Path
+from tokenpool.engine.host_kv_pool import HostKVPool
+pool = HostKVPool(1 << 20, 1 << 20, shm_dir=Path(sys.argv[1]))
+print(pool.path, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_pool_file_left_by_a_killed_process_is_removed_by_the_next_pool(tmp_path):
+    owners = [subprocess.Popen([sys.executable, "-c", POOL_OWNER, str(tmp_path)], stdout=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    try:
+        paths = [Path(owner.stdout.readline().strip()) for owner in owners]
+        assert all(p.exists() for p in paths)
+        owners[0].kill()  # SIGKILL: no close(), no finalizer
+        owners[0].wait(10)
+        assert paths[0].exists()  # what a crash leaves behind
+        with HostKVPool(SLAB, SLAB, shm_dir=tmp_path) as pool:
+            assert not paths[0].exists()  # its owner's lock died with it: swept
+            assert paths[1].exists()  # a live owner's file stays
+            assert pool.path.exists() and pool.path.name.startswith(POOL_PREFIX)
+        assert not pool.path.exists()
+        assert [p.name for p in pool.path.parent.iterdir()] == [paths[1].name]  # no staging files left
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait(10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -155,3 +156,19 @@ def test_a_javascript_client_works_against_the_stack(stack, tiny_dir):
         "tiny-qwen3", "Hello from node", 10]
     assert result["token_ids"] == tokens and result["text"] == text
     assert result["finish_reason"] == "FINISH_REASON_LENGTH" and result["usage"]["completion_tokens"] == 10
+
+
+def test_status_removes_the_entry_of_a_stack_whose_launcher_was_killed(tmp_path, capsys, monkeypatch):
+    from tokenpool.cli.main import main
+    from tokenpool.engine import private_shm
+
+    root = tmp_path / "shm"
+    root.mkdir()
+    monkeypatch.setattr(private_shm, "shm_root", lambda: root)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = root / "stack-1.stack.json"
+    stale.write_text(json.dumps({"name": "stack-1", "pid": gone.pid, "table": "stack-1", "logs": "/nowhere",
+                                 "services": []}))
+    assert main(["status"]) == 0
+    assert "launcher pid" in capsys.readouterr().out and not stale.exists()
