@@ -44,7 +44,8 @@ def read_token(path: Path) -> str:
                          f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
     token = first_line(path, ENV)
     if not token or len(token) > MAX_TOKEN_BYTES:
-        raise ValueError(f"{ENV}={path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} characters")
+        raise ValueError(f"{ENV}={path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} "
+                         "characters")
     return token
 
 

@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenpool.cli.internal_token import ENV as INTERNAL_TOKEN_ENV
+from tokenpool.cli.internal_token import is_loopback
 from tokenpool.cli.service_process import EXIT_WITH_PARENT
 from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
 from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.turn_policy import check_policy
-from tokenpool.cli.internal_token import ENV as INTERNAL_TOKEN_ENV
-from tokenpool.cli.internal_token import is_loopback
 from tokenpool.kvtransfer.lease import DEFAULT_LEASE_S
 
 START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB

@@ -195,7 +195,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         if handle.num_tokens != len(request.prompt_token_ids):
             raise ValueError(f"the KV holds {handle.num_tokens} tokens, the prompt has "
                              f"{len(request.prompt_token_ids)}")
-        sampling = sampling_from_pb(request.sampling, model.book.max_model_len)
+        sampling = sampling_from_pb(request.sampling, model.book.max_model_len, request.seed_offset)
         blocks = self.transport.fetch(handle)
         engine.adopt(request.model, request.request_id, list(request.prompt_token_ids),
                      request.first_token_id, sampling, request.seed, blocks)

@@ -44,7 +44,8 @@ class HostKVPool:
         the buffer for CUDA DMA (needs a CUDA build of torch)."""
         self.allocator = SlabAllocator(total_bytes, slab_bytes)
         self._lock = threading.Lock()
-        self.path, self._mmap, lock_fd = _map_buffer(self.allocator.capacity_bytes, shm_dir or DEFAULT_SHM_DIR)
+        self.path, self._mmap, lock_fd = _map_buffer(self.allocator.capacity_bytes,
+                                                     shm_dir or DEFAULT_SHM_DIR)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)  # [capacity_bytes]
         # A pool dropped without close() still removes its file; after a crash (no finalizer runs)
         # its lock is gone with the process, and the next pool created on the node removes it.

@@ -94,8 +94,12 @@ class ModelSwitcher:
         self.max_positions = max_positions
         # One module per (config, slot): the slot being filled is bound in the background
         # while the other slot's module computes, so a prefetched switch re-binds nothing.
-        self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
-        self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
+        self._modules: dict[tuple[int, int], CausalLM] = {}  # (shape id, slot) -> module
+        self._bound: dict[tuple[int, int], tuple[str, int]] = {}  # -> (model id, arena offset) it views
+        # (config, dtype) -> a small int, once per model: hashing a ModelConfig (dozens of
+        # fields) on every switch costs more than the rest of a prefetched switch.
+        self._shape_ids: dict[tuple[ModelConfig, torch.dtype], int] = {}
+        self._shape_of: dict[int, tuple[ModelProfile, int]] = {}  # id(profile) -> (it, its shape id)
         self._leases: dict[str, CachedModel] = {}
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
@@ -129,7 +133,7 @@ class ModelSwitcher:
         if slot is not None and slot.model_id == profile.model_id:
             return slot.ready
         self._check_fits(profile)
-        if slot is not None:
+        if slot is not None and not slot.ready.done():
             wait([slot.ready])  # an earlier prefetch still writing the slot must finish first
         contents = SlotContents(profile.model_id, None, Future())
         self._slots[free] = contents
@@ -162,7 +166,7 @@ class ModelSwitcher:
     def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> CausalLM:
         """The module for (config, slot), pointed at the model's weights at base; a module
         already bound to exactly those bytes is returned as it is."""
-        key = (profile.config, profile.dtype, slot)
+        key = (self._shape_id(profile), slot)
         if key not in self._modules:
             with torch.device("meta"):
                 model = CausalLM(profile.config, profile.dtype, self.max_positions)
@@ -180,6 +184,15 @@ class ModelSwitcher:
         model.prepare_linears(DenseLinear())
         self._bound[key] = (profile.model_id, base)
         return model
+
+    def _shape_id(self, profile: ModelProfile) -> int:
+        """Keyed by the profile object (kept alive here, so its id is not reused): a model
+        registered again with another checkpoint brings a new profile and gets its own lookup."""
+        known = self._shape_of.get(id(profile))
+        if known is None:
+            shape = self._shape_ids.setdefault((profile.config, profile.dtype), len(self._shape_ids))
+            known = self._shape_of[id(profile)] = (profile, shape)
+        return known[1]
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
@@ -204,5 +217,8 @@ def _chunked_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
     """Copy in pieces of about 8 MiB so a background copy yields the GIL often."""
     flat_dest, flat_src = dest.view(-1), src.reshape(-1)
     step = max(1, _CHUNK_BYTES // max(1, dest.element_size()))
+    if flat_dest.numel() <= step:  # one piece: no slicing (a small model's whole switch is µs)
+        flat_dest.copy_(flat_src)
+        return
     for start in range(0, flat_dest.numel(), step):
         flat_dest[start:start + step].copy_(flat_src[start:start + step])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -67,8 +68,7 @@ class InstanceConfig:
                              f"{self.slot_bytes}")
 
 
-@dataclass(frozen=True)
-class SwitchRecord:
+class SwitchRecord(NamedTuple):  # a tuple: built on every switch, where a frozen dataclass costs µs
     """One model switch, as switch_to() measured it (for logs, metrics and traces)."""
 
     outgoing: str | None
@@ -90,6 +90,7 @@ class _Model:
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
     arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
+    runner: ModelRunner | None = None  # the last runner over this model (reused while its module is)
     kv_sinks: dict[str, KVSink] = field(default_factory=dict)  # request_id -> where its KV streams
 
 
@@ -246,15 +247,19 @@ class MultiModelEngine:
         model = self.switcher.activate(incoming.profile)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
-        self.runner = ModelRunner(model, self._kv_view(incoming), self.backend)
+        runner = incoming.runner
+        if runner is None or runner.model is not model:  # a runner per (model, slot module), kept
+            runner = incoming.runner = ModelRunner(model, self._kv_view(incoming), self.backend)
+        self.runner = runner
         self.active = model_id
         self.switches += 1
         kv_in = self._swap_in(incoming)
         self.last_switch = SwitchRecord(outgoing, model_id, incoming.profile.nbytes, prefetched,
                                         len(pending_out), kv_in, started_ns, time.perf_counter() - start)
-        log.info("switch %s -> %s: %d weight bytes%s, %d sequences' KV out, %.2f ms", outgoing, model_id,
-                 incoming.profile.nbytes, " (prefetched)" if prefetched else "", len(pending_out),
-                 self.last_switch.seconds * 1e3)
+        if log.isEnabledFor(logging.INFO):
+            log.info("switch %s -> %s: %d weight bytes%s, %d sequences' KV out, %.2f ms", outgoing, model_id,
+                     incoming.profile.nbytes, " (prefetched)" if prefetched else "", len(pending_out),
+                     self.last_switch.seconds * 1e3)
 
     def _kv_view(self, model: _Model) -> PagedKVCache:
         """The arena's KV region seen in model's block shape (built once per model)."""
@@ -285,6 +290,8 @@ class MultiModelEngine:
 
     def _swap_in(self, model: _Model) -> int:
         """Start swapping in the running sequences' KV -> how many."""
+        if not model.swapped:
+            return 0
         seqs = [seq for seq in model.book.scheduler.running if seq.request_id in model.swapped]
         for seq in seqs:
             self._start_swap_in(model, seq)
@@ -366,6 +373,8 @@ class MultiModelEngine:
         return on_layer
 
     def _wait_landing(self, model: _Model) -> None:
+        if not model.landing:
+            return
         for seq in list(model.book.scheduler.running):
             if seq.request_id in model.landing:
                 model.landing[seq.request_id][0].wait()

@@ -28,7 +28,8 @@ class Sampler:
             probs = self._probs(logits[rows], [seqs[i] for i in sampled_rows])
             for j, i in enumerate(sampled_rows):
                 seq = seqs[i]
-                gen = torch.Generator().manual_seed(token_seed(seq.seed, seq.num_output_tokens))
+                index = seq.sampling.seed_offset + seq.num_output_tokens
+                gen = torch.Generator().manual_seed(token_seed(seq.seed, index))
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
         return tokens.tolist()
 

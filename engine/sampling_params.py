@@ -24,6 +24,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
+    # Tokens this request generated before it was dispatched again (now part of its prompt):
+    # per-token seeded draws continue from this index, so a resumed stream is the undisturbed one.
+    seed_offset: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -36,6 +39,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed_offset, int) or self.seed_offset < 0:
+            raise InvalidRequestError(f"seed_offset must be an integer >= 0, got {self.seed_offset!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -102,7 +102,8 @@ async def serve(args: argparse.Namespace) -> None:
     registry = CollectorRegistry()
     allowed = frozenset(args.allow_peer) if args.allow_peer else None
     agent = KVTransferAgent(args.pool_mib << 20, slab_bytes=args.slab_mib << 20,
-                            handle_ttl_s=args.handle_ttl_s, lease_s=args.lease_s, metrics=AgentMetrics(registry),
+                            handle_ttl_s=args.handle_ttl_s, lease_s=args.lease_s,
+                            metrics=AgentMetrics(registry),
                             name=args.name,
                             nixl=args.nixl, allowed_peers=allowed, max_peers=args.max_peers,
                             stall_s=args.stall_s, transfer_timeout_s=min(10.0, args.stall_s / 2))

@@ -326,7 +326,8 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
     async def Renew(self, request, context):
         def renew() -> ipb.RenewResponse:
             if len(request.handle_ids) > MAX_RENEW_IDS:
-                raise ValueError(f"renew at most {MAX_RENEW_IDS} handles a call, got {len(request.handle_ids)}")
+                raise ValueError(f"renew at most {MAX_RENEW_IDS} handles a call, "
+                                 f"got {len(request.handle_ids)}")
             return ipb.RenewResponse(unknown_handle_ids=self.book.renew(request.handle_ids),
                                      lease_s=self.book.lease_s)
         return await _answer(context, renew)

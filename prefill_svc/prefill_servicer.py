@@ -153,7 +153,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def _accept(self, engine: MultiModelEngine, request, pending: _Pending) -> None:
         """Validate and queue (grouped FCFS); the engine gets the request at its turn."""
         book = engine.models[request.model].book
-        sampling = sampling_from_pb(request.sampling, book.max_model_len)
+        sampling = sampling_from_pb(request.sampling, book.max_model_len, request.seed_offset)
         book.check_prompt(list(request.prompt_token_ids))
         if request.request_id in self._pending:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")

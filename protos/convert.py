@@ -20,8 +20,9 @@ FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}  # FINISH_REASON_UNSPEC
 DEFAULT_MAX_TOKENS = 64
 
 
-def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams:
-    """Defaults for unset fields; InvalidRequestError names the bad field."""
+def sampling_from_pb(msg: pb.SamplingParams, max_context: int, seed_offset: int = 0) -> SamplingParams:
+    """Defaults for unset fields; InvalidRequestError names the bad field. seed_offset: an internal
+    request's (a re-dispatch's), never a client's."""
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens > max_context:
         raise InvalidRequestError(f"sampling.max_tokens={max_tokens} exceeds the model's context "
@@ -32,7 +33,8 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int) -> SamplingParams
         top_k=msg.top_k,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
-        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
+        seed_offset=seed_offset)
 
 
 def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:

@@ -166,9 +166,10 @@ class FleetBackend(Backend):
     async def _attempt(self, sub: Submission, attempt_id: str, streamed: list[int], seed: int | None,
                        deadline: float | None, decoding: list[Instance]) -> int | None:
         """One dispatch: prefill of the prompt plus what was streamed, then decode. -> the seed used."""
-        if streamed:  # a re-dispatch: recompute the KV of everything the client has seen
+        if streamed:  # a re-dispatch: recompute the KV of everything the client has seen, and go on
+            # drawing where the lost attempt stopped (same seed, per-token draws from len(streamed))
             sampling = dataclasses.replace(sub.sampling, max_tokens=sub.sampling.max_tokens - len(streamed),
-                                           seed=seed)
+                                           seed=seed, seed_offset=len(streamed))
         else:
             sampling = sub.sampling
         prompt = sub.prompt + streamed
@@ -196,7 +197,7 @@ class FleetBackend(Backend):
         instance = self.dispatcher.pick_prefill(attempt_id, sub.model, len(prompt),
                                                 self._candidates(self.prefill, sub.model))
         request = ipb.PrefillRequest(request_id=attempt_id, model=sub.model, prompt_token_ids=prompt,
-                                     sampling=sampling_to_pb(sampling),
+                                     sampling=sampling_to_pb(sampling), seed_offset=sampling.seed_offset,
                                      timeout_seconds=_left(deadline) or 0.0)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
@@ -213,7 +214,8 @@ class FleetBackend(Backend):
         request = ipb.DecodeRequest(
             request_id=attempt_id, model=sub.model, prompt_token_ids=prompt,
             first_token_id=prefilled.first_token_id, sampling=sampling_to_pb(sampling),
-            seed=prefilled.seed, kv=prefilled.kv, timeout_seconds=_left(deadline) or 0.0)
+            seed=prefilled.seed, kv=prefilled.kv, timeout_seconds=_left(deadline) or 0.0,
+            seed_offset=sampling.seed_offset)
         if sub.table_slot is not None:
             request.table_slot = sub.table_slot
         decoding.append(instance)

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-
 from tokenpool.cli.internal_token import internal_token
 from tokenpool.cli.internal_token import metadata as internal_metadata
 

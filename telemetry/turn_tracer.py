@@ -3,8 +3,10 @@
 Contexts do not cross into the engine thread by themselves, so a servicer hands each
 request's captured context over when the engine takes the request (begin) and drops it
 when the request leaves (forget). At the end of every turn, each request that produced a
-token in it gets one span for the turn, and, when the turn began with a model switch, a
-child span for the switch (weight bytes, seconds, KV swapped out and in):
+token in it gets one span for the turn (from the turn's start, or from when the request
+joined, if that was during the turn), and, when the turn began with a model switch the
+request was there for, a child span for the switch (weight bytes, seconds, KV swapped out
+and in):
 
     Decode (server span)
       decode.turn  model=tiny-llama tokens=7 steps=7      <- one per turn the request was in
@@ -29,6 +31,7 @@ class TurnTracer(WorkerObserver):
         """turn_span_name: e.g. 'decode.turn', 'prefill.compute'."""
         self.turn_span_name = turn_span_name
         self._contexts: dict[str, otel_context.Context] = {}  # request id -> its trace (engine thread)
+        self._joined_ns: dict[str, int] = {}  # request id -> when the engine took it
         self._leaving: set[str] = set()
         self._tokens: dict[str, int] = {}  # this turn's requests -> tokens they got in it
         self._model = ""
@@ -39,6 +42,7 @@ class TurnTracer(WorkerObserver):
     def begin(self, request_id: str, context: otel_context.Context | None) -> None:
         if context is not None:
             self._contexts[request_id] = context
+            self._joined_ns[request_id] = tracing.now_ns()
 
     def forget(self, request_id: str) -> None:
         """The request left this instance; its spans of the current turn are still written."""
@@ -66,17 +70,20 @@ class TurnTracer(WorkerObserver):
             self._write_spans(tracing.now_ns())
         for request_id in self._leaving:
             self._contexts.pop(request_id, None)
+            self._joined_ns.pop(request_id, None)
         self._leaving.clear()
 
     def _write_spans(self, ended_ns: int) -> None:
         tracer = tracing.tracer()
         batch = len(self._tokens)
         for request_id, tokens in self._tokens.items():
+            joined = self._joined_ns.get(request_id, 0)
+            switched = self._switch is not None and joined <= self._switch.started_ns
             turn = tracer.start_span(self.turn_span_name, context=self._contexts[request_id],
-                                     start_time=self._started_ns, attributes={
+                                     start_time=max(self._started_ns, joined), attributes={
                                          "model": self._model, "tokens": tokens, "steps": self._steps,
-                                         "batch_size": batch, "switched": self._switch is not None})
-            if self._switch is not None:
+                                         "batch_size": batch, "switched": switched})
+            if switched:
                 self._switch_span(tracer, turn, self._switch)
             turn.end(end_time=ended_ns)
 

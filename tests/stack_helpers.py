@@ -31,20 +31,30 @@ def service(stack, name):
     return next(s for s in stack.services if s.name == name)
 
 
+SEEDED_TEMPERATURE = 0.8
+
+
+def seeded_sampling(seed=None) -> dict:
+    """The sampling fields of a job with a seed (sampled, reproducibly), or none (greedy)."""
+    return {} if seed is None else {"temperature": SEEDED_TEMPERATURE, "seed": seed}
+
+
 def expected_streams(tiny_dir, jobs):
-    """Greedy tokens, prompt length and streamed text of the single-process engine for each
-    (model, prompt, n)."""
+    """Tokens, prompt length and streamed text of the single-process engine for each (model,
+    prompt, n) job (greedy), or (model, prompt, n, seed) job (seeded_sampling)."""
     engines = {m: LLMEngine(tiny_dir / m, EngineConfig(dtype="float32")) for m in {job[0] for job in jobs}}
     expected = {}
-    for model, prompt, n in set(jobs):
+    for job in set(jobs):
+        model, prompt, n, *seed = job
         engine = engines[model]
-        seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        sampling = SamplingParams(max_tokens=n, ignore_eos=True, **seeded_sampling(*seed))
+        seq = engine.generate([prompt], sampling)[0]
         detok = IncrementalDetokenizer(engine.tokenizer, ())
         text = ""
         for i, token in enumerate(seq.output_token_ids):
             detok.add(token)
             text += detok.delta(final=i == len(seq.output_token_ids) - 1)
-        expected[model, prompt, n] = (seq.output_token_ids, seq.num_prompt_tokens, text)
+        expected[job] = (seq.output_token_ids, seq.num_prompt_tokens, text)
     return expected
 
 

@@ -50,7 +50,8 @@ def test_compose_file_validates_and_wires_the_stack():
         assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
         # they listen beyond loopback: every one presents and checks the token the models job wrote
         assert env["TOKENPOOL_INTERNAL_TOKEN_FILE"] == "/run/tokenpool/internal-token"
-        assert any(v["source"] == "secrets" and v["target"] == "/run/tokenpool" for v in services[name]["volumes"])
+        assert any(v["source"] == "secrets" and v["target"] == "/run/tokenpool"
+                   for v in services[name]["volumes"])
     assert "/run/tokenpool/internal-token" in services["models"]["command"][-1]
     assert "umask 077" in services["models"]["command"][-1]
     published = {(name, p["target"]) for name, s in services.items() for p in s.get("ports", [])}

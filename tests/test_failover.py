@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stack_helpers import (
     expected_streams,
     instance_status,
+    seeded_sampling,
     service,
     start_tiny_stack,
     stream,
@@ -56,9 +57,9 @@ class Streams:
         self._futures = [self._pool.submit(self._one, job) for job in jobs]
 
     def _one(self, job):
-        model, prompt, n = job
+        model, prompt, n, *seed = job
         request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
-            max_tokens=n, ignore_eos=True))
+            max_tokens=n, ignore_eos=True, **seeded_sampling(*seed)))
         out, times = [], []
         for response in self._stub.Generate(request, timeout=240):
             out.append(response)
@@ -91,8 +92,11 @@ def check_exact(jobs, results, expected):
         assert last.usage.completion_tokens == job[2] and last.usage.prompt_tokens == num_prompt
 
 
-def jobs_of(count, n):
-    return [(MODELS[i % 2], PROMPTS[i % len(PROMPTS)], n) for i in range(count)]
+def jobs_of(count, n, seeded=0):
+    """(model, prompt, n) jobs; the first `seeded` sample at temperature SEEDED_TEMPERATURE with a seed
+    of their own (a 4th element)."""
+    return [(MODELS[i % 2], PROMPTS[i % len(PROMPTS)], n, *([1000 + i] if i < seeded else []))
+            for i in range(count)]
 
 
 def redispatches(stack, lost: str) -> int:
@@ -107,7 +111,7 @@ def decode_busy(stack, name) -> int:
 
 
 def test_kill_9_of_a_decode_instance_mid_stream_loses_and_repeats_no_token(two_decode, tiny_dir):
-    jobs = jobs_of(20, 200)
+    jobs = jobs_of(20, 200, seeded=6)  # seeded sampling resumes exactly too
     expected = expected_streams(tiny_dir, jobs)
     streams = Streams(two_decode, jobs)
     streams.wait_for_tokens(300)

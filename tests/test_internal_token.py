@@ -88,7 +88,7 @@ def test_a_stack_with_the_internal_token_serves_and_its_internal_ports_refuse_st
                                                             sampling=pb.SamplingParams(max_tokens=8,
                                                                                        ignore_eos=True)),
                                          timeout=120))
-        assert sum(len(o.token_ids) for o in outputs) == 8  # proxy -> prefill, decode, agent all authenticated
+        assert sum(len(o.token_ids) for o in outputs) == 8  # every internal hop authenticated
         calls = {"prefill-0": lambda ch, md: instances_pb2_grpc.PrefillStub(ch).Status(
                      ipb.StatusRequest(), timeout=10, metadata=md),
                  "decode-0": lambda ch, md: instances_pb2_grpc.DecodeStub(ch).Status(
@@ -102,7 +102,8 @@ def test_a_stack_with_the_internal_token_serves_and_its_internal_ports_refuse_st
                         call(channel, metadata)
                     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
                 call(channel, (("authorization", f"Bearer {token}"),))  # the token opens it
-                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                   timeout=10)
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert main(["status"]) == 0  # reads the token named in the stack file
         out = capsys.readouterr().out.split(f"{stack.name} (launcher pid", 1)[1]  # this stack's lines

@@ -174,8 +174,9 @@ def test_killing_the_decode_side_during_hand_offs_returns_the_senders_blocks_wit
         prompt = " ".join(f"word{i}" for i in range(150))
         with grpc.insecure_channel(stack.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            calls = [stub.Generate(pb.GenerateRequest(model="tiny-llama", text=prompt, sampling=pb.SamplingParams(
-                max_tokens=200, ignore_eos=True)), timeout=120) for _ in range(24)]
+            sampling = pb.SamplingParams(max_tokens=200, ignore_eos=True)
+            calls = [stub.Generate(pb.GenerateRequest(model="tiny-llama", text=prompt, sampling=sampling),
+                                   timeout=120) for _ in range(24)]
             assert next(calls[0]).token_ids  # the first prefill is done; the others queue behind it
             proxy.process.send_signal(signal.SIGSTOP)
             try:

@@ -35,6 +35,23 @@ def test_same_seed_same_tokens_whatever_the_batch(engine):
     assert different != alone
 
 
+def test_a_seeded_request_resumed_from_its_streamed_tokens_continues_the_same_stream(engine):
+    # What the proxy does after losing an instance: the prompt plus the k tokens already
+    # streamed, the same seed, and the draws going on from index k.
+    full = engine.generate(["Once upon a time"], SamplingParams(
+        max_tokens=20, temperature=1.0, seed=99, ignore_eos=True))[0]
+    for k in (1, 7, 19):
+        prompt = full.prompt_token_ids + full.output_token_ids[:k]
+        resumed = engine.generate([prompt], SamplingParams(max_tokens=20 - k, temperature=1.0, seed=99,
+                                                           ignore_eos=True, seed_offset=k))[0]
+        assert resumed.output_token_ids == full.output_token_ids[k:], k
+    restarted = engine.generate([full.prompt_token_ids + full.output_token_ids[:7]], SamplingParams(
+        max_tokens=13, temperature=1.0, seed=99, ignore_eos=True))[0]
+    assert restarted.output_token_ids != full.output_token_ids[7:]  # what happened before the offset
+    with pytest.raises(InvalidRequestError, match="seed_offset"):
+        SamplingParams(seed_offset=-1)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(engine):
     greedy = engine.generate(["The river"], SamplingParams(max_tokens=12, ignore_eos=True))
     for sp in (SamplingParams(max_tokens=12, temperature=2.0, top_k=1, ignore_eos=True),

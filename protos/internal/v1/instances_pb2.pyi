@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "timeout_seconds", "table_slot", "kv_destination")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "timeout_seconds", "table_slot", "kv_destination", "seed_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class PrefillRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TABLE_SLOT_FIELD_NUMBER: _ClassVar[int]
     KV_DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    SEED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -23,7 +24,8 @@ class PrefillRequest(_message.Message):
     timeout_seconds: float
     table_slot: int
     kv_destination: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ..., kv_destination: _Optional[str] = ...) -> None: ...
+    seed_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ..., kv_destination: _Optional[str] = ..., seed_offset: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("handle_id", "block_offsets", "block_dims", "dtype", "num_tokens", "ready", "agent")
@@ -58,7 +60,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., seed: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "first_token_id", "sampling", "seed", "kv", "timeout_seconds", "table_slot")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "first_token_id", "sampling", "seed", "kv", "timeout_seconds", "table_slot", "seed_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,7 @@ class DecodeRequest(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TABLE_SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -77,7 +80,8 @@ class DecodeRequest(_message.Message):
     kv: KVHandle
     timeout_seconds: float
     table_slot: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ...) -> None: ...
+    seed_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ..., seed_offset: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "text", "num_output_tokens")
