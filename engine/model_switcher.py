@@ -101,6 +101,7 @@ class ModelSwitcher:
         self._shape_ids: dict[tuple[ModelConfig, torch.dtype], int] = {}
         self._shape_of: dict[int, tuple[ModelProfile, int]] = {}  # id(profile) -> (it, its shape id)
         self._leases: dict[str, CachedModel] = {}
+        self._copies: dict[tuple[int, str], tuple] = {}  # (slot, model) -> (base, dest, src, lease)
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -155,7 +156,13 @@ class ModelSwitcher:
         region.reset()
         cached = self._lease(profile.model_id)
         base = region.alloc(cached.raw.numel())
-        _chunked_copy(self.arena.buffer[base:base + cached.raw.numel()], cached.raw)
+        pair = self._copies.get((index, profile.model_id))
+        if pair is None or pair[0] != base or pair[3] is not cached:
+            # The flat destination and source views, made once per slot and lease: making a
+            # tensor view costs microseconds, a small model's whole copy a few dozen.
+            dest = self.arena.buffer[base:base + cached.raw.numel()]
+            pair = self._copies[(index, profile.model_id)] = (base, dest, cached.raw.reshape(-1), cached)
+        _chunked_copy(pair[1], pair[2])
         contents.model = self._bind(profile, cached, index, base)
 
     def _lease(self, model_id: str) -> CachedModel:
@@ -196,6 +203,7 @@ class ModelSwitcher:
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
+        self._copies.clear()  # its views hold the leases' mappings
         for lease in self._leases.values():
             lease.close()
         self._leases.clear()
@@ -215,10 +223,10 @@ def _run_now(fn: Callable[[], None]) -> Future:
 
 def _chunked_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
     """Copy in pieces of about 8 MiB so a background copy yields the GIL often."""
-    flat_dest, flat_src = dest.view(-1), src.reshape(-1)
     step = max(1, _CHUNK_BYTES // max(1, dest.element_size()))
-    if flat_dest.numel() <= step:  # one piece: no slicing (a small model's whole switch is µs)
-        flat_dest.copy_(flat_src)
+    if dest.dim() == 1 and src.dim() == 1 and dest.numel() <= step:  # one flat piece: no new views
+        dest.copy_(src)
         return
+    flat_dest, flat_src = dest.view(-1), src.reshape(-1)
     for start in range(0, flat_dest.numel(), step):
         flat_dest[start:start + step].copy_(flat_src[start:start + step])

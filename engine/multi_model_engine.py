@@ -90,7 +90,7 @@ class _Model:
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
     arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
-    runner: ModelRunner | None = None  # the last runner over this model (reused while its module is)
+    runners: dict[int, ModelRunner] = field(default_factory=dict)  # id(slot module) -> its runner
     kv_sinks: dict[str, KVSink] = field(default_factory=dict)  # request_id -> where its KV streams
 
 
@@ -247,9 +247,9 @@ class MultiModelEngine:
         model = self.switcher.activate(incoming.profile)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
-        runner = incoming.runner
-        if runner is None or runner.model is not model:  # a runner per (model, slot module), kept
-            runner = incoming.runner = ModelRunner(model, self._kv_view(incoming), self.backend)
+        runner = incoming.runners.get(id(model))  # one per slot module (they live as long as the switcher)
+        if runner is None or runner.model is not model:
+            runner = incoming.runners[id(model)] = ModelRunner(model, self._kv_view(incoming), self.backend)
         self.runner = runner
         self.active = model_id
         self.switches += 1
