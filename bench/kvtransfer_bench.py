@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         report = _measure(engine, args)
     finally:
         engine.close()
-    report["command"] = " ".join(["tokenpool", *sys.argv[1:]])
+    report["command"] = args.command_line
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

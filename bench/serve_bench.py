@@ -51,6 +51,9 @@ def add_parser(commands) -> None:
     p.add_argument("--stop-below", type=float, default=0.5, metavar="ATTAINMENT",
                    help="skip a policy's higher rates once a point falls below this (they cannot change "
                         "its goodput; 0 runs every rate)")
+    p.add_argument("--tbt-ms", type=float, default=None,
+                   help="the TBT SLO (and every decode instance's target), TTFT 100x it (default: the "
+                        "first policy's decode instance's own target, which needs aegaeon first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-output-tokens", type=int, default=64)
@@ -63,6 +66,10 @@ def add_parser(commands) -> None:
     p.add_argument("--sim-profile", type=Path, default=None, metavar="FILE",
                    help="also simulate every point on this `tokenpool profile` file (same trace, "
                         "instances, SLO) and report the simulator's gap to the live run")
+    p.add_argument("--resimulate", type=Path, default=None, metavar="REPORT",
+                   help="no live run: replay the traces of a past `bench serve` report in the simulator with "
+                        "--sim-profile and write it with new simulated points (to check a profile or "
+                        "simulator change against a live run without repeating it)")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of attainment against rate (default: beside --json)")
     p.set_defaults(run=run)
@@ -71,6 +78,9 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     from tokenpool.cli.serve_command import TINY, catalogue
 
+    if args.resimulate is not None:
+        resimulate(args)
+        return
     policies = _parse_policies(args.policies)
     rates = _parse_rates(args.rates)
     if not 0 <= args.stop_below <= 1:
@@ -78,28 +88,72 @@ def run(args: argparse.Namespace) -> None:
     models = catalogue(args.model or list(TINY))
     profile = _sim_profile(args.sim_profile, models) if args.sim_profile else None
     pairs, count_tokens = _conversations(models)
-    report = {"sweep": "rate_per_model", "command": " ".join(["tokenpool", *sys.argv[1:]]),
+    report = {"sweep": "rate_per_model", "command": args.command_line,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "models": list(models), "duration_s": args.duration, "policies": {}}
-    slo = None
+    if args.tbt_ms is not None and not args.tbt_ms > 0:
+        raise ValueError(f"--tbt-ms {args.tbt_ms!r}: expected a positive number of milliseconds")
+    slo = SLO(ttft_s=TTFT_PER_TBT * args.tbt_ms / 1e3, tbt_s=args.tbt_ms / 1e3) if args.tbt_ms else None
     for policy in policies:
         served = _served(policy, models, args)
         result, slo = _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args)
         if profile is not None:
-            ran = rates[:len(result["points"])]
-            result["simulated"] = {"points": [asdict(p) for p in _simulate(
-                policy, served, models, ran, pairs, count_tokens, slo, args, profile)]}
-            result["sim_gap_pp"] = max(abs(live["attainment"] - sim["attainment"]) * 100 for live, sim
-                                       in zip(result["points"], result["simulated"]["points"], strict=True))
+            _add_simulation(result, policy, served, models, pairs, count_tokens, slo, args, profile)
         report["policies"][policy] = result
     report["slo"] = {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s,
-                     "how": f"TBT = the decode instance's default target (4x the slowest model's "
-                            f"single-sequence step here); TTFT = {TTFT_PER_TBT:g}x TBT"}
+                     "how": ("TBT = --tbt-ms" if args.tbt_ms else "TBT = the decode instance's default "
+                             "target (4x the slowest model's single-sequence step here)")
+                            + f"; TTFT = {TTFT_PER_TBT:g}x TBT"}
     if profile is not None:
-        report["sim_profile"] = {"file": str(args.sim_profile), "label": profile.gpu,
-                                 "how": "tokenpool sim's Simulation (the live scheduler classes on a "
-                                        "simulated clock) replays each point's trace with the profile's "
-                                        "step, prefill and switch times; same instances, SLO and drain cut"}
+        report["sim_profile"] = _sim_profile_info(args.sim_profile, profile)
+    _set_goodputs(report["policies"])
+    _write(args, report)
+
+
+def _add_simulation(result, policy, served, models, pairs, count_tokens, slo, args, profile) -> None:
+    """The live points of `result` replayed in the simulator: `simulated` and `sim_gap_pp`."""
+    ran = [p["load"] for p in result["points"]]
+    result["simulated"] = {"points": [asdict(p) for p in _simulate(
+        policy, served, models, ran, pairs, count_tokens, slo, args, profile)]}
+    result["sim_gap_pp"] = max(abs(live["attainment"] - sim["attainment"]) * 100 for live, sim
+                               in zip(result["points"], result["simulated"]["points"], strict=True))
+
+
+def _sim_profile_info(path: Path, profile) -> dict:
+    return {"file": str(path), "label": profile.gpu,
+            "how": "tokenpool sim's Simulation (the live scheduler classes on a simulated clock) replays "
+                   "each point's trace with the profile's step, prefill and switch times; same "
+                   "instances, SLO and drain cut"}
+
+
+def resimulate(args: argparse.Namespace) -> None:
+    """No live run: a past report's traces (regenerated from its command's seed and workload)
+    replayed with --sim-profile; its live points are kept, its simulated ones replaced."""
+    import shlex
+
+    from tokenpool.cli.main import build_parser
+    from tokenpool.cli.serve_command import TINY, catalogue
+
+    if args.sim_profile is None:
+        raise ValueError("--resimulate needs --sim-profile (the profile to simulate with)")
+    try:
+        report = json.loads(args.resimulate.read_text())
+        live = build_parser().parse_args(shlex.split(report["command"])[1:])
+        slo = SLO(ttft_s=report["slo"]["ttft_s"], tbt_s=report["slo"]["tbt_s"])
+        policies = {name: (result, result["served_models"]) for name, result in report["policies"].items()}
+    except (OSError, ValueError, KeyError, TypeError, SystemExit) as exc:
+        raise ValueError(f"--resimulate {args.resimulate}: not a `tokenpool bench serve` report "
+                         f"({type(exc).__name__}: {exc})") from None
+    models = catalogue(live.model or list(TINY))
+    profile = _sim_profile(args.sim_profile, models)
+    pairs, count_tokens = _conversations(models)
+    for policy, (result, served) in policies.items():
+        _add_simulation(result, policy, {m: models[m] for m in served}, models, pairs, count_tokens, slo,
+                        live, profile)
+        result["_raw"] = []
+    report["sim_profile"] = _sim_profile_info(args.sim_profile, profile)
+    report["resimulated"] = {"from": str(args.resimulate), "command": args.command_line,
+                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     _set_goodputs(report["policies"])
     _write(args, report)
 

@@ -78,7 +78,7 @@ def run(args) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    report.update(command=" ".join(["tokenpool", *sys.argv[1:]]), machine=machine(),
+    report.update(command=args.command_line, machine=machine(),
                   date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(args.json.name + ".tmp")

@@ -50,7 +50,7 @@ def run(args) -> None:
         timings = InstanceTimings.measure(engine, ProfileCache(Path(scratch)) if args.fresh else None)
     data = timings.to_json(machine=machine(), threads=torch.get_num_threads(), device="cpu",
                            date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                           command=" ".join(["tokenpool", *sys.argv[1:]]))
+                           command=args.command_line)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_bytes(data)

@@ -34,6 +34,7 @@ def test_a_sweep_where_no_policy_reaches_90_percent_is_an_error():
 @pytest.mark.parametrize("flags, needle", [
     (["--rates", "1,x"], "--rates '1,x'"), (["--rates", "0,1"], "must be positive"),
     (["--policies", "aegaeon,fifo"], "--policies 'aegaeon,fifo'"), (["--stop-below", "2"], "--stop-below 2"),
+    (["--tbt-ms", "0"], "--tbt-ms 0"),
 ])
 def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags, needle):
     out = tmp_path / "serve.json"
@@ -77,6 +78,26 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     gap = abs(simulated[0]["attainment"] - result["points"][0]["attainment"]) * 100
     assert result["sim_gap_pp"] == pytest.approx(gap)
     assert report["sim_profile"]["file"] == str(profile)
+    # The same report re-simulated (no live run): its traces regenerate from the command's seed,
+    # so the same profile gives exactly the same simulated points, and the live ones are kept.
+    again = tmp_path / "again.json"
+    assert main(["bench", "serve", "--resimulate", str(out), "--sim-profile", str(profile),
+                 "--json", str(again)]) == 0
+    redone = json.loads(again.read_text())
+    assert redone["policies"]["aegaeon"]["simulated"] == result["simulated"]
+    assert redone["policies"]["aegaeon"]["points"] == result["points"]
+    assert redone["resimulated"]["from"] == str(out) and again.with_suffix(".png").exists()
+
+
+def test_resimulate_refuses_what_is_not_a_report_and_writes_nothing(tmp_path, capsys):
+    bogus, out = tmp_path / "bogus.json", tmp_path / "out.json"
+    bogus.write_text('{"policies": {}}')
+    assert main(["bench", "serve", "--resimulate", str(bogus), "--sim-profile", str(bogus),
+                 "--json", str(out)]) == 2
+    assert "not a `tokenpool bench serve` report" in capsys.readouterr().err
+    assert main(["bench", "serve", "--resimulate", str(bogus), "--json", str(out)]) == 2
+    assert "--resimulate needs --sim-profile" in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".png").exists()
 
 
 def test_the_simulator_judges_a_request_against_the_context_as_the_engine_does():
@@ -86,3 +107,17 @@ def test_the_simulator_judges_a_request_against_the_context_as_the_engine_does()
     cut = sim_request(request, prompt_len=500, context=512)
     assert (cut.prompt_tokens, cut.max_tokens, cut.arrival_s) == (500, 12, 1.5)  # stops at the context
     assert sim_request(request, prompt_len=100, context=512).max_tokens == 64
+
+
+def test_a_baseline_runs_alone_with_a_stated_tbt(tmp_path, tiny_dir):
+    # Without --tbt-ms the SLO comes from an aegaeon decode instance's own target; with it any
+    # policy runs first (or alone), and every stack and the scoring use the stated value.
+    out = tmp_path / "serve.json"
+    models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
+    assert main(["bench", "serve", "--json", str(out), "--policies", "request", "--rates", "0.5",
+                 "--duration", "3", "--threads", "1", "--tbt-ms", "80", *models]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["policies"]) == {"request"}
+    assert report["slo"]["tbt_s"] == pytest.approx(0.08) and report["slo"]["ttft_s"] == pytest.approx(8.0)
+    assert report["slo"]["how"].startswith("TBT = --tbt-ms")
+    assert report["policies"]["request"]["points"][0]["attainment"] >= 0.9  # light load
