@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from tokenpool.cli.service_process import EXIT_WITH_PARENT
+from tokenpool.cli.service_process import EXIT_WITH_PARENT, stop_process
 
 LENGTHS = (512, 2048, 8192)
 RAW_RUNS = 3
@@ -104,7 +103,7 @@ def _engine(folder: Path, args: argparse.Namespace, max_tokens: int):
     slot = slot_bytes_needed(model_specs(model_config, compute))
     engine = MultiModelEngine(InstanceConfig(kv_bytes=kv_bytes, slot_bytes=slot, engine=config),
                               HostModelCache(), HostKVPool(64 << 20, slab_bytes=4 << 20))
-    engine.register("bench", folder)
+    engine.register(f"kvbench-{folder.name}", folder)  # its own id in the node's host model cache
     return engine
 
 
@@ -128,19 +127,13 @@ class _Agent:
         self.address = json.loads(ready.read_text())["address"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
 
 
 def _measure(engine, args: argparse.Namespace) -> dict:
     from tokenpool.kvtransfer.transport import NodeLocalTransport
 
-    model = engine.models["bench"]
+    model = engine.models[_model_id(engine)]
     max_len = model.book.max_model_len
     lengths = [min(n, max_len - 2) for n in args.lengths]  # room for the first token and one more
     block_bytes = model.shape.nbytes
@@ -160,7 +153,8 @@ def _measure(engine, args: argparse.Namespace) -> dict:
         finally:
             for agent in agents:
                 agent.stop()
-    return {"model": "bench", "kv_dtype": model.shape.dtype, "threads": torch.get_num_threads(),
+    return {"model": _model_id(engine).removeprefix("kvbench-"), "kv_dtype": model.shape.dtype,
+            "threads": torch.get_num_threads(),
             "block_bytes": block_bytes, "rows": rows, "notes": notes}
 
 
@@ -186,21 +180,22 @@ def _handoff(engine, sender, receiver, destination: str, n: int, streamed: bool)
     """
     from tokenpool.engine.sampling_params import SamplingParams
 
-    model = engine.models["bench"]
+    model = engine.models[_model_id(engine)]
     ids = torch.randint(0, model.profile.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
     rid = f"bench-{n}-{'s' if streamed else 'u'}-{time.monotonic_ns()}"
     pushed = sender.pushed_bytes, sender.push_seconds
     start = time.perf_counter()
-    engine.add_request("bench", ids.tolist(), SamplingParams(max_tokens=2, ignore_eos=True), request_id=rid)
+    sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+    engine.add_request(model.profile.model_id, ids.tolist(), sampling, request_id=rid)
     stream = None
     if streamed:
         stream = sender.begin(rid, model.shape, -(-n // model.shape.block_size), destination)
-        engine.stream_kv("bench", rid, stream.put)
+        engine.stream_kv(model.profile.model_id, rid, stream.put)
     try:
-        while not any(o.request_id == rid for o in engine.step("bench")):
+        while not any(o.request_id == rid for o in engine.step(model.profile.model_id)):
             pass
         prefill_end = time.perf_counter()
-        shape, blocks = engine.handoff_blocks("bench", rid)
+        shape, blocks = engine.handoff_blocks(model.profile.model_id, rid)
         if stream is not None:
             handle = stream.finish(n)
         else:
@@ -212,7 +207,7 @@ def _handoff(engine, sender, receiver, destination: str, n: int, streamed: bool)
         push_gbps = [] if streamed else _push_rates(sender, receiver, rid, shape, blocks, n, destination,
                                                    pushed)
     finally:
-        engine.abort("bench", rid)
+        engine.abort(model.profile.model_id, rid)
     return {"prefill_s": prefill_end - start, "handoff_s": done - prefill_end,
             "bytes": len(blocks) * shape.nbytes, "push_gbps": push_gbps}
 
@@ -281,3 +276,8 @@ def _raw_target(conn, nbytes: int) -> None:
     conn.send_bytes(agent.get_agent_metadata())
     conn.send_bytes(buffer.data_ptr().to_bytes(8, "little"))
     conn.recv_bytes()  # "done"
+
+
+def _model_id(engine) -> str:
+    """The one model the bench's engine registered."""
+    return next(iter(engine.models))

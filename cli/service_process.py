@@ -21,6 +21,7 @@ import faulthandler
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -156,3 +157,14 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
     while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
         await asyncio.sleep(PARENT_POLL_S)
     stop.set()
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> int:
+    """SIGTERM (if still running), SIGKILL after grace_s -> its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,10 +33,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_stack(path: Path) -> None:
+    from tokenpool.proxy.table_recovery import process_alive
+
     from .internal_token import read_token
 
     info = json.loads(path.read_text())
-    if not _alive(info["pid"]):  # its launcher was killed (SIGKILL: no clean stop)
+    if not process_alive(info["pid"]):  # its launcher was killed (SIGKILL: no clean stop)
         path.unlink(missing_ok=True)
         print(f"{info['name']}: launcher pid {info['pid']} is gone; removed its stale entry")
         return
@@ -98,13 +99,3 @@ def _print_records(records) -> None:
         where = "/".join(i for i in (r.prefill_instance, r.decode_instance) if i) or "-"
         print(f"  slot {slot:5} {r.request_id:34} {r.model:24} {r.state.value:12} {where:20} "
               f"prompt {r.num_prompt_tokens:5} out {r.num_output_tokens:5} age {age:7.2f} s")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True

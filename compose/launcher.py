@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from tokenpool.cli.internal_token import ENV as INTERNAL_TOKEN_ENV
 from tokenpool.cli.internal_token import is_loopback
-from tokenpool.cli.service_process import EXIT_WITH_PARENT
+from tokenpool.cli.service_process import EXIT_WITH_PARENT, stop_process
 from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
 from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.turn_policy import check_policy
@@ -174,14 +173,7 @@ class Stack:
         """SIGTERM in reverse start order, SIGKILL after STOP_TIMEOUT_S; -> (name, exit code) each."""
         codes = []
         for service in reversed(self.services):
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-            try:
-                code = service.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                code = service.process.wait()
-            codes.append((service.name, code))
+            codes.append((service.name, stop_process(service.process, STOP_TIMEOUT_S)))
         self.services.clear()
         self.stack_file.unlink(missing_ok=True)
         if self.token_file is not None:

@@ -94,14 +94,12 @@ class ModelSwitcher:
         self.max_positions = max_positions
         # One module per (config, slot): the slot being filled is bound in the background
         # while the other slot's module computes, so a prefetched switch re-binds nothing.
-        self._modules: dict[tuple[int, int], CausalLM] = {}  # (shape id, slot) -> module
-        self._bound: dict[tuple[int, int], tuple[str, int]] = {}  # -> (model id, arena offset) it views
-        # (config, dtype) -> a small int, once per model: hashing a ModelConfig (dozens of
-        # fields) on every switch costs more than the rest of a prefetched switch.
-        self._shape_ids: dict[tuple[ModelConfig, torch.dtype], int] = {}
-        self._shape_of: dict[int, tuple[ModelProfile, int]] = {}  # id(profile) -> (it, its shape id)
+        self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
+        self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
-        self._copies: dict[tuple[int, str], tuple] = {}  # (slot, model) -> (base, dest, src, lease)
+        # (slot, model, offset) -> flat (destination, source) views, made once: making a tensor
+        # view costs microseconds, a small model's whole copy a few dozen.
+        self._copy_views: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -156,13 +154,11 @@ class ModelSwitcher:
         region.reset()
         cached = self._lease(profile.model_id)
         base = region.alloc(cached.raw.numel())
-        pair = self._copies.get((index, profile.model_id))
-        if pair is None or pair[0] != base or pair[3] is not cached:
-            # The flat destination and source views, made once per slot and lease: making a
-            # tensor view costs microseconds, a small model's whole copy a few dozen.
-            dest = self.arena.buffer[base:base + cached.raw.numel()]
-            pair = self._copies[(index, profile.model_id)] = (base, dest, cached.raw.reshape(-1), cached)
-        _chunked_copy(pair[1], pair[2])
+        views = self._copy_views.get((index, profile.model_id, base))
+        if views is None:
+            views = self._copy_views[index, profile.model_id, base] = (
+                self.arena.buffer[base:base + cached.raw.numel()], cached.raw.reshape(-1))
+        _chunked_copy(*views)
         contents.model = self._bind(profile, cached, index, base)
 
     def _lease(self, model_id: str) -> CachedModel:
@@ -173,14 +169,14 @@ class ModelSwitcher:
     def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> CausalLM:
         """The module for (config, slot), pointed at the model's weights at base; a module
         already bound to exactly those bytes is returned as it is."""
-        key = (self._shape_id(profile), slot)
-        if key not in self._modules:
+        key = (profile.config, profile.dtype, slot)
+        model = self._modules.get(key)
+        if model is None:
             with torch.device("meta"):
                 model = CausalLM(profile.config, profile.dtype, self.max_positions)
             model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
             model.prepare(DenseLinear())  # RoPE tables, once per module
             self._modules[key] = model
-        model = self._modules[key]
         if self._bound.get(key) == (profile.model_id, base):
             return model
         origin = cached.raw.data_ptr()
@@ -192,18 +188,9 @@ class ModelSwitcher:
         self._bound[key] = (profile.model_id, base)
         return model
 
-    def _shape_id(self, profile: ModelProfile) -> int:
-        """Keyed by the profile object (kept alive here, so its id is not reused): a model
-        registered again with another checkpoint brings a new profile and gets its own lookup."""
-        known = self._shape_of.get(id(profile))
-        if known is None:
-            shape = self._shape_ids.setdefault((profile.config, profile.dtype), len(self._shape_ids))
-            known = self._shape_of[id(profile)] = (profile, shape)
-        return known[1]
-
     def close(self) -> None:
         self._copier.shutdown(wait=True)
-        self._copies.clear()  # its views hold the leases' mappings
+        self._copy_views.clear()  # they hold the leases' mappings
         for lease in self._leases.values():
             lease.close()
         self._leases.clear()

@@ -247,8 +247,8 @@ class MultiModelEngine:
         model = self.switcher.activate(incoming.profile)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
-        runner = incoming.runners.get(id(model))  # one per slot module (they live as long as the switcher)
-        if runner is None or runner.model is not model:
+        runner = incoming.runners.get(id(model))  # one per slot module (modules live as long as the switcher)
+        if runner is None:
             runner = incoming.runners[id(model)] = ModelRunner(model, self._kv_view(incoming), self.backend)
         self.runner = runner
         self.active = model_id

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 RELEASE_TIMEOUT_S = 5.0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
         os.kill(pid, 0)
@@ -53,7 +53,7 @@ def orphans(table: RequestTable) -> list[tuple[int, RequestRecord | None]]:
         except CorruptSlotError:
             found.append((slot, None))
             continue
-        if record.proxy_pid and record.proxy_pid != os.getpid() and not _alive(record.proxy_pid):
+        if record.proxy_pid and record.proxy_pid != os.getpid() and not process_alive(record.proxy_pid):
             found.append((slot, record))
     return found
 

@@ -58,6 +58,13 @@ def expected_streams(tiny_dir, jobs):
     return expected
 
 
+def check_streamed(job, responses, expected) -> None:
+    """A job's streamed tokens and text are exactly the single-process engine's (expected_streams)."""
+    tokens, _, text = expected[job]
+    assert [t for r in responses for t in r.token_ids] == tokens, job
+    assert "".join(r.text for r in responses) == text, job
+
+
 def stream(stub, model, prompt, n, timeout=240):
     request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
         max_tokens=n, ignore_eos=True))

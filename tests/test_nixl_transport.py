@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from tokenpool.cli.service_process import EXIT_WITH_PARENT
+from tokenpool.cli.service_process import EXIT_WITH_PARENT, stop_process
 from tokenpool.engine.slab_allocator import BlockShape
 from tokenpool.kvtransfer.transport import KVTransferError, NodeLocalTransport
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
@@ -57,13 +56,7 @@ class Agent:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
 
 
 def _pair(tmp: Path):
