@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenpool.engine.step_profiler import PROFILE_FILE_KIND, InstanceTimings
-from tokenpool.engine.step_time_model import PrefillTimeModel, StepTimeModel, TimingProfile
+from tokenpool.engine.step_time_model import PrefillTimeModel, ServingOverhead, StepTimeModel, TimingProfile
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ROW_FIELDS = ("input_len", "batch", "prefill_s", "decode_step_s")
@@ -40,6 +40,7 @@ class GpuProfile:
     gpu: str
     h2d_gbps: float
     models: dict[str, TimingProfile]
+    serving: ServingOverhead = ServingOverhead()  # measured for CPU profiles only (`profile --serving`)
 
     def switch_seconds(self, model: str) -> float:
         return self.models[model].weight_bytes / (self.h2d_gbps * 1e9)
@@ -67,7 +68,7 @@ def load(name_or_path: str | Path) -> GpuProfile:
         except ValueError as exc:
             raise ProfileError(str(exc)) from None
         label = f"{data.get('device', '?')} ({data.get('machine', '?')}, {data.get('threads', '?')} threads)"
-        return GpuProfile(label, timings.copy_gbps, timings.profiles)
+        return GpuProfile(label, timings.copy_gbps, timings.profiles, timings.serving)
     for key in ("gpu", "models"):
         if key not in data:
             raise ProfileError(f"profile {path}: missing field {key!r}")

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import msgspec
 from tokenpool.bench.metrics import SLO, LoadPoint, RequestResult, goodput, summarize
 from tokenpool.bench.workload import TraceRequest, WorkloadConfig, make_trace
 from tokenpool.engine.turn_policy import POLICIES
@@ -120,10 +121,10 @@ def _add_simulation(result, policy, served, models, pairs, count_tokens, slo, ar
 
 
 def _sim_profile_info(path: Path, profile) -> dict:
-    return {"file": str(path), "label": profile.gpu,
+    return {"file": str(path), "label": profile.gpu, "serving_overhead": msgspec.to_builtins(profile.serving),
             "how": "tokenpool sim's Simulation (the live scheduler classes on a simulated clock) replays "
-                   "each point's trace with the profile's step, prefill and switch times; same "
-                   "instances, SLO and drain cut"}
+                   "each point's trace with the profile's step, prefill and switch times and its measured "
+                   "serving-path overhead (zero if the profile has none); same instances, SLO and drain cut"}
 
 
 def resimulate(args: argparse.Namespace) -> None:
@@ -245,7 +246,7 @@ def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, pro
 
     tokenizers = {m: Tokenizer.from_folder(folder) for m, folder in served.items()}
     contexts = {m: ModelConfig.from_folder(folder).max_position_embeddings for m, folder in served.items()}
-    timings = InstanceTimings({m: profile.models[m] for m in served}, profile.h2d_gbps)
+    timings = InstanceTimings({m: profile.models[m] for m in served}, profile.h2d_gbps, profile.serving)
     cut = args.duration * (1 + DRAIN_FACTOR)
     points = []
     for rate in rates:

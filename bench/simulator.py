@@ -11,8 +11,13 @@ uses the proxy's placement functions.
     arrival -> prefill queue (grouped FCFS) -> prefill time -> first token
             -> decode instance (dispatch) -> batch joins at its model's next turn -> tokens
 
-What is left out: KV capacity limits (batches are capped at MAX_BATCH sequences), KV
-transfer time (node-local hand-off is memory-speed), and the cost of the proxy itself.
+The serving path's own costs come from the profile's ServingOverhead (measured through a
+live stack by `tokenpool profile --serving`, zero for GPU profiles): each request's first
+token after its prefill, each decode step's token streaming, and a decode step's slowdown
+while a prefill instance computes (CPU instances share cores).
+
+What is left out: KV capacity limits (batches are capped at MAX_BATCH sequences) and any
+contention beyond the measured overhead.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 from tokenpool.bench.metrics import RequestResult
 from tokenpool.decode_svc.decode_policy import make_decode_policy
 from tokenpool.engine.step_profiler import InstanceTimings
-from tokenpool.engine.step_time_model import TimingProfile
+from tokenpool.engine.step_time_model import ServingOverhead, TimingProfile
 from tokenpool.engine.turn_policy import (
     BatchInfo,
     TurnPolicy,
@@ -37,6 +42,8 @@ from tokenpool.engine.turn_policy import (
 )
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
 from tokenpool.proxy.dispatcher import MAX_BATCH, InstanceLoad, join_or_fewest_batches, serving_or_idle
+
+NO_OVERHEAD = ServingOverhead()
 
 
 @dataclass
@@ -138,8 +145,10 @@ class SimDecodeRunner:
     """The TurnRunner of a simulated decode instance."""
 
     def __init__(self, world: World, profiles: dict[str, TimingProfile], switch_s: Callable[[str], float],
-                 on_finish: Callable[[SimRequest], None]) -> None:
+                 on_finish: Callable[[SimRequest], None], serving: ServingOverhead = NO_OVERHEAD,
+                 prefill_busy: Callable[[], bool] = lambda: False) -> None:
         self.world, self.profiles, self.switch_s, self.on_finish = world, profiles, switch_s, on_finish
+        self.serving, self.prefill_busy = serving, prefill_busy
         self.actor: Actor | None = None
         self.batches: dict[str, list[SimRequest]] = {}
         self.incoming: dict[str, list[SimRequest]] = {}
@@ -187,7 +196,8 @@ class SimDecodeRunner:
             batch.append(waiting.pop(0))
         if not batch:
             return 0
-        self.actor.sleep(self.profiles[model].decode.predict(sum(s.seq_len for s in batch), len(batch)))
+        self.actor.sleep(self.profiles[model].decode.predict(sum(s.seq_len for s in batch), len(batch))
+                         + self.serving.decode_extra(len(batch), self.prefill_busy()))
         for seq in batch:
             seq.token_times.append(self.world.now)
         for seq in [s for s in batch if s.finished]:
@@ -236,6 +246,7 @@ class Simulation:
         self.decode = [self._decode_instance(i) for i in range(config.num_decode)]
         self.waiting: list[SimRequest] = []  # request policy: waiting for a decode instance
         self.prefill_load = [0] * config.num_prefill
+        self.prefill_computing = 0  # prefill instances in a switch or prefill now
 
     def run(self, requests: Sequence[SimRequest]) -> list[RequestResult]:
         for request in requests:
@@ -302,10 +313,14 @@ class Simulation:
                     actor.park()
                     continue
                 request = self._pending.pop(head[0])
+                self.prefill_computing += 1
                 if state["active"] != request.model:
                     actor.sleep(self.switch_s(request.model))
                     state["active"] = request.model
                 actor.sleep(self.profiles[request.model].prefill.predict(request.prompt_tokens))
+                self.prefill_computing -= 1
+                if self.timings.serving.request_s:  # the first token's way out (hand-off, RPCs)
+                    actor.sleep(self.timings.serving.request_s)
                 request.token_times.append(self.world.now)
                 self.prefill_load[index] -= 1
                 if request.finished:
@@ -316,7 +331,8 @@ class Simulation:
         return queue, Actor(self.world, body, f"prefill-{index}")
 
     def _decode_instance(self, index: int) -> SimDecode:
-        runner = SimDecodeRunner(self.world, self.profiles, self.switch_s, self._finish)
+        runner = SimDecodeRunner(self.world, self.profiles, self.switch_s, self._finish, self.timings.serving,
+                                 lambda: self.prefill_computing > 0)
         policy = make_decode_policy(self.config.policy, self.timings, self.config.tbt_s * 1e3,
                                     self.config.qmax_s)
 
@@ -376,7 +392,7 @@ def run_cli(args) -> None:
             names = [f"m{i:03d}" for i in range(count)]
             shape_of = {n: shapes[i % len(shapes)] for i, n in enumerate(names)}
             requests = _requests(names, args, pairs)
-            timings = InstanceTimings({n: gpu.models[shape_of[n]] for n in names}, gpu.h2d_gbps)
+            timings = InstanceTimings({n: gpu.models[shape_of[n]] for n in names}, gpu.h2d_gbps, gpu.serving)
             sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, names)
             point = summarize(count, sim.run(requests), slo)
             print(f"[{policy}] {count} models: attainment {point.attainment:.1%}", file=sys.stderr,

@@ -20,7 +20,7 @@ import torch
 
 from .multi_model_engine import MultiModelEngine
 from .sampling_params import SamplingParams
-from .step_time_model import PrefillTimeModel, ProfileCache, StepTimeModel, TimingProfile
+from .step_time_model import PrefillTimeModel, ProfileCache, ServingOverhead, StepTimeModel, TimingProfile
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,21 @@ class _ProfileFile(msgspec.Struct):
     kind: str
     copy_gbps: float
     models: dict[str, TimingProfile]
+    serving: ServingOverhead | None = None
 
 
 class InstanceTimings:
     """Every registered model's profile on this instance, and the copy bandwidth: the predictions
-    schedulers and dispatch use (step, prefill and switch seconds)."""
+    schedulers and dispatch use (step, prefill and switch seconds). `serving` is what a
+    profile file adds for the simulator only (ServingOverhead; zero unless measured)."""
 
-    def __init__(self, profiles: dict[str, TimingProfile], copy_gbps: float) -> None:
+    def __init__(self, profiles: dict[str, TimingProfile], copy_gbps: float,
+                 serving: ServingOverhead | None = None) -> None:
         if not copy_gbps > 0:
             raise ValueError(f"copy bandwidth must be positive, got {copy_gbps!r}")
         self.profiles = profiles
         self.copy_gbps = copy_gbps
+        self.serving = serving or ServingOverhead()
 
     @classmethod
     def measure(cls, engine: MultiModelEngine, cache: ProfileCache | None = None) -> InstanceTimings:
@@ -161,6 +165,8 @@ class InstanceTimings:
     def to_json(self, **meta: object) -> bytes:
         """This instance's timings as a profile file (`tokenpool profile`; the simulator reads it)."""
         file = {"kind": PROFILE_FILE_KIND, **meta, "copy_gbps": self.copy_gbps, "models": self.profiles}
+        if self.serving != ServingOverhead():
+            file["serving"] = self.serving
         return msgspec.json.format(msgspec.json.encode(file), indent=1)
 
     @classmethod
@@ -168,13 +174,13 @@ class InstanceTimings:
         """Read a profile file; ValueError naming `source` and the problem."""
         try:
             file = msgspec.json.decode(data, type=_ProfileFile)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, ValueError) as exc:  # ValueError: a negative serving overhead
             raise ValueError(f"{source}: not a tokenpool profile ({exc})") from None
         if file.kind != PROFILE_FILE_KIND:
             raise ValueError(f"{source}: kind {file.kind!r}, expected {PROFILE_FILE_KIND!r}")
         if not file.models:
             raise ValueError(f"{source}: no models")
-        return cls(file.models, file.copy_gbps)
+        return cls(file.models, file.copy_gbps, file.serving)
 
     def step_seconds(self, batch) -> float:
         """Predicted decode step of a BatchInfo."""

@@ -61,6 +61,34 @@ class PrefillTimeModel(msgspec.Struct, frozen=True):
         return cls(a=a, b=b)
 
 
+class ServingOverhead(msgspec.Struct, frozen=True):
+    """What the serving path adds to the engine's own times, measured through a live stack
+    (`tokenpool profile --serving`; bench/serving_overhead.py) for the simulator's clock:
+
+    request_s: a request's first token later than its prefill (proxy, RPCs, KV hand-off),
+    step_s + token_s * batch: a decode step longer than the engine's step (token streaming),
+    corun_step_s: a decode step longer still while a prefill instance computes (the CPU
+      instances share the machine's cores with each other and the proxy).
+
+    Zero for GPU profiles: the paper's step times are the engine's, and its instances do not
+    share cores. Schedulers never see these: live instances predict from the engine's times.
+    """
+
+    request_s: float = 0.0
+    step_s: float = 0.0
+    token_s: float = 0.0
+    corun_step_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"serving overhead {name} must be >= 0 seconds, got {value!r}")
+
+    def decode_extra(self, batch_size: int, prefill_busy: bool) -> float:
+        return self.step_s + self.token_s * batch_size + (self.corun_step_s if prefill_busy else 0.0)
+
+
 class TimingProfile(msgspec.Struct, frozen=True):
     """What scheduling knows of one model shape on one instance."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
-from tokenpool.bench import serve_bench
+from tokenpool.bench import serve_bench, serving_overhead
 from tokenpool.bench.serve_bench import sim_request
 from tokenpool.bench.workload import TraceRequest
 from tokenpool.cli.main import main
@@ -55,11 +56,18 @@ def test_a_profile_that_lacks_a_model_is_refused_before_any_stack_starts(tmp_pat
     assert "lacks tiny-llama" in capsys.readouterr().err and not out.exists()
 
 
-def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tmp_path, tiny_dir):
+def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tmp_path, tiny_dir,
+                                                                             monkeypatch):
     out = tmp_path / "serve.json"
     models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
     raw, profile = tmp_path / "raw.jsonl", tmp_path / "cpu.json"
-    assert main(["profile", "--threads", "1", "--json", str(profile), *models]) == 0
+    for name, value in (("BATCHES", (1, 4)), ("CORUN_BATCHES", (1,)), ("REPEATS", 1)):
+        monkeypatch.setattr(serving_overhead, name, value)  # a shorter measurement, same code
+    assert main(["profile", "--threads", "1", "--serving", "--json", str(profile), *models]) == 0
+    measured = json.loads(profile.read_text())["serving_measurement"]
+    assert measured["model"] == "tiny-qwen2" and [s["batch"] for s in measured["steps"]] == [1, 4, 1]
+    assert all(s["step_s"] > 0 and s["predicted_s"] > 0 for s in measured["steps"])
+    overhead = InstanceTimings.from_json(profile.read_bytes()).serving
     assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
                  "--duration", "3", "--threads", "1", "--raw", str(raw), "--sim-profile", str(profile),
                  *models]) == 0
@@ -78,6 +86,7 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     gap = abs(simulated[0]["attainment"] - result["points"][0]["attainment"]) * 100
     assert result["sim_gap_pp"] == pytest.approx(gap)
     assert report["sim_profile"]["file"] == str(profile)
+    assert report["sim_profile"]["serving_overhead"] == msgspec.to_builtins(overhead)
     # The same report re-simulated (no live run): its traces regenerate from the command's seed,
     # so the same profile gives exactly the same simulated points, and the live ones are kept.
     again = tmp_path / "again.json"

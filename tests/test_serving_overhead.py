@@ -1,0 +1,77 @@
+"""The serving path's measured overhead: its fit, its window of batch steps, how the profile
+file carries it and how the simulator's clock (not its schedulers) adds it."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from tokenpool.bench.serving_overhead import BatchSample, batch_window_steps, fit_overhead
+from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
+from tokenpool.engine.step_profiler import InstanceTimings
+from tokenpool.engine.step_time_model import PrefillTimeModel, ServingOverhead, StepTimeModel, TimingProfile
+
+PROFILE = TimingProfile(StepTimeModel(0.01, 0.0, 0.0), PrefillTimeModel(0.05, 0.0), 10**6)
+
+
+def test_the_fit_recovers_a_line_in_batch_size_and_the_corun_extra():
+    line = {1: 0.0013, 2: 0.0016, 4: 0.0022, 8: 0.0034}  # 1 ms + 0.3 ms per sequence beyond the profile
+    samples = [BatchSample(b, False, 0.002 * b + extra, 0.002 * b) for b, extra in line.items()]
+    samples += [BatchSample(b, True, 0.002 * b + line[b] + 0.0007, 0.002 * b) for b in (1, 4)]
+    overhead = fit_overhead(samples, request_s=0.008)
+    assert overhead.step_s == pytest.approx(0.001) and overhead.token_s == pytest.approx(0.0003)
+    assert overhead.corun_step_s == pytest.approx(0.0007) and overhead.request_s == 0.008
+    assert overhead.decode_extra(4, prefill_busy=True) == pytest.approx(0.001 + 0.0012 + 0.0007)
+
+
+def test_the_fit_never_goes_negative():
+    falling = [BatchSample(b, False, 0.01, 0.01 - 0.001 * b) for b in (1, 2, 4)]  # extra grows: fine
+    assert fit_overhead(falling, 0.0).token_s == pytest.approx(0.001)
+    faster = [BatchSample(b, False, 0.009 - 0.0001 * b, 0.01) for b in (1, 2, 4)]  # engine beats profile
+    overhead = fit_overhead(faster + [BatchSample(1, True, 0.001, 0.01)], request_s=-0.002)
+    assert overhead == ServingOverhead()
+    with pytest.raises(ValueError, match="two or more batch sizes"):
+        fit_overhead([BatchSample(1, False, 0.01, 0.009)], 0.0)
+
+
+def test_batch_window_steps_take_the_span_where_every_stream_decodes():
+    a = [1.0 + 0.01 * i for i in range(40)]  # first token at 1.0, every 10 ms
+    b = [1.2 + 0.01 * i for i in range(40)]  # joins at 1.2
+    tokens_together = [1.0 + 0.02 * i for i in range(20) for _ in range(2)]  # two tokens a response
+    steps = batch_window_steps([(0.0, a), (0.0, b), (0.0, tokens_together)])
+    assert steps[:2] == pytest.approx([0.01, 0.01])
+    assert steps[2] == pytest.approx(0.01, rel=0.06)  # tokens in one response still count: span over tokens
+    assert batch_window_steps([(0.0, a[:5]), (0.0, b)]) == []  # never together for 8 tokens
+
+
+def test_the_profile_file_carries_the_overhead_and_refuses_a_negative_one():
+    overhead = ServingOverhead(request_s=0.008, step_s=0.001, token_s=0.0003, corun_step_s=0.0007)
+    data = InstanceTimings({"a": PROFILE}, 5.0, overhead).to_json(device="cpu")
+    assert InstanceTimings.from_json(data).serving == overhead
+    unmeasured = InstanceTimings({"a": PROFILE}, 5.0).to_json()
+    assert InstanceTimings.from_json(unmeasured).serving == ServingOverhead()
+    bad = msgspec.json.decode(data)
+    bad["serving"]["token_s"] = -0.001
+    with pytest.raises(ValueError, match="token_s must be >= 0"):
+        InstanceTimings.from_json(msgspec.json.encode(bad), "bad.json")
+
+
+def test_the_simulator_clock_adds_the_overhead_but_its_scheduler_predicts_without_it():
+    overhead = ServingOverhead(request_s=0.02, step_s=0.001, token_s=0.002, corun_step_s=0.004)
+
+    def run(serving, spec):
+        timings = InstanceTimings({"a": PROFILE}, 1.0, serving)
+        sim = Simulation(SimConfig("aegaeon", 1, 1, tbt_s=0.05), timings, ["a"])
+        reqs = [SimRequest(f"r{i}", "a", t, 16, n) for i, (t, n) in enumerate(spec)]
+        sim.run(reqs)
+        return sim, reqs
+
+    _, (plain,) = run(ServingOverhead(), [(0.0, 4)])
+    sim, (slow,) = run(overhead, [(0.0, 4)])
+    assert slow.token_times[0] == pytest.approx(plain.token_times[0] + 0.02)  # first token's way out
+    assert [b - a for a, b in zip(slow.token_times[1:], slow.token_times[2:], strict=False)] == \
+        pytest.approx([0.01 + 0.001 + 0.002] * 2)  # a batch of one, no prefill running
+    assert sim.timings.step_seconds(sim.decode[0].runner.batch("a")) == pytest.approx(0.01)
+    # A second request's prefill (0.05 s) runs while the first decodes: those steps pay corun.
+    _, (first, _) = run(overhead, [(0.0, 20), (0.1, 1)])
+    gaps = [round(b - a, 6) for a, b in zip(first.token_times[1:], first.token_times[2:], strict=False)]
+    assert round(0.013 + 0.004, 6) in gaps and round(0.013, 6) in gaps
