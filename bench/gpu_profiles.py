@@ -16,11 +16,17 @@ stated with its source rather than measured (no GPU here).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenpool.engine.step_profiler import PROFILE_FILE_KIND, InstanceTimings
-from tokenpool.engine.step_time_model import PrefillTimeModel, ServingOverhead, StepTimeModel, TimingProfile
+from tokenpool.engine.step_time_model import (
+    PrefillTimeModel,
+    ServingOverhead,
+    StepTable,
+    StepTimeModel,
+    TimingProfile,
+)
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ROW_FIELDS = ("input_len", "batch", "prefill_s", "decode_step_s")
@@ -40,7 +46,8 @@ class GpuProfile:
     gpu: str
     h2d_gbps: float
     models: dict[str, TimingProfile]
-    serving: ServingOverhead = ServingOverhead()  # measured for CPU profiles only (`profile --serving`)
+    serving: ServingOverhead = ServingOverhead()  # these two: CPU profiles only (`profile --live-clock`)
+    step_tables: dict[str, StepTable] = field(default_factory=dict)
 
     def switch_seconds(self, model: str) -> float:
         return self.models[model].weight_bytes / (self.h2d_gbps * 1e9)
@@ -68,7 +75,7 @@ def load(name_or_path: str | Path) -> GpuProfile:
         except ValueError as exc:
             raise ProfileError(str(exc)) from None
         label = f"{data.get('device', '?')} ({data.get('machine', '?')}, {data.get('threads', '?')} threads)"
-        return GpuProfile(label, timings.copy_gbps, timings.profiles, timings.serving)
+        return GpuProfile(label, timings.copy_gbps, timings.profiles, timings.serving, timings.step_tables)
     for key in ("gpu", "models"):
         if key not in data:
             raise ProfileError(f"profile {path}: missing field {key!r}")

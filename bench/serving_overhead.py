@@ -3,12 +3,15 @@
 `tokenpool profile` fits the engine's own step and prefill times; a request served by a
 stack also pays the proxy, the RPCs, the KV hand-off and one streamed response per token,
 and on a CPU machine the instances share cores with each other, the proxy and the client.
-`tokenpool profile --serving` starts a stack (1 prefill + 1 decode instance, one model,
-the instances' threads) and measures, against the model's profile:
+`tokenpool profile --live-clock` starts a stack (1 prefill + 1 decode instance serving the
+profiled models, the instances' threads) and measures requests for the smallest model
+against what the simulator's clock takes for it (its step table, else its profile's line),
+and prefills of the largest (long enough to time) with and without decoding beside them:
 
-    decode step  = profile step + step_s + token_s * batch      (batches of 1, 2, 4, 8 streams)
-                   + corun_step_s while a prefill instance computes (a client keeps it busy)
+    decode step  = clock step + step_s + token_s * batch        (batches of 1, 2, 4, 8 streams)
+                   + corun_step_s while a prefill instance computes (clients keep it busy)
     first token  = profile prefill + request_s                  (one request at a time)
+    prefill      x corun_prefill_factor while the decode instance has work
 
 A step is a stream's mean token gap while every stream of its batch is decoding (after the
 last one's first token, up to the first one's last), the median over streams and repeats.
@@ -18,10 +21,12 @@ The simulator adds these to its clock (ServingOverhead); schedulers never see th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +39,10 @@ REPEATS = 6
 OUTPUT_TOKENS = 64
 PROMPT = ("A platform team runs hundreds of language models for its users, most of them asked for "
           "only now and then, on a small shared pool of accelerators. ")
-BACKGROUND_PROMPT_REPEATS = 4  # the co-run client's prompts: this many copies of PROMPT, one token out
+LONG_PROMPT_REPEATS = 4  # prefills timed, and the prefill background's: this many copies of PROMPT
+PREFILL_REPEATS = 4
+BACKGROUND_CLIENTS = 2
+BACKGROUND_SETTLE_S = 0.5
 MIN_TOKENS = 8  # a stream with fewer tokens in its batch's window is not a measurement
 
 
@@ -43,7 +51,7 @@ class BatchSample:
     batch: int
     corun: bool
     step_s: float  # median over streams of the mean token gap while all `batch` streams decode
-    predicted_s: float  # the profile's step at that batch and context
+    predicted_s: float  # the clock's step at that batch and context
 
     @property
     def extra_s(self) -> float:
@@ -58,15 +66,22 @@ class ServingMeasurement:
     ttft_s: float  # median, one request at a time
     predicted_prefill_s: float
     samples: list[BatchSample]
+    prefill_model: str
+    prefill_tokens: int
+    prefill_s: tuple[float, float]  # median first token of prefill_model: alone, while its decode runs
 
     def to_json(self) -> dict:
         return {"model": self.model, "prompt_tokens": self.prompt_tokens, "output_tokens": OUTPUT_TOKENS,
                 "repeats": REPEATS, "ttft_s": self.ttft_s, "predicted_prefill_s": self.predicted_prefill_s,
                 "steps": [{"batch": s.batch, "corun": s.corun, "step_s": s.step_s,
-                           "predicted_s": s.predicted_s} for s in self.samples]}
+                           "predicted_s": s.predicted_s} for s in self.samples],
+                "prefill": {"model": self.prefill_model, "prompt_tokens": self.prefill_tokens,
+                            "repeats": PREFILL_REPEATS, "alone_s": self.prefill_s[0],
+                            "with_decode_s": self.prefill_s[1]}}
 
 
-def fit_overhead(samples: list[BatchSample], request_s: float) -> ServingOverhead:
+def fit_overhead(samples: list[BatchSample], request_s: float,
+                 corun_prefill_factor: float = 1.0) -> ServingOverhead:
     """step_s + token_s * batch by least squares over the samples without co-run (both >= 0), and
     corun_step_s as the median of what the co-run samples add beyond that line."""
     alone = [s for s in samples if not s.corun]
@@ -83,7 +98,7 @@ def fit_overhead(samples: list[BatchSample], request_s: float) -> ServingOverhea
     corun = [s.extra_s - line.decode_extra(s.batch, False) for s in samples if s.corun]
     corun_s = max(0.0, statistics.median(corun)) if corun else 0.0
     return ServingOverhead(request_s=max(0.0, request_s), step_s=line.step_s, token_s=line.token_s,
-                           corun_step_s=corun_s)
+                           corun_step_s=corun_s, corun_prefill_factor=max(1.0, corun_prefill_factor))
 
 
 def batch_window_steps(streams: list[tuple[float, list[float]]]) -> list[float]:
@@ -100,76 +115,142 @@ def batch_window_steps(streams: list[tuple[float, list[float]]]) -> list[float]:
     return steps
 
 
-def measure(folders: dict[str, Path], model: str, profile: TimingProfile, threads: int | None,
+def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], threads: int | None,
+            step: Callable[[str, int, int], float] | None = None,
             progress=lambda line: print(line, file=sys.stderr, flush=True)) -> ServingMeasurement:
     """Start a stack serving every model of `folders` (as a live run would) and measure the
-    serving overhead of requests for `model` against its `profile`."""
+    serving overhead: decode with requests for the smallest model, against `step` (model,
+    sum_seq_len, batch_size -> seconds; default the profile's line); prefill co-run with the
+    largest, whose prefills are long enough to time."""
     from tokenpool.compose.launcher import Stack, StackConfig
+    from tokenpool.engine.model_config import ModelConfig
     from tokenpool.engine.tokenizer import Tokenizer
 
-    prompt_tokens = len(Tokenizer.from_folder(folders[model]).encode(PROMPT))
+    small = min(folders, key=lambda m: profiles[m].weight_bytes)
+    large = max(folders, key=lambda m: profiles[m].weight_bytes)
+    tokens = {m: len(Tokenizer.from_folder(folders[m]).encode(PROMPT)) for m in {small, large}}
+    long_tokens = len(Tokenizer.from_folder(folders[large]).encode(PROMPT * LONG_PROMPT_REPEATS))
+    contexts = {m: ModelConfig.from_folder(folders[m]).max_position_embeddings for m in (small, large)}
+    step = step or (lambda model, sum_len, batch: profiles[model].decode.predict(sum_len, batch))
     config = StackConfig(models=folders, prefill=1, decode=1, port=0, policy="aegaeon", threads=threads)
     with tempfile.TemporaryDirectory(prefix="tokenpool-serving-") as logs, Stack(config, Path(logs)) as stack:
-        progress(f"serving overhead: starting a stack with {len(folders)} models, requests for {model}")
+        progress(f"serving overhead: starting a stack with {len(folders)} models")
         stack.start(progress=lambda line: None)
-        ttfts, samples = asyncio.run(_measure(stack.address, model, prompt_tokens, profile, progress))
+        client = _Client(stack.address)
+        # the decode background must outlast the timed prefills (twice their predicted time)
+        busy_s = 2 * PREFILL_REPEATS * profiles[large].prefill.predict(long_tokens)
+        decode_step_s = step(large, BACKGROUND_CLIENTS * tokens[large], BACKGROUND_CLIENTS)
+        decode_tokens = min(int(busy_s / decode_step_s) + OUTPUT_TOKENS, contexts[large] - tokens[large] - 1)
+        ttfts, samples, prefill_s = asyncio.run(client.run(
+            small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, decode_tokens,
+            progress))
     ttft = statistics.median(ttfts)
-    predicted_prefill = profile.prefill.predict(prompt_tokens)
-    overhead = fit_overhead(samples, ttft - predicted_prefill)
-    return ServingMeasurement(overhead, model, prompt_tokens, ttft, predicted_prefill, samples)
+    predicted_prefill = profiles[small].prefill.predict(tokens[small])
+    request_s = max(0.0, ttft - predicted_prefill)
+    alone, corun = (max(1e-9, p - request_s) for p in prefill_s)
+    overhead = fit_overhead(samples, request_s, corun_prefill_factor=max(1.0, corun / alone))
+    return ServingMeasurement(overhead, small, tokens[small], ttft, predicted_prefill, samples,
+                              large, long_tokens, prefill_s)
 
 
-async def _measure(address: str, model: str, prompt_tokens: int, profile: TimingProfile, progress):
-    import grpc
-    from tokenpool.protos.v1 import inference_pb2 as pb
-    from tokenpool.protos.v1 import inference_pb2_grpc
+class _Client:
+    """Requests to the stack's proxy, timed token by token."""
 
-    counter = iter(range(1 << 30))
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.counter = iter(range(1 << 30))
 
-    async def stream(stub, text: str, max_tokens: int) -> tuple[float, list[float]]:
+    async def stream(self, model: str, text: str, max_tokens: int,
+                     first: asyncio.Event | None = None) -> tuple[float, list[float]]:
+        """-> (start, arrival time of each token); `first` is set at the first token."""
+        from tokenpool.protos.v1 import inference_pb2 as pb
+
         start, times = time.monotonic(), []
-        request = pb.GenerateRequest(model=model, text=text, request_id=f"serving-{next(counter)}",
+        request = pb.GenerateRequest(model=model, text=text, request_id=f"serving-{next(self.counter)}",
                                      sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        async for response in stub.Generate(request, timeout=300):
+        async for response in self.stub.Generate(request, timeout=300):
             times += [time.monotonic()] * len(response.token_ids)
+            if first is not None:
+                first.set()
         if len(times) != max_tokens:
             raise RuntimeError(f"serving overhead: {model} returned {len(times)} of {max_tokens} tokens")
         return start, times
 
-    async def batch_step(stub, batch: int, corun: bool) -> BatchSample:
+    async def first_tokens(self, model: str, text: str, count: int) -> float:
+        """Median seconds to the first token of `count` requests sent one after another."""
+        ttfts = []
+        for _ in range(count):
+            start, times = await self.stream(model, text, 1)
+            ttfts.append(times[0] - start)
+        return statistics.median(ttfts)
+
+    async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step) -> BatchSample:
         steps = []
         for _ in range(REPEATS):
-            streams = await asyncio.gather(*(stream(stub, PROMPT, OUTPUT_TOKENS) for _ in range(batch)))
+            streams = await asyncio.gather(*(self.stream(model, PROMPT, OUTPUT_TOKENS) for _ in range(batch)))
             steps += batch_window_steps(streams)
         if not steps:
             raise RuntimeError(f"serving overhead: batches of {batch} never decoded together for "
                                f"{MIN_TOKENS} tokens; is {model}'s prefill much slower than its decode?")
         context = batch * (prompt_tokens + OUTPUT_TOKENS // 2)
-        sample = BatchSample(batch, corun, statistics.median(steps), profile.decode.predict(context, batch))
-        progress(f"serving overhead: batch {batch}{' with prefills running' if corun else ''}: step "
-                 f"{sample.step_s * 1e3:.2f} ms, profile {sample.predicted_s * 1e3:.2f} ms")
-        return sample
+        return BatchSample(batch, corun, statistics.median(steps), step(context, batch))
 
-    async def keep_prefilling(stub, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await stream(stub, PROMPT * BACKGROUND_PROMPT_REPEATS, 1)
+    async def run(self, small: str, small_tokens: int, step, large: str, decode_tokens: int, progress):
+        """-> (first-token seconds of `small`, step samples, (prefill of `large` alone, while its
+        decode runs)); decode_tokens: how long the decode background must run."""
+        import grpc
+        from tokenpool.protos.v1 import inference_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        await stream(stub, PROMPT, OUTPUT_TOKENS)  # warm-up: first-request costs are not overhead
-        ttfts = []
-        for _ in range(2 * REPEATS):
-            start, times = await stream(stub, PROMPT, 2)
-            ttfts.append(times[0] - start)
-        progress(f"serving overhead: first token {statistics.median(ttfts) * 1e3:.1f} ms, profile prefill "
-                 f"{profile.prefill.predict(prompt_tokens) * 1e3:.1f} ms")
-        samples = [await batch_step(stub, batch, False) for batch in BATCHES]
+        long_prompt = PROMPT * LONG_PROMPT_REPEATS
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            self.stub = inference_pb2_grpc.InferenceStub(channel)
+            for model in dict.fromkeys((small, large)):  # warm-up: first-request costs are not overhead
+                await self.stream(model, PROMPT, 4)
+            ttfts = [await self.first_tokens(small, PROMPT, 1) for _ in range(2 * REPEATS)]
+            progress(f"serving overhead: first token of {small} {statistics.median(ttfts) * 1e3:.1f} ms")
+            samples = [await self.batch_step(small, small_tokens, b, False, step) for b in BATCHES]
+            async with self._background(large, long_prompt, 1, repeat=True):
+                samples += [await self.batch_step(small, small_tokens, b, True, step) for b in CORUN_BATCHES]
+            for sample in samples:
+                beside = " with prefills running" if sample.corun else ""
+                progress(f"serving overhead: batch {sample.batch}{beside}: step "
+                         f"{sample.step_s * 1e3:.2f} ms, clock {sample.predicted_s * 1e3:.2f} ms")
+            alone = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
+            async with self._background(large, PROMPT, decode_tokens, repeat=False):
+                corun = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
+            progress(f"serving overhead: {large}'s prefill of {LONG_PROMPT_REPEATS}x the prompt: "
+                     f"{alone * 1e3:.0f} ms, {corun * 1e3:.0f} ms while its decode runs")
+        return ttfts, samples, (alone, corun)
+
+    @contextlib.asynccontextmanager
+    async def _background(self, model: str, text: str, max_tokens: int, repeat: bool):
+        """BACKGROUND_CLIENTS clients sending `model` requests while the body runs: back to back
+        (repeat; the body starts after BACKGROUND_SETTLE_S), or one each, the body starting at
+        their first tokens and the requests cancelled after it."""
         stop = asyncio.Event()
-        background = [asyncio.create_task(keep_prefilling(stub, stop)) for _ in range(2)]
+        firsts = [asyncio.Event() for _ in range(BACKGROUND_CLIENTS)]
+
+        async def client(first: asyncio.Event) -> None:
+            await self.stream(model, text, max_tokens, first)
+            while repeat and not stop.is_set():
+                await self.stream(model, text, max_tokens)
+
+        tasks = [asyncio.create_task(client(first)) for first in firsts]
         try:
-            await asyncio.sleep(0.5)
-            samples += [await batch_step(stub, batch, True) for batch in CORUN_BATCHES]
+            if repeat:
+                await asyncio.sleep(BACKGROUND_SETTLE_S)
+            else:
+                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), timeout=300)
+            yield
+            if not repeat and any(t.done() for t in tasks):
+                raise RuntimeError(f"serving overhead: {model}'s background decode ended before the prefills "
+                                   "were timed")
         finally:
             stop.set()
-            await asyncio.gather(*background)
-    return ttfts, samples
+            if not repeat:
+                for task in tasks:
+                    task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, asyncio.CancelledError):
+                raise result

@@ -11,10 +11,13 @@ uses the proxy's placement functions.
     arrival -> prefill queue (grouped FCFS) -> prefill time -> first token
             -> decode instance (dispatch) -> batch joins at its model's next turn -> tokens
 
-The serving path's own costs come from the profile's ServingOverhead (measured through a
-live stack by `tokenpool profile --serving`, zero for GPU profiles): each request's first
-token after its prefill, each decode step's token streaming, and a decode step's slowdown
-while a prefill instance computes (CPU instances share cores).
+The clock's decode steps come from the profile's measured step tables where it has them
+(StepTable: CPU steps are not linear in the batch), else from the line the schedulers use;
+the serving path's own costs from its ServingOverhead (both measured by `tokenpool profile
+--live-clock`, neither in GPU profiles): each request's first token after its prefill, each
+decode step's token streaming, a decode step's slowdown while a prefill instance computes
+and a prefill's while a decode instance has work (CPU instances share cores). The
+schedulers predict with the line, as live instances do.
 
 What is left out: KV capacity limits (batches are capped at MAX_BATCH sequences) and any
 contention beyond the measured overhead.
@@ -34,7 +37,6 @@ from pathlib import Path
 from tokenpool.bench.metrics import RequestResult
 from tokenpool.decode_svc.decode_policy import make_decode_policy
 from tokenpool.engine.step_profiler import InstanceTimings
-from tokenpool.engine.step_time_model import ServingOverhead, TimingProfile
 from tokenpool.engine.turn_policy import (
     BatchInfo,
     TurnPolicy,
@@ -42,8 +44,6 @@ from tokenpool.engine.turn_policy import (
 )
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE, PrefillQueue
 from tokenpool.proxy.dispatcher import MAX_BATCH, InstanceLoad, join_or_fewest_batches, serving_or_idle
-
-NO_OVERHEAD = ServingOverhead()
 
 
 @dataclass
@@ -144,11 +144,10 @@ class Actor:
 class SimDecodeRunner:
     """The TurnRunner of a simulated decode instance."""
 
-    def __init__(self, world: World, profiles: dict[str, TimingProfile], switch_s: Callable[[str], float],
-                 on_finish: Callable[[SimRequest], None], serving: ServingOverhead = NO_OVERHEAD,
-                 prefill_busy: Callable[[], bool] = lambda: False) -> None:
-        self.world, self.profiles, self.switch_s, self.on_finish = world, profiles, switch_s, on_finish
-        self.serving, self.prefill_busy = serving, prefill_busy
+    def __init__(self, world: World, timings: InstanceTimings, on_finish: Callable[[SimRequest], None],
+                 prefill_busy: Callable[[], bool]) -> None:
+        """timings: the clock's step (clock_step_seconds), switch and serving-overhead times."""
+        self.world, self.timings, self.on_finish, self.prefill_busy = world, timings, on_finish, prefill_busy
         self.actor: Actor | None = None
         self.batches: dict[str, list[SimRequest]] = {}
         self.incoming: dict[str, list[SimRequest]] = {}
@@ -178,7 +177,7 @@ class SimDecodeRunner:
 
     def activate(self, model: str) -> bool:
         if model != self.active:
-            cost = self.switch_s(model)
+            cost = self.timings.switch_seconds(model)
             if self.prefetched and self.prefetched[0] == model:
                 cost = max(0.0, cost - (self.world.now - self.prefetched[1]))
             self.actor.sleep(cost)
@@ -196,8 +195,8 @@ class SimDecodeRunner:
             batch.append(waiting.pop(0))
         if not batch:
             return 0
-        self.actor.sleep(self.profiles[model].decode.predict(sum(s.seq_len for s in batch), len(batch))
-                         + self.serving.decode_extra(len(batch), self.prefill_busy()))
+        self.actor.sleep(self.timings.clock_step_seconds(model, sum(s.seq_len for s in batch), len(batch))
+                         + self.timings.serving.decode_extra(len(batch), self.prefill_busy()))
         for seq in batch:
             seq.token_times.append(self.world.now)
         for seq in [s for s in batch if s.finished]:
@@ -317,7 +316,11 @@ class Simulation:
                 if state["active"] != request.model:
                     actor.sleep(self.switch_s(request.model))
                     state["active"] = request.model
-                actor.sleep(self.profiles[request.model].prefill.predict(request.prompt_tokens))
+                prefill = self.profiles[request.model].prefill.predict(request.prompt_tokens)
+                factor = self.timings.serving.corun_prefill_factor
+                if factor != 1 and any(d.runner.models_with_work() for d in self.decode):
+                    prefill *= factor
+                actor.sleep(prefill)
                 self.prefill_computing -= 1
                 if self.timings.serving.request_s:  # the first token's way out (hand-off, RPCs)
                     actor.sleep(self.timings.serving.request_s)
@@ -331,8 +334,7 @@ class Simulation:
         return queue, Actor(self.world, body, f"prefill-{index}")
 
     def _decode_instance(self, index: int) -> SimDecode:
-        runner = SimDecodeRunner(self.world, self.profiles, self.switch_s, self._finish, self.timings.serving,
-                                 lambda: self.prefill_computing > 0)
+        runner = SimDecodeRunner(self.world, self.timings, self._finish, lambda: self.prefill_computing > 0)
         policy = make_decode_policy(self.config.policy, self.timings, self.config.tbt_s * 1e3,
                                     self.config.qmax_s)
 

@@ -9,9 +9,10 @@ same shape and threads predicts with the same numbers) plus the host-to-arena co
 bandwidth. The file is what `tokenpool sim --profile` and `tokenpool bench serve
 --sim-profile` read.
 
-With --serving, a stack serving all the models is also started and the serving path's own
-costs are measured with requests for the smallest, against its profile (bench/serving_overhead.py): what the
-simulator must add to replay a live CPU run.
+With --live-clock, also what a simulated clock needs to replay a live run on this machine:
+each model's decode steps by batch size (StepTable: one-thread CPU steps are concave in the
+batch, a line is not), and the serving path's own costs, measured through a stack serving
+all the models (bench/serving_overhead.py).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def add_parser(commands) -> None:
                    help="a model to profile (repeatable; default: the built-in catalogue)")
     add_engine_args(p, kv_mib=64, host_kv_mib=64)
     p.add_argument("--fresh", action="store_true", help="measure again even if a cached profile exists")
-    p.add_argument("--serving", action="store_true",
-                   help="also measure the serving path's overhead through a live stack (for simulating "
-                        "live CPU runs; about a minute)")
+    p.add_argument("--live-clock", action="store_true",
+                   help="also measure decode steps by batch size and the serving path's overhead through a "
+                        "live stack, for simulating live runs on this machine (a minute or more)")
     p.add_argument("--json", type=Path, required=True, help="where to write the profile")
     p.set_defaults(run=run)
 
@@ -58,13 +59,14 @@ def run(args) -> None:
     threads = torch.get_num_threads()
     meta = {"machine": machine(), "threads": threads, "device": "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": args.command_line}
-    if args.serving:
+    if args.live_clock:
         from tokenpool.bench import serving_overhead
 
+        tables = step_tables(engine)
         del engine  # its memory and threads; the stack's instances build their own
-        model = min(timings.profiles, key=lambda m: timings.profiles[m].weight_bytes)
-        measured = serving_overhead.measure(folders, model, timings.profiles[model], threads)
-        timings = InstanceTimings(timings.profiles, timings.copy_gbps, measured.overhead)
+        measured = serving_overhead.measure(folders, timings.profiles, threads,
+                                            step=lambda m, sum_len, batch: tables[m].predict(sum_len, batch))
+        timings = InstanceTimings(timings.profiles, timings.copy_gbps, measured.overhead, tables)
         meta["serving_measurement"] = measured.to_json()
     data = timings.to_json(**meta)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -75,18 +77,38 @@ def run(args) -> None:
     print(f"wrote {args.json}")
 
 
+def step_tables(engine) -> dict:
+    """Each model's StepTable, measured once per shape (models of one shape share it)."""
+    from tokenpool.engine.step_profiler import measure_step_table, profile_key
+
+    by_shape, tables = {}, {}
+    for model in engine.models:
+        key = profile_key(engine, model)
+        if key not in by_shape:
+            print(f"measuring {model}'s decode steps by batch size", file=sys.stderr, flush=True)
+            by_shape[key] = measure_step_table(engine, model)
+        tables[model] = by_shape[key]
+    return tables
+
+
 def print_profile(timings) -> None:
     head = ("model", "weights MB", f"step@{PROBE_CONTEXT} ms", f"prefill {PROBE_CONTEXT} ms", "switch ms")
+    if timings.step_tables:
+        head += ("table 1/4/8 seqs ms", "line 1/4/8 seqs ms")
     print("".join(f"{h:>24}" for h in head))
     for model, profile in timings.profiles.items():
         cells = (model, f"{profile.weight_bytes / 1e6:.1f}",
                  f"{profile.decode.predict(PROBE_CONTEXT, 1) * 1e3:.2f}",
                  f"{profile.prefill.predict(PROBE_CONTEXT) * 1e3:.2f}",
                  f"{timings.switch_seconds(model) * 1e3:.2f}")
+        if model in timings.step_tables:
+            cells += tuple("/".join(f"{predict(n * PROBE_CONTEXT, n) * 1e3:.1f}" for n in (1, 4, 8))
+                           for predict in (timings.step_tables[model].predict, profile.decode.predict))
         print("".join(f"{c:>24}" for c in cells))
     print(f"copy bandwidth {timings.copy_gbps:.1f} GB/s")
     serving = timings.serving
-    if serving.request_s or serving.step_s or serving.token_s or serving.corun_step_s:
+    if serving != type(serving)():
         print(f"serving overhead: first token +{serving.request_s * 1e3:.1f} ms, decode step "
               f"+{serving.step_s * 1e3:.2f} ms +{serving.token_s * 1e3:.2f} ms per sequence, "
-              f"+{serving.corun_step_s * 1e3:.2f} ms while a prefill computes")
+              f"+{serving.corun_step_s * 1e3:.2f} ms while a prefill computes; prefill "
+              f"x{serving.corun_prefill_factor:.2f} while a decode instance has work")

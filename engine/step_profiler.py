@@ -20,7 +20,14 @@ import torch
 
 from .multi_model_engine import MultiModelEngine
 from .sampling_params import SamplingParams
-from .step_time_model import PrefillTimeModel, ProfileCache, ServingOverhead, StepTimeModel, TimingProfile
+from .step_time_model import (
+    PrefillTimeModel,
+    ProfileCache,
+    ServingOverhead,
+    StepTable,
+    StepTimeModel,
+    TimingProfile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,10 @@ DECODE_SHAPES = ((1, 16), (1, 128), (2, 64), (4, 64), (8, 16), (8, 128))  # (bat
 DECODE_STEPS = 8  # timed, after one untimed step (the first decode step after a prefill runs slow)
 PROFILE_METHOD = 2  # part of the cache key: profiles measured by an older method are measured again
 COPY_PROBE_BYTES = 64 << 20
+TABLE_CONTEXT = 64  # measure_step_table: tokens per sequence
+TABLE_BATCHES = (1, 2, 3, 4, 6, 8)
+TABLE_SLOPE_BATCH, TABLE_SLOPE_CONTEXTS = 4, (16, 128)  # per_token from these two steps
+TABLE_ROUNDS = 3  # each a median of DECODE_STEPS; the table holds the median round
 
 
 def cached_profile(engine: MultiModelEngine, model_id: str,
@@ -68,6 +79,32 @@ def profile_model(engine: MultiModelEngine, model_id: str) -> TimingProfile:
               for sample in _time_decode(engine, model_id, batch, length)]
     return TimingProfile(decode=StepTimeModel.fit(decode), prefill=PrefillTimeModel.fit(prefill),
                          weight_bytes=engine.models[model_id].profile.nbytes)
+
+
+def measure_step_table(engine: MultiModelEngine, model_id: str) -> StepTable:
+    """The model's decode steps by batch size (StepTable), for a simulated clock; not cached:
+    instances schedule by the line of their profile, only `tokenpool profile --live-clock` asks."""
+    if engine.has_unfinished(model_id):
+        raise RuntimeError(f"cannot measure {model_id} while it has requests")
+    engine.switch_to(model_id)
+    book = engine.models[model_id].book
+    kv_tokens = book.scheduler.blocks.num_blocks * book.scheduler.blocks.block_size
+
+    def fits(batch: int, length: int) -> bool:
+        per_sequence = length + DECODE_STEPS + 3
+        return per_sequence <= book.max_model_len and batch * per_sequence <= kv_tokens
+
+    batches = [b for b in TABLE_BATCHES if fits(b, TABLE_CONTEXT)]
+    if len(batches) < 2 or not fits(TABLE_SLOPE_BATCH, max(TABLE_SLOPE_CONTEXTS)):
+        raise RuntimeError(f"{model_id}: its KV region ({kv_tokens} tokens) or context "
+                           f"({book.max_model_len}) is too small to measure a step table")
+    rounds = []  # interleaved, so a slow spell of the machine spreads over every batch size
+    for _ in range(TABLE_ROUNDS):
+        seconds = [_time_decode(engine, model_id, b, TABLE_CONTEXT)[0][2] for b in batches]
+        short, long = (_time_decode(engine, model_id, TABLE_SLOPE_BATCH, n)[0] for n in TABLE_SLOPE_CONTEXTS)
+        rounds.append(seconds + [(long[2] - short[2]) / (long[0] - short[0])])
+    *seconds, per_token = (statistics.median(column) for column in zip(*rounds, strict=True))
+    return StepTable(TABLE_CONTEXT, tuple(batches), tuple(seconds), max(0.0, per_token))
 
 
 def measure_copy_gbps(device: str = "cpu", nbytes: int = COPY_PROBE_BYTES) -> float:
@@ -141,20 +178,27 @@ class _ProfileFile(msgspec.Struct):
     copy_gbps: float
     models: dict[str, TimingProfile]
     serving: ServingOverhead | None = None
+    step_tables: dict[str, StepTable] = {}
 
 
 class InstanceTimings:
     """Every registered model's profile on this instance, and the copy bandwidth: the predictions
-    schedulers and dispatch use (step, prefill and switch seconds). `serving` is what a
-    profile file adds for the simulator only (ServingOverhead; zero unless measured)."""
+    schedulers and dispatch use (step, prefill and switch seconds). What a profile file adds
+    for a simulated clock only: `serving` (ServingOverhead; zero unless measured) and
+    `step_tables` (StepTable per model; clock_step_seconds falls back to the line)."""
 
     def __init__(self, profiles: dict[str, TimingProfile], copy_gbps: float,
-                 serving: ServingOverhead | None = None) -> None:
+                 serving: ServingOverhead | None = None,
+                 step_tables: dict[str, StepTable] | None = None) -> None:
         if not copy_gbps > 0:
             raise ValueError(f"copy bandwidth must be positive, got {copy_gbps!r}")
         self.profiles = profiles
         self.copy_gbps = copy_gbps
         self.serving = serving or ServingOverhead()
+        self.step_tables = step_tables or {}
+        unknown = sorted(set(self.step_tables) - set(profiles))
+        if unknown:
+            raise ValueError(f"step tables for models without a profile: {', '.join(unknown)}")
 
     @classmethod
     def measure(cls, engine: MultiModelEngine, cache: ProfileCache | None = None) -> InstanceTimings:
@@ -167,6 +211,8 @@ class InstanceTimings:
         file = {"kind": PROFILE_FILE_KIND, **meta, "copy_gbps": self.copy_gbps, "models": self.profiles}
         if self.serving != ServingOverhead():
             file["serving"] = self.serving
+        if self.step_tables:
+            file["step_tables"] = self.step_tables
         return msgspec.json.format(msgspec.json.encode(file), indent=1)
 
     @classmethod
@@ -180,11 +226,21 @@ class InstanceTimings:
             raise ValueError(f"{source}: kind {file.kind!r}, expected {PROFILE_FILE_KIND!r}")
         if not file.models:
             raise ValueError(f"{source}: no models")
-        return cls(file.models, file.copy_gbps, file.serving)
+        try:
+            return cls(file.models, file.copy_gbps, file.serving, file.step_tables)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def step_seconds(self, batch) -> float:
         """Predicted decode step of a BatchInfo."""
         return self.profiles[batch.model].decode.predict(batch.sum_seq_len, batch.num_seqs)
+
+    def clock_step_seconds(self, model: str, sum_seq_len: int, batch_size: int) -> float:
+        """A simulated clock's decode step: the measured table if there is one, else the line."""
+        table = self.step_tables.get(model)
+        if table is not None:
+            return table.predict(sum_seq_len, batch_size)
+        return self.profiles[model].decode.predict(sum_seq_len, batch_size)
 
     def prefill_seconds(self, model: str, num_tokens: int) -> float:
         return self.profiles[model].prefill.predict(num_tokens)

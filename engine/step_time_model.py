@@ -61,16 +61,49 @@ class PrefillTimeModel(msgspec.Struct, frozen=True):
         return cls(a=a, b=b)
 
 
+class StepTable(msgspec.Struct, frozen=True):
+    """Measured decode steps by batch size at one context per sequence, for a simulated clock
+    where the line of StepTimeModel is too coarse: one-thread CPU steps are concave in the
+    batch (SmolLM2 here: 65, 107, 142, 160 ms at 1-4 sequences, 196 ms at 8).
+
+    Between measured batch sizes the time is interpolated, beyond the largest extrapolated
+    with the last two's slope; `per_token` adds each token of context beyond `context` per
+    sequence (or takes off each one short of it).
+    """
+
+    context: int
+    batches: tuple[int, ...]
+    seconds: tuple[float, ...]
+    per_token: float
+
+    def __post_init__(self) -> None:
+        if len(self.batches) < 2 or len(self.batches) != len(self.seconds):
+            raise ValueError(f"step table needs two or more (batch, seconds) pairs, got {self.batches!r} "
+                             f"and {self.seconds!r}")
+        if list(self.batches) != sorted(set(self.batches)) or self.batches[0] < 1:
+            raise ValueError(f"step table batch sizes must be distinct, ascending and >= 1: {self.batches!r}")
+        if not all(s > 0 for s in self.seconds) or not self.per_token >= 0 or self.context < 1:
+            raise ValueError(f"step table needs seconds > 0, per_token >= 0 and context >= 1: {self!r}")
+
+    def predict(self, sum_seq_len: int, batch_size: int) -> float:
+        at = float(np.interp(batch_size, self.batches, self.seconds))
+        if batch_size > self.batches[-1]:
+            slope = (self.seconds[-1] - self.seconds[-2]) / (self.batches[-1] - self.batches[-2])
+            at = self.seconds[-1] + max(0.0, slope) * (batch_size - self.batches[-1])
+        return max(at + self.per_token * (sum_seq_len - batch_size * self.context), self.seconds[0] / 2)
+
+
 class ServingOverhead(msgspec.Struct, frozen=True):
     """What the serving path adds to the engine's own times, measured through a live stack
-    (`tokenpool profile --serving`; bench/serving_overhead.py) for the simulator's clock:
+    (`tokenpool profile --live-clock`; bench/serving_overhead.py) for the simulator's clock:
 
     request_s: a request's first token later than its prefill (proxy, RPCs, KV hand-off),
     step_s + token_s * batch: a decode step longer than the engine's step (token streaming),
     corun_step_s: a decode step longer still while a prefill instance computes (the CPU
-      instances share the machine's cores with each other and the proxy).
+      instances share the machine's cores with each other and the proxy),
+    corun_prefill_factor: a prefill this many times longer while a decode instance has work.
 
-    Zero for GPU profiles: the paper's step times are the engine's, and its instances do not
+    None for GPU profiles: the paper's step times are the engine's, and its instances do not
     share cores. Schedulers never see these: live instances predict from the engine's times.
     """
 
@@ -78,12 +111,16 @@ class ServingOverhead(msgspec.Struct, frozen=True):
     step_s: float = 0.0
     token_s: float = 0.0
     corun_step_s: float = 0.0
+    corun_prefill_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in self.__struct_fields__:
+        for name in ("request_s", "step_s", "token_s", "corun_step_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"serving overhead {name} must be >= 0 seconds, got {value!r}")
+        if not self.corun_prefill_factor >= 1:
+            raise ValueError("serving overhead corun_prefill_factor must be >= 1, got "
+                             f"{self.corun_prefill_factor!r}")
 
     def decode_extra(self, batch_size: int, prefill_busy: bool) -> float:
         return self.step_s + self.token_s * batch_size + (self.corun_step_s if prefill_busy else 0.0)

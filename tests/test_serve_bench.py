@@ -63,11 +63,15 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     raw, profile = tmp_path / "raw.jsonl", tmp_path / "cpu.json"
     for name, value in (("BATCHES", (1, 4)), ("CORUN_BATCHES", (1,)), ("REPEATS", 1)):
         monkeypatch.setattr(serving_overhead, name, value)  # a shorter measurement, same code
-    assert main(["profile", "--threads", "1", "--serving", "--json", str(profile), *models]) == 0
+    assert main(["profile", "--threads", "1", "--live-clock", "--json", str(profile), *models]) == 0
     measured = json.loads(profile.read_text())["serving_measurement"]
     assert measured["model"] == "tiny-qwen2" and [s["batch"] for s in measured["steps"]] == [1, 4, 1]
     assert all(s["step_s"] > 0 and s["predicted_s"] > 0 for s in measured["steps"])
-    overhead = InstanceTimings.from_json(profile.read_bytes()).serving
+    measured_timings = InstanceTimings.from_json(profile.read_bytes())
+    overhead = measured_timings.serving
+    assert set(measured_timings.step_tables) == {"tiny-llama", "tiny-qwen2"}
+    table = measured_timings.step_tables["tiny-llama"]
+    assert table.batches == (1, 2, 3, 4, 6, 8) and all(s > 0 for s in table.seconds)
     assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
                  "--duration", "3", "--threads", "1", "--raw", str(raw), "--sim-profile", str(profile),
                  *models]) == 0

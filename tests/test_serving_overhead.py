@@ -8,7 +8,13 @@ import pytest
 from tokenpool.bench.serving_overhead import BatchSample, batch_window_steps, fit_overhead
 from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
 from tokenpool.engine.step_profiler import InstanceTimings
-from tokenpool.engine.step_time_model import PrefillTimeModel, ServingOverhead, StepTimeModel, TimingProfile
+from tokenpool.engine.step_time_model import (
+    PrefillTimeModel,
+    ServingOverhead,
+    StepTable,
+    StepTimeModel,
+    TimingProfile,
+)
 
 PROFILE = TimingProfile(StepTimeModel(0.01, 0.0, 0.0), PrefillTimeModel(0.05, 0.0), 10**6)
 
@@ -75,3 +81,47 @@ def test_the_simulator_clock_adds_the_overhead_but_its_scheduler_predicts_withou
     _, (first, _) = run(overhead, [(0.0, 20), (0.1, 1)])
     gaps = [round(b - a, 6) for a, b in zip(first.token_times[1:], first.token_times[2:], strict=False)]
     assert round(0.013 + 0.004, 6) in gaps and round(0.013, 6) in gaps
+
+
+def test_a_step_table_interpolates_extrapolates_and_adds_context():
+    table = StepTable(context=64, batches=(1, 2, 4, 8), seconds=(0.065, 0.107, 0.160, 0.196), per_token=1e-5)
+    assert table.predict(64, 1) == pytest.approx(0.065)
+    assert table.predict(3 * 64, 3) == pytest.approx((0.107 + 0.160) / 2)
+    assert table.predict(10 * 64, 10) == pytest.approx(0.196 + 2 * 0.036 / 4)  # the last two's slope
+    assert table.predict(64 + 100, 1) == pytest.approx(0.065 + 100e-5)
+    assert table.predict(1, 1) == pytest.approx(0.065 - 63e-5)
+    for bad in (dict(batches=(1,), seconds=(0.1,)), dict(batches=(2, 1), seconds=(0.1, 0.2)),
+                dict(batches=(1, 2), seconds=(0.1, 0.0)),
+                dict(batches=(1, 2), seconds=(0.1, 0.2), per_token=-1)):
+        with pytest.raises(ValueError, match="step table"):
+            StepTable(**{"context": 64, "per_token": 0.0, **bad})
+
+
+def test_the_clock_steps_by_the_table_and_the_schedulers_by_the_line():
+    table = StepTable(context=16, batches=(1, 2), seconds=(0.004, 0.005), per_token=0.0)
+    timings = InstanceTimings({"a": PROFILE, "b": PROFILE}, 1.0, step_tables={"a": table})
+    assert timings.clock_step_seconds("a", 32, 2) == pytest.approx(0.005)
+    assert timings.clock_step_seconds("b", 32, 2) == pytest.approx(0.01)  # no table: the line
+    again = InstanceTimings.from_json(timings.to_json())
+    assert again.step_tables == {"a": table}
+    with pytest.raises(ValueError, match="step tables for models without a profile: c"):
+        InstanceTimings({"a": PROFILE}, 1.0, step_tables={"c": table})
+    sim = Simulation(SimConfig("aegaeon", 1, 1, tbt_s=0.05), timings, ["a"])
+    (seq,) = reqs = [SimRequest("r0", "a", 0.0, 16, 4)]
+    sim.run(reqs)
+    gaps = [b - a for a, b in zip(seq.token_times[1:], seq.token_times[2:], strict=False)]
+    assert gaps == pytest.approx([0.004] * 2)
+
+
+def test_a_prefill_slows_by_the_corun_factor_only_while_a_decode_instance_has_work():
+    overhead = ServingOverhead(corun_prefill_factor=1.5)
+    timings = InstanceTimings({"a": PROFILE}, 1.0, overhead)
+    sim = Simulation(SimConfig("aegaeon", 1, 1, tbt_s=0.05), timings, ["a"])
+    # r0's prefill runs on an idle fleet; r1 arrives while r0 decodes (40 steps of 10 ms).
+    reqs = [SimRequest("r0", "a", 0.0, 16, 40), SimRequest("r1", "a", 0.2, 16, 1)]
+    sim.run(reqs)
+    switch = PROFILE.weight_bytes / 1e9
+    assert reqs[0].token_times[0] == pytest.approx(switch + 0.05)
+    assert reqs[1].token_times[0] == pytest.approx(0.2 + 0.05 * 1.5)
+    with pytest.raises(ValueError, match="corun_prefill_factor must be >= 1"):
+        ServingOverhead(corun_prefill_factor=0.9)
