@@ -12,6 +12,7 @@ and prefills of the largest (long enough to time) with and without decoding besi
                    + corun_step_s while a prefill instance computes (clients keep it busy)
     first token  = profile prefill + request_s                  (one request at a time)
     prefill      x corun_prefill_factor while the decode instance has work
+    decode step  x corun_decode_factor (of the largest model's) while a prefill computes
 
 A step is a stream's mean token gap while every stream of its batch is decoding (after the
 last one's first token, up to the first one's last), the median over streams and repeats.
@@ -41,6 +42,7 @@ PROMPT = ("A platform team runs hundreds of language models for its users, most 
           "only now and then, on a small shared pool of accelerators. ")
 LONG_PROMPT_REPEATS = 4  # prefills timed, and the prefill background's: this many copies of PROMPT
 PREFILL_REPEATS = 4
+LARGE_BATCH, LARGE_REPEATS, LARGE_OUTPUT_TOKENS = 2, 2, 32  # the large model's decode, alone and co-run
 BACKGROUND_CLIENTS = 2
 BACKGROUND_SETTLE_S = 0.5
 MIN_TOKENS = 8  # a stream with fewer tokens in its batch's window is not a measurement
@@ -69,6 +71,7 @@ class ServingMeasurement:
     prefill_model: str
     prefill_tokens: int
     prefill_s: tuple[float, float]  # median first token of prefill_model: alone, while its decode runs
+    large_steps: tuple[float, float]  # prefill_model's decode step at LARGE_BATCH: alone, while prefills run
 
     def to_json(self) -> dict:
         return {"model": self.model, "prompt_tokens": self.prompt_tokens, "output_tokens": OUTPUT_TOKENS,
@@ -77,13 +80,17 @@ class ServingMeasurement:
                            "predicted_s": s.predicted_s} for s in self.samples],
                 "prefill": {"model": self.prefill_model, "prompt_tokens": self.prefill_tokens,
                             "repeats": PREFILL_REPEATS, "alone_s": self.prefill_s[0],
-                            "with_decode_s": self.prefill_s[1]}}
+                            "with_decode_s": self.prefill_s[1]},
+                "large_decode": {"model": self.prefill_model, "batch": LARGE_BATCH, "repeats": LARGE_REPEATS,
+                                 "output_tokens": LARGE_OUTPUT_TOKENS, "alone_s": self.large_steps[0],
+                                 "with_prefills_s": self.large_steps[1]}}
 
 
-def fit_overhead(samples: list[BatchSample], request_s: float,
-                 corun_prefill_factor: float = 1.0) -> ServingOverhead:
+def fit_overhead(samples: list[BatchSample], request_s: float, corun_prefill_factor: float = 1.0,
+                 corun_decode_factor: float = 1.0) -> ServingOverhead:
     """step_s + token_s * batch by least squares over the samples without co-run (both >= 0), and
-    corun_step_s as the median of what the co-run samples add beyond that line."""
+    corun_step_s as the median of what the co-run samples add beyond that line and the factor
+    (measured on the large model)."""
     alone = [s for s in samples if not s.corun]
     if len({s.batch for s in alone}) < 2:
         raise ValueError("need step samples at two or more batch sizes without co-run")
@@ -94,11 +101,13 @@ def fit_overhead(samples: list[BatchSample], request_s: float,
         token_s, step_s = 0.0, max(0.0, float(np.mean(y)))
     elif step_s < 0:
         step_s, token_s = 0.0, max(0.0, float(np.dot(x, y) / np.dot(x, x)))
-    line = ServingOverhead(step_s=float(step_s), token_s=float(token_s))
-    corun = [s.extra_s - line.decode_extra(s.batch, False) for s in samples if s.corun]
+    line = ServingOverhead(step_s=float(step_s), token_s=float(token_s),
+                           corun_decode_factor=max(1.0, corun_decode_factor))
+    corun = [s.step_s - line.decode_step(s.predicted_s, s.batch, True) for s in samples if s.corun]
     corun_s = max(0.0, statistics.median(corun)) if corun else 0.0
     return ServingOverhead(request_s=max(0.0, request_s), step_s=line.step_s, token_s=line.token_s,
-                           corun_step_s=corun_s, corun_prefill_factor=max(1.0, corun_prefill_factor))
+                           corun_step_s=corun_s, corun_prefill_factor=max(1.0, corun_prefill_factor),
+                           corun_decode_factor=line.corun_decode_factor)
 
 
 def batch_window_steps(streams: list[tuple[float, list[float]]]) -> list[float]:
@@ -141,16 +150,17 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
         busy_s = 2 * PREFILL_REPEATS * profiles[large].prefill.predict(long_tokens)
         decode_step_s = step(large, BACKGROUND_CLIENTS * tokens[large], BACKGROUND_CLIENTS)
         decode_tokens = min(int(busy_s / decode_step_s) + OUTPUT_TOKENS, contexts[large] - tokens[large] - 1)
-        ttfts, samples, prefill_s = asyncio.run(client.run(
-            small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, decode_tokens,
-            progress))
+        ttfts, samples, prefill_s, large_steps = asyncio.run(client.run(
+            small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, tokens[large],
+            lambda sum_len, batch: step(large, sum_len, batch), decode_tokens, progress))
     ttft = statistics.median(ttfts)
     predicted_prefill = profiles[small].prefill.predict(tokens[small])
     request_s = max(0.0, ttft - predicted_prefill)
     alone, corun = (max(1e-9, p - request_s) for p in prefill_s)
-    overhead = fit_overhead(samples, request_s, corun_prefill_factor=max(1.0, corun / alone))
+    overhead = fit_overhead(samples, request_s, corun_prefill_factor=corun / alone,
+                            corun_decode_factor=large_steps[1] / large_steps[0])
     return ServingMeasurement(overhead, small, tokens[small], ttft, predicted_prefill, samples,
-                              large, long_tokens, prefill_s)
+                              large, long_tokens, prefill_s, large_steps)
 
 
 class _Client:
@@ -184,20 +194,23 @@ class _Client:
             ttfts.append(times[0] - start)
         return statistics.median(ttfts)
 
-    async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step) -> BatchSample:
+    async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step,
+                         repeats: int = REPEATS, output_tokens: int = OUTPUT_TOKENS) -> BatchSample:
         steps = []
-        for _ in range(REPEATS):
-            streams = await asyncio.gather(*(self.stream(model, PROMPT, OUTPUT_TOKENS) for _ in range(batch)))
+        for _ in range(repeats):
+            streams = await asyncio.gather(*(self.stream(model, PROMPT, output_tokens) for _ in range(batch)))
             steps += batch_window_steps(streams)
         if not steps:
             raise RuntimeError(f"serving overhead: batches of {batch} never decoded together for "
                                f"{MIN_TOKENS} tokens; is {model}'s prefill much slower than its decode?")
-        context = batch * (prompt_tokens + OUTPUT_TOKENS // 2)
+        context = batch * (prompt_tokens + output_tokens // 2)
         return BatchSample(batch, corun, statistics.median(steps), step(context, batch))
 
-    async def run(self, small: str, small_tokens: int, step, large: str, decode_tokens: int, progress):
-        """-> (first-token seconds of `small`, step samples, (prefill of `large` alone, while its
-        decode runs)); decode_tokens: how long the decode background must run."""
+    async def run(self, small: str, small_tokens: int, step, large: str, large_tokens: int, large_step,
+                  decode_tokens: int, progress):
+        """-> (first-token seconds of `small`, its step samples, (prefill of `large` alone, while
+        its decode runs), (step of `large` alone, while its prefills run)); decode_tokens: how
+        long the decode background must run."""
         import grpc
         from tokenpool.protos.v1 import inference_pb2_grpc
 
@@ -211,16 +224,22 @@ class _Client:
             samples = [await self.batch_step(small, small_tokens, b, False, step) for b in BATCHES]
             async with self._background(large, long_prompt, 1, repeat=True):
                 samples += [await self.batch_step(small, small_tokens, b, True, step) for b in CORUN_BATCHES]
-            for sample in samples:
+            large_steps = [await self.batch_step(large, large_tokens, LARGE_BATCH, False, large_step,
+                                                 LARGE_REPEATS, LARGE_OUTPUT_TOKENS)]
+            async with self._background(large, long_prompt, 1, repeat=True):
+                large_steps.append(await self.batch_step(large, large_tokens, LARGE_BATCH, True, large_step,
+                                                         LARGE_REPEATS, LARGE_OUTPUT_TOKENS))
+            for sample in samples + large_steps:
                 beside = " with prefills running" if sample.corun else ""
-                progress(f"serving overhead: batch {sample.batch}{beside}: step "
+                name = large if sample in large_steps else small
+                progress(f"serving overhead: {name} batch {sample.batch}{beside}: step "
                          f"{sample.step_s * 1e3:.2f} ms, clock {sample.predicted_s * 1e3:.2f} ms")
             alone = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
             async with self._background(large, PROMPT, decode_tokens, repeat=False):
                 corun = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
             progress(f"serving overhead: {large}'s prefill of {LONG_PROMPT_REPEATS}x the prompt: "
                      f"{alone * 1e3:.0f} ms, {corun * 1e3:.0f} ms while its decode runs")
-        return ttfts, samples, (alone, corun)
+        return ttfts, samples, (alone, corun), tuple(s.step_s for s in large_steps)
 
     @contextlib.asynccontextmanager
     async def _background(self, model: str, text: str, max_tokens: int, repeat: bool):

@@ -195,8 +195,8 @@ class SimDecodeRunner:
             batch.append(waiting.pop(0))
         if not batch:
             return 0
-        self.actor.sleep(self.timings.clock_step_seconds(model, sum(s.seq_len for s in batch), len(batch))
-                         + self.timings.serving.decode_extra(len(batch), self.prefill_busy()))
+        engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in batch), len(batch))
+        self.actor.sleep(self.timings.serving.decode_step(engine_s, len(batch), self.prefill_busy()))
         for seq in batch:
             seq.token_times.append(self.world.now)
         for seq in [s for s in batch if s.finished]:

@@ -110,5 +110,6 @@ def print_profile(timings) -> None:
     if serving != type(serving)():
         print(f"serving overhead: first token +{serving.request_s * 1e3:.1f} ms, decode step "
               f"+{serving.step_s * 1e3:.2f} ms +{serving.token_s * 1e3:.2f} ms per sequence, "
-              f"+{serving.corun_step_s * 1e3:.2f} ms while a prefill computes; prefill "
+              f"x{serving.corun_decode_factor:.2f} +{serving.corun_step_s * 1e3:.2f} ms while a prefill "
+              "computes; prefill "
               f"x{serving.corun_prefill_factor:.2f} while a decode instance has work")

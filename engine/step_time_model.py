@@ -99,8 +99,9 @@ class ServingOverhead(msgspec.Struct, frozen=True):
 
     request_s: a request's first token later than its prefill (proxy, RPCs, KV hand-off),
     step_s + token_s * batch: a decode step longer than the engine's step (token streaming),
-    corun_step_s: a decode step longer still while a prefill instance computes (the CPU
-      instances share the machine's cores with each other and the proxy),
+    corun_decode_factor, corun_step_s: while a prefill instance computes, a decode step
+      takes this many times the engine's step plus this much more (the CPU instances share
+      the machine's cores and memory bandwidth with each other and the proxy),
     corun_prefill_factor: a prefill this many times longer while a decode instance has work.
 
     None for GPU profiles: the paper's step times are the engine's, and its instances do not
@@ -112,18 +113,24 @@ class ServingOverhead(msgspec.Struct, frozen=True):
     token_s: float = 0.0
     corun_step_s: float = 0.0
     corun_prefill_factor: float = 1.0
+    corun_decode_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("request_s", "step_s", "token_s", "corun_step_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"serving overhead {name} must be >= 0 seconds, got {value!r}")
-        if not self.corun_prefill_factor >= 1:
-            raise ValueError("serving overhead corun_prefill_factor must be >= 1, got "
-                             f"{self.corun_prefill_factor!r}")
+        for name in ("corun_prefill_factor", "corun_decode_factor"):
+            value = getattr(self, name)
+            if not value >= 1:
+                raise ValueError(f"serving overhead {name} must be >= 1, got {value!r}")
 
-    def decode_extra(self, batch_size: int, prefill_busy: bool) -> float:
-        return self.step_s + self.token_s * batch_size + (self.corun_step_s if prefill_busy else 0.0)
+    def decode_step(self, engine_s: float, batch_size: int, prefill_busy: bool) -> float:
+        """A served decode step whose engine step takes engine_s."""
+        served = engine_s + self.step_s + self.token_s * batch_size
+        if prefill_busy:
+            served += engine_s * (self.corun_decode_factor - 1) + self.corun_step_s
+        return served
 
 
 class TimingProfile(msgspec.Struct, frozen=True):

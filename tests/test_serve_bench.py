@@ -7,7 +7,7 @@ import json
 
 import msgspec
 import pytest
-from tokenpool.bench import serve_bench, serving_overhead
+from tokenpool.bench import serve_bench, serving_overhead, sim_validation
 from tokenpool.bench.serve_bench import sim_request
 from tokenpool.bench.workload import TraceRequest
 from tokenpool.cli.main import main
@@ -100,6 +100,15 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     assert redone["policies"]["aegaeon"]["simulated"] == result["simulated"]
     assert redone["policies"]["aegaeon"]["points"] == result["points"]
     assert redone["resimulated"]["from"] == str(out) and again.with_suffix(".png").exists()
+    # Two "runs" (the report and its re-simulation) against one profile: live and simulated
+    # attainments per rate, and the gap between their means.
+    validation = tmp_path / "validation.json"
+    assert sim_validation.main(["--report", str(out), "--report", str(again), "--profile", str(profile),
+                                "--json", str(validation)]) == 0
+    (row,) = json.loads(validation.read_text())["rows"]
+    assert row["policy"] == "aegaeon" and row["load"] == 0.5 and len(row["live"]) == 2
+    assert row["simulated"] == [simulated[0]["attainment"]] * 2
+    assert row["gap_of_means_pp"] == pytest.approx(gap)
 
 
 def test_resimulate_refuses_what_is_not_a_report_and_writes_nothing(tmp_path, capsys):

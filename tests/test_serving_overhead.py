@@ -26,7 +26,19 @@ def test_the_fit_recovers_a_line_in_batch_size_and_the_corun_extra():
     overhead = fit_overhead(samples, request_s=0.008)
     assert overhead.step_s == pytest.approx(0.001) and overhead.token_s == pytest.approx(0.0003)
     assert overhead.corun_step_s == pytest.approx(0.0007) and overhead.request_s == 0.008
-    assert overhead.decode_extra(4, prefill_busy=True) == pytest.approx(0.001 + 0.0012 + 0.0007)
+    assert overhead.decode_step(0.008, 4, prefill_busy=True) == pytest.approx(0.008 + 0.001 + 0.0012 + 0.0007)
+
+
+def test_a_decode_corun_factor_scales_the_engine_step_and_the_rest_is_added():
+    line = {1: 0.0013, 4: 0.0022}
+    samples = [BatchSample(b, False, 0.002 * b + extra, 0.002 * b) for b, extra in line.items()]
+    samples += [BatchSample(4, True, 0.008 * 1.25 + line[4] + 0.0005, 0.008)]
+    overhead = fit_overhead(samples, 0.0, corun_decode_factor=1.25)
+    assert overhead.corun_decode_factor == 1.25 and overhead.corun_step_s == pytest.approx(0.0005)
+    assert overhead.decode_step(0.1, 2, prefill_busy=False) == pytest.approx(0.1 + 0.001 + 0.0006)
+    assert overhead.decode_step(0.1, 2, prefill_busy=True) == pytest.approx(0.125 + 0.001 + 0.0006 + 0.0005)
+    with pytest.raises(ValueError, match="corun_decode_factor must be >= 1"):
+        ServingOverhead(corun_decode_factor=0.5)
 
 
 def test_the_fit_never_goes_negative():

@@ -1,0 +1,78 @@
+"""The simulator against repeated live runs: every (live report, profile) pair re-simulated.
+
+    python -m tokenpool.bench.sim_validation --report R1.json --report R2.json ... \
+        --profile P1.json --profile P2.json ... --json OUT.json
+
+One live run of a trace is one sample of this machine (its speed drifts by 10-15% over
+minutes, and a point whose median TTFT sits at the SLO swings by tens of points between
+runs of the same trace); one profile is one sample too. So for every policy and rate this
+collects each live attainment over the reports, and each simulated one over the profiles
+(`tokenpool bench serve --resimulate`, the same traces), and reports both ranges, their
+means, the gap between the means, and the mean median TTFTs. Prints a table; writes JSON (all or nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenpool.bench.sim_validation",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--report", action="append", type=Path, required=True, help="a `bench serve` report")
+    p.add_argument("--profile", action="append", type=Path, required=True, help="a `tokenpool profile` file")
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    live, simulated = defaultdict(list), defaultdict(list)  # (policy, load) -> [(attainment, TTFT p50)]
+    with tempfile.TemporaryDirectory(prefix="tokenpool-simval-") as scratch:
+        for report in args.report:
+            for profile in args.profile:
+                out = Path(scratch) / "out.json"
+                print(f"re-simulating {report} with {profile}", file=sys.stderr, flush=True)
+                subprocess.run([sys.executable, "-m", "tokenpool.cli.main", "bench", "serve", "--resimulate",
+                                str(report), "--sim-profile", str(profile), "--json", str(out)],
+                               check=True, stdout=subprocess.DEVNULL)
+                for policy, result in json.loads(out.read_text())["policies"].items():
+                    for point, sim in zip(result["points"], result["simulated"]["points"], strict=True):
+                        simulated[policy, point["load"]].append((sim["attainment"], sim["ttft_p50"]))
+                        if profile == args.profile[0]:
+                            live[policy, point["load"]].append((point["attainment"], point["ttft_p50"]))
+    rows = [_row(policy, load, live[policy, load], simulated[policy, load]) for policy, load in sorted(live)]
+    print_table(rows)
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps({"reports": [str(r) for r in args.report],
+                               "profiles": [str(p) for p in args.profile], "rows": rows}, indent=1))
+    tmp.replace(args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _row(policy: str, load: float, live: list[tuple], sim: list[tuple]) -> dict:
+    (live_att, live_ttft), (sim_att, sim_ttft) = zip(*live, strict=True), zip(*sim, strict=True)
+    return {"policy": policy, "load": load, "live": list(live_att), "simulated": list(sim_att),
+            "live_mean": statistics.mean(live_att), "simulated_mean": statistics.mean(sim_att),
+            "gap_of_means_pp": abs(statistics.mean(live_att) - statistics.mean(sim_att)) * 100,
+            "live_ttft_p50_mean": statistics.mean(live_ttft),
+            "simulated_ttft_p50_mean": statistics.mean(sim_ttft)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'policy':>8} {'load':>6} {'live runs':>10} {'live range %':>14} {'live mean':>10} "
+          f"{'sim range %':>14} {'sim mean':>9} {'gap pp':>7} {'TTFT p50 live/sim s':>20}")
+    for r in rows:
+        print(f"{r['policy']:>8} {r['load']:>6g} {len(r['live']):>10} "
+              f"{min(r['live']) * 100:>6.1f}-{max(r['live']) * 100:<6.1f} {r['live_mean'] * 100:>10.1f} "
+              f"{min(r['simulated']) * 100:>6.1f}-{max(r['simulated']) * 100:<6.1f} "
+              f"{r['simulated_mean'] * 100:>9.1f} {r['gap_of_means_pp']:>7.1f} "
+              f"{r['live_ttft_p50_mean']:>9.2f}/{r['simulated_ttft_p50_mean']:<10.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
