@@ -137,9 +137,10 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
 
     small = min(folders, key=lambda m: profiles[m].weight_bytes)
     large = max(folders, key=lambda m: profiles[m].weight_bytes)
-    tokens = {m: len(Tokenizer.from_folder(folders[m]).encode(PROMPT)) for m in {small, large}}
-    long_tokens = len(Tokenizer.from_folder(folders[large]).encode(PROMPT * LONG_PROMPT_REPEATS))
-    contexts = {m: ModelConfig.from_folder(folders[m]).max_position_embeddings for m in (small, large)}
+    tokenizers = {m: Tokenizer.from_folder(folders[m]) for m in {small, large}}
+    tokens = {m: len(tokenizer.encode(PROMPT)) for m, tokenizer in tokenizers.items()}
+    long_tokens = len(tokenizers[large].encode(PROMPT * LONG_PROMPT_REPEATS))
+    large_context = ModelConfig.from_folder(folders[large]).max_position_embeddings
     step = step or (lambda model, sum_len, batch: profiles[model].decode.predict(sum_len, batch))
     config = StackConfig(models=folders, prefill=1, decode=1, port=0, policy="aegaeon", threads=threads)
     with tempfile.TemporaryDirectory(prefix="tokenpool-serving-") as logs, Stack(config, Path(logs)) as stack:
@@ -149,7 +150,7 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
         # the decode background must outlast the timed prefills (twice their predicted time)
         busy_s = 2 * PREFILL_REPEATS * profiles[large].prefill.predict(long_tokens)
         decode_step_s = step(large, BACKGROUND_CLIENTS * tokens[large], BACKGROUND_CLIENTS)
-        decode_tokens = min(int(busy_s / decode_step_s) + OUTPUT_TOKENS, contexts[large] - tokens[large] - 1)
+        decode_tokens = min(int(busy_s / decode_step_s) + OUTPUT_TOKENS, large_context - tokens[large] - 1)
         ttfts, samples, prefill_s, large_steps = asyncio.run(client.run(
             small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, tokens[large],
             lambda sum_len, batch: step(large, sum_len, batch), decode_tokens, progress))

@@ -14,9 +14,10 @@ means, the gap between the means, and the mean median TTFTs. Prints a table; wri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -30,15 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="append", type=Path, required=True, help="a `tokenpool profile` file")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
+    from tokenpool.cli.main import main as cli_main  # one process: imports and interpreter start once
+
     live, simulated = defaultdict(list), defaultdict(list)  # (policy, load) -> [(attainment, TTFT p50)]
     with tempfile.TemporaryDirectory(prefix="tokenpool-simval-") as scratch:
         for report in args.report:
             for profile in args.profile:
                 out = Path(scratch) / "out.json"
                 print(f"re-simulating {report} with {profile}", file=sys.stderr, flush=True)
-                subprocess.run([sys.executable, "-m", "tokenpool.cli.main", "bench", "serve", "--resimulate",
-                                str(report), "--sim-profile", str(profile), "--json", str(out)],
-                               check=True, stdout=subprocess.DEVNULL)
+                with contextlib.redirect_stdout(io.StringIO()):  # its own table; ours comes at the end
+                    code = cli_main(["bench", "serve", "--resimulate", str(report),
+                                     "--sim-profile", str(profile), "--json", str(out)])
+                if code != 0:
+                    raise SystemExit(f"re-simulating {report} with {profile} failed (exit {code}); see above")
                 for policy, result in json.loads(out.read_text())["policies"].items():
                     for point, sim in zip(result["points"], result["simulated"]["points"], strict=True):
                         simulated[policy, point["load"]].append((sim["attainment"], sim["ttft_p50"]))

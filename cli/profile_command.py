@@ -92,6 +92,8 @@ def step_tables(engine) -> dict:
 
 
 def print_profile(timings) -> None:
+    from tokenpool.engine.step_time_model import ServingOverhead
+
     head = ("model", "weights MB", f"step@{PROBE_CONTEXT} ms", f"prefill {PROBE_CONTEXT} ms", "switch ms")
     if timings.step_tables:
         head += ("table 1/4/8 seqs ms", "line 1/4/8 seqs ms")
@@ -107,7 +109,7 @@ def print_profile(timings) -> None:
         print("".join(f"{c:>24}" for c in cells))
     print(f"copy bandwidth {timings.copy_gbps:.1f} GB/s")
     serving = timings.serving
-    if serving != type(serving)():
+    if serving != ServingOverhead():  # measured (--live-clock)
         print(f"serving overhead: first token +{serving.request_s * 1e3:.1f} ms, decode step "
               f"+{serving.step_s * 1e3:.2f} ms +{serving.token_s * 1e3:.2f} ms per sequence, "
               f"x{serving.corun_decode_factor:.2f} +{serving.corun_step_s * 1e3:.2f} ms while a prefill "

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 PREFILL_LENGTHS = (16, 64, 192)
 DECODE_SHAPES = ((1, 16), (1, 128), (2, 64), (4, 64), (8, 16), (8, 128))  # (batch size, prompt length)
 DECODE_STEPS = 8  # timed, after one untimed step (the first decode step after a prefill runs slow)
+DECODE_TOKENS = DECODE_STEPS + 3  # what a timed decode request asks for (and needs KV room for)
 PROFILE_METHOD = 2  # part of the cache key: profiles measured by an older method are measured again
 COPY_PROBE_BYTES = 64 << 20
 TABLE_CONTEXT = 64  # measure_step_table: tokens per sequence
@@ -75,7 +76,7 @@ def profile_model(engine: MultiModelEngine, model_id: str) -> TimingProfile:
     engine.switch_to(model_id)
     limit = _fitting_tokens(engine, model_id)
     prefill = [(n, _time_prefill(engine, model_id, n)) for n in PREFILL_LENGTHS if n + 2 <= limit]
-    decode = [sample for batch, length in DECODE_SHAPES if batch * (length + DECODE_STEPS + 3) <= limit
+    decode = [sample for batch, length in DECODE_SHAPES if batch * (length + DECODE_TOKENS) <= limit
               for sample in _time_decode(engine, model_id, batch, length)]
     return TimingProfile(decode=StepTimeModel.fit(decode), prefill=PrefillTimeModel.fit(prefill),
                          weight_bytes=engine.models[model_id].profile.nbytes)
@@ -91,7 +92,7 @@ def measure_step_table(engine: MultiModelEngine, model_id: str) -> StepTable:
     kv_tokens = book.scheduler.blocks.num_blocks * book.scheduler.blocks.block_size
 
     def fits(batch: int, length: int) -> bool:
-        per_sequence = length + DECODE_STEPS + 3
+        per_sequence = length + DECODE_TOKENS
         return per_sequence <= book.max_model_len and batch * per_sequence <= kv_tokens
 
     batches = [b for b in TABLE_BATCHES if fits(b, TABLE_CONTEXT)]
@@ -149,7 +150,7 @@ def _time_prefill(engine: MultiModelEngine, model_id: str, length: int) -> float
 
 
 def _time_decode(engine: MultiModelEngine, model_id: str, batch: int, length: int) -> list:
-    seqs = _requests(engine, model_id, batch, length, max_tokens=DECODE_STEPS + 3)
+    seqs = _requests(engine, model_id, batch, length, max_tokens=DECODE_TOKENS)
     while any(s.num_output_tokens == 0 for s in seqs):  # prefill every prompt first
         engine.step(model_id)
     engine.step(model_id)
