@@ -23,6 +23,7 @@ from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.step_profiler import measure_copy_gbps
 
 _CHILD = r"""
@@ -31,9 +32,9 @@ t0 = time.perf_counter()
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.sampling_params import SamplingParams
 t1 = time.perf_counter()
-engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=64 << 20))
+engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=64 << 20, device=sys.argv[3]))
 t2 = time.perf_counter()
-engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1))
+engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1))  # a token back on the host: the device is done
 t3 = time.perf_counter()
 phases = {f"{k}_s": v for k, v in engine.startup_seconds.items()}
 print(json.dumps({"imports_s": t1 - t0, **phases, "construct_other_s": t2 - t1 - sum(phases.values()),
@@ -47,6 +48,8 @@ def add_parser(commands) -> None:
                    help="folders or store names (default: the tiny models and SmolLM2)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the arena lives; on cuda the host cache and KV pool are page-locked")
     p.set_defaults(run=run)
 
 
@@ -55,15 +58,20 @@ def run(args: argparse.Namespace) -> None:
     from tokenpool.engine.model_store import DEFAULT_MODEL
     from tokenpool.engine.tiny_models import make_tiny_models
 
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: this torch build sees no CUDA device")
+    # The host cache and KV pool in shared memory, as deployed (on CUDA only tmpfs pages can be
+    # page-locked for DMA); removed however the run ends.
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as tmp:
         if args.models and len(args.models) < 3:
             raise ValueError("--models needs at least three models (two fill the arena's slots)")
         if args.models:
             folders = [ensure_model(m) for m in args.models]
         else:
             folders = make_tiny_models(Path(tmp) / "tiny") + [ensure_model(DEFAULT_MODEL)]
-        rows = [measure(folder, folders, args.dtype, Path(tmp)) for folder in folders]
-    report = {"dtype": args.dtype, "threads": torch.get_num_threads(),
+        rows = [measure(folder, folders, args.dtype, args.device, Path(tmp)) for folder in folders]
+    report = {"dtype": args.dtype, "device": _device_name(args.device), "threads": torch.get_num_threads(),
+              "cache_dir": str(shm_root()),
               "page_cache": "warm: each checkpoint is read by the host-cache registration "
                             "before the naive start is timed", "rows": rows}
     print_table(report)
@@ -72,24 +80,27 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.json}")
 
 
-def measure(folder: Path, all_folders: list[Path], dtype: str, tmp: Path) -> dict:
+def measure(folder: Path, all_folders: list[Path], dtype: str, device: str, tmp: Path) -> dict:
     other, third = [f for f in all_folders if f != folder][:2]
-    cache = HostModelCache(tmp / f"cache-{folder.name}", capacity_bytes=8 << 30, progress=False)
-    pool = HostKVPool(256 << 20, shm_dir=tmp)
+    cache = HostModelCache(tmp / f"cache-{folder.name}", capacity_bytes=64 << 30, progress=False)
+    pool = HostKVPool(256 << 20, shm_dir=tmp, pin=device == "cuda")
     probe_bytes = _weight_bytes((folder, other, third), dtype)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=64 << 20, slot_bytes=probe_bytes,
-                                             engine=EngineConfig(dtype=dtype)), cache, pool)
+                                             engine=EngineConfig(dtype=dtype, device=device)), cache, pool)
     profile = engine.register(folder.name, folder)
     engine.register("other", other)
     engine.register("third", third)
-    naive = _naive(folder, dtype)
-    bandwidth = measure_copy_gbps(nbytes=max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
-    reinit = _timed(lambda: LLMEngine(folder, EngineConfig(dtype=dtype, kv_cache_bytes=64 << 20)))
+    naive = _naive(folder, dtype, device)
+    bandwidth = measure_copy_gbps(device, max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
+    reinit = _timed(lambda: _sync(LLMEngine(folder, EngineConfig(dtype=dtype, kv_cache_bytes=64 << 20,
+                                                                 device=device))))
     cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
     prefetched = min(_switch(engine, folder.name, prefetch=True) for _ in range(3))
     row = {"model": folder.name, "bytes": profile.nbytes, "naive_s": naive["total_s"],
            "naive_phases": naive, "reinit_s": reinit, "switch_s": cold, "prefetched_s": prefetched,
            "copy_bound_s": profile.nbytes / bandwidth, "memcpy_gbps": bandwidth / 1e9}
+    if engine.switcher.cuda_copier is not None:  # 1: one DMA from the page-locked cache; 0: staged
+        row["page_locked"] = engine.switcher.cuda_copier.pinned_leases >= 1
     row.update(_kv_swap(engine, folder.name, pool))
     engine.close()
     pool.close()
@@ -117,9 +128,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _naive(folder: Path, dtype: str) -> dict:
+def _naive(folder: Path, dtype: str, device: str) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], check=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, device], check=True,
                          capture_output=True, text=True)
     total = time.perf_counter() - start
     phases = json.loads(out.stdout.strip().splitlines()[-1])
@@ -128,13 +139,24 @@ def _naive(folder: Path, dtype: str) -> dict:
     return phases
 
 
+def _sync(value):
+    """value, once the device has finished the work queued for it (a no-op on the CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return value
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 def _switch(engine: MultiModelEngine, model_id: str, prefetch: bool) -> float:
     """Seconds until model_id is ready; the two arena slots hold other models before."""
     engine.switch_to("other")
     engine.switch_to("third")
     if prefetch:
         engine.prefetch(model_id).result()
-    return _timed(lambda: engine.switch_to(model_id))
+    return _timed(lambda: _sync(engine.switch_to(model_id)))
 
 
 # memcpy bandwidth is measured with buffers far past the last-level cache, so every model's
@@ -162,7 +184,8 @@ def print_table(report: dict) -> None:
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r["naive_phases"].items()
                            if k != "total_s")
         print(f"naive start of {r['model']} (s): {phases}")
-    print(f"\ndtype {report['dtype']}, {report['threads']} threads; page cache: {report['page_cache']}")
+    print(f"\n{report.get('device', 'cpu')}, dtype {report['dtype']}, {report['threads']} threads; "
+          f"page cache: {report['page_cache']}")
     head = ("model", "MiB", "naive s", "reinit s", "switch ms", "prefetched ms", "bound ms",
             "a/b", "b/c", "pre/b", "a'/b", "KV out GB/s", "KV in GB/s")
     print("".join(f"{h:>14}" for h in head))

@@ -41,7 +41,7 @@ class AttentionMetadata:
 def attend_mask(q_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
     """Boolean mask [..., q, kv]: causal (so never past a sequence's end) and within
     the sliding window."""
-    k_pos = torch.arange(kv_len)
+    k_pos = torch.arange(kv_len, device=q_pos.device)
     mask = k_pos <= q_pos.unsqueeze(-1)
     if window is not None:
         mask &= k_pos > q_pos.unsqueeze(-1) - window

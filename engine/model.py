@@ -58,11 +58,12 @@ class RMSNorm(nn.Module):
 class Rotary:
     """RoPE cos/sin tables for every position, looked up once per step."""
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device | str = "cpu") -> None:
         inv_freq = _inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()  # [max_positions, head_dim] float32
+        # [max_positions, head_dim] float32, computed on the CPU: the same tables on any device
+        self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (cos, sin), each [num_tokens, 1, head_dim]."""
@@ -158,9 +159,10 @@ class CausalLM(nn.Module):
         self.max_positions = max_positions
         self.rotary: Rotary | None = None  # built after the meta-device phase
 
-    def prepare(self, kernel: LinearKernel) -> None:
-        """After weights are loaded: RoPE tables, and every projection packed for kernel."""
-        self.rotary = Rotary(self.config, self.max_positions)
+    def prepare(self, kernel: LinearKernel, device: torch.device | str | None = None) -> None:
+        """After weights are loaded: RoPE tables (on device, else where the weights are), and
+        every projection packed for kernel."""
+        self.rotary = Rotary(self.config, self.max_positions, device or self.embed.device)
         self.prepare_linears(kernel)
 
     def prepare_linears(self, kernel: LinearKernel) -> None:

@@ -22,6 +22,7 @@ class ModelRunner:
         self.backend = backend
         self.sampler = Sampler()
         self.block_size = kv_cache.block_size
+        self.device = kv_cache.kv.device  # step inputs are built here, where the cache is
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, on_layer: Callable[[int], None] | None = None) -> StepResult:
@@ -39,9 +40,12 @@ class ModelRunner:
                 seqs.append(chunk.seq)
         if not rows:
             return StepResult({})
-        logits = self.model.logits(hidden[torch.tensor(rows)])
+        logits = self.model.logits(hidden[self._tensor(rows)])
         tokens = self.sampler.sample(logits, seqs)
         return StepResult({s.request_id: t for s, t in zip(seqs, tokens, strict=True)})
+
+    def _tensor(self, data: list) -> torch.Tensor:
+        return torch.tensor(data, device=self.device)
 
     @staticmethod
     def _is_decode(chunk: ScheduledChunk) -> bool:
@@ -59,7 +63,7 @@ class ModelRunner:
             positions.extend(span)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in span)
-        return torch.tensor(ids), torch.tensor(positions), torch.tensor(slots)
+        return self._tensor(ids), self._tensor(positions), self._tensor(slots)
 
     def _metadata(self, chunks: list[ScheduledChunk], slots: torch.Tensor) -> AttentionMetadata:
         window = self.model.config.sliding_window
@@ -67,9 +71,9 @@ class ModelRunner:
         tables, mask, seq_lens = None, None, None
         if decodes:
             width = max(len(c.seq.block_table) for c in decodes)
-            tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table))
+            tables = self._tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table))
                                    for c in decodes])
-            q_pos = torch.tensor([c.seq.num_computed_tokens for c in decodes])
+            q_pos = self._tensor([c.seq.num_computed_tokens for c in decodes])
             seq_lens = q_pos + 1
             mask = attend_mask(q_pos.view(-1, 1), width * self.block_size, window)
             mask = mask.view(len(decodes), 1, 1, -1)
@@ -83,7 +87,7 @@ class ModelRunner:
             ctx, n = chunk.seq.num_computed_tokens, chunk.num_tokens
             mask = None
             if ctx or (window is not None and window < n):
-                q_pos = torch.arange(ctx, ctx + n)
+                q_pos = torch.arange(ctx, ctx + n, device=self.device)
                 mask = attend_mask(q_pos, ctx + n, window).view(1, 1, n, ctx + n)
-            yield PrefillSpan(start, start + n, ctx, torch.tensor(chunk.seq.block_table), mask)
+            yield PrefillSpan(start, start + n, ctx, self._tensor(chunk.seq.block_table), mask)
             start += n

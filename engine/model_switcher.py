@@ -4,13 +4,16 @@ device arena's two model slots, and re-binds reusable modules to them.
 Component reuse: one CausalLM per distinct config and slot, built on the meta device
 once; filling a slot points that module's parameters at the slot's weights, so
 activating a filled slot is a pointer swap. Tokenizers and configs are read once
-per model. The copy is one pass over the cached bytes, in
-chunks, so a prefetch running beside compute yields often.
+per model. The copy is one pass over the cached bytes: on the CPU in chunks, so a
+prefetch running beside compute yields often; on CUDA one DMA from the page-locked
+cache on a dedicated copy stream (or through two pinned staging buffers when the
+cache could not be page-locked), ordered after the compute that last read the slot.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -27,7 +30,10 @@ from .model_config import ModelConfig
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, WeightLayout
 
+log = logging.getLogger(__name__)
+
 _CHUNK_BYTES = 8 << 20
+_STAGING_BYTES = 32 << 20  # each of the two pinned staging buffers of an unpinned CUDA copy
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class SlotContents:
     model_id: str
     model: CausalLM | None  # this slot's module, bound to the slot's weights once filled
     ready: Future
+    after: object = None  # CUDA: an event on the compute stream; the copy waits for it
 
 
 def model_specs(config: ModelConfig, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
@@ -103,6 +110,7 @@ class ModelSwitcher:
         self._slots: list[SlotContents | None] = [None, None]
         self._active = 0
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.cuda_copier = CudaSlotCopier(arena.device) if arena.device.type == "cuda" else None
 
     @property
     def active_model(self) -> str | None:
@@ -135,6 +143,8 @@ class ModelSwitcher:
         if slot is not None and not slot.ready.done():
             wait([slot.ready])  # an earlier prefetch still writing the slot must finish first
         contents = SlotContents(profile.model_id, None, Future())
+        if self.cuda_copier is not None:  # kernels still queued may read the slot's old weights
+            contents.after = torch.cuda.current_stream(self.arena.device).record_event()
         self._slots[free] = contents
         contents.ready = start(lambda: self._fill_slot(free, profile, contents))
         return contents.ready
@@ -158,12 +168,17 @@ class ModelSwitcher:
         if views is None:
             views = self._copy_views[index, profile.model_id, base] = (
                 self.arena.buffer[base:base + cached.raw.numel()], cached.raw.reshape(-1))
-        _chunked_copy(*views)
+        if self.cuda_copier is not None:
+            self.cuda_copier.copy(*views, after=contents.after)
+        else:
+            _chunked_copy(*views)
         contents.model = self._bind(profile, cached, index, base)
 
     def _lease(self, model_id: str) -> CachedModel:
         if model_id not in self._leases:
-            self._leases[model_id] = self.cache.attach(model_id)
+            lease = self._leases[model_id] = self.cache.attach(model_id)
+            if self.cuda_copier is not None:
+                self.cuda_copier.pin(lease)
         return self._leases[model_id]
 
     def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> CausalLM:
@@ -175,7 +190,7 @@ class ModelSwitcher:
             with torch.device("meta"):
                 model = CausalLM(profile.config, profile.dtype, self.max_positions)
             model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
-            model.prepare(DenseLinear())  # RoPE tables, once per module
+            model.prepare(DenseLinear(), self.arena.device)  # RoPE tables, once per module
             self._modules[key] = model
         if self._bound.get(key) == (profile.model_id, base):
             return model
@@ -217,3 +232,50 @@ def _chunked_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
     flat_dest, flat_src = dest.view(-1), src.reshape(-1)
     for start in range(0, flat_dest.numel(), step):
         flat_dest[start:start + step].copy_(flat_src[start:start + step])
+
+
+class CudaSlotCopier:
+    """Host cache -> arena slot on CUDA: copies on a dedicated stream, each after an event
+    on the compute stream, and waited for on the copying thread (a finished fill means the
+    weights have landed). A page-locked lease is copied by one DMA; one that could not be
+    page-locked goes through two pinned staging buffers, the CPU filling one while the
+    other is in flight."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pinned_leases = 0
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] | None = None
+
+    def pin(self, lease: CachedModel) -> None:
+        """Page-lock a lease's mapping (once per lease); a refusal leaves the staged path."""
+        try:
+            self.pinned_leases += lease.pin_for_cuda()
+        except RuntimeError as exc:  # e.g. a locked-memory limit: slower, still correct
+            log.warning("cannot page-lock %s for DMA (%s); copying through pinned staging",
+                        lease.model_id, exc)
+
+    def copy(self, dest: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        """dest (device), src (host): flat uint8 tensors of one size."""
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            if src.is_pinned():
+                dest.copy_(src, non_blocking=True)
+            else:
+                self._staged(dest, src)
+            done = self.stream.record_event()
+        done.synchronize()
+
+    def _staged(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        if self._staging is None:
+            self._staging = [(torch.empty(_STAGING_BYTES, dtype=torch.uint8, pin_memory=True), None)
+                             for _ in range(2)]
+        for i, start in enumerate(range(0, src.numel(), _STAGING_BYTES)):
+            buffer, in_flight = self._staging[i % 2]
+            if in_flight is not None:
+                in_flight.synchronize()  # its previous DMA has finished reading it
+            n = min(_STAGING_BYTES, src.numel() - start)
+            buffer[:n].copy_(src[start:start + n])
+            dest[start:start + n].copy_(buffer[:n], non_blocking=True)
+            self._staging[i % 2] = (buffer, self.stream.record_event())

@@ -21,6 +21,7 @@ def token_seed(seed: int, index: int) -> int:
 class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [n, vocab] float32, one row per sequence -> n token ids."""
+        logits = logits.cpu()  # seeded draws use CPU generators: the same tokens on any device
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if sampled_rows:

@@ -111,7 +111,8 @@ def measure_step_table(engine: MultiModelEngine, model_id: str) -> StepTable:
 def measure_copy_gbps(device: str = "cpu", nbytes: int = COPY_PROBE_BYTES) -> float:
     """Host-to-arena copy bandwidth in GB/s (best of 3 after a copy that faults the pages in), for
     switch times = weight bytes / bandwidth."""
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    # On CUDA the source is page-locked, as the host model cache is: the DMA rate.
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda").fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src)
     best = float("inf")

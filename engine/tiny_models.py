@@ -146,6 +146,15 @@ def make_tiny_models(out_dir: Path) -> list[Path]:
     return targets
 
 
+def make_model(spec: TinyModelSpec, out_dir: Path) -> Path:
+    """Write one checkpoint of spec's shape (e.g. a real model's, for timing copies) under
+    out_dir, as make_tiny_models does; return its folder."""
+    target = Path(out_dir) / spec.name
+    _check_replaceable(target)
+    _write_atomically(target, partial(_write_model, spec))
+    return target
+
+
 def _check_replaceable(target: Path) -> None:
     """Raise ValueError unless `target` is absent or a folder this module wrote."""
     if target.exists() and not (target / MARKER_FILE).is_file():

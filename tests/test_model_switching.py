@@ -9,6 +9,7 @@ import resource
 import shutil
 
 import pytest
+import torch
 from conftest import cut_layers
 from tokenpool.engine.host_kv_pool import HostKVPool
 from tokenpool.engine.host_model_cache import HostModelCache
@@ -31,10 +32,13 @@ def five_models(tiny_dir, tmp_path_factory):
     return folders
 
 
-def expected_tokens(folders) -> dict[tuple[str, int, int], list[int]]:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+
+
+def expected_tokens(folders, device: str = "cpu") -> dict[tuple[str, int, int], list[int]]:
     expected = {}
     for name, folder in folders.items():
-        engine = LLMEngine(folder, EngineConfig(dtype="float32", linear_kernel="dense"))
+        engine = LLMEngine(folder, EngineConfig(dtype="float32", linear_kernel="dense", device=device))
         for p, prompt in enumerate(PROMPTS):
             for n in MAX_TOKENS:
                 seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
@@ -46,12 +50,16 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path):
-    expected = expected_tokens(five_models)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path, device):
+    """On CUDA: weights DMA'd from the page-locked cache on a copy stream, KV swapped through
+    a pinned pool, both ordered against compute by events."""
+    expected = expected_tokens(five_models, device)
     cache = HostModelCache(tmp_path / "cache", capacity_bytes=256 << 20, progress=False)
-    pool = HostKVPool(64 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    pool = HostKVPool(64 << 20, slab_bytes=1 << 20, shm_dir=tmp_path, pin=device == "cuda")
     engine = MultiModelEngine(InstanceConfig(kv_bytes=2 << 20, slot_bytes=8 << 20,
-                                             engine=EngineConfig(dtype="float32")), cache, pool)
+                                             engine=EngineConfig(dtype="float32", device=device)),
+                              cache, pool)
     for name, folder in five_models.items():
         engine.register(name, folder)
     rng = random.Random(2026)

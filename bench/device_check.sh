@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The CUDA checks, for a GPU machine (CI has none), from the repository root, with no install:
+# the CUDA tests, then `bench switch --device cuda` on the tiny models and on two models of real
+# shapes (Qwen2.5-0.5B, Llama-3.2-1B) with random weights, in bfloat16. Results under ${OUT:-out/cuda}.
+# A machine without msgspec gets it from wheels in .whl/ (pip download --python-version of that machine).
+set -uo pipefail
+OUT=${OUT:-out/cuda}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+ns=$(mktemp -d) && mkdir "$ns/tokenpool"  # the folders under the tokenpool namespace, as pyproject maps them
+for d in engine bench cli proxy prefill_svc decode_svc kvtransfer protos telemetry compose; do
+  ln -s "$PWD/$d" "$ns/tokenpool/$d"
+done
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$ns/site" .whl/*.whl || exit 1
+  export PYTHONPATH="$ns/site"
+fi
+export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+df -h /dev/shm | tail -1 | tee -a "$OUT/gpu.txt"
+
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -k cuda -o addopts="" \
+  tests/test_cuda.py tests/test_model_switching.py 2>&1 | tee "$OUT/pytest.txt" | tail -40
+echo "pytest exit ${PIPESTATUS[0]}"
+
+timeout "${BENCH_TIMEOUT:-360}" python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bench.txt"
+import argparse, dataclasses, sys, time
+from pathlib import Path
+from tokenpool.bench import switch_bench
+from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_model, make_tiny_models
+
+out, root = Path(sys.argv[1]), Path("/tmp/cuda-check-models")
+qwen, llama = TINY_MODEL_SPECS[1], TINY_MODEL_SPECS[0]
+shapes = [  # the real models' configs; tokenizer and weights random (vocab rows past 512 zero)
+    dataclasses.replace(qwen, name="qwen2.5-0.5b-shape", vocab_size=151936, hidden_size=896,
+                        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                        num_key_value_heads=2, head_dim=64, max_position_embeddings=32768),
+    dataclasses.replace(llama, name="llama-3.2-1b-shape", vocab_size=128256, hidden_size=2048,
+                        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                        tie_word_embeddings=True),
+]
+start = time.perf_counter()
+folders = make_tiny_models(root) + [make_model(spec, root) for spec in shapes]
+print(f"models written in {time.perf_counter() - start:.0f} s", flush=True)
+switch_bench.run(argparse.Namespace(models=[str(f) for f in folders], json=out / "switch-cuda.json",
+                                    dtype="bfloat16", device="cuda"))
+PY
+echo "bench exit ${PIPESTATUS[0]}"
