@@ -99,8 +99,8 @@ def measure(folder: Path, all_folders: list[Path], dtype: str, device: str, tmp:
     row = {"model": folder.name, "bytes": profile.nbytes, "naive_s": naive["total_s"],
            "naive_phases": naive, "reinit_s": reinit, "switch_s": cold, "prefetched_s": prefetched,
            "copy_bound_s": profile.nbytes / bandwidth, "memcpy_gbps": bandwidth / 1e9}
-    if engine.switcher.cuda_copier is not None:  # 1: one DMA from the page-locked cache; 0: staged
-        row["page_locked"] = engine.switcher.cuda_copier.pinned_leases >= 1
+    if engine.switcher.cuda_copier is not None:  # of the 3 leases: filled by one DMA; the rest staged
+        row["page_locked_leases"] = engine.switcher.cuda_copier.pinned_leases
     row.update(_kv_swap(engine, folder.name, pool))
     engine.close()
     pool.close()

@@ -19,6 +19,18 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def shm_path() -> Path:
+    """A fresh folder in shared memory, where the host model cache and KV pool live when
+    deployed (on CUDA only tmpfs pages can be page-locked for DMA); removed afterwards."""
+    import tempfile
+
+    from tokenpool.engine.private_shm import private_dir, shm_root
+
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as folder:
+        yield Path(folder)
+
+
 @pytest.fixture(scope="session", params=TINY_NAMES)
 def tiny_model(request, tiny_dir) -> Path:
     return tiny_dir / request.param

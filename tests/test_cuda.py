@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenpool.engine.host_kv_pool import HostKVPool
-from tokenpool.engine.host_model_cache import HostModelCache, default_root
+from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.model_switcher import _STAGING_BYTES, CudaSlotCopier, register_model
@@ -73,12 +73,12 @@ def test_slot_copies_land_after_the_compute_before_them_pinned_or_staged():
     assert copier._staging is not None  # the pageable source went through the staging buffers
 
 
-def test_kv_round_trip_through_a_pinned_pool_is_exact_and_ordered(tmp_path):
+def test_kv_round_trip_through_a_pinned_pool_is_exact_and_ordered(shm_path):
     shape = BlockShape(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype="bfloat16")
     dims = (shape.num_layers, 2, 64, shape.block_size, shape.num_kv_heads, shape.head_dim)
     kv = torch.randn(dims, device="cuda").to(shape.torch_dtype)
     ids, new_ids = [3, 9, 10, 40], [60, 0, 33, 2]
-    with HostKVPool(4 << 20, 1 << 20, shm_dir=tmp_path, pin=True) as pool, KVSwapper(pool) as swapper:
+    with HostKVPool(4 << 20, 1 << 20, shm_dir=shm_path, pin=True) as pool, KVSwapper(pool) as swapper:
         torch.cuda._sleep(50_000_000)
         kv[:, :, ids] += 1  # compute still queued when the swap-out is asked for: it must be copied
         want = kv[:, :, ids].clone()
@@ -93,18 +93,14 @@ def test_kv_round_trip_through_a_pinned_pool_is_exact_and_ordered(tmp_path):
         assert pool.stats().used_bytes == 0
 
 
-def test_a_lease_of_the_shared_memory_cache_is_page_locked_for_dma(tiny_dir):
+def test_a_lease_of_the_shared_memory_cache_is_page_locked_for_dma(tiny_dir, shm_path):
     """In /dev/shm (tmpfs) as deployed: the lease's bytes are DMA-able, the slot copier says so."""
-    root = default_root().parent / "test-cuda-cache"
-    cache = HostModelCache(root, capacity_bytes=64 << 20, progress=False)
-    try:
-        register_model(cache, "m", tiny_dir / "tiny-llama", torch.float32)
-        copier = CudaSlotCopier(torch.device("cuda"))
-        with cache.attach("m") as lease:
-            copier.pin(lease)
-            assert copier.pinned_leases == 1 and lease.raw.is_pinned()
-            dest = torch.empty(lease.raw.numel(), dtype=torch.uint8, device="cuda")
-            copier.copy(dest, lease.raw, None)
-            assert torch.equal(dest.cpu(), lease.raw)
-    finally:
-        cache.evict("m")
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=64 << 20, progress=False)
+    register_model(cache, "m", tiny_dir / "tiny-llama", torch.float32)
+    copier = CudaSlotCopier(torch.device("cuda"))
+    with cache.attach("m") as lease:
+        copier.pin(lease)
+        assert copier.pinned_leases == 1 and lease.raw.is_pinned()
+        dest = torch.empty(lease.raw.numel(), dtype=torch.uint8, device="cuda")
+        copier.copy(dest, lease.raw, None)
+        assert torch.equal(dest.cpu(), lease.raw)

@@ -51,12 +51,12 @@ def rss_mib() -> float:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path, device):
+def test_random_switching_keeps_every_sequence_exact(five_models, shm_path, device):
     """On CUDA: weights DMA'd from the page-locked cache on a copy stream, KV swapped through
     a pinned pool, both ordered against compute by events."""
     expected = expected_tokens(five_models, device)
-    cache = HostModelCache(tmp_path / "cache", capacity_bytes=256 << 20, progress=False)
-    pool = HostKVPool(64 << 20, slab_bytes=1 << 20, shm_dir=tmp_path, pin=device == "cuda")
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=256 << 20, progress=False)
+    pool = HostKVPool(64 << 20, slab_bytes=1 << 20, shm_dir=shm_path, pin=device == "cuda")
     engine = MultiModelEngine(InstanceConfig(kv_bytes=2 << 20, slot_bytes=8 << 20,
                                              engine=EngineConfig(dtype="float32", device=device)),
                               cache, pool)
@@ -97,6 +97,8 @@ def test_random_switching_keeps_every_sequence_exact(five_models, tmp_path, devi
     for region in (engine.arena.kv, *engine.arena.slots):
         assert 0 <= region.used <= region.capacity
     assert rss_mib() - rss_after_warmup < 64, "resident memory grew past 64 MiB after warm-up"
+    if device == "cuda":  # every lease was page-locked: every fill was one DMA, none staged
+        assert engine.switcher.cuda_copier.pinned_leases == len(five_models)
     engine.close()
     pool.close()
 
