@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tokenpool.engine.step_profiler import PROFILE_FILE_KIND, InstanceTimings
 from tokenpool.engine.step_time_model import (
+    KVSwapTime,
     PrefillTimeModel,
     ServingOverhead,
     StepTable,
@@ -46,11 +47,22 @@ class GpuProfile:
     gpu: str
     h2d_gbps: float
     models: dict[str, TimingProfile]
-    serving: ServingOverhead = ServingOverhead()  # these two: CPU profiles only (`profile --live-clock`)
+    serving: ServingOverhead = ServingOverhead()  # these three: CPU profiles only (`profile --live-clock`)
     step_tables: dict[str, StepTable] = field(default_factory=dict)
+    kv_swap: dict[str, KVSwapTime] = field(default_factory=dict)
 
     def switch_seconds(self, model: str) -> float:
         return self.models[model].weight_bytes / (self.h2d_gbps * 1e9)
+
+    def timings(self, runs_as: dict[str, str]) -> InstanceTimings:
+        """The simulated instances' timings: each simulated model (key) runs as one of this
+        profile's models (value), with its profile and, where measured, its step table and KV
+        swap times."""
+        def measured(table: dict) -> dict:
+            return {name: table[model] for name, model in runs_as.items() if model in table}
+
+        return InstanceTimings({name: self.models[model] for name, model in runs_as.items()}, self.h2d_gbps,
+                               self.serving, measured(self.step_tables), measured(self.kv_swap))
 
 
 def available() -> list[str]:
@@ -75,7 +87,8 @@ def load(name_or_path: str | Path) -> GpuProfile:
         except ValueError as exc:
             raise ProfileError(str(exc)) from None
         label = f"{data.get('device', '?')} ({data.get('machine', '?')}, {data.get('threads', '?')} threads)"
-        return GpuProfile(label, timings.copy_gbps, timings.profiles, timings.serving, timings.step_tables)
+        return GpuProfile(label, timings.copy_gbps, timings.profiles, timings.serving, timings.step_tables,
+                          timings.kv_swap)
     for key in ("gpu", "models"):
         if key not in data:
             raise ProfileError(f"profile {path}: missing field {key!r}")

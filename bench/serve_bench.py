@@ -122,11 +122,12 @@ def _add_simulation(result, policy, served, models, pairs, count_tokens, slo, ar
 
 def _sim_profile_info(path: Path, profile) -> dict:
     return {"file": str(path), "label": profile.gpu, "serving_overhead": msgspec.to_builtins(profile.serving),
-            "step_tables": sorted(profile.step_tables),
+            "step_tables": sorted(profile.step_tables), "kv_swap": sorted(profile.kv_swap),
             "how": "tokenpool sim's Simulation (the live scheduler classes on a simulated clock) replays "
                    "each point's trace with the profile's step, prefill and switch times, its measured "
-                   "step tables and serving-path overhead where it has them (the schedulers predict with "
-                   "the fitted lines, as live instances do); same instances, SLO and drain cut"}
+                   "step tables, KV swap times and serving-path overhead where it has them (the "
+                   "schedulers predict with the fitted lines, as live instances do); same instances, "
+                   "SLO and drain cut"}
 
 
 def resimulate(args: argparse.Namespace) -> None:
@@ -243,13 +244,11 @@ def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, pro
     """The live sweep again in the simulator: same traces, instance counts, TBT target and drain cut."""
     from tokenpool.bench.simulator import SimConfig, Simulation
     from tokenpool.engine.model_config import ModelConfig
-    from tokenpool.engine.step_profiler import InstanceTimings
     from tokenpool.engine.tokenizer import Tokenizer
 
     tokenizers = {m: Tokenizer.from_folder(folder) for m, folder in served.items()}
     contexts = {m: ModelConfig.from_folder(folder).max_position_embeddings for m, folder in served.items()}
-    timings = InstanceTimings({m: profile.models[m] for m in served}, profile.h2d_gbps, profile.serving,
-                              {m: t for m, t in profile.step_tables.items() if m in served})
+    timings = profile.timings({m: m for m in served})
     cut = args.duration * (1 + DRAIN_FACTOR)
     points = []
     for rate in rates:

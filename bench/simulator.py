@@ -155,6 +155,9 @@ class SimDecodeRunner:
         self.active: str | None = None
         self.prefetched: tuple[str, float] | None = None
         self.switches = 0
+        # KV swaps, as the instance's one swapper thread runs them: one after another.
+        self.swapper_free_at = 0.0
+        self.landing: dict[str, float] = {}  # request_id -> when its KV is back on the device
 
     def admit(self, request: SimRequest) -> None:
         self.incoming.setdefault(request.model, []).append(request)
@@ -176,14 +179,38 @@ class SimDecodeRunner:
         return bool(self.batches.get(model) or self.incoming.get(model))
 
     def activate(self, model: str) -> bool:
+        """As MultiModelEngine.switch_to: the outgoing batch's KV is swapped out while the weights
+        are copied (unless prefetched), the switch waits for both, then the incoming batch's KV
+        starts swapping in."""
         if model != self.active:
             cost = self.timings.switch_seconds(model)
             if self.prefetched and self.prefetched[0] == model:
                 cost = max(0.0, cost - (self.world.now - self.prefetched[1]))
-            self.actor.sleep(cost)
+            swapped_out = self.world.now
+            for seq in self.batches.get(self.active, []):
+                swapped_out = self._swap(self.active, seq, "out")
+            self.actor.sleep(max(cost, swapped_out - self.world.now))
             self.active, self.prefetched = model, None
             self.switches += 1
+            for seq in self.batches.get(model, []):
+                self.landing[seq.request_id] = self._swap(model, seq, "in")
         return True
+
+    def _swap(self, model: str, seq: SimRequest, direction: str) -> float:
+        """Queue one sequence's KV swap on the swapper -> when it is done."""
+        start = max(self.world.now, self.swapper_free_at)
+        self.swapper_free_at = start + self.timings.kv_swap_seconds(model, seq.seq_len, direction)
+        return self.swapper_free_at
+
+    def _landed(self, batch: list[SimRequest]) -> list[SimRequest]:
+        """The sequences whose KV is on the device; waits for the first if none is, as a live
+        step does."""
+        if not batch:
+            return []
+        first = min(self.landing.get(s.request_id, 0.0) for s in batch)
+        if first > self.world.now:
+            self.actor.sleep(first - self.world.now)
+        return [s for s in batch if self.landing.get(s.request_id, 0.0) <= self.world.now]
 
     def prefetch(self, model: str) -> None:
         self.prefetched = (model, self.world.now)
@@ -192,16 +219,20 @@ class SimDecodeRunner:
         batch = self.batches.setdefault(model, [])
         waiting = self.incoming.get(model, [])
         while waiting and len(batch) < MAX_BATCH:
-            batch.append(waiting.pop(0))
-        if not batch:
+            seq = waiting.pop(0)
+            batch.append(seq)
+            self.landing[seq.request_id] = self._swap(model, seq, "in")  # from the pool it was handed to
+        ready = self._landed(batch)
+        if not ready:
             return 0
-        engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in batch), len(batch))
-        self.actor.sleep(self.timings.serving.decode_step(engine_s, len(batch), self.prefill_busy()))
-        for seq in batch:
+        engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in ready), len(ready))
+        self.actor.sleep(self.timings.serving.decode_step(engine_s, len(ready), self.prefill_busy()))
+        for seq in ready:
             seq.token_times.append(self.world.now)
-        for seq in [s for s in batch if s.finished]:
+        for seq in [s for s in ready if s.finished]:
             batch.remove(seq)
             self.arrivals.pop(seq.request_id, None)
+            self.landing.pop(seq.request_id, None)
             self.on_finish(seq)
         return len(batch)
 
@@ -394,7 +425,7 @@ def run_cli(args) -> None:
             names = [f"m{i:03d}" for i in range(count)]
             shape_of = {n: shapes[i % len(shapes)] for i, n in enumerate(names)}
             requests = _requests(names, args, pairs)
-            timings = InstanceTimings({n: gpu.models[shape_of[n]] for n in names}, gpu.h2d_gbps, gpu.serving)
+            timings = gpu.timings(shape_of)
             sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, names)
             point = summarize(count, sim.run(requests), slo)
             print(f"[{policy}] {count} models: attainment {point.attainment:.1%}", file=sys.stderr,

@@ -11,8 +11,9 @@ bandwidth. The file is what `tokenpool sim --profile` and `tokenpool bench serve
 
 With --live-clock, also what a simulated clock needs to replay a live run on this machine:
 each model's decode steps by batch size (StepTable: one-thread CPU steps are concave in the
-batch, a line is not), and the serving path's own costs, measured through a stack serving
-all the models (bench/serving_overhead.py).
+batch, a line is not), how long a sequence's KV takes to swap out to the host pool and back
+(KVSwapTime: a switch waits for both), and the serving path's own costs, measured through
+a stack serving all the models (bench/serving_overhead.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def add_parser(commands) -> None:
 def run(args) -> None:
     import torch
     from tokenpool.bench.serve_bench import machine
-    from tokenpool.engine.step_profiler import InstanceTimings
+    from tokenpool.engine.step_profiler import InstanceTimings, measure_kv_swap, measure_step_table
     from tokenpool.engine.step_time_model import ProfileCache
 
     from .serve_command import catalogue
@@ -62,11 +63,12 @@ def run(args) -> None:
     if args.live_clock:
         from tokenpool.bench import serving_overhead
 
-        tables = step_tables(engine)
+        tables = per_shape(engine, measure_step_table, "decode steps by batch size")
+        swaps = per_shape(engine, measure_kv_swap, "KV swap out and in")
         del engine  # its memory and threads; the stack's instances build their own
         measured = serving_overhead.measure(folders, timings.profiles, threads,
                                             step=lambda m, sum_len, batch: tables[m].predict(sum_len, batch))
-        timings = InstanceTimings(timings.profiles, timings.copy_gbps, measured.overhead, tables)
+        timings = InstanceTimings(timings.profiles, timings.copy_gbps, measured.overhead, tables, swaps)
         meta["serving_measurement"] = measured.to_json()
     data = timings.to_json(**meta)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -77,18 +79,18 @@ def run(args) -> None:
     print(f"wrote {args.json}")
 
 
-def step_tables(engine) -> dict:
-    """Each model's StepTable, measured once per shape (models of one shape share it)."""
-    from tokenpool.engine.step_profiler import measure_step_table, profile_key
+def per_shape(engine, measure, what: str) -> dict:
+    """measure(engine, model) for each model, once per shape (models of one shape share it)."""
+    from tokenpool.engine.step_profiler import profile_key
 
-    by_shape, tables = {}, {}
+    by_shape, results = {}, {}
     for model in engine.models:
         key = profile_key(engine, model)
         if key not in by_shape:
-            print(f"measuring {model}'s decode steps by batch size", file=sys.stderr, flush=True)
-            by_shape[key] = measure_step_table(engine, model)
-        tables[model] = by_shape[key]
-    return tables
+            print(f"measuring {model}'s {what}", file=sys.stderr, flush=True)
+            by_shape[key] = measure(engine, model)
+        results[model] = by_shape[key]
+    return results
 
 
 def print_profile(timings) -> None:
@@ -97,6 +99,8 @@ def print_profile(timings) -> None:
     head = ("model", "weights MB", f"step@{PROBE_CONTEXT} ms", f"prefill {PROBE_CONTEXT} ms", "switch ms")
     if timings.step_tables:
         head += ("table 1/4/8 seqs ms", "line 1/4/8 seqs ms")
+    if timings.kv_swap:
+        head += (f"KV out/in {PROBE_CONTEXT} tok ms",)
     print("".join(f"{h:>24}" for h in head))
     for model, profile in timings.profiles.items():
         cells = (model, f"{profile.weight_bytes / 1e6:.1f}",
@@ -106,6 +110,9 @@ def print_profile(timings) -> None:
         if model in timings.step_tables:
             cells += tuple("/".join(f"{predict(n * PROBE_CONTEXT, n) * 1e3:.1f}" for n in (1, 4, 8))
                            for predict in (timings.step_tables[model].predict, profile.decode.predict))
+        if model in timings.kv_swap:
+            cells += ("/".join(f"{timings.kv_swap_seconds(model, PROBE_CONTEXT, d) * 1e3:.2f}"
+                               for d in ("out", "in")),)
         print("".join(f"{c:>24}" for c in cells))
     print(f"copy bandwidth {timings.copy_gbps:.1f} GB/s")
     serving = timings.serving

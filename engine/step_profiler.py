@@ -21,6 +21,7 @@ import torch
 from .multi_model_engine import MultiModelEngine
 from .sampling_params import SamplingParams
 from .step_time_model import (
+    KVSwapTime,
     PrefillTimeModel,
     ProfileCache,
     ServingOverhead,
@@ -41,6 +42,8 @@ TABLE_CONTEXT = 64  # measure_step_table: tokens per sequence
 TABLE_BATCHES = (1, 2, 3, 4, 6, 8)
 TABLE_SLOPE_BATCH, TABLE_SLOPE_CONTEXTS = 4, (16, 128)  # per_token from these two steps
 TABLE_ROUNDS = 3  # each a median of DECODE_STEPS; the table holds the median round
+KV_SWAP_BLOCKS = 32  # measure_kv_swap: one sequence of this many blocks (fewer if the region is smaller)
+KV_SWAP_ROUNDS = 3
 
 
 def cached_profile(engine: MultiModelEngine, model_id: str,
@@ -106,6 +109,28 @@ def measure_step_table(engine: MultiModelEngine, model_id: str) -> StepTable:
         rounds.append(seconds + [(long[2] - short[2]) / (long[0] - short[0])])
     *seconds, per_token = (statistics.median(column) for column in zip(*rounds, strict=True))
     return StepTable(TABLE_CONTEXT, tuple(batches), tuple(seconds), max(0.0, per_token))
+
+
+def measure_kv_swap(engine: MultiModelEngine, model_id: str) -> KVSwapTime:
+    """One sequence's KV swapped out to the host pool and back in through the instance's own
+    KVSwapper, timed from the request to the handle's completion (thread hand-off included, as
+    a switch waits for it); the median of KV_SWAP_ROUNDS round trips."""
+    engine.switch_to(model_id)
+    shape = engine.models[model_id].shape
+    kv = engine.runner.kv_cache.kv
+    blocks = list(range(min(KV_SWAP_BLOCKS, engine.runner.kv_cache.num_blocks)))
+    out_s, in_s = [], []
+    for _ in range(KV_SWAP_ROUNDS):
+        start = time.perf_counter()
+        offsets = engine.swapper.swap_out(kv, blocks, shape).result()
+        landed = time.perf_counter()
+        engine.swapper.swap_in(kv, offsets, blocks, shape).wait()
+        out_s.append(landed - start)
+        in_s.append(time.perf_counter() - landed)
+        engine.swapper.release(offsets)
+    nbytes = len(blocks) * shape.nbytes
+    return KVSwapTime(engine.config.engine.block_size, shape.nbytes,
+                      nbytes / statistics.median(out_s) / 1e9, nbytes / statistics.median(in_s) / 1e9)
 
 
 def measure_copy_gbps(device: str = "cpu", nbytes: int = COPY_PROBE_BYTES) -> float:
@@ -181,26 +206,31 @@ class _ProfileFile(msgspec.Struct):
     models: dict[str, TimingProfile]
     serving: ServingOverhead | None = None
     step_tables: dict[str, StepTable] = {}
+    kv_swap: dict[str, KVSwapTime] = {}
 
 
 class InstanceTimings:
     """Every registered model's profile on this instance, and the copy bandwidth: the predictions
     schedulers and dispatch use (step, prefill and switch seconds). What a profile file adds
-    for a simulated clock only: `serving` (ServingOverhead; zero unless measured) and
-    `step_tables` (StepTable per model; clock_step_seconds falls back to the line)."""
+    for a simulated clock only: `serving` (ServingOverhead; zero unless measured),
+    `step_tables` (StepTable per model; clock_step_seconds falls back to the line) and
+    `kv_swap` (KVSwapTime per model; KV moves in no time without one)."""
 
     def __init__(self, profiles: dict[str, TimingProfile], copy_gbps: float,
                  serving: ServingOverhead | None = None,
-                 step_tables: dict[str, StepTable] | None = None) -> None:
+                 step_tables: dict[str, StepTable] | None = None,
+                 kv_swap: dict[str, KVSwapTime] | None = None) -> None:
         if not copy_gbps > 0:
             raise ValueError(f"copy bandwidth must be positive, got {copy_gbps!r}")
         self.profiles = profiles
         self.copy_gbps = copy_gbps
         self.serving = serving or ServingOverhead()
         self.step_tables = step_tables or {}
-        unknown = sorted(set(self.step_tables) - set(profiles))
-        if unknown:
-            raise ValueError(f"step tables for models without a profile: {', '.join(unknown)}")
+        self.kv_swap = kv_swap or {}
+        for what, table in (("step tables", self.step_tables), ("KV swap times", self.kv_swap)):
+            unknown = sorted(set(table) - set(profiles))
+            if unknown:
+                raise ValueError(f"{what} for models without a profile: {', '.join(unknown)}")
 
     @classmethod
     def measure(cls, engine: MultiModelEngine, cache: ProfileCache | None = None) -> InstanceTimings:
@@ -215,6 +245,8 @@ class InstanceTimings:
             file["serving"] = self.serving
         if self.step_tables:
             file["step_tables"] = self.step_tables
+        if self.kv_swap:
+            file["kv_swap"] = self.kv_swap
         return msgspec.json.format(msgspec.json.encode(file), indent=1)
 
     @classmethod
@@ -229,13 +261,18 @@ class InstanceTimings:
         if not file.models:
             raise ValueError(f"{source}: no models")
         try:
-            return cls(file.models, file.copy_gbps, file.serving, file.step_tables)
+            return cls(file.models, file.copy_gbps, file.serving, file.step_tables, file.kv_swap)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
     def step_seconds(self, batch) -> float:
         """Predicted decode step of a BatchInfo."""
         return self.profiles[batch.model].decode.predict(batch.sum_seq_len, batch.num_seqs)
+
+    def kv_swap_seconds(self, model: str, seq_len: int, direction: str) -> float:
+        """A simulated clock's swap of one sequence's KV, 'out' or 'in' (0 when not measured)."""
+        times = self.kv_swap.get(model)
+        return times.seconds(seq_len, direction) if times is not None else 0.0
 
     def clock_step_seconds(self, model: str, sum_seq_len: int, batch_size: int) -> float:
         """A simulated clock's decode step: the measured table if there is one, else the line."""

@@ -93,6 +93,28 @@ class StepTable(msgspec.Struct, frozen=True):
         return max(at + self.per_token * (sum_seq_len - batch_size * self.context), self.seconds[0] / 2)
 
 
+class KVSwapTime(msgspec.Struct, frozen=True):
+    """What moving one model's KV between the device and the host pool takes, for a simulated
+    clock: whole blocks of block_size tokens, block_bytes each, at the rates a KVSwapper
+    measured (`tokenpool profile --live-clock`). A sequence's swap is one task on the
+    instance's single swapper thread."""
+
+    block_size: int
+    block_bytes: int
+    out_gbps: float
+    in_gbps: float
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_bytes < 1 or not self.out_gbps > 0 or not self.in_gbps > 0:
+            raise ValueError(f"KV swap times need block_size, block_bytes >= 1 and rates > 0: {self!r}")
+
+    def seconds(self, seq_len: int, direction: str) -> float:
+        """A sequence of seq_len tokens swapped 'out' (device to pool) or 'in'."""
+        blocks = -(-seq_len // self.block_size)
+        rate = self.out_gbps if direction == "out" else self.in_gbps
+        return blocks * self.block_bytes / (rate * 1e9)
+
+
 class ServingOverhead(msgspec.Struct, frozen=True):
     """What the serving path adds to the engine's own times, measured through a live stack
     (`tokenpool profile --live-clock`; bench/serving_overhead.py) for the simulator's clock:

@@ -72,6 +72,9 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     assert set(measured_timings.step_tables) == {"tiny-llama", "tiny-qwen2"}
     table = measured_timings.step_tables["tiny-llama"]
     assert table.batches == (1, 2, 3, 4, 6, 8) and all(s > 0 for s in table.seconds)
+    swap = measured_timings.kv_swap["tiny-llama"]  # 3 layers x K,V x 2 heads x 16 dims x 4 bytes x 16
+    assert swap.block_bytes == 3 * 2 * 2 * 16 * 4 * 16 and swap.out_gbps > 0 and swap.in_gbps > 0
+    assert set(measured_timings.kv_swap) == {"tiny-llama", "tiny-qwen2"}
     assert main(["bench", "serve", "--json", str(out), "--policies", "aegaeon", "--rates", "0.5",
                  "--duration", "3", "--threads", "1", "--raw", str(raw), "--sim-profile", str(profile),
                  *models]) == 0
@@ -91,6 +94,7 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     assert result["sim_gap_pp"] == pytest.approx(gap)
     assert report["sim_profile"]["file"] == str(profile)
     assert report["sim_profile"]["serving_overhead"] == msgspec.to_builtins(overhead)
+    assert report["sim_profile"]["kv_swap"] == ["tiny-llama", "tiny-qwen2"]
     # The same report re-simulated (no live run): its traces regenerate from the command's seed,
     # so the same profile gives exactly the same simulated points, and the live ones are kept.
     again = tmp_path / "again.json"

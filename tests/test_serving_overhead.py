@@ -9,6 +9,7 @@ from tokenpool.bench.serving_overhead import BatchSample, batch_window_steps, fi
 from tokenpool.bench.simulator import SimConfig, SimRequest, Simulation
 from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.engine.step_time_model import (
+    KVSwapTime,
     PrefillTimeModel,
     ServingOverhead,
     StepTable,
@@ -137,3 +138,39 @@ def test_a_prefill_slows_by_the_corun_factor_only_while_a_decode_instance_has_wo
     assert reqs[1].token_times[0] == pytest.approx(0.2 + 0.05 * 1.5)
     with pytest.raises(ValueError, match="corun_prefill_factor must be >= 1"):
         ServingOverhead(corun_prefill_factor=0.9)
+
+
+def test_kv_swap_times_count_whole_blocks_and_bad_ones_are_refused():
+    times = KVSwapTime(block_size=16, block_bytes=1000, out_gbps=1.0, in_gbps=2.0)
+    assert times.seconds(17, "out") == pytest.approx(2e-6)  # 17 tokens take two blocks
+    assert times.seconds(16, "in") == pytest.approx(0.5e-6)
+    timings = InstanceTimings({"a": PROFILE, "b": PROFILE}, 1.0, kv_swap={"a": times})
+    assert timings.kv_swap_seconds("b", 100, "out") == 0.0  # not measured: free, as before
+    assert InstanceTimings.from_json(timings.to_json()).kv_swap == {"a": times}
+    with pytest.raises(ValueError, match="KV swap times for models without a profile: c"):
+        InstanceTimings({"a": PROFILE}, 1.0, kv_swap={"c": times})
+    for bad in (dict(block_size=0), dict(block_bytes=0), dict(out_gbps=0.0), dict(in_gbps=-1.0)):
+        with pytest.raises(ValueError, match="KV swap times need"):
+            KVSwapTime(**{"block_size": 16, "block_bytes": 1000, "out_gbps": 1.0, "in_gbps": 1.0, **bad})
+
+
+def _run(timings, reqs, models):
+    Simulation(SimConfig("aegaeon", 1, 1, tbt_s=0.05), timings, models).run(reqs)
+    return reqs
+
+
+def test_a_decode_step_waits_for_kv_in_and_a_switch_for_kv_out():
+    # 17 tokens (prompt and first token) are two blocks: 0.1 s out, 0.05 s in per sequence.
+    swap = KVSwapTime(block_size=16, block_bytes=10**7, out_gbps=0.2, in_gbps=0.4)
+    free = InstanceTimings({"a": PROFILE, "b": PROFILE}, 1.0)
+    slow = InstanceTimings({"a": PROFILE, "b": PROFILE}, 1.0, kv_swap={"a": swap, "b": swap})
+    # One model: the handed-over sequence's KV comes in before its first decode step.
+    base, swapped = (_run(t, [SimRequest("r0", "a", 0.0, 16, 4)], ["a"]) for t in (free, slow))
+    assert swapped[0].token_times[1] - base[0].token_times[1] == pytest.approx(0.05)
+    assert swapped[0].token_times[2] - swapped[0].token_times[1] == pytest.approx(0.01)  # then none
+    # Two models turning: every switch away from a live batch waits for its KV to go out and
+    # the incoming batch's to come in, so tokens come later.
+    spec = [("r0", "a", 0.0, 16, 60), ("r1", "b", 0.0, 16, 60)]
+    base, swapped = (_run(t, [SimRequest(*s) for s in spec], ["a", "b"]) for t in (free, slow))
+    assert all(len(r.token_times) == 60 for r in base + swapped)
+    assert swapped[0].token_times[-1] > base[0].token_times[-1] + 0.15
