@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="append", type=Path, required=True, help="a `tokenpool profile` file")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
+    command = " ".join(["python -m tokenpool.bench.sim_validation",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     from tokenpool.cli.main import main as cli_main  # one process: imports and interpreter start once
 
     live, simulated = defaultdict(list), defaultdict(list)  # (policy, load) -> [(attainment, TTFT p50)]
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_row(policy, load, live[policy, load], simulated[policy, load]) for policy, load in sorted(live)]
     print_table(rows)
     tmp = args.json.with_name(args.json.name + ".tmp")
-    tmp.write_text(json.dumps({"reports": [str(r) for r in args.report],
+    tmp.write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                               "reports": [str(r) for r in args.report],
                                "profiles": [str(p) for p in args.profile], "rows": rows}, indent=1))
     tmp.replace(args.json)
     print(f"wrote {args.json}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -155,6 +156,7 @@ class SimDecodeRunner:
         self.active: str | None = None
         self.prefetched: tuple[str, float] | None = None
         self.switches = 0
+        self.copying = PrefetchCopies(timings)
         # KV swaps, as the instance's one swapper thread runs them: one after another.
         self.swapper_free_at = 0.0
         self.landing: dict[str, float] = {}  # request_id -> when its KV is back on the device
@@ -190,7 +192,7 @@ class SimDecodeRunner:
             for seq in self.batches.get(self.active, []):
                 swapped_out = self._swap(self.active, seq, "out")
             self.actor.sleep(max(cost, swapped_out - self.world.now))
-            self.active, self.prefetched = model, None
+            self.active, self.prefetched = model, _free_slot_after_switch(self.active)
             self.switches += 1
             for seq in self.batches.get(model, []):
                 self.landing[seq.request_id] = self._swap(model, seq, "in")
@@ -213,7 +215,9 @@ class SimDecodeRunner:
         return [s for s in batch if self.landing.get(s.request_id, 0.0) <= self.world.now]
 
     def prefetch(self, model: str) -> None:
-        self.prefetched = (model, self.world.now)
+        if model != self.active and (self.prefetched is None or self.prefetched[0] != model):
+            self.prefetched = (model, self.world.now)  # a copy into the free slot starts
+            self.copying.start(model, self.world.now)
 
     def step(self, model: str) -> int:
         batch = self.batches.setdefault(model, [])
@@ -226,7 +230,8 @@ class SimDecodeRunner:
         if not ready:
             return 0
         engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in ready), len(ready))
-        self.actor.sleep(self.timings.serving.decode_step(engine_s, len(ready), self.prefill_busy()))
+        self.actor.sleep(self.timings.serving.decode_step(engine_s, len(ready), self.prefill_busy())
+                         + self.copying.take(self.world.now))
         for seq in ready:
             seq.token_times.append(self.world.now)
         for seq in [s for s in ready if s.finished]:
@@ -235,6 +240,35 @@ class SimDecodeRunner:
             self.landing.pop(seq.request_id, None)
             self.on_finish(seq)
         return len(batch)
+
+
+def _free_slot_after_switch(previous: str | None) -> tuple[str, float] | None:
+    """After a switch the free arena slot still holds the model that was active: switching back,
+    or prefetching it, copies nothing."""
+    return (previous, -math.inf) if previous is not None else None
+
+
+class PrefetchCopies:
+    """The compute a simulated instance loses to its prefetch copies (ServingOverhead's
+    prefetch_factor per second of copy): charged to the instance's next step or prefill, if it
+    starts while the copy runs."""
+
+    def __init__(self, timings: InstanceTimings) -> None:
+        self.timings = timings
+        self.owed = 0.0
+        self.until = 0.0
+
+    def start(self, model: str, now: float) -> None:
+        factor = self.timings.serving.prefetch_factor
+        if factor:
+            copy_s = self.timings.switch_seconds(model)
+            self.owed += factor * copy_s
+            self.until = max(self.until, now) + copy_s * (1 + factor)
+
+    def take(self, now: float) -> float:
+        """What the work starting now loses (once)."""
+        owed, self.owed = (self.owed if now < self.until else 0.0), 0.0
+        return owed
 
 
 @dataclass
@@ -334,7 +368,8 @@ class Simulation:
     def _prefill_actor(self, index: int):
         group = MAX_GROUP_SIZE if self.config.policy == "aegaeon" else 1
         queue = PrefillQueue(group)
-        state = {"active": None}
+        state = {"active": None, "prefetched": None}  # prefetched: (model, when its copy started)
+        copying = PrefetchCopies(self.timings)
 
         def body(actor: Actor) -> None:
             while True:
@@ -344,14 +379,22 @@ class Simulation:
                     continue
                 request = self._pending.pop(head[0])
                 self.prefill_computing += 1
-                if state["active"] != request.model:
-                    actor.sleep(self.switch_s(request.model))
+                if state["active"] != request.model:  # as ModelSwitcher: the prefetched slot, or a copy now
+                    cost, prefetched = self.switch_s(request.model), state["prefetched"]
+                    if prefetched and prefetched[0] == request.model:
+                        cost = max(0.0, cost - (self.world.now - prefetched[1]))
+                    actor.sleep(cost)
+                    state["prefetched"] = _free_slot_after_switch(state["active"])
                     state["active"] = request.model
+                following, prefetched = queue.next_other_model(request.model), state["prefetched"]
+                if following is not None and (prefetched is None or prefetched[0] != following):
+                    state["prefetched"] = (following, self.world.now)  # as GroupedFcfsTurns
+                    copying.start(following, self.world.now)
                 prefill = self.profiles[request.model].prefill.predict(request.prompt_tokens)
                 factor = self.timings.serving.corun_prefill_factor
                 if factor != 1 and any(d.runner.models_with_work() for d in self.decode):
                     prefill *= factor
-                actor.sleep(prefill)
+                actor.sleep(prefill + copying.take(self.world.now))
                 self.prefill_computing -= 1
                 if self.timings.serving.request_s:  # the first token's way out (hand-off, RPCs)
                     actor.sleep(self.timings.serving.request_s)

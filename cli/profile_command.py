@@ -12,8 +12,9 @@ bandwidth. The file is what `tokenpool sim --profile` and `tokenpool bench serve
 With --live-clock, also what a simulated clock needs to replay a live run on this machine:
 each model's decode steps by batch size (StepTable: one-thread CPU steps are concave in the
 batch, a line is not), how long a sequence's KV takes to swap out to the host pool and back
-(KVSwapTime: a switch waits for both), and the serving path's own costs, measured through
-a stack serving all the models (bench/serving_overhead.py).
+(KVSwapTime: a switch waits for both), what a prefetch copy costs the compute beside it,
+and the serving path's own costs, measured through a stack serving all the models
+(bench/serving_overhead.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> None:
+    import msgspec
     import torch
     from tokenpool.bench.serve_bench import machine
-    from tokenpool.engine.step_profiler import InstanceTimings, measure_kv_swap, measure_step_table
+    from tokenpool.engine.step_profiler import (
+        InstanceTimings,
+        measure_kv_swap,
+        measure_prefetch_factor,
+        measure_step_table,
+    )
     from tokenpool.engine.step_time_model import ProfileCache
 
     from .serve_command import catalogue
@@ -65,10 +72,13 @@ def run(args) -> None:
 
         tables = per_shape(engine, measure_step_table, "decode steps by batch size")
         swaps = per_shape(engine, measure_kv_swap, "KV swap out and in")
+        print("measuring what a prefetch copy costs the compute beside it", file=sys.stderr, flush=True)
+        prefetch = measure_prefetch_factor(engine, timings.copy_gbps)
         del engine  # its memory and threads; the stack's instances build their own
         measured = serving_overhead.measure(folders, timings.profiles, threads,
                                             step=lambda m, sum_len, batch: tables[m].predict(sum_len, batch))
-        timings = InstanceTimings(timings.profiles, timings.copy_gbps, measured.overhead, tables, swaps)
+        overhead = msgspec.structs.replace(measured.overhead, prefetch_factor=prefetch)
+        timings = InstanceTimings(timings.profiles, timings.copy_gbps, overhead, tables, swaps)
         meta["serving_measurement"] = measured.to_json()
     data = timings.to_json(**meta)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -121,4 +131,5 @@ def print_profile(timings) -> None:
               f"+{serving.step_s * 1e3:.2f} ms +{serving.token_s * 1e3:.2f} ms per sequence, "
               f"x{serving.corun_decode_factor:.2f} +{serving.corun_step_s * 1e3:.2f} ms while a prefill "
               "computes; prefill "
-              f"x{serving.corun_prefill_factor:.2f} while a decode instance has work")
+              f"x{serving.corun_prefill_factor:.2f} while a decode instance has work; a prefetch copy "
+              f"costs the compute beside it {serving.prefetch_factor:.2f} s per second of copy")

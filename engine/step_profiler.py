@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import statistics
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -44,6 +46,11 @@ TABLE_SLOPE_BATCH, TABLE_SLOPE_CONTEXTS = 4, (16, 128)  # per_token from these t
 TABLE_ROUNDS = 3  # each a median of DECODE_STEPS; the table holds the median round
 KV_SWAP_BLOCKS = 32  # measure_kv_swap: one sequence of this many blocks (fewer if the region is smaller)
 KV_SWAP_ROUNDS = 3
+PREFETCH_ROUNDS = 6  # measure_prefetch_factor: prefetch copies timed against the steps beside them
+PREFETCH_BATCH = 2
+# The stand-in for the other instance while a prefetch is measured: one thread of matrix products.
+_BUSY_CORE = ("import sys, torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
+              "print('busy', flush=True)\nwhile True:\n    a @ a\n")
 
 
 def cached_profile(engine: MultiModelEngine, model_id: str,
@@ -131,6 +138,44 @@ def measure_kv_swap(engine: MultiModelEngine, model_id: str) -> KVSwapTime:
     nbytes = len(blocks) * shape.nbytes
     return KVSwapTime(engine.config.engine.block_size, shape.nbytes,
                       nbytes / statistics.median(out_s) / 1e9, nbytes / statistics.median(in_s) / 1e9)
+
+
+def measure_prefetch_factor(engine: MultiModelEngine, copy_gbps: float) -> float:
+    """Extra compute a prefetch costs its instance, per second the copy takes alone: decode steps
+    of the largest model (PREFETCH_BATCH sequences) timed alone and while the second largest is
+    copied into the free slot, with another process computing on one thread (the other instance,
+    as under load). Needs three models (the free slot is refilled by prefetching the smallest);
+    0.0 with fewer."""
+    by_size = sorted(engine.models, key=lambda m: engine.models[m].profile.nbytes)
+    if len(by_size) < 3:
+        return 0.0
+    small, target, large = by_size[0], by_size[-2], by_size[-1]
+    seqs = _requests(engine, large, PREFETCH_BATCH, TABLE_CONTEXT, max_tokens=1 << 20)
+    busy = subprocess.Popen([sys.executable, "-c", _BUSY_CORE], stdout=subprocess.PIPE, text=True)
+    try:
+        busy.stdout.readline()
+        for _ in range(3):  # prefill, then the slow first decode step
+            engine.step(large)
+        alone, beside, copied = [], [], 0.0
+        for _ in range(PREFETCH_ROUNDS):
+            engine.prefetch(small).result()
+            alone += [_timed_step(engine, large) for _ in range(2)]
+            copying = engine.prefetch(target)
+            while not copying.done():
+                beside.append(_timed_step(engine, large))
+            copying.result()
+            copied += engine.models[target].profile.nbytes / (copy_gbps * 1e9)
+    finally:
+        busy.kill()
+        busy.wait()
+        _drop(engine, large, seqs)
+    return max(0.0, (sum(beside) - len(beside) * statistics.median(alone)) / copied)
+
+
+def _timed_step(engine: MultiModelEngine, model_id: str) -> float:
+    start = time.perf_counter()
+    engine.step(model_id)
+    return time.perf_counter() - start
 
 
 def measure_copy_gbps(device: str = "cpu", nbytes: int = COPY_PROBE_BYTES) -> float:

@@ -124,7 +124,11 @@ class ServingOverhead(msgspec.Struct, frozen=True):
     corun_decode_factor, corun_step_s: while a prefill instance computes, a decode step
       takes this many times the engine's step plus this much more (the CPU instances share
       the machine's cores and memory bandwidth with each other and the proxy),
-    corun_prefill_factor: a prefill this many times longer while a decode instance has work.
+    corun_prefill_factor: a prefill this many times longer while a decode instance has work,
+    prefetch_factor: a prefetch copy (a thread beside the compute thread, copying the next
+      model into the free slot) costs the instance's compute this many seconds per second the
+      copy takes alone (weight bytes over the copy bandwidth): cores and memory bandwidth are
+      shared.
 
     None for GPU profiles: the paper's step times are the engine's, and its instances do not
     share cores. Schedulers never see these: live instances predict from the engine's times.
@@ -136,12 +140,13 @@ class ServingOverhead(msgspec.Struct, frozen=True):
     corun_step_s: float = 0.0
     corun_prefill_factor: float = 1.0
     corun_decode_factor: float = 1.0
+    prefetch_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("request_s", "step_s", "token_s", "corun_step_s"):
+        for name in ("request_s", "step_s", "token_s", "corun_step_s", "prefetch_factor"):
             value = getattr(self, name)
             if not value >= 0:
-                raise ValueError(f"serving overhead {name} must be >= 0 seconds, got {value!r}")
+                raise ValueError(f"serving overhead {name} must be >= 0, got {value!r}")
         for name in ("corun_prefill_factor", "corun_decode_factor"):
             value = getattr(self, name)
             if not value >= 1:

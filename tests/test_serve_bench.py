@@ -109,7 +109,9 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
     validation = tmp_path / "validation.json"
     assert sim_validation.main(["--report", str(out), "--report", str(again), "--profile", str(profile),
                                 "--json", str(validation)]) == 0
-    (row,) = json.loads(validation.read_text())["rows"]
+    written = json.loads(validation.read_text())
+    assert written["command"].startswith("python -m tokenpool.bench.sim_validation --report ")
+    (row,) = written["rows"]
     assert row["policy"] == "aegaeon" and row["load"] == 0.5 and len(row["live"]) == 2
     assert row["simulated"] == [simulated[0]["attainment"]] * 2
     assert row["gap_of_means_pp"] == pytest.approx(gap)

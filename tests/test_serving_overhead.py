@@ -174,3 +174,19 @@ def test_a_decode_step_waits_for_kv_in_and_a_switch_for_kv_out():
     base, swapped = (_run(t, [SimRequest(*s) for s in spec], ["a", "b"]) for t in (free, slow))
     assert all(len(r.token_times) == 60 for r in base + swapped)
     assert swapped[0].token_times[-1] > base[0].token_times[-1] + 0.15
+
+
+def test_a_prefill_instance_prefetches_the_next_group_and_the_copy_costs_its_compute():
+    # Switches take 0.1 s (1 MB at 0.01 GB/s); a and b arrive together; prefills take 0.05 s.
+    first_tokens = {}
+    for factor in (0.0, 1.0):
+        timings = InstanceTimings({"a": PROFILE, "b": PROFILE}, 0.01, ServingOverhead(prefetch_factor=factor))
+        reqs = [SimRequest("r0", "a", 0.0, 16, 1), SimRequest("r1", "b", 0.0, 16, 1)]
+        _run(timings, reqs, ["a", "b"])
+        first_tokens[factor] = [r.token_times[0] for r in reqs]
+    # a: a cold switch, then its prefill while b is copied into the free slot; b: the rest of the copy.
+    assert first_tokens[0.0] == pytest.approx([0.1 + 0.05, 0.1 + 0.05 + 0.05 + 0.05])
+    # The copy costs a's prefill its 0.1 s; by then b's slot is ready.
+    assert first_tokens[1.0] == pytest.approx([0.1 + 0.05 + 0.1, 0.1 + 0.15 + 0.05])
+    with pytest.raises(ValueError, match="prefetch_factor must be >= 0"):
+        ServingOverhead(prefetch_factor=-0.1)

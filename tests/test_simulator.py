@@ -9,7 +9,7 @@ from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.engine.step_time_model import PrefillTimeModel, StepTimeModel, TimingProfile
 
 PROFILE = TimingProfile(StepTimeModel(0.01, 0.0, 0.0), PrefillTimeModel(0.05, 0.0), 10**9)
-PROFILES = {"a": PROFILE, "b": PROFILE}
+PROFILES = {"a": PROFILE, "b": PROFILE, "c": PROFILE}
 SWITCH = 0.2
 TIMINGS = InstanceTimings(PROFILES, copy_gbps=PROFILE.weight_bytes / SWITCH / 1e9)  # switches take SWITCH s
 
@@ -51,14 +51,15 @@ def test_static_pins_models_and_never_switches_after_the_first_load():
     assert [d.runner.switches for d in sim.decode] == [1, 1]
 
 
-def test_mean_tbt_of_two_rotating_batches_is_alpha_times_the_target():
-    """With prefetch hiding part of each switch, the scheduler's measured switch times settle its
-    quotas; whatever they settle to, each batch's mean time between tokens is alpha x d."""
+def test_mean_tbt_of_two_rotating_batches_stays_within_alpha_times_the_target():
+    """The scheduler plans each round so that a batch's mean time between tokens is alpha x d
+    with the predicted switch times; two models both stay in the arena's slots, so after the
+    first copies their switches are free and the mean comes in under the plan, never over it."""
     sim, reqs, results = simulate("aegaeon", [(0.0, "a", 600), (0.0, "b", 600)], tbt=0.05, qmax=0.5)
     alpha = sim.decode[0].policy.last.plan.alpha
     for r in reqs:
         middle = r.token_times[100:500]
-        assert (middle[-1] - middle[0]) / (len(middle) - 1) == pytest.approx(alpha * 0.05, rel=0.05)
+        assert 0.01 < (middle[-1] - middle[0]) / (len(middle) - 1) <= alpha * 0.05 * 1.05
     assert sim.decode[0].runner.switches > 10
     assert summarize(0.1, results, SLO(ttft_s=1.0, tbt_s=0.05 * alpha * 1.2)).attainment > 0.9
 
@@ -94,3 +95,12 @@ def test_tokenpool_sim_refuses_an_unknown_profile(tmp_path, capsys):
     assert main(["sim", "--profile", "v100", "--json", str(tmp_path / "x.json")]) == 2
     assert "available: a10, a100, h100, h20, h800" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_two_models_stay_in_the_two_slots_so_switching_back_copies_nothing():
+    sim, reqs, _ = simulate("aegaeon", [(0.0, "a", 300), (0.0, "b", 300)])
+    runner = sim.decode[0].runner
+    assert runner.switches > 10
+    # Two switches copy (the decode instance's first a and first b); every later one is free,
+    # so the last token comes long before switches x SWITCH would allow.
+    assert max(r.token_times[-1] for r in reqs) < 300 * 2 * 0.01 + 4 * SWITCH + 0.5
