@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA checks, for a GPU machine (CI has none), from the repository root, with no install:
-# the CUDA tests, then `bench switch --device cuda` on the tiny models and on two models of real
-# shapes (Qwen2.5-0.5B, Llama-3.2-1B) with random weights, in bfloat16. Results under ${OUT:-out/cuda}.
-# A machine without msgspec gets it from wheels in .whl/ (pip download --python-version of that machine).
+#   tests  the CUDA tests (tests/test_cuda.py, the switching test on CUDA)
+#   bench  `bench switch --device cuda` on the tiny models and two models of real shapes
+#          (Qwen2.5-0.5B, Llama-3.2-1B) with random weights, in bfloat16
+#   serve  `tokenpool serve --device cuda` and `tokenpool up --device cuda` (proxy, prefill, decode,
+#          kvtransfer processes) serving tiny models and the Qwen2.5-0.5B shape; requests through
+#          `tokenpool generate --server`, switching models between them
+# PHASES picks some (default all). Results under ${OUT:-out/cuda}. Packages the machine lacks (or
+# has too old) come from wheels in .whl/ (pip download --python-version of that machine).
 set -uo pipefail
 OUT=${OUT:-out/cuda}
 mkdir -p "$OUT"
@@ -20,10 +25,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 df -h /dev/shm | tail -1 | tee -a "$OUT/gpu.txt"
 
+PHASES=${PHASES:-tests bench serve}
+DEVICE=${DEVICE:-cuda}  # the serve phase on the CPU, to try the script where there is no GPU
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+models=/tmp/cuda-check-models
+
+if want tests; then
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -k cuda -o addopts="" \
   tests/test_cuda.py tests/test_model_switching.py 2>&1 | tee "$OUT/pytest.txt" | tail -40
 echo "pytest exit ${PIPESTATUS[0]}"
+fi
 
+if want bench; then
 timeout "${BENCH_TIMEOUT:-360}" python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bench.txt"
 import argparse, dataclasses, sys, time
 from pathlib import Path
@@ -48,3 +61,49 @@ switch_bench.run(argparse.Namespace(models=[str(f) for f in folders], json=out /
                                     dtype="bfloat16", device="cuda"))
 PY
 echo "bench exit ${PIPESTATUS[0]}"
+fi
+
+if want serve; then
+python3 - "$models" <<'PY' || exit 1
+import dataclasses, sys
+from pathlib import Path
+from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_model, make_tiny_models
+root = Path(sys.argv[1])
+if not (root / "qwen2.5-0.5b-shape").is_dir():
+    make_tiny_models(root)
+    make_model(dataclasses.replace(TINY_MODEL_SPECS[1], name="qwen2.5-0.5b-shape", vocab_size=151936,
+                                   hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=32768), root)
+PY
+serve_models=()
+for m in tiny-llama tiny-qwen2 tiny-qwen3 qwen2.5-0.5b-shape; do serve_models+=("--model=$m=$models/$m"); done
+stop() {  # SIGINT, then SIGKILL after 20 s
+  kill -INT "$1"; for _ in $(seq 20); do kill -0 "$1" 2>/dev/null || break; sleep 1; done
+  kill -9 "$1" 2>/dev/null; wait "$1"
+}
+ask() {  # ask ADDR LABEL: requests that switch models, each streamed back
+  for m in tiny-llama qwen2.5-0.5b-shape tiny-qwen3 qwen2.5-0.5b-shape tiny-qwen2 tiny-llama; do
+    echo "== $2: $m"
+    timeout 120 python3 -m tokenpool.cli.main generate --server "$1" --model "$m" --max-tokens 24 \
+      "The quick brown fox" 2>&1 | tail -2
+  done
+}
+python3 -m tokenpool.cli.main serve --device "$DEVICE" --dtype bfloat16 --port 0 "${serve_models[@]}" \
+  > "$OUT/serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 120); do grep -q "serving .* on" "$OUT/serve.log" && break; sleep 1; done
+addr=$(grep -o "on [^ ]*:[0-9]*" "$OUT/serve.log" | head -1 | cut -d' ' -f2)
+echo "serve at ${addr:-nowhere}"; tail -3 "$OUT/serve.log"
+[ -n "$addr" ] && ask "$addr" serve 2>&1 | tee "$OUT/serve-requests.txt"
+stop $pid
+python3 -m tokenpool.cli.main up --device "$DEVICE" --dtype bfloat16 --port 0 --decode 1 \
+  --log-dir "$OUT/up-logs" "${serve_models[@]}" > "$OUT/up.log" 2>&1 &
+pid=$!
+for _ in $(seq 180); do grep -q "stack up\|error" "$OUT/up.log" && break; sleep 1; done
+tail -5 "$OUT/up.log"
+addr=$(grep -o "connect to [^ ]*" "$OUT/up.log" | head -1 | cut -d' ' -f3)
+[ -n "$addr" ] && ask "$addr" up 2>&1 | tee "$OUT/up-requests.txt"
+stop $pid
+tail -3 "$OUT/up.log"
+fi

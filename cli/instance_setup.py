@@ -18,6 +18,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
     p.add_argument("--host-kv-mib", type=int, default=host_kv_mib,
                    help="this instance's host KV pool (swapped-out sequences), MiB")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the arena (weights and KV) lives; on cuda the host model cache and KV pool "
+                        "are page-locked for DMA")
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
@@ -45,11 +48,17 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
     from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
     from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
 
-    config = EngineConfig(dtype=args.dtype, num_threads=args.threads)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: this torch build sees no CUDA device")
+    config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device)
     slot = max(slot_bytes_needed(model_specs(c, resolve_dtypes(config, c)[1]))
                for c in map(ModelConfig.from_folder, folders.values()))
     engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
-                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20))
+                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
+                                                           pin=args.device == "cuda"))
     for model_id, folder in folders.items():
         engine.register(model_id, folder)
     return engine

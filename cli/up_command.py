@@ -23,7 +23,7 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
+               "threads", "device", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token")
 WATCH_INTERVAL_S = 0.5
 
@@ -42,6 +42,8 @@ def add_parser(commands) -> None:
     p.add_argument("--host-kv-mib", type=int, help="host KV pool per instance, MiB (default 256)")
     p.add_argument("--pool-mib", type=int, help="the node's hand-off pool, MiB (default 256)")
     p.add_argument("--threads", type=int, help="compute threads per instance (default: cores / instances)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where instances keep weights and KV (default cpu)")
     p.add_argument("--table-slots", type=int, help="requests in flight at most (default 1024)")
     p.add_argument("--policy", help="scheduling: aegaeon (default), static (one model per instance, no "
                    "switching) or request (request-level scaling)")

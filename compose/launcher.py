@@ -42,7 +42,7 @@ class StackConfig:
     models: model id -> folder (every instance registers all of them).
     prefill, decode: instance counts (>= 1 each).
     host, port: where the proxy listens (port 0 picks one); internal services use free ports.
-    dtype, kv_mib, host_kv_mib, threads: per instance, as for `tokenpool serve`
+    dtype, kv_mib, host_kv_mib, threads, device: per instance, as for `tokenpool serve`
       (threads None: the machine's cores shared out among the instances).
     pool_mib: the node's hand-off pool (kvtransfer agent).
     table_slots: the request table's size (requests in flight at most).
@@ -74,6 +74,7 @@ class StackConfig:
     host_kv_mib: int = 256
     pool_mib: int = 256
     threads: int | None = None
+    device: str = "cpu"
     table_slots: int = 1024
     policy: str = "aegaeon"
     tbt_ms: float | None = None
@@ -107,6 +108,8 @@ class StackConfig:
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if self.trace_endpoint is not None and not self.trace_endpoint.startswith(("http://", "https://")):
@@ -238,7 +241,8 @@ class Stack:
         quotas = ["--qmax-s", str(c.qmax_s)] + (["--tbt-ms", str(c.tbt_ms)] if c.tbt_ms else [])
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
-                "--threads", str(c.threads_per_instance), "--policy", c.policy, *models,
+                "--threads", str(c.threads_per_instance), "--device", c.device, "--policy", c.policy,
+                *models,
                 *(quotas if role == "decode" else [])]
 
     def _security_args(self) -> list[str]:
