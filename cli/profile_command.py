@@ -65,7 +65,7 @@ def run(args) -> None:
     with tempfile.TemporaryDirectory(prefix="tokenpool-profile-") as scratch:
         timings = InstanceTimings.measure(engine, ProfileCache(Path(scratch)) if args.fresh else None)
     threads = torch.get_num_threads()
-    meta = {"machine": machine(), "threads": threads, "device": "cpu",
+    meta = {"machine": machine(), "threads": threads, "device": args.device,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": args.command_line}
     if args.live_clock:
         from tokenpool.bench import serving_overhead
