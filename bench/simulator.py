@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -452,6 +453,7 @@ def add_parser(commands) -> None:
 def run_cli(args) -> None:
     from tokenpool.bench import gpu_profiles
     from tokenpool.bench.metrics import SLO, goodput, summarize
+    from tokenpool.bench.serve_bench import machine
     from tokenpool.bench.sharegpt import load_pairs
 
     gpu = gpu_profiles.load(args.profile)
@@ -460,7 +462,9 @@ def run_cli(args) -> None:
     slo = SLO(args.ttft_s, args.tbt_ms / 1e3)
     shapes = [s for s in SHAPE_MIX if s in gpu.models] or list(gpu.models)
     pairs = load_pairs()
-    report = {"sweep": "models", "profile": gpu.gpu, "h2d_gbps": gpu.h2d_gbps, "rate_per_model": args.rate,
+    report = {"command": getattr(args, "command_line", None), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": machine(), "sweep": "models", "profile": gpu.gpu, "h2d_gbps": gpu.h2d_gbps,
+              "rate_per_model": args.rate,
               "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policies": {}}
     for policy in policies:
         points = []

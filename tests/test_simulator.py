@@ -85,6 +85,7 @@ def test_tokenpool_sim_writes_a_sweep_per_policy(tmp_path):
                  "--decode", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["sweep"] == "models" and set(report["policies"]) == {"aegaeon", "request"}
+    assert report["command"].startswith("tokenpool sim --profile h800 --models 2,4") and report["date"]
     for result in report["policies"].values():
         assert [p["load"] for p in result["points"]] == [2, 4] and "goodput" in result
 
