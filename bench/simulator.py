@@ -154,10 +154,8 @@ class SimDecodeRunner:
         self.batches: dict[str, list[SimRequest]] = {}
         self.incoming: dict[str, list[SimRequest]] = {}
         self.arrivals: dict[str, str] = {}
-        self.active: str | None = None
-        self.prefetched: tuple[str, float] | None = None
+        self.slots = SimSlots(timings)
         self.switches = 0
-        self.copying = PrefetchCopies(timings)
         # KV swaps, as the instance's one swapper thread runs them: one after another.
         self.swapper_free_at = 0.0
         self.landing: dict[str, float] = {}  # request_id -> when its KV is back on the device
@@ -169,6 +167,10 @@ class SimDecodeRunner:
 
     def now(self) -> float:
         return self.world.now
+
+    @property
+    def active(self) -> str | None:
+        return self.slots.active
 
     def models_with_work(self) -> list[str]:
         models = {m for m, b in self.batches.items() if b} | {m for m, q in self.incoming.items() if q}
@@ -186,14 +188,11 @@ class SimDecodeRunner:
         are copied (unless prefetched), the switch waits for both, then the incoming batch's KV
         starts swapping in."""
         if model != self.active:
-            cost = self.timings.switch_seconds(model)
-            if self.prefetched and self.prefetched[0] == model:
-                cost = max(0.0, cost - (self.world.now - self.prefetched[1]))
             swapped_out = self.world.now
             for seq in self.batches.get(self.active, []):
                 swapped_out = self._swap(self.active, seq, "out")
-            self.actor.sleep(max(cost, swapped_out - self.world.now))
-            self.active, self.prefetched = model, _free_slot_after_switch(self.active)
+            weights = self.slots.activate(model, self.world.now)
+            self.actor.sleep(max(weights, swapped_out - self.world.now))
             self.switches += 1
             for seq in self.batches.get(model, []):
                 self.landing[seq.request_id] = self._swap(model, seq, "in")
@@ -216,9 +215,7 @@ class SimDecodeRunner:
         return [s for s in batch if self.landing.get(s.request_id, 0.0) <= self.world.now]
 
     def prefetch(self, model: str) -> None:
-        if model != self.active and (self.prefetched is None or self.prefetched[0] != model):
-            self.prefetched = (model, self.world.now)  # a copy into the free slot starts
-            self.copying.start(model, self.world.now)
+        self.slots.prefetch(model, self.world.now)
 
     def step(self, model: str) -> int:
         batch = self.batches.setdefault(model, [])
@@ -232,7 +229,7 @@ class SimDecodeRunner:
             return 0
         engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in ready), len(ready))
         self.actor.sleep(self.timings.serving.decode_step(engine_s, len(ready), self.prefill_busy())
-                         + self.copying.take(self.world.now))
+                         + self.slots.take_copy_cost(self.world.now))
         for seq in ready:
             seq.token_times.append(self.world.now)
         for seq in [s for s in ready if s.finished]:
@@ -243,31 +240,45 @@ class SimDecodeRunner:
         return len(batch)
 
 
-def _free_slot_after_switch(previous: str | None) -> tuple[str, float] | None:
-    """After a switch the free arena slot still holds the model that was active: switching back,
-    or prefetching it, copies nothing."""
-    return (previous, -math.inf) if previous is not None else None
-
-
-class PrefetchCopies:
-    """The compute a simulated instance loses to its prefetch copies (ServingOverhead's
-    prefetch_factor per second of copy): charged to the instance's next step or prefill, if it
-    starts while the copy runs."""
+class SimSlots:
+    """A simulated instance's two arena slots, as ModelSwitcher keeps them: the active model's,
+    and the free one, holding the model switched away from or the one being prefetched. A
+    prefetch copy costs the compute beside it (ServingOverhead's prefetch_factor per second of
+    copy), charged to the instance's next step or prefill if that starts while the copy runs."""
 
     def __init__(self, timings: InstanceTimings) -> None:
         self.timings = timings
+        self.active: str | None = None
+        self.free: tuple[str, float] | None = None  # (model, when its copy started)
         self.owed = 0.0
         self.until = 0.0
 
-    def start(self, model: str, now: float) -> None:
+    def activate(self, model: str, now: float) -> float:
+        """Make model active -> seconds until its weights are ready: none if active, the rest of
+        its prefetch, else a whole copy. The free slot keeps the outgoing model, so switching
+        back, or prefetching it, copies nothing."""
+        if model == self.active:
+            return 0.0
+        cost = self.timings.switch_seconds(model)
+        if self.free is not None and self.free[0] == model:
+            cost = max(0.0, cost - (now - self.free[1]))
+        self.free = (self.active, -math.inf) if self.active is not None else None
+        self.active = model
+        return cost
+
+    def prefetch(self, model: str, now: float) -> None:
+        """Start copying model into the free slot unless it is there (or active)."""
+        if model == self.active or (self.free is not None and self.free[0] == model):
+            return
+        self.free = (model, now)
         factor = self.timings.serving.prefetch_factor
         if factor:
             copy_s = self.timings.switch_seconds(model)
             self.owed += factor * copy_s
             self.until = max(self.until, now) + copy_s * (1 + factor)
 
-    def take(self, now: float) -> float:
-        """What the work starting now loses (once)."""
+    def take_copy_cost(self, now: float) -> float:
+        """What the work starting now loses to prefetch copies (charged once)."""
         owed, self.owed = (self.owed if now < self.until else 0.0), 0.0
         return owed
 
@@ -301,7 +312,7 @@ class Simulation:
     def __init__(self, config: SimConfig, timings: InstanceTimings, models: Sequence[str]) -> None:
         """timings: every model's profile and the bandwidth switches copy weights at."""
         self.config, self.timings = config, timings
-        self.profiles, self.switch_s = timings.profiles, timings.switch_seconds
+        self.profiles = timings.profiles
         self.models = list(models)
         if config.policy == "static" and len(self.models) > min(config.num_prefill, config.num_decode):
             raise ValueError(f"static needs an instance of each kind per model: {len(self.models)} models")
@@ -369,8 +380,7 @@ class Simulation:
     def _prefill_actor(self, index: int):
         group = MAX_GROUP_SIZE if self.config.policy == "aegaeon" else 1
         queue = PrefillQueue(group)
-        state = {"active": None, "prefetched": None}  # prefetched: (model, when its copy started)
-        copying = PrefetchCopies(self.timings)
+        slots = SimSlots(self.timings)
 
         def body(actor: Actor) -> None:
             while True:
@@ -380,22 +390,16 @@ class Simulation:
                     continue
                 request = self._pending.pop(head[0])
                 self.prefill_computing += 1
-                if state["active"] != request.model:  # as ModelSwitcher: the prefetched slot, or a copy now
-                    cost, prefetched = self.switch_s(request.model), state["prefetched"]
-                    if prefetched and prefetched[0] == request.model:
-                        cost = max(0.0, cost - (self.world.now - prefetched[1]))
-                    actor.sleep(cost)
-                    state["prefetched"] = _free_slot_after_switch(state["active"])
-                    state["active"] = request.model
-                following, prefetched = queue.next_other_model(request.model), state["prefetched"]
-                if following is not None and (prefetched is None or prefetched[0] != following):
-                    state["prefetched"] = (following, self.world.now)  # as GroupedFcfsTurns
-                    copying.start(following, self.world.now)
+                if slots.active != request.model:
+                    actor.sleep(slots.activate(request.model, self.world.now))
+                following = queue.next_other_model(request.model)
+                if following is not None:  # as GroupedFcfsTurns
+                    slots.prefetch(following, self.world.now)
                 prefill = self.profiles[request.model].prefill.predict(request.prompt_tokens)
                 factor = self.timings.serving.corun_prefill_factor
                 if factor != 1 and any(d.runner.models_with_work() for d in self.decode):
                     prefill *= factor
-                actor.sleep(prefill + copying.take(self.world.now))
+                actor.sleep(prefill + slots.take_copy_cost(self.world.now))
                 self.prefill_computing -= 1
                 if self.timings.serving.request_s:  # the first token's way out (hand-off, RPCs)
                     actor.sleep(self.timings.serving.request_s)
