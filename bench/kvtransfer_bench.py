@@ -91,8 +91,7 @@ def _engine(folder: Path, args: argparse.Namespace, max_tokens: int):
     from tokenpool.engine.host_model_cache import HostModelCache
     from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
     from tokenpool.engine.model_config import ModelConfig
-    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
-    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
 
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads)
     model_config = ModelConfig.from_folder(folder)
@@ -100,7 +99,7 @@ def _engine(folder: Path, args: argparse.Namespace, max_tokens: int):
     per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         torch.empty((), dtype=compute).element_size()
     kv_bytes = (max_tokens + 4 * config.block_size) * per_token
-    slot = slot_bytes_needed(model_specs(model_config, compute))
+    slot = slot_bytes_for([folder], config)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=kv_bytes, slot_bytes=slot, engine=config),
                               HostModelCache(), HostKVPool(64 << 20, slab_bytes=4 << 20))
     engine.register(f"kvbench-{folder.name}", folder)  # its own id in the node's host model cache

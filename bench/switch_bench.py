@@ -10,6 +10,7 @@ the model's bytes over memcpy bandwidth measured in this run; (d) KV swap bandwi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from tokenpool.engine.host_kv_pool import HostKVPool
 from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
-from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
 from tokenpool.engine.private_shm import private_dir, shm_root
 from tokenpool.engine.step_profiler import measure_copy_gbps
 
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace) -> None:
     from tokenpool.engine.model_store import DEFAULT_MODEL
     from tokenpool.engine.tiny_models import make_tiny_models
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: this torch build sees no CUDA device")
+    config = EngineConfig(dtype=args.dtype, device=args.device)  # a bad device fails here
     # The host cache and KV pool in shared memory, as deployed (on CUDA only tmpfs pages can be
     # page-locked for DMA); removed however the run ends.
     with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as tmp:
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
             folders = [ensure_model(m) for m in args.models]
         else:
             folders = make_tiny_models(Path(tmp) / "tiny") + [ensure_model(DEFAULT_MODEL)]
-        rows = [measure(folder, folders, args.dtype, args.device, Path(tmp)) for folder in folders]
+        rows = [measure(folder, folders, config, Path(tmp)) for folder in folders]
     report = {"dtype": args.dtype, "device": _device_name(args.device), "threads": torch.get_num_threads(),
               "cache_dir": str(shm_root()),
               "page_cache": "warm: each checkpoint is read by the host-cache registration "
@@ -80,20 +80,19 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.json}")
 
 
-def measure(folder: Path, all_folders: list[Path], dtype: str, device: str, tmp: Path) -> dict:
+def measure(folder: Path, all_folders: list[Path], config: EngineConfig, tmp: Path) -> dict:
     other, third = [f for f in all_folders if f != folder][:2]
     cache = HostModelCache(tmp / f"cache-{folder.name}", capacity_bytes=64 << 30, progress=False)
-    pool = HostKVPool(256 << 20, shm_dir=tmp, pin=device == "cuda")
-    probe_bytes = _weight_bytes((folder, other, third), dtype)
-    engine = MultiModelEngine(InstanceConfig(kv_bytes=64 << 20, slot_bytes=probe_bytes,
-                                             engine=EngineConfig(dtype=dtype, device=device)), cache, pool)
+    pool = HostKVPool(256 << 20, shm_dir=tmp, pin=config.device == "cuda")
+    instance = InstanceConfig(kv_bytes=64 << 20, slot_bytes=slot_bytes_for((folder, other, third), config),
+                              engine=config)
+    engine = MultiModelEngine(instance, cache, pool)
     profile = engine.register(folder.name, folder)
     engine.register("other", other)
     engine.register("third", third)
-    naive = _naive(folder, dtype, device)
-    bandwidth = measure_copy_gbps(device, max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
-    reinit = _timed(lambda: _sync(LLMEngine(folder, EngineConfig(dtype=dtype, kv_cache_bytes=64 << 20,
-                                                                 device=device))))
+    naive = _naive(folder, config.dtype, config.device)
+    bandwidth = measure_copy_gbps(config.device, max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
+    reinit = _timed(lambda: _sync(LLMEngine(folder, dataclasses.replace(config, kv_cache_bytes=64 << 20))))
     cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
     prefetched = min(_switch(engine, folder.name, prefetch=True) for _ in range(3))
     row = {"model": folder.name, "bytes": profile.nbytes, "naive_s": naive["total_s"],
@@ -106,20 +105,6 @@ def measure(folder: Path, all_folders: list[Path], dtype: str, device: str, tmp:
     pool.close()
     print(f"  {folder.name}: naive {row['naive_s']:.2f} s, switch {cold * 1e3:.1f} ms", file=sys.stderr)
     return row
-
-
-def _weight_bytes(folders: tuple[Path, ...], dtype: str) -> int:
-    """The arena slot size the largest of folders needs."""
-    from tokenpool.engine.llm_engine import resolve_dtypes
-    from tokenpool.engine.model_config import ModelConfig
-    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
-
-    sizes = []
-    for f in folders:
-        config = ModelConfig.from_folder(f)
-        _, compute = resolve_dtypes(EngineConfig(dtype=dtype), config)
-        sizes.append(slot_bytes_needed(model_specs(config, compute)))
-    return max(sizes)
 
 
 def _timed(fn) -> float:

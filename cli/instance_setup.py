@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenpool.engine.model_config import ModelConfig
-
 
 def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: int = 512) -> None:
     p.add_argument("--dtype", default="auto", help="weights: auto (the checkpoint's), float32, bfloat16")
@@ -44,18 +42,11 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
     """A MultiModelEngine with every model registered (its slots fit the largest one)."""
     from tokenpool.engine.host_kv_pool import HostKVPool
     from tokenpool.engine.host_model_cache import HostModelCache
-    from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
-    from tokenpool.engine.model_switcher import model_specs, slot_bytes_needed
-    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+    from tokenpool.engine.llm_engine import EngineConfig
+    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: this torch build sees no CUDA device")
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device)
-    slot = max(slot_bytes_needed(model_specs(c, resolve_dtypes(config, c)[1]))
-               for c in map(ModelConfig.from_folder, folders.values()))
+    slot = slot_bytes_for(folders.values(), config)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
                               HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
                                                            pin=args.device == "cuda"))

@@ -63,6 +63,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        kind = self.device.partition(":")[0]
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: this torch build sees no CUDA device")
 
 
 def resolve_dtypes(config: EngineConfig, model_config: ModelConfig) -> tuple[torch.dtype, torch.dtype]:

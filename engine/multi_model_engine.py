@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from .kv_swapper import KVSwapper, SwapHandle
 from .llm_engine import EngineConfig, resolve_dtypes
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
-from .model_switcher import ModelProfile, ModelSwitcher, register_model
+from .model_switcher import ModelProfile, ModelSwitcher, model_specs, register_model, slot_bytes_needed
 from .request_book import RequestBook, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 # first_block + 1, ... is computed; they are kv_layer[:, b] for b in block_ids, where kv_layer is
 # [2, num_device_blocks, block_size, kv_heads, head_dim] and stays valid until the sequence ends.
 KVSink = Callable[[int, int, torch.Tensor, list[int]], None]
+
+
+def slot_bytes_for(folders: Iterable[Path], engine: EngineConfig) -> int:
+    """The arena slot the largest of these models needs, in the dtype `engine` computes it in."""
+    def needed(folder: Path) -> int:
+        config = ModelConfig.from_folder(folder)
+        return slot_bytes_needed(model_specs(config, resolve_dtypes(engine, config)[1]))
+
+    return max(map(needed, folders))
 
 
 @dataclass(frozen=True)

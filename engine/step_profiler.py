@@ -49,7 +49,7 @@ KV_SWAP_ROUNDS = 3
 PREFETCH_ROUNDS = 6  # measure_prefetch_factor: prefetch copies timed against the steps beside them
 PREFETCH_BATCH = 2
 # The stand-in for the other instance while a prefetch is measured: one thread of matrix products.
-_BUSY_CORE = ("import sys, torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
+_BUSY_CORE = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
               "print('busy', flush=True)\nwhile True:\n    a @ a\n")
 
 

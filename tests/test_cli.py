@@ -6,7 +6,9 @@ import json
 import shutil
 
 import pytest
+import torch
 from tokenpool.cli.main import main
+from tokenpool.engine.llm_engine import EngineConfig
 
 
 def fails_with(capsys, argv, needle):
@@ -52,6 +54,17 @@ def test_missing_and_truncated_weights(capsys, tmp_path, tiny_dir):
     fails_with(capsys, ["generate", "--model", str(folder), "hi"], "do not fit")
     weights.unlink()
     fails_with(capsys, ["generate", "--model", str(folder), "hi"], "no *.safetensors")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_cuda_without_a_cuda_device_is_one_clear_line(capsys, tmp_path, tiny_dir):
+    model = f"--model=tiny-llama={tiny_dir / 'tiny-llama'}"
+    fails_with(capsys, ["serve", "--device", "cuda", "--port", "0", model], "sees no CUDA device")
+    fails_with(capsys, ["bench", "switch", "--device", "cuda", "--json", str(tmp_path / "s.json")],
+               "sees no CUDA device")
+    assert not (tmp_path / "s.json").exists()
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        EngineConfig(device="tpu")
 
 
 def test_prompt_longer_than_context(capsys, tiny_dir):
