@@ -26,7 +26,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 df -h /dev/shm | tail -1 | tee -a "$OUT/gpu.txt"
 
 PHASES=${PHASES:-tests bench serve}
-DEVICE=${DEVICE:-cuda}  # the serve phase on the CPU, to try the script where there is no GPU
+DEVICE=${DEVICE:-cuda}  # cpu tries the bench and serve phases where there is no GPU
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 models=/tmp/cuda-check-models
 
@@ -36,16 +36,15 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -k cuda 
 echo "pytest exit ${PIPESTATUS[0]}"
 fi
 
-if want bench; then
-timeout "${BENCH_TIMEOUT:-360}" python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bench.txt"
-import argparse, dataclasses, sys, time
+write_models() {  # the tiny models and two real shapes (their configs, random weights), once
+python3 - "$models" <<'PY'
+import dataclasses, sys, time
 from pathlib import Path
-from tokenpool.bench import switch_bench
 from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_model, make_tiny_models
 
-out, root = Path(sys.argv[1]), Path("/tmp/cuda-check-models")
-qwen, llama = TINY_MODEL_SPECS[1], TINY_MODEL_SPECS[0]
-shapes = [  # the real models' configs; tokenizer and weights random (vocab rows past 512 zero)
+root, start = Path(sys.argv[1]), time.perf_counter()
+llama, qwen = TINY_MODEL_SPECS[0], TINY_MODEL_SPECS[1]
+shapes = [  # tokenizer random too (vocab rows past its 512 tokens zero): only the bytes matter here
     dataclasses.replace(qwen, name="qwen2.5-0.5b-shape", vocab_size=151936, hidden_size=896,
                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                         num_key_value_heads=2, head_dim=64, max_position_embeddings=32768),
@@ -54,28 +53,33 @@ shapes = [  # the real models' configs; tokenizer and weights random (vocab rows
                         num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                         tie_word_embeddings=True),
 ]
-start = time.perf_counter()
-folders = make_tiny_models(root) + [make_model(spec, root) for spec in shapes]
-print(f"models written in {time.perf_counter() - start:.0f} s", flush=True)
-switch_bench.run(argparse.Namespace(models=[str(f) for f in folders], json=out / "switch-cuda.json",
-                                    dtype="bfloat16", device="cuda"))
+if not all((root / spec.name).is_dir() for spec in TINY_MODEL_SPECS):
+    make_tiny_models(root)
+for spec in shapes:
+    if not (root / spec.name).is_dir():
+        make_model(spec, root)
+print(f"models ready in {time.perf_counter() - start:.0f} s", flush=True)
+PY
+}
+
+if want bench; then
+write_models || exit 1
+timeout "${BENCH_TIMEOUT:-360}" python3 - "$OUT" "$models" "$DEVICE" <<'PY' 2>&1 | tee "$OUT/bench.txt"
+import argparse, sys
+from pathlib import Path
+from tokenpool.bench import switch_bench
+from tokenpool.engine.tiny_models import TINY_MODEL_SPECS
+
+out, root, device = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+names = [spec.name for spec in TINY_MODEL_SPECS] + ["qwen2.5-0.5b-shape", "llama-3.2-1b-shape"]
+switch_bench.run(argparse.Namespace(models=[str(root / n) for n in names], json=out / "switch-cuda.json",
+                                    dtype="bfloat16", device=device))
 PY
 echo "bench exit ${PIPESTATUS[0]}"
 fi
 
 if want serve; then
-python3 - "$models" <<'PY' || exit 1
-import dataclasses, sys
-from pathlib import Path
-from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_model, make_tiny_models
-root = Path(sys.argv[1])
-if not (root / "qwen2.5-0.5b-shape").is_dir():
-    make_tiny_models(root)
-    make_model(dataclasses.replace(TINY_MODEL_SPECS[1], name="qwen2.5-0.5b-shape", vocab_size=151936,
-                                   hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=32768), root)
-PY
+write_models || exit 1
 serve_models=()
 for m in tiny-llama tiny-qwen2 tiny-qwen3 qwen2.5-0.5b-shape; do serve_models+=("--model=$m=$models/$m"); done
 stop() {  # SIGINT, then SIGKILL after 20 s
