@@ -72,7 +72,7 @@ from tokenpool.engine.tiny_models import TINY_MODEL_SPECS
 
 out, root, device = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 names = [spec.name for spec in TINY_MODEL_SPECS] + ["qwen2.5-0.5b-shape", "llama-3.2-1b-shape"]
-switch_bench.run(argparse.Namespace(models=[str(root / n) for n in names], json=out / "switch-cuda.json",
+switch_bench.run(argparse.Namespace(models=[str(root / n) for n in names], json=out / f"switch-{device}.json",
                                     dtype="bfloat16", device=device))
 PY
 echo "bench exit ${PIPESTATUS[0]}"
