@@ -39,6 +39,7 @@ from tokenpool.engine.turn_policy import POLICIES
 TTFT_PER_TBT = 100.0  # the paper's 10 s TTFT over its 100 ms TBT
 DRAIN_FACTOR = 3.0  # after the last arrival, wait this many trace durations for stragglers
 DEFAULT_POLICIES = "aegaeon,request,static"  # the order they run in
+WARMUP_PROMPT_TOKENS = 64  # at most, in the warm-up request each served model gets
 
 
 def add_parser(commands) -> None:
@@ -91,7 +92,9 @@ def run(args: argparse.Namespace) -> None:
     pairs, count_tokens = _conversations(models)
     report = {"sweep": "rate_per_model", "command": args.command_line,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "models": list(models), "duration_s": args.duration, "policies": {}}
+              "models": list(models), "duration_s": args.duration,
+              "warmup": "each stack answered one request per served model (its largest output length) "
+                        "before the first rate; not scored", "policies": {}}
     if args.tbt_ms is not None and not args.tbt_ms > 0:
         raise ValueError(f"--tbt-ms {args.tbt_ms!r}: expected a positive number of milliseconds")
     slo = SLO(ttft_s=TTFT_PER_TBT * args.tbt_ms / 1e3, tbt_s=args.tbt_ms / 1e3) if args.tbt_ms else None
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
     if profile is not None:
         report["sim_profile"] = _sim_profile_info(args.sim_profile, profile)
     _set_goodputs(report["policies"])
+    report["ended"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     _write(args, report)
 
 
@@ -216,6 +220,7 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
         print(f"[{policy}] starting the stack ({', '.join(served)})", file=sys.stderr, flush=True)
         stack.start(progress=lambda line: None)
         slo = slo or _scaled_slo(stack)
+        _warm_up(stack.address, policy, served, pairs, count_tokens, args)
         points, raw = [], []
         for rate in rates:
             workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
@@ -238,6 +243,28 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
         print(f"[{policy}] below {args.stop_below:.0%}: skipping rates {result['skipped_rates']}",
               file=sys.stderr, flush=True)
     return result, slo
+
+
+def _warm_up(address: str, policy: str, served: dict[str, Path], pairs, count_tokens, args) -> None:
+    """One request per served model, one after another, before the first rate, not scored. A
+    fresh stack's first request of a model pays once for what no later one does (the model's
+    first copy into each instance's arena slot, its KV region's first pages, the first runs of
+    its kernels' shapes): up to a second or two per model, which would otherwise land on the
+    first rate only, and which the simulator, like a server that has been up for a while, does
+    not model."""
+    fits = min(args.max_prompt_tokens, WARMUP_PROMPT_TOKENS)
+    prompt = next((p.prompt for p in pairs if count_tokens(p.prompt) <= fits), None)
+    if prompt is None:
+        raise ValueError(f"no conversation's prompt fits in {fits} tokens, for the warm-up")
+    for model in served:
+        request = TraceRequest(0.0, model, prompt, args.max_output_tokens, f"warmup-{model}")
+        started = time.monotonic()
+        (result,) = asyncio.run(replay(address, [request], {model}, args.duration, f"[{policy}] warm-up"))
+        if not result.finished:
+            raise RuntimeError(f"[{policy}] the warm-up request for {model} did not finish; see the "
+                               "instances' logs")
+        print(f"[{policy}] warm-up: {model} answered {len(result.token_times)} tokens in "
+              f"{time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:

@@ -31,16 +31,23 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--report", action="append", type=Path, required=True, help="a `bench serve` report")
     p.add_argument("--profile", action="append", type=Path, required=True, help="a `tokenpool profile` file")
+    p.add_argument("--nearest", type=int, default=0, metavar="N",
+                   help="re-simulate each report with only the N profiles measured nearest to it in time "
+                        "(by the files' dates; the machine's speed drifts, so a profile measured hours "
+                        "away describes another machine; default: every profile)")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.nearest < 0:
+        p.error(f"--nearest {args.nearest}: expected 0 (every profile) or more")
+    paired = pair_by_time(args.report, args.profile, args.nearest)
     command = " ".join(["python -m tokenpool.bench.sim_validation",
                         *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     from tokenpool.cli.main import main as cli_main  # one process: imports and interpreter start once
 
     live, simulated = defaultdict(list), defaultdict(list)  # (policy, load) -> [(attainment, TTFT p50)]
     with tempfile.TemporaryDirectory(prefix="tokenpool-simval-") as scratch:
-        for report in args.report:
-            for profile in args.profile:
+        for report, profiles in paired.items():
+            for profile in profiles:
                 out = Path(scratch) / "out.json"
                 print(f"re-simulating {report} with {profile}", file=sys.stderr, flush=True)
                 with contextlib.redirect_stdout(io.StringIO()):  # its own table; ours comes at the end
@@ -51,17 +58,58 @@ def main(argv: list[str] | None = None) -> int:
                 for policy, result in json.loads(out.read_text())["policies"].items():
                     for point, sim in zip(result["points"], result["simulated"]["points"], strict=True):
                         simulated[policy, point["load"]].append((sim["attainment"], sim["ttft_p50"]))
-                        if profile == args.profile[0]:
+                        if profile == profiles[0]:
                             live[policy, point["load"]].append((point["attainment"], point["ttft_p50"]))
     rows = [_row(policy, load, live[policy, load], simulated[policy, load]) for policy, load in sorted(live)]
     print_table(rows)
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "reports": [str(r) for r in args.report],
-                               "profiles": [str(p) for p in args.profile], "rows": rows}, indent=1))
+                               "profiles": [str(p) for p in args.profile],
+                               "paired": {str(r): [str(p) for p in ps] for r, ps in paired.items()},
+                               "rows": rows}, indent=1))
     tmp.replace(args.json)
     print(f"wrote {args.json}")
     return 0
+
+
+def pair_by_time(reports: list[Path], profiles: list[Path], nearest: int) -> dict[Path, list[Path]]:
+    """Each report -> the profiles to re-simulate it with: all of them, or the `nearest` ones by
+    the distance from the profile's date to the live run's middle (its start and end dates;
+    a report without an end is taken at its start). Ties go to the earlier profile."""
+    if not nearest:
+        return {report: list(profiles) for report in reports}
+    if nearest > len(profiles):
+        raise SystemExit(f"--nearest {nearest}: only {len(profiles)} profiles given")
+    middle = {}
+    for report in reports:
+        data = _read(report)
+        start = _date(report, data, "date")
+        middle[report] = (start + _date(report, data, "ended")) / 2 if "ended" in data else start
+    when = {profile: _date(profile, _read(profile), "date") for profile in profiles}
+    return {report: sorted(sorted(profiles, key=lambda p: (abs(when[p] - middle[report]), when[p]))[:nearest],
+                           key=lambda p: when[p])
+            for report in reports}
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: not a JSON object")
+    return data
+
+
+def _date(path: Path, data: dict, key: str) -> float:
+    """A result file's date field (written as "%Y-%m-%d %H:%M:%S %Z", UTC here) -> epoch seconds."""
+    import calendar
+
+    try:
+        return calendar.timegm(time.strptime(data[key].rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S"))
+    except (KeyError, AttributeError, ValueError):
+        raise SystemExit(f"{path}: no {key!r} date (as \"2026-11-28 21:00:00 UTC\") to pair by") from None
 
 
 def _row(policy: str, load: float, live: list[tuple], sim: list[tuple]) -> dict:

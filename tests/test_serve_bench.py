@@ -57,7 +57,7 @@ def test_a_profile_that_lacks_a_model_is_refused_before_any_stack_starts(tmp_pat
 
 
 def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tmp_path, tiny_dir,
-                                                                             monkeypatch):
+                                                                             monkeypatch, capsys):
     out = tmp_path / "serve.json"
     models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2")]
     raw, profile = tmp_path / "raw.jsonl", tmp_path / "cpu.json"
@@ -80,6 +80,12 @@ def test_a_short_live_run_writes_json_and_a_plot_and_simulates_the_same_trace(tm
                  *models]) == 0
     report = json.loads(out.read_text())
     assert report["sweep"] == "rate_per_model" and set(report["policies"]) == {"aegaeon"}
+    assert "not scored" in report["warmup"] and report["ended"] >= report["date"]
+    err = capsys.readouterr().err  # each model answered its warm-up request before the first rate
+    assert err.index("warm-up: tiny-llama answered 64 tokens") < err.index("warm-up: tiny-qwen2 answered") \
+        < err.index("[aegaeon] rate 0.5/s per model")
+    assert len(records := [json.loads(line) for line in raw.read_text().splitlines()]) == len(
+        [r for r in records if not r["request_id"].startswith("warmup")])  # the warm-up is not in the raw
     result = report["policies"]["aegaeon"]
     assert result["goodput"] == 0.5 and result["points"][0]["attainment"] >= 0.9
     assert report["slo"]["ttft_s"] == pytest.approx(100 * report["slo"]["tbt_s"])
@@ -149,3 +155,28 @@ def test_a_baseline_runs_alone_with_a_stated_tbt(tmp_path, tiny_dir):
     assert report["slo"]["tbt_s"] == pytest.approx(0.08) and report["slo"]["ttft_s"] == pytest.approx(8.0)
     assert report["slo"]["how"].startswith("TBT = --tbt-ms")
     assert report["policies"]["request"]["points"][0]["attainment"] >= 0.9  # light load
+
+
+def _dated(path, date: str, **more):
+    path.write_text(json.dumps({"date": date, **more}))
+    return path
+
+
+def test_validation_pairs_each_report_with_the_profiles_measured_nearest_it(tmp_path):
+    early = _dated(tmp_path / "early.json", "2026-11-28 10:00:00 UTC", ended="2026-11-28 10:20:00 UTC")
+    late = _dated(tmp_path / "late.json", "2026-11-28 12:00:00 UTC")  # no end: taken at its start
+    profiles = [_dated(tmp_path / f"p{hhmm}.json", f"2026-11-28 {hhmm[:2]}:{hhmm[2:]}:00 UTC")
+                for hhmm in ("0955", "1025", "1130", "1158", "1300")]
+    p0955, p1025, p1130, p1158, p1300 = profiles
+    assert sim_validation.pair_by_time([early, late], profiles, 2) == {early: [p0955, p1025],
+                                                                       late: [p1130, p1158]}
+    assert sim_validation.pair_by_time([early], profiles, 0) == {early: profiles}
+    with pytest.raises(SystemExit, match="only 5 profiles"):
+        sim_validation.pair_by_time([early], profiles, 6)
+    undated = tmp_path / "undated.json"
+    undated.write_text("{}")
+    with pytest.raises(SystemExit, match="no 'date' date"):
+        sim_validation.pair_by_time([undated], profiles, 1)
+    undated.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a JSON object"):
+        sim_validation.pair_by_time([undated], profiles, 1)
