@@ -1,11 +1,14 @@
 """`tokenpool bench serve`: SLO attainment of live stacks under open-loop ShareGPT load, per policy.
 
 For each policy a stack is started (`tokenpool up`'s launcher: 1 prefill + 1 decode instance
-by default), and for each per-model rate of the sweep a Poisson trace of real ShareGPT
-prompts (reference answers' lengths as output lengths) is replayed over gRPC; every
-token's arrival is recorded and scored with the paper's attainment. Goodput is the highest
-rate at which mean attainment stays at 90% or more, so once a point falls below
---stop-below the policy's higher rates are skipped (the report lists them).
+by default), or with --address a running one is driven (one policy, the one it runs), and
+for each point of the sweep a Poisson trace of real ShareGPT prompts (reference answers'
+lengths as output lengths) is replayed over gRPC; every token's arrival is recorded and
+scored with the paper's attainment. The sweep varies the per-model rate (--rates), or with
+--models-sweep the number of models receiving traffic at one rate (the first N of the
+--model list; the stack serves them all). Goodput is the highest load at which mean
+attainment stays at 90% or more, so once a point falls below --stop-below the policy's
+higher loads are skipped (the report lists them).
 
 With --sim-profile (a `tokenpool profile` file), every point is also simulated on the same
 trace, instance counts, TBT target and drain cut, and the report gives the simulator's
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import sys
@@ -49,9 +53,16 @@ def add_parser(commands) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="comma-separated, from " + ", ".join(POLICIES))
     p.add_argument("--rates", default="0.25,0.5,1,2", help="per-model request rates to sweep (req/s)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
+    p.add_argument("--models-sweep", default=None, metavar="N1,N2,...",
+                   help="sweep the number of models receiving traffic instead (the first N of --model, "
+                        "at the one rate --rates names)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="drive this running stack (`tokenpool up`, the compose stack) instead of starting "
+                        "one per policy: --policies names the one it runs, --tbt-ms is required, and "
+                        "--prefill/--decode are its instance counts (for --sim-profile)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
     p.add_argument("--stop-below", type=float, default=0.5, metavar="ATTAINMENT",
-                   help="skip a policy's higher rates once a point falls below this (they cannot change "
+                   help="skip a policy's higher loads once a point falls below this (they cannot change "
                         "its goodput; 0 runs every rate)")
     p.add_argument("--tbt-ms", type=float, default=None,
                    help="the TBT SLO (and every decode instance's target), TTFT 100x it (default: the "
@@ -84,13 +95,17 @@ def run(args: argparse.Namespace) -> None:
         resimulate(args)
         return
     policies = _parse_policies(args.policies)
-    rates = _parse_rates(args.rates)
     if not 0 <= args.stop_below <= 1:
         raise ValueError(f"--stop-below {args.stop_below!r}: expected an attainment in [0, 1]")
     models = catalogue(args.model or list(TINY))
+    sweep, loads = _plan(args, models)
+    if args.address is not None and (len(policies) != 1 or args.tbt_ms is None):
+        raise ValueError("--address drives one running stack: --policies must name the one it runs, and "
+                         "--tbt-ms must state the TBT SLO")
+    listed = _listed(args.address) if args.address is not None else None
     profile = _sim_profile(args.sim_profile, models) if args.sim_profile else None
     pairs, count_tokens = _conversations(models)
-    report = {"sweep": "rate_per_model", "command": args.command_line,
+    report = {"sweep": sweep, "command": args.command_line,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "models": list(models), "duration_s": args.duration,
               "warmup": "each stack answered one request per served model (its largest output length) "
@@ -98,9 +113,11 @@ def run(args: argparse.Namespace) -> None:
     if args.tbt_ms is not None and not args.tbt_ms > 0:
         raise ValueError(f"--tbt-ms {args.tbt_ms!r}: expected a positive number of milliseconds")
     slo = SLO(ttft_s=TTFT_PER_TBT * args.tbt_ms / 1e3, tbt_s=args.tbt_ms / 1e3) if args.tbt_ms else None
+    if sweep == "models":
+        report["rate_per_model"] = _parse_rates(args.rates)[0]
     for policy in policies:
-        served = _served(policy, models, args)
-        result, slo = _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args)
+        served = _served(policy, models, args, listed)
+        result, slo = _run_policy(policy, served, models, loads, pairs, count_tokens, slo, args)
         if profile is not None:
             _add_simulation(result, policy, served, models, pairs, count_tokens, slo, args, profile)
         report["policies"][policy] = result
@@ -131,7 +148,9 @@ def _sim_profile_info(path: Path, profile) -> dict:
                    "each point's trace with the profile's step, prefill and switch times, its measured "
                    "step tables, KV swap times and serving-path overhead where it has them (the "
                    "schedulers predict with the fitted lines, as live instances do); same instances, "
-                   "SLO and drain cut"}
+                   "SLO, drain cut, and decode KV region and host KV pool (preemption and recompute "
+                   "when a batch outgrows the region; refused hand-offs and switches when the pool is "
+                   "full)"}
 
 
 def resimulate(args: argparse.Namespace) -> None:
@@ -203,14 +222,76 @@ def _sim_profile(path: Path, models: dict[str, Path]):
     return profile
 
 
-def _served(policy: str, models: dict[str, Path], args) -> dict[str, Path]:
-    """static: only as many models as instances of each kind (each pinned, resident)."""
+def _plan(args, models: dict[str, Path]) -> tuple[str, list[float]]:
+    """The sweep's name and its loads: per-model rates, or (--models-sweep) numbers of models."""
+    rates = _parse_rates(args.rates)
+    if args.models_sweep is None:
+        return "rate_per_model", rates
+    try:
+        counts = sorted({int(n) for n in args.models_sweep.split(",")})
+    except ValueError:
+        raise ValueError(f"--models-sweep {args.models_sweep!r}: expected comma-separated whole numbers") \
+            from None
+    if len(rates) != 1:
+        raise ValueError(f"--models-sweep runs at one per-model rate; --rates {args.rates!r} names "
+                         f"{len(rates)}")
+    if not 1 <= counts[0] <= counts[-1] <= len(models):
+        raise ValueError(f"--models-sweep {args.models_sweep!r}: each number of models must be 1 to "
+                         f"{len(models)} (the --model list)")
+    return "models", counts
+
+
+def _workload(args, models: dict[str, Path], load: float) -> WorkloadConfig:
+    """A point's workload: every model at the rate `load`, or the first `load` models at the one rate."""
+    sweep, _ = _plan(args, models)
+    names, rate = (tuple(models), load) if sweep == "rate_per_model" else \
+        (tuple(models)[:int(load)], _parse_rates(args.rates)[0])
+    return WorkloadConfig(names, rate, args.duration, args.seed, args.max_prompt_tokens,
+                          args.max_output_tokens)
+
+
+def _describe(sweep: str, load: float) -> str:
+    return f"rate {load:g}/s per model" if sweep == "rate_per_model" else f"{load:g} models"
+
+
+def _listed(address: str) -> set[str]:
+    """The models a running stack serves (its proxy's ListModels)."""
+    import grpc
+    from tokenpool.protos.v1 import inference_pb2 as pb
+    from tokenpool.protos.v1 import inference_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            listed = inference_pb2_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise ValueError(f"--address {address}: no stack answers there ({exc.code().name}: "
+                             f"{exc.details()})") from None
+    return {m.id for m in listed.models}
+
+
+def _served(policy: str, models: dict[str, Path], args, listed: set[str] | None = None) -> dict[str, Path]:
+    """The models the stack serves (the others' requests score 0): a running stack's (--address),
+    else all, but for static only as many as instances of each kind (each pinned, resident)."""
+    if listed is not None:
+        served = {m: folder for m, folder in models.items() if m in listed}
+        if not served:
+            raise ValueError(f"--address {args.address} serves none of {', '.join(models)} (it serves "
+                             f"{', '.join(sorted(listed)) or 'nothing'}); name its models with --model")
+        return served
     if policy != "static":
         return models
     return dict(list(models.items())[:min(args.prefill, args.decode)])
 
 
-def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
+@contextlib.contextmanager
+def _stack(policy: str, served: dict[str, Path], slo, args):
+    """-> (the address to drive, the SLO): a stack started for the policy (stopped after), or the
+    running one at --address (left running)."""
+    if args.address is not None:
+        print(f"[{policy}] driving the stack at {args.address} ({', '.join(served)})", file=sys.stderr,
+              flush=True)
+        yield args.address, slo
+        return
     from tokenpool.compose.launcher import Stack, StackConfig
 
     tbt_ms = slo.tbt_s * 1e3 if slo else None
@@ -219,29 +300,32 @@ def _run_policy(policy, served, models, rates, pairs, count_tokens, slo, args):
     with tempfile.TemporaryDirectory(prefix="tokenpool-bench-") as logs, Stack(config, Path(logs)) as stack:
         print(f"[{policy}] starting the stack ({', '.join(served)})", file=sys.stderr, flush=True)
         stack.start(progress=lambda line: None)
-        slo = slo or _scaled_slo(stack)
-        _warm_up(stack.address, policy, served, pairs, count_tokens, args)
+        yield stack.address, slo or _scaled_slo(stack)
+
+
+def _run_policy(policy, served, models, loads, pairs, count_tokens, slo, args):
+    sweep, _ = _plan(args, models)
+    with _stack(policy, served, slo, args) as (address, slo):
+        _warm_up(address, policy, served, pairs, count_tokens, args)
         points, raw = [], []
-        for rate in rates:
-            workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
-                                      args.max_output_tokens)
-            trace = make_trace(workload, pairs, count_tokens)
-            label = f"[{policy}] {rate:g}"
-            results = asyncio.run(replay(stack.address, trace, set(served), args.duration, label))
-            raw.extend({"policy": policy, "rate": rate, "request_id": r.request_id, "model": r.model,
+        for load in loads:
+            trace = make_trace(_workload(args, models, load), pairs, count_tokens)
+            results = asyncio.run(replay(address, trace, set(served), args.duration, f"[{policy}] {load:g}"))
+            key = "rate" if sweep == "rate_per_model" else "models"
+            raw.extend({"policy": policy, key: load, "request_id": r.request_id, "model": r.model,
                         "arrival_s": res.arrival_s, "token_times": res.token_times, "finished": res.finished}
                        for r, res in zip(trace, results, strict=True))
-            point = summarize(rate, results, slo)
-            print(f"[{policy}] rate {rate:g}/s per model: attainment {point.attainment:.1%}, "
+            point = summarize(load, results, slo)
+            print(f"[{policy}] {_describe(sweep, load)}: attainment {point.attainment:.1%}, "
                   f"TTFT p50 {point.ttft_p50:.2f} s, TBT p50 {point.tbt_p50 * 1e3:.0f} ms", file=sys.stderr)
             points.append(point)
             if point.attainment < args.stop_below:
                 break
     result = {"points": [asdict(p) for p in points], "served_models": list(served), "_raw": raw}
-    if len(points) < len(rates):
-        result["skipped_rates"] = rates[len(points):]
-        print(f"[{policy}] below {args.stop_below:.0%}: skipping rates {result['skipped_rates']}",
-              file=sys.stderr, flush=True)
+    if len(points) < len(loads):
+        result["skipped_loads"] = loads[len(points):]
+        skipped = ", ".join(f"{x:g}" for x in result["skipped_loads"])
+        print(f"[{policy}] below {args.stop_below:.0%}: skipping {skipped}", file=sys.stderr, flush=True)
     return result, slo
 
 
@@ -267,9 +351,10 @@ def _warm_up(address: str, policy: str, served: dict[str, Path], pairs, count_to
               f"{time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
-def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:
+def _simulate(policy, served, models, loads, pairs, count_tokens, slo, args, profile) -> list[LoadPoint]:
     """The live sweep again in the simulator: same traces, instance counts, TBT target and drain cut."""
     from tokenpool.bench.simulator import SimConfig, Simulation
+    from tokenpool.compose.launcher import StackConfig
     from tokenpool.engine.model_config import ModelConfig
     from tokenpool.engine.tokenizer import Tokenizer
 
@@ -277,15 +362,16 @@ def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, pro
     contexts = {m: ModelConfig.from_folder(folder).max_position_embeddings for m, folder in served.items()}
     timings = profile.timings({m: m for m in served})
     cut = args.duration * (1 + DRAIN_FACTOR)
-    points = []
-    for rate in rates:
-        workload = WorkloadConfig(tuple(models), rate, args.duration, args.seed, args.max_prompt_tokens,
-                                  args.max_output_tokens)
-        trace = make_trace(workload, pairs, count_tokens)
+    sweep, points = _plan(args, models)[0], []
+    for load in loads:
+        trace = make_trace(_workload(args, models, load), pairs, count_tokens)
         requests = {r.request_id: sim for r in trace if r.model in served
                     for sim in [sim_request(r, len(tokenizers[r.model].encode(r.prompt)), contexts[r.model])]
                     if sim is not None}
-        sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, list(served))
+        stack = StackConfig(models=served)  # the KV sizes of the stacks bench serve starts: the defaults
+        config = SimConfig(policy, args.prefill, args.decode, slo.tbt_s, decode_kv_bytes=stack.kv_mib << 20,
+                           decode_host_kv_bytes=stack.host_kv_mib << 20)
+        sim = Simulation(config, timings, list(served))
         sim.run(list(requests.values()))
         results = []
         for r in trace:
@@ -293,8 +379,8 @@ def _simulate(policy, served, models, rates, pairs, count_tokens, slo, args, pro
             times = [t for t in seq.token_times if t <= cut] if seq else []
             finished = seq is not None and len(times) == seq.max_tokens
             results.append(RequestResult(r.arrival_s, times, finished))
-        points.append(summarize(rate, results, slo))
-        print(f"[{policy}] simulated rate {rate:g}/s per model: attainment {points[-1].attainment:.1%}",
+        points.append(summarize(load, results, slo))
+        print(f"[{policy}] simulated {_describe(sweep, load)}: attainment {points[-1].attainment:.1%}",
               file=sys.stderr, flush=True)
     return points
 
@@ -387,8 +473,8 @@ def _set_goodputs(policies: dict[str, dict]) -> None:
                 if part is result:
                     notes.append(f"{policy}: {exc}")
     if len(notes) == len(policies):
-        raise ValueError(f"the sweep never reaches 90% attainment ({'; '.join(notes)}); lower --rates "
-                         "(no result files were written)")
+        raise ValueError(f"the sweep never reaches 90% attainment ({'; '.join(notes)}); lower the load "
+                         "(--rates, --models-sweep; no result files were written)")
 
 
 def machine() -> str:
@@ -424,36 +510,28 @@ def _write(args, report: dict) -> None:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from tokenpool.bench.plots import Curve, plot_attainment
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    unit = "/s" if report["sweep"] == "rate_per_model" else " models"
+    curves = []
     for policy, result in report["policies"].items():
-        points = result["points"]
-        line, = ax.plot([p["load"] for p in points], [p["attainment"] * 100 for p in points], marker="o",
-                         label=f"{policy} (goodput {result['goodput']:g}/s)")
+        label = f"{policy} (goodput {result['goodput']:g}{unit})"
+        curves.append(Curve(label, [p["load"] for p in result["points"]],
+                            [p["attainment"] for p in result["points"]]))
         if "simulated" in result:
             sim = result["simulated"]["points"]
-            ax.plot([p["load"] for p in sim], [p["attainment"] * 100 for p in sim], linestyle="--",
-                    color=line.get_color(), label=f"{policy}, simulated (gap {result['sim_gap_pp']:.1f} pp)")
-    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("requests per second, per model")
-    ax.set_ylabel("mean SLO attainment (%)")
-    ax.set_title(f"{len(report['models'])} models, TTFT {report['slo']['ttft_s']:.1f} s, "
-                 f"TBT {report['slo']['tbt_s'] * 1e3:.0f} ms")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+            curves.append(Curve(f"{policy}, simulated (gap {result['sim_gap_pp']:.1f} pp)",
+                                [p["load"] for p in sim], [p["attainment"] for p in sim], dashed_after=label))
+    title = f"{len(report['models'])} models" if report["sweep"] == "rate_per_model" else \
+        f"{report['rate_per_model']:g} req/s per model"
+    plot_attainment(curves, report["sweep"], f"{title}, TTFT {report['slo']['ttft_s']:.1f} s, "
+                    f"TBT {report['slo']['tbt_s'] * 1e3:.0f} ms", path)
 
 
 def print_table(report: dict) -> None:
     print(f"\nSLO: TTFT {report['slo']['ttft_s']:.2f} s, TBT {report['slo']['tbt_s'] * 1e3:.1f} ms")
-    head = ("policy", "rate/s", "attain", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99")
+    rates = report["sweep"] == "rate_per_model"
+    head = ("policy", "rate/s" if rates else "models", "attain", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99")
     print("".join(f"{h:>10}" for h in head))
     for policy, result in report["policies"].items():
         for p in result["points"]:
@@ -461,13 +539,15 @@ def print_table(report: dict) -> None:
                      f"{p['ttft_p99']:.2f}", f"{p['tbt_p50'] * 1e3:.0f}", f"{p['tbt_p99'] * 1e3:.0f}")
             print("".join(f"{c:>10}" for c in cells))
         served = ", ".join(result["served_models"])
-        print(f"{policy:>10} goodput {result['goodput']:g} req/s per model; serves {served}")
+        print(f"{policy:>10} goodput {result['goodput']:g} {'req/s per model' if rates else 'models'}; "
+              f"serves {served}")
         if "simulated" in result:
             cells = ", ".join(f"{p['load']:g}: {p['attainment']:.1%}" for p in result["simulated"]["points"])
             print(f"{'':>10} simulated {cells} (largest gap to live {result['sim_gap_pp']:.1f} pp, "
                   f"goodput {result['simulated']['goodput']:g})")
         if "note" in result:
             print(f"{'':>10} {result['note']}")
-        if "skipped_rates" in result:
-            skipped = ", ".join(f"{r:g}" for r in result["skipped_rates"])
-            print(f"{'':>10} not run (a lower rate fell below --stop-below): {skipped}")
+        skipped = result.get("skipped_loads", result.get("skipped_rates"))  # the key before --models-sweep
+        if skipped:
+            skipped = ", ".join(f"{x:g}" for x in skipped)
+            print(f"{'':>10} not run (a lower load fell below --stop-below): {skipped}")

@@ -1,14 +1,17 @@
 """The simulator against repeated live runs: every (live report, profile) pair re-simulated.
 
     python -m tokenpool.bench.sim_validation --report R1.json --report R2.json ... \
-        --profile P1.json --profile P2.json ... --json OUT.json
+        --profile P1.json --profile P2.json ... [--nearest 2] --json OUT.json
 
-One live run of a trace is one sample of this machine (its speed drifts by 10-15% over
-minutes, and a point whose median TTFT sits at the SLO swings by tens of points between
-runs of the same trace); one profile is one sample too. So for every policy and rate this
-collects each live attainment over the reports, and each simulated one over the profiles
-(`tokenpool bench serve --resimulate`, the same traces), and reports both ranges, their
-means, the gap between the means, and the mean median TTFTs. Prints a table; writes JSON (all or nothing).
+One live run of a trace is one sample of this machine (its speed drifts by 15-25% within
+an hour, and a point whose median TTFT sits at the SLO swings by tens of points between
+runs of the same trace); one profile is one sample too, of the machine as it was then. So
+for every policy and load this collects each live attainment over the reports, and each
+simulated one (`tokenpool bench serve --resimulate`, the same traces) over the profiles,
+or with --nearest N over the N profiles measured nearest each live run in time (measure
+them interleaved: profile, live run, profile, ...), and reports both ranges, their means,
+the gap between the means, and the mean median TTFTs. Prints a table; writes JSON (all or
+nothing).
 """
 
 from __future__ import annotations

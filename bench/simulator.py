@@ -19,8 +19,15 @@ decode step's token streaming, a decode step's slowdown while a prefill instance
 and a prefill's while a decode instance has work (CPU instances share cores). The
 schedulers predict with the line, as live instances do.
 
-What is left out: KV capacity limits (batches are capped at MAX_BATCH sequences) and any
-contention beyond the measured overhead.
+A decode instance's device KV region (SimConfig.decode_kv_bytes, in the profile's KV blocks)
+bounds its running batch as the engine's scheduler does: the most recently admitted
+sequence is preempted when the batch outgrows it and computes its whole history again
+(a prefill of its length) when room comes back. Its host KV pool
+(SimConfig.decode_host_kv_bytes) holds handed-over sequences until they join a batch and
+the batches switched away from: a hand-off it has no room for fails (live:
+RESOURCE_EXHAUSTED), and a switch away whose batch it has no room for is refused, so the
+active model keeps the device (as the live worker). What is left out: the prefill
+instances' KV, the hand-off pool, and any contention beyond the measured overhead.
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ class SimRequest:
     @property
     def finished(self) -> bool:
         return len(self.token_times) >= self.max_tokens
+
+
+FAILED_SWITCH_S = 1e-3  # what a switch refused for want of host pool room costs the turn
 
 
 class World:
@@ -147,9 +157,20 @@ class SimDecodeRunner:
     """The TurnRunner of a simulated decode instance."""
 
     def __init__(self, world: World, timings: InstanceTimings, on_finish: Callable[[SimRequest], None],
-                 prefill_busy: Callable[[], bool]) -> None:
-        """timings: the clock's step (clock_step_seconds), switch and serving-overhead times."""
+                 prefill_busy: Callable[[], bool], kv_bytes: int | None = None,
+                 host_kv_bytes: int | None = None) -> None:
+        """timings: the clock's step (clock_step_seconds), switch and serving-overhead times.
+        kv_bytes: the device KV region, which every model's running batch has to itself (its
+        KV is swapped out at a switch), in blocks of the profile's KV block size; host_kv_bytes:
+        the host KV pool (SimHostPool). None (or a model without measured KV blocks): no limit."""
         self.world, self.timings, self.on_finish, self.prefill_busy = world, timings, on_finish, prefill_busy
+        self.kv_blocks = {m: kv_bytes // t.block_bytes for m, t in timings.kv_swap.items()} \
+            if kv_bytes is not None else {}
+        self.recompute: set[str] = set()  # preempted: no KV; its whole history is computed again
+        self.preemptions = 0
+        self.pool = SimHostPool(host_kv_bytes) if host_kv_bytes is not None else None
+        self.pooled: dict[str, int] = {}  # request_id -> its KV blocks in the host pool
+        self.refused = self.failed_switches = 0
         self.actor: Actor | None = None
         self.batches: dict[str, list[SimRequest]] = {}
         self.incoming: dict[str, list[SimRequest]] = {}
@@ -161,9 +182,32 @@ class SimDecodeRunner:
         self.landing: dict[str, float] = {}  # request_id -> when its KV is back on the device
 
     def admit(self, request: SimRequest) -> None:
+        """A handed-over sequence: its prompt's KV is staged in the host pool at once, or, the
+        pool full, the hand-off is refused and the request fails (live: RESOURCE_EXHAUSTED)."""
+        if not self._pool_take(request.model, [request], request.prompt_tokens):
+            self.refused += 1
+            self.on_finish(request)
+            return
         self.incoming.setdefault(request.model, []).append(request)
         self.arrivals[request.request_id] = request.model
         self.actor.wake()
+
+    def _pool_take(self, model: str, seqs: list[SimRequest], tokens: int | None = None) -> bool:
+        """Room in the host pool for the sequences' KV (tokens of one, else each one's length)."""
+        swap = self.timings.kv_swap.get(model)
+        if self.pool is None or swap is None:
+            return True
+        need = {s.request_id: -(-(s.seq_len if tokens is None else tokens) // swap.block_size)
+                for s in seqs}
+        if not self.pool.take(swap.block_bytes, sum(need.values())):
+            return False
+        self.pooled.update(need)
+        return True
+
+    def _pool_give(self, model: str, seq: SimRequest) -> None:
+        blocks = self.pooled.pop(seq.request_id, 0)
+        if blocks:
+            self.pool.give(self.timings.kv_swap[model].block_bytes, blocks)
 
     def now(self) -> float:
         return self.world.now
@@ -188,14 +232,21 @@ class SimDecodeRunner:
         are copied (unless prefetched), the switch waits for both, then the incoming batch's KV
         starts swapping in."""
         if model != self.active:
+            outgoing = self.batches.get(self.active, [])
+            if outgoing and not self._pool_take(self.active, outgoing):
+                # As the live worker: the active model keeps the device until the pool has room.
+                self.failed_switches += 1
+                self.actor.sleep(FAILED_SWITCH_S)
+                return False
             swapped_out = self.world.now
-            for seq in self.batches.get(self.active, []):
+            for seq in outgoing:
                 swapped_out = self._swap(self.active, seq, "out")
             weights = self.slots.activate(model, self.world.now)
             self.actor.sleep(max(weights, swapped_out - self.world.now))
             self.switches += 1
             for seq in self.batches.get(model, []):
                 self.landing[seq.request_id] = self._swap(model, seq, "in")
+                self._pool_give(model, seq)
         return True
 
     def _swap(self, model: str, seq: SimRequest, direction: str) -> float:
@@ -217,19 +268,49 @@ class SimDecodeRunner:
     def prefetch(self, model: str) -> None:
         self.slots.prefetch(model, self.world.now)
 
+    def _blocks(self, model: str, seqs) -> int:
+        """KV blocks the sequences take through this step (their tokens and the next one's)."""
+        size = self.timings.kv_swap[model].block_size
+        return sum(-(-(s.seq_len + 1) // size) for s in seqs)
+
+    def _fits(self, model: str, batch: list[SimRequest], seq: SimRequest) -> bool:
+        """Room in the KV region for seq beside the batch (always, for a batch's first)."""
+        limit = self.kv_blocks.get(model)
+        return limit is None or not batch or self._blocks(model, batch + [seq]) <= limit
+
+    def _make_room(self, model: str, batch: list[SimRequest], waiting: list[SimRequest]) -> None:
+        """As the engine's scheduler: while the running batch outgrows the KV region, the most
+        recently admitted sequence is preempted (its blocks freed; it waits at the front, to
+        compute its whole history again)."""
+        limit = self.kv_blocks.get(model)
+        while limit is not None and len(batch) > 1 and self._blocks(model, batch) > limit:
+            seq = batch.pop()
+            self.landing.pop(seq.request_id, None)
+            self.recompute.add(seq.request_id)
+            waiting.insert(0, seq)
+            self.preemptions += 1
+
     def step(self, model: str) -> int:
         batch = self.batches.setdefault(model, [])
-        waiting = self.incoming.get(model, [])
-        while waiting and len(batch) < MAX_BATCH:
+        waiting = self.incoming.setdefault(model, [])
+        self._make_room(model, batch, waiting)
+        while waiting and len(batch) < MAX_BATCH and self._fits(model, batch, waiting[0]):
             seq = waiting.pop(0)
             batch.append(seq)
-            self.landing[seq.request_id] = self._swap(model, seq, "in")  # from the pool it was handed to
+            if seq.request_id not in self.recompute:
+                self.landing[seq.request_id] = self._swap(model, seq, "in")  # from the pool it was handed to
+                self._pool_give(model, seq)
         ready = self._landed(batch)
         if not ready:
             return 0
-        engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in ready), len(ready))
+        again = [s for s in ready if s.request_id in self.recompute]
+        decoding = [s for s in ready if s.request_id not in self.recompute]
+        engine_s = self.timings.clock_step_seconds(model, sum(s.seq_len for s in decoding), len(decoding)) \
+            if decoding else 0.0
+        engine_s += sum(self.timings.prefill_seconds(model, s.seq_len) for s in again)
         self.actor.sleep(self.timings.serving.decode_step(engine_s, len(ready), self.prefill_busy())
                          + self.slots.take_copy_cost(self.world.now))
+        self.recompute.difference_update(s.request_id for s in again)
         for seq in ready:
             seq.token_times.append(self.world.now)
         for seq in [s for s in ready if s.finished]:
@@ -238,6 +319,26 @@ class SimDecodeRunner:
             self.landing.pop(seq.request_id, None)
             self.on_finish(seq)
         return len(batch)
+
+
+class SimHostPool:
+    """A decode instance's host KV pool, as HostKVPool keeps it: slabs of SLAB_BYTES, each
+    holding whole blocks of one shape (here: one block size)."""
+
+    def __init__(self, capacity_bytes: int, slab_bytes: int = 4 << 20) -> None:
+        self.slabs, self.slab_bytes = capacity_bytes // slab_bytes, slab_bytes
+        self.blocks: dict[int, int] = {}  # block bytes -> blocks held
+
+    def take(self, block_bytes: int, n: int) -> bool:
+        """Hold n more blocks if their slabs fit, else nothing changes."""
+        held = {**self.blocks, block_bytes: self.blocks.get(block_bytes, 0) + n}
+        if sum(-(-count // max(1, self.slab_bytes // size)) for size, count in held.items()) > self.slabs:
+            return False
+        self.blocks = held
+        return True
+
+    def give(self, block_bytes: int, n: int) -> None:
+        self.blocks[block_bytes] -= n
 
 
 class SimSlots:
@@ -298,6 +399,8 @@ class SimConfig:
     num_decode: int
     tbt_s: float
     qmax_s: float = 4.0
+    decode_kv_bytes: int | None = None  # a decode instance's device KV region; None: unlimited
+    decode_host_kv_bytes: int | None = None  # and its host KV pool; None: unlimited
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -413,7 +516,8 @@ class Simulation:
         return queue, Actor(self.world, body, f"prefill-{index}")
 
     def _decode_instance(self, index: int) -> SimDecode:
-        runner = SimDecodeRunner(self.world, self.timings, self._finish, lambda: self.prefill_computing > 0)
+        runner = SimDecodeRunner(self.world, self.timings, self._finish, lambda: self.prefill_computing > 0,
+                                 self.config.decode_kv_bytes, self.config.decode_host_kv_bytes)
         policy = make_decode_policy(self.config.policy, self.timings, self.config.tbt_s * 1e3,
                                     self.config.qmax_s)
 
@@ -450,11 +554,24 @@ def add_parser(commands) -> None:
     p.add_argument("--tbt-ms", type=float, default=100.0)
     p.add_argument("--max-output-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--json", type=Path, default=None, help="the report (required unless --replot)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG of attainment against the number of models (default: beside --json)")
+    p.add_argument("--replot", type=Path, action="append", default=[], metavar="REPORT",
+                   help="no simulation: draw --plot from past `tokenpool sim` reports of one setting "
+                        "(repeatable: a sweep and its extensions are drawn as one curve per policy)")
     p.set_defaults(run=run_cli)
 
 
 def run_cli(args) -> None:
+    if args.replot:
+        if args.plot is None:
+            raise ValueError("--replot needs --plot (where to draw)")
+        replot(args.replot, args.plot)
+        print(f"wrote {args.plot}")
+        return
+    if args.json is None:
+        raise ValueError("--json is required (where to write the report)")
     from tokenpool.bench import gpu_profiles
     from tokenpool.bench.metrics import SLO, goodput, summarize
     from tokenpool.bench.serve_bench import machine
@@ -491,13 +608,70 @@ def run_cli(args) -> None:
         report["policies"][policy] = {"goodput": best, "points": [asdict(p) for p in points],
                                       **({"note": note} if note else {})}
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    plot = args.plot or args.json.with_suffix(".png")
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        _plot([(args.json, report)], plot)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(args.json)
     for policy, result in report["policies"].items():
         cells = ", ".join(f"{p['load']:g} models {p['attainment']:.0%}" for p in result["points"])
         print(f"{policy:>10}: {cells}; goodput {result['goodput']:g} models")
-    print(f"wrote {args.json}")
+    print(f"wrote {args.json} and {plot}")
+
+
+SETTING = ("sweep", "profile", "rate_per_model", "slo")  # what reports drawn together must share
+
+
+def replot(paths: Sequence[Path], plot: Path) -> None:
+    """Draw past reports of one setting as one curve per policy (ValueError naming the file if
+    one is not a `tokenpool sim` report, differs in setting, or repeats a policy's point)."""
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--replot {path}: {exc}") from None
+        reports.append((path, report))
+    _plot(reports, plot)
+
+
+def _plot(reports: Sequence[tuple[Path, dict]], path: Path) -> None:
+    """One curve per policy over the reports' points (a sweep and its extensions)."""
+    from tokenpool.bench.metrics import LoadPoint, goodput
+    from tokenpool.bench.plots import Curve, plot_attainment
+
+    merged: dict[str, dict[float, float]] = {}
+    titles = set()
+    for source, report in reports:
+        try:
+            slo = report["slo"]
+            titles.add((tuple(str(report[key]) for key in SETTING),
+                        f"{report['profile']}, {report['rate_per_model']:g} req/s per model, "
+                        f"TTFT {slo['ttft_s']:g} s, TBT {slo['tbt_s'] * 1e3:g} ms"))
+            if len(titles) > 1:
+                raise ValueError(f"another setting than {reports[0][0]}")
+            for policy, result in report["policies"].items():
+                for point in result["points"]:
+                    load, attainment = float(point["load"]), float(point["attainment"])
+                    if load in merged.setdefault(policy, {}):
+                        raise ValueError(f"{policy} at {load:g} models is in an earlier report too")
+                    merged[policy][load] = attainment
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"--replot {source}: not a `tokenpool sim` report of the first one's setting "
+                             f"({', '.join(SETTING)}): {type(exc).__name__}: {exc}") from None
+    curves = []
+    for policy, points in merged.items():
+        loads = sorted(points)
+        try:
+            best = f"goodput {goodput([LoadPoint(n, points[n], 0, 0, 0, 0) for n in loads]):g} models"
+        except ValueError:
+            best = "never 90%"
+        curves.append(Curve(f"{policy} ({best})", loads, [points[n] for n in loads]))
+    plot_attainment(curves, "models", titles.pop()[1], path)
 
 
 def _requests(names: list[str], args, pairs) -> list[SimRequest]:

@@ -7,6 +7,7 @@ import json
 
 import msgspec
 import pytest
+from stack_helpers import start_tiny_stack
 from tokenpool.bench import serve_bench, serving_overhead, sim_validation
 from tokenpool.bench.serve_bench import sim_request
 from tokenpool.bench.workload import TraceRequest
@@ -35,7 +36,14 @@ def test_a_sweep_where_no_policy_reaches_90_percent_is_an_error():
 @pytest.mark.parametrize("flags, needle", [
     (["--rates", "1,x"], "--rates '1,x'"), (["--rates", "0,1"], "must be positive"),
     (["--policies", "aegaeon,fifo"], "--policies 'aegaeon,fifo'"), (["--stop-below", "2"], "--stop-below 2"),
-    (["--tbt-ms", "0"], "--tbt-ms 0"),
+    (["--tbt-ms", "0"], "--tbt-ms 0"), (["--models-sweep", "1,x"], "--models-sweep '1,x'"),
+    (["--models-sweep", "2", "--rates", "1,2"], "runs at one per-model rate"),
+    (["--models-sweep", "0,2", "--rates", "1"], "must be 1 to 4"),
+    (["--models-sweep", "5", "--rates", "1"], "must be 1 to 4"),
+    (["--address", "127.0.0.1:9", "--tbt-ms", "100", "--policies", "aegaeon,request"],
+     "--policies must name"),
+    (["--address", "127.0.0.1:9"], "--tbt-ms must state"),
+    (["--address", "127.0.0.1:9", "--tbt-ms", "100", "--policies", "request"], "no stack answers there"),
 ])
 def test_bad_arguments_name_the_value_and_write_nothing(tmp_path, capsys, flags, needle):
     out = tmp_path / "serve.json"
@@ -180,3 +188,27 @@ def test_validation_pairs_each_report_with_the_profiles_measured_nearest_it(tmp_
     undated.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a JSON object"):
         sim_validation.pair_by_time([undated], profiles, 1)
+
+
+def test_a_running_stack_is_driven_through_a_sweep_of_the_number_of_models(tmp_path, tiny_dir):
+    # --address: no stack is started; the running one serves tiny-llama and tiny-qwen2 but not
+    # tiny-qwen3, whose requests score 0. The sweep: the first 1, 2, 3 of the --model list get traffic.
+    out = tmp_path / "models.json"
+    models = [f"--model={m}={tiny_dir / m}" for m in ("tiny-llama", "tiny-qwen2", "tiny-qwen3")]
+    with start_tiny_stack(tiny_dir, ["tiny-llama", "tiny-qwen2"], tmp_path / "logs") as stack:
+        assert main(["bench", "serve", "--address", stack.address, "--policies", "aegaeon", "--tbt-ms", "200",
+                     "--rates", "0.5", "--models-sweep", "3,1,2", "--duration", "6", "--stop-below", "0",
+                     "--json", str(out), *models]) == 0
+        unserved = f"--model=tiny-qwen3={tiny_dir / 'tiny-qwen3'}"
+        assert main(["bench", "serve", "--address", stack.address, "--policies", "aegaeon", "--tbt-ms", "200",
+                     "--json", str(tmp_path / "none.json"), unserved]) == 2
+    report = json.loads(out.read_text())
+    assert report["sweep"] == "models" and report["rate_per_model"] == 0.5
+    result = report["policies"]["aegaeon"]
+    assert result["served_models"] == ["tiny-llama", "tiny-qwen2"]
+    (one, two, three) = result["points"]
+    assert [one["load"], two["load"], three["load"]] == [1, 2, 3]
+    assert one["attainment"] >= 0.9 and two["attainment"] >= 0.9 and result["goodput"] == 2
+    assert three["attainment"] < 0.9  # a third of the requests (tiny-qwen3's) score 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "none.json").exists()

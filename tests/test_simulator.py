@@ -88,6 +88,40 @@ def test_tokenpool_sim_writes_a_sweep_per_policy(tmp_path):
     assert report["command"].startswith("tokenpool sim --profile h800 --models 2,4") and report["date"]
     for result in report["policies"].values():
         assert [p["load"] for p in result["points"]] == [2, 4] and "goodput" in result
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The sweep extended (aegaeon only, more models), then both drawn again as one curve per policy.
+    more = tmp_path / "more.json"
+    assert main(["sim", "--profile", "h800", "--models", "6", "--duration", "20", "--prefill", "1",
+                 "--decode", "2", "--policies", "aegaeon", "--json", str(more), "--plot",
+                 str(tmp_path / "more.png")]) == 0
+    both = tmp_path / "both.png"
+    assert main(["sim", "--replot", str(out), "--replot", str(more), "--plot", str(both)]) == 0
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replot_refuses_reports_it_cannot_draw_together_and_draws_nothing(tmp_path, capsys):
+    import json
+
+    from tokenpool.cli.main import main
+
+    def report(path, rate=0.1, loads=(2, 4)):
+        points = [{"load": n, "attainment": 1.0} for n in loads]
+        path.write_text(json.dumps({"sweep": "models", "profile": "H800", "rate_per_model": rate,
+                                    "slo": {"ttft_s": 10, "tbt_s": 0.1},
+                                    "policies": {"aegaeon": {"goodput": 4, "points": points}}}))
+        return str(path)
+
+    a, plot = report(tmp_path / "a.json"), tmp_path / "x.png"
+    for other, needle in ((report(tmp_path / "b.json", rate=0.5), "another setting than"),
+                          (report(tmp_path / "c.json", loads=(4, 8)), "aegaeon at 4 models is in an earlier"),
+                          (str(tmp_path / "absent.json"), "No such file")):
+        assert main(["sim", "--replot", a, "--replot", other, "--plot", str(plot)]) == 2
+        assert needle in capsys.readouterr().err and not plot.exists()
+    (tmp_path / "d.json").write_text('{"sweep": "models"}')
+    assert main(["sim", "--replot", str(tmp_path / "d.json"), "--plot", str(plot)]) == 2
+    assert "not a `tokenpool sim` report" in capsys.readouterr().err
+    assert main(["sim", "--replot", a]) == 2
+    assert "--replot needs --plot" in capsys.readouterr().err and not plot.exists()
 
 
 def test_tokenpool_sim_refuses_an_unknown_profile(tmp_path, capsys):
@@ -105,3 +139,65 @@ def test_two_models_stay_in_the_two_slots_so_switching_back_copies_nothing():
     # Two switches copy (the decode instance's first a and first b); every later one is free,
     # so the last token comes long before switches x SWITCH would allow.
     assert max(r.token_times[-1] for r in reqs) < 300 * 2 * 0.01 + 4 * SWITCH + 0.5
+
+
+def test_a_batch_that_outgrows_the_kv_region_preempts_its_newest_and_recomputes_it():
+    """As the engine's scheduler: sequences are admitted while their KV blocks fit; when the
+    running ones outgrow the region, the most recently admitted is preempted and later computes
+    its whole history again (a prefill of its length) before its next token."""
+    from tokenpool.engine.step_time_model import KVSwapTime
+
+    swap = KVSwapTime(block_size=16, block_bytes=1000, out_gbps=1e3, in_gbps=1e3)
+    timings = InstanceTimings(PROFILES, TIMINGS.copy_gbps, kv_swap={"a": swap})
+    spec = [(0.0, "a", 40), (0.0, "a", 40), (0.0, "a", 40)]  # 16-token prompts: 2 blocks each at first
+
+    def run(kv_bytes):
+        sim = Simulation(SimConfig("aegaeon", 1, 1, 0.05, 0.5, decode_kv_bytes=kv_bytes), timings, ["a"])
+        reqs = requests(spec)
+        results = sim.run(reqs)
+        assert all(r.finished for r in results) and all(len(r.token_times) == 40 for r in reqs)
+        return sim.decode[0].runner, reqs
+
+    unlimited, free = run(None)
+    assert unlimited.preemptions == 0
+    # 6 blocks: all three start (2 + 2 + 2); past 16 tokens they need 3 each, so the third is
+    # preempted, and past 32 the second; each comes back once there is room, recomputing.
+    limited, tight = run(6 * 1000)
+    assert limited.preemptions >= 2 and limited.kv_blocks == {"a": 6}
+    assert max(r.token_times[-1] for r in tight) > max(r.token_times[-1] for r in free)
+    third = tight[2].token_times
+    gaps = [b - a for a, b in zip(third, third[1:], strict=False)]
+    assert max(gaps) >= 0.05  # waited, then a 0.05 s recompute
+    assert tight[0].token_times[-1] == pytest.approx(free[0].token_times[-1], abs=0.2)  # the oldest runs on
+
+
+def test_a_full_host_pool_refuses_hand_offs_and_keeps_the_active_model_on_the_device():
+    """The host KV pool holds handed-over sequences until they join a batch, and the batches
+    switched away from. A hand-off it has no room for fails; a switch away whose batch it has
+    no room for is refused, so the active model runs on (as the live worker does)."""
+    from tokenpool.engine.step_time_model import KVSwapTime
+
+    swap = KVSwapTime(block_size=16, block_bytes=1 << 20, out_gbps=1e3, in_gbps=1e3)  # 4 blocks a slab
+    timings = InstanceTimings(PROFILES, TIMINGS.copy_gbps, kv_swap={"a": swap, "b": swap})
+
+    def run(spec, pool_slabs):
+        config = SimConfig("aegaeon", 1, 1, 0.05, 0.5, decode_host_kv_bytes=pool_slabs * (4 << 20))
+        sim = Simulation(config, timings, ["a", "b"])
+        reqs = requests(spec)
+        return sim.decode[0].runner, reqs, sim.run(reqs)
+
+    # a's 40-token sequence (4 blocks when it is switched away from) and b's, interleaved: a
+    # 1-slab pool holds a's batch, so the turns alternate; with no slab, b's hand-off is refused.
+    spec = [(0.0, "a", 40), (0.0, "b", 40)]
+    runner, reqs, results = run(spec, 1)
+    assert all(r.finished for r in results) and runner.failed_switches == 0 and runner.refused == 0
+    assert reqs[1].token_times[1] < reqs[0].token_times[-1]  # b ran while a had tokens to go
+    runner, reqs, results = run(spec, 0)
+    assert runner.refused == 2 and not any(r.finished for r in results)
+    # Two sequences of a (2 blocks each at first, 3 past 32 tokens) against one slab of which
+    # b's staged prompt takes 1: the switch to b is refused until a's batch has finished, so
+    # b's second token comes after a's last.
+    runner, reqs, results = run([(0.0, "a", 40), (0.0, "a", 40), (0.05, "b", 40)], 1)
+    assert all(r.finished for r in results)
+    assert runner.failed_switches > 0
+    assert reqs[2].token_times[1] > min(reqs[0].token_times[-1], reqs[1].token_times[-1])
