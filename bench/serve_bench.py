@@ -251,7 +251,8 @@ def _workload(args, models: dict[str, Path], load: float) -> WorkloadConfig:
 
 
 def _describe(sweep: str, load: float) -> str:
-    return f"rate {load:g}/s per model" if sweep == "rate_per_model" else f"{load:g} models"
+    return f"rate {load:g}/s per model" if sweep == "rate_per_model" else \
+        f"{load:g} model{'' if load == 1 else 's'}"
 
 
 def _listed(address: str) -> set[str]:
