@@ -46,12 +46,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The pre-norm residual step: residual += x in place (rounded to its dtype, as torch's
-    add), then -> rms_norm(residual, weight, eps), a new tensor. x, residual: [..., H]."""
+    """The pre-norm residual step: residual += x in place (rounded to residual's dtype, as
+    torch's add), then -> rms_norm(residual, weight, eps) in x's dtype, a new tensor.
+
+    x, residual: [..., H]; residual in x's dtype or float32 (the model keeps its residual
+    stream in float32: see CausalLM), weight in x's dtype.
+    """
     kernels = _kernels(x)
-    if (kernels is None or weight.dtype != x.dtype or residual.dtype != x.dtype or x.shape != residual.shape
-            or not residual.is_contiguous()):
-        return F.rms_norm(residual.add_(x), weight.shape, weight, eps)
+    if (kernels is None or weight.dtype != x.dtype or residual.dtype not in (x.dtype, torch.float32)
+            or x.shape != residual.shape or not residual.is_contiguous()):
+        summed = residual.add_(x)
+        return F.rms_norm(summed, weight.shape, weight.to(summed.dtype), eps).to(x.dtype)
     if x.dim() == 2 and x.stride(1) == 1:
         return kernels.add_rms_norm(x, residual, weight.contiguous(), eps)
     out = kernels.add_rms_norm(_rows(x), residual.view(-1, x.shape[-1]), weight.contiguous(), eps)

@@ -12,8 +12,10 @@ import torch
 
 from .attention import make_attention_backend
 from .block_manager import BlockManager
+from .compute_dtype import CHOICES as COMPUTE_CHOICES
+from .compute_dtype import resolve_compute_dtype
 from .kv_cache import PagedKVCache
-from .linear import make_linear_kernel, onednn_supports
+from .linear import make_linear_kernel
 from .model import CausalLM
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
@@ -32,9 +34,10 @@ class EngineConfig:
     """How an engine instance runs one model.
 
     dtype: 'auto' (the checkpoint's), float32, bfloat16 or float16.
-    compute_dtype_fallback: on a CPU whose matrix library cannot run dtype natively
-      (bf16 without AVX512/AVX-NE), compute in float32 from the dtype-rounded weights
-      instead of taking torch's slow emulated path. The engine reports what it chose.
+    compute_dtype: 'auto' computes a bf16/fp16 model in its own dtype where the CPU has
+      native instructions for it (AVX512-BF16, AMX) and in float32 from the dtype-rounded
+      weights where it has not; 'native' and 'float32' force one path (compute_dtype.py).
+      describe() says what it chose.
     kv_cache_bytes: memory for the paged KV cache (its block count is derived).
     max_model_len: context limit; None takes the model's max_position_embeddings.
     linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'auto', 'sdpa' or 'cpu_paged'.
@@ -42,7 +45,7 @@ class EngineConfig:
     """
 
     dtype: str = "auto"
-    compute_dtype_fallback: bool = True
+    compute_dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     kv_cache_bytes: int = 512 * 2**20
@@ -55,6 +58,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.compute_dtype not in COMPUTE_CHOICES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_CHOICES)}, "
+                             f"got {self.compute_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes < 1:
@@ -74,11 +80,7 @@ def resolve_dtypes(config: EngineConfig, model_config: ModelConfig) -> tuple[tor
     """-> (weight dtype, compute dtype) as the config asks and this machine allows."""
     name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
     dtype = _DTYPES.get(name, torch.float32)
-    compute = dtype
-    if (config.device == "cpu" and dtype != torch.float32 and config.compute_dtype_fallback
-            and not onednn_supports(dtype)):
-        compute = torch.float32
-    return dtype, compute
+    return dtype, resolve_compute_dtype(dtype, config.compute_dtype, config.device)
 
 
 class LLMEngine(RequestBook):

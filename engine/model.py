@@ -20,6 +20,7 @@ from .attention import AttentionBackend, AttentionMetadata
 from .cpu_layer_kernels import add_rms_norm, rms_norm, rotary, silu_mul
 from .kv_cache import PagedKVCache
 from .linear import LinearKernel
+from .logits import refine_top_logits
 from .model_config import ModelConfig, RopeScaling
 
 
@@ -133,11 +134,11 @@ class DecoderLayer(nn.Module):
         """Pre-norm residual block, each add fused into the norm after it.
 
         x: [num_tokens, hidden_size], the embeddings (residual None) or the previous layer's MLP
-        output, not yet added. residual: the running sum, updated in place.
+        output, not yet added. residual: the running sum, float32, updated in place.
         -> (this layer's MLP output, residual); the caller adds the last output in its final norm.
         """
         if residual is None:
-            residual, x = x, self.input_norm(x)
+            residual, x = x.float(), self.input_norm(x)
         else:
             x = self.input_norm(x, residual)
         x = self.attn(x, cos, sin, cache, meta, backend)
@@ -145,7 +146,14 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The whole decoder. forward() -> final hidden states; logits() -> scores."""
+    """The whole decoder. forward() -> final hidden states; logits() -> scores.
+
+    The residual stream (the running sum every layer adds its attention and MLP output to)
+    is float32 whatever the compute dtype: in bf16, rounding that sum after each of the
+    2 x num_layers adds is the error that builds up across layers (the reference's bf16 run
+    rounds there; on SmolLM2 it flipped the chat template's first answer token). Norms read
+    it in float32 and hand the matrices bf16, so the matrix work is unchanged.
+    """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
@@ -172,9 +180,21 @@ class CausalLM(nn.Module):
                 module.prepare(kernel)
         tied = self.embed if self.config.tie_word_embeddings else None
         self.lm_head.prepare(kernel, tied)
-        for module in self.modules():  # packed kernels own their copy; drop the dense one
-            if isinstance(module, Linear) and module.prepared is not module.weight:
+        # Packed kernels own their copy: drop the dense one, unless logits() reads it.
+        keep = self.lm_head if self._refines_logits and not self.config.tie_word_embeddings else None
+        for module in self.modules():
+            if isinstance(module, Linear) and module.prepared is not module.weight and module is not keep:
                 module.weight = None
+
+    @property
+    def _refines_logits(self) -> bool:
+        """A narrow compute dtype rounds the logits: logits() re-does the leaders from the
+        dense head weight (see logits.py), so that one stays beside any packed copy."""
+        return self.dtype != torch.float32
+
+    def _head_weight(self) -> torch.Tensor:
+        """lm_head's dense [vocab, hidden] weight (the embedding when they are tied)."""
+        return self.embed if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
                 meta: AttentionMetadata, backend: AttentionBackend,
@@ -183,7 +203,7 @@ class CausalLM(nn.Module):
 
         on_layer(i) runs after layer i has written its KV (streaming it out overlaps the layers after).
         """
-        x, residual = F.embedding(input_ids, self.embed), None  # a fresh tensor: residual may own it
+        x, residual = F.embedding(input_ids, self.embed), None
         cos, sin = self.rotary.lookup(positions, self.dtype)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, kv_cache.layer(i), meta, backend)
@@ -192,5 +212,9 @@ class CausalLM(nn.Module):
         return self.norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, hidden_size] -> [n, vocab_size] float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [n, hidden_size] -> [n, vocab_size] float32; in a narrow compute dtype,
+        each row's leaders are exact float32 dot products (refine_top_logits)."""
+        logits = self.lm_head(hidden).float()
+        if self._refines_logits:
+            logits = refine_top_logits(logits, hidden, self._head_weight())
+        return logits

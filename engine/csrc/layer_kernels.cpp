@@ -1,7 +1,8 @@
 // Fused elementwise parts of a Llama decoder layer, one row (token) at a time:
 //
 //   rms_norm      out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w         x, out [T, H]
-//   add_rms_norm  residual[t] += x[t]; out[t] = rms_norm(residual[t])
+//   add_rms_norm  residual[t] += x[t]; out[t] = rms_norm(residual[t])     residual in x's dtype or
+//                                                                     float32, out in x's dtype
 //   rotary        q[t, h] = q[t, h] * cos[t] + rotate_half(q[t, h]) * sin[t], and k, in place
 //                 rotate_half([a | b]) = [-b | a]                        q [T, h, D], cos [T, D]
 //   silu_mul      out[t] = silu(gate_up[t, :I]) * gate_up[t, I:]        gate_up [T, 2I]
@@ -67,8 +68,8 @@ inline vec8 exp8(vec8 x) {
   return p * (vec8)(((ivec8)t - (ivec8)shift + 127) << 23);
 }
 
-template <typename T>
-void norm_row(const T* x, const T* w, T* out, int64_t H, float eps) {
+template <typename T, typename W>
+void norm_row(const T* x, const W* w, W* out, int64_t H, float eps) {
   vec8 squares = {};
   for_lanes(H, [&](int64_t i, auto n) {
     const vec8 v = load(x + i, n);
@@ -78,8 +79,8 @@ void norm_row(const T* x, const T* w, T* out, int64_t H, float eps) {
   for_lanes(H, [&](int64_t i, auto n) { store(out + i, load(x + i, n) * r * load(w + i, n), n); });
 }
 
-template <typename T>
-void add_row(const T* x, T* residual, int64_t H) {
+template <typename T, typename R>
+void add_row(const T* x, R* residual, int64_t H) {
   for_lanes(H, [&](int64_t i, auto n) { store(residual + i, load(residual + i, n) + load(x + i, n), n); });
 }
 
@@ -97,6 +98,15 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t I) {
   for_lanes(I, [&](int64_t i, auto n) {
     const vec8 g = load(gate + i, n);
     store(out + i, round_to<T>(g / (1.f + exp8(-g))) * load(up + i, n), n);
+  });
+}
+
+template <typename T, typename R>
+void add_norm_rows(const T* x, int64_t sx, R* residual, int64_t sr, const T* w, T* out, int64_t rows,
+                   int64_t H, double eps) {
+  for_rows(rows, H, [&](int64_t t) {
+    add_row(x + t * sx, residual + t * sr, H);
+    norm_row(residual + t * sr, w, out + t * H, H, static_cast<float>(eps));
   });
 }
 
@@ -127,21 +137,25 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// x, residual [T, H], weight [H]: residual += x in place -> rms_norm(residual) [T, H] contiguous.
+// x [T, H] and weight [H] of one dtype; residual [T, H] in that dtype or float32 (a float32
+// residual stream keeps every layer's add exact to float32 in a bf16 model: the sum the
+// reference rounds to bf16 after each of 2 x layers adds is where bf16 error builds up).
+// residual += x in place -> rms_norm(residual) [T, H] contiguous, in x's dtype.
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   check_norm(x, weight);
   check_rows(residual, 2, "residual");
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
-              "residual must match x ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(residual.sizes() == x.sizes()
+              && (residual.scalar_type() == x.scalar_type() || residual.scalar_type() == at::kFloat),
+              "residual must be ", x.sizes(), " in x's dtype (", x.scalar_type(), ") or float32; got ",
+              residual.sizes(), " ", residual.scalar_type());
   at::Tensor out = at::empty(x.sizes(), x.options());
   DISPATCH_FLOAT_BF16(x.scalar_type(), "add_rms_norm", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
-    scalar_t *rp = residual.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
-    const int64_t H = x.size(1), sx = x.stride(0), sr = residual.stride(0);
-    for_rows(x.size(0), H, [&](int64_t t) {
-      add_row(xp + t * sx, rp + t * sr, H);
-      norm_row(rp + t * sr, wp, op + t * H, H, eps);
-    });
+    if (residual.scalar_type() == at::kFloat)
+      add_norm_rows(x.data_ptr<scalar_t>(), x.stride(0), residual.data_ptr<float>(), residual.stride(0),
+                    weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), eps);
+    else
+      add_norm_rows(x.data_ptr<scalar_t>(), x.stride(0), residual.data_ptr<scalar_t>(), residual.stride(0),
+                    weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), eps);
   });
   return out;
 }
