@@ -1,10 +1,13 @@
 """`tokenpool bench engine`: prefill and decode throughput of the engine against
-transformers' generate on the same model, dtype and thread count, in one process."""
+transformers' generate (in this process) and vLLM's `LLM` (in its own virtual environment,
+through bench/vllm_runner.py; build it with `bash bench/vllm_venv.sh`) on the same model,
+dtype, thread count and token-id prompts, in one run."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +22,7 @@ from tokenpool.engine.scheduler import SchedulerConfig
 
 @dataclass(frozen=True)
 class Row:
-    engine: str  # tokenpool | transformers
+    engine: str  # tokenpool | transformers | vllm
     phase: str  # prefill | decode
     batch: int
     tokens_per_s: float
@@ -46,8 +49,34 @@ def add_parser(commands) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--against", default="transformers", choices=["transformers", "none"])
+    p.add_argument("--against", default="transformers", type=against_engines,
+                   help="comma-separated baselines from transformers, vllm; or none")
+    p.add_argument("--vllm-python", type=Path, default=default_vllm_python(),
+                   help="python of the vLLM venv (env TOKENPOOL_VLLM_PYTHON; default %(default)s)")
+    p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
     p.set_defaults(run=run)
+
+
+BASELINES = ("transformers", "vllm")
+
+
+def against_engines(text: str) -> tuple[str, ...]:
+    """'transformers,vllm' -> ('transformers', 'vllm'); 'none' -> ()."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if names == ("none",):
+        return ()
+    bad = [n for n in names if n not in BASELINES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown baseline {', '.join(map(repr, bad)) or repr(text)} "
+                                         f"(choose from {', '.join(BASELINES)}, or none)")
+    return names
+
+
+def default_vllm_python() -> Path:
+    """$TOKENPOOL_VLLM_PYTHON, else .venv-vllm/bin/python in the repository root."""
+    if os.environ.get("TOKENPOOL_VLLM_PYTHON"):
+        return Path(os.environ["TOKENPOOL_VLLM_PYTHON"])
+    return Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -63,12 +92,17 @@ def run(args: argparse.Namespace) -> None:
     folder = ensure_model(args.model)
     work = Workload(batches, args.prompt_len, args.new_tokens, args.dtype)
     engine, rows = bench_tokenpool(folder, work)
-    if args.against == "transformers":
-        rows += bench_transformers(folder, work)
     report = {"model": folder.name, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
               "linear_kernel": engine.linear_kernel, "prompt_len": work.prompt_len,
-              "new_tokens": work.new_tokens, "rows": [asdict(r) for r in rows]}
+              "new_tokens": work.new_tokens}
+    if "transformers" in args.against:
+        rows += bench_transformers(folder, work)
+    if "vllm" in args.against:
+        vllm_rows, report["vllm"] = bench_vllm(folder, work, engine.model_config.vocab_size, args)
+        rows += vllm_rows
+    report["rows"] = [asdict(r) for r in rows]
+    report["ratios"] = ratios(rows)
     print_table(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -165,15 +199,66 @@ def _generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     return clock.times[0] - start, clock.times[-1] - clock.times[0]
 
 
+def bench_vllm(folder: Path, work: Workload, vocab: int, args: argparse.Namespace) -> tuple[list[Row], dict]:
+    """vLLM's rows and what its run was (version, start-up), from bench/vllm_runner.py run
+    in the vLLM venv on the same token-id prompts."""
+    from tokenpool.bench.vllm_runner import VllmJob, launch
+
+    job = VllmJob(model=str(folder), dtype=work.dtype, threads=torch.get_num_threads(),
+                  new_tokens=work.new_tokens, batches=[work.prompts(b, vocab) for b in work.batches],
+                  enforce_eager=args.vllm_eager)
+    _log(f"vllm: running bench/vllm_runner.py with {args.vllm_python} (start-up takes minutes)")
+    report = launch(args.vllm_python, job)
+    _log(f"vllm {report.vllm_version}: import {report.import_s:.1f} s, start-up {report.startup_s:.1f} s")
+    info = {"python": str(args.vllm_python), "version": report.vllm_version, "torch": report.torch_version,
+            "import_s": report.import_s, "startup_s": report.startup_s,
+            "compiled": not job.enforce_eager, "env": report.env}
+    return vllm_rows(work, report), info
+
+
+def vllm_rows(work: Workload, report) -> list[Row]:
+    """Rows from a VllmReport, with the tokenpool side's formulas."""
+    rows = []
+    for t in report.timings:
+        if t.generated_tokens != t.batch * work.new_tokens:
+            raise RuntimeError(f"vLLM generated {t.generated_tokens} tokens at batch {t.batch}, "
+                               f"expected {t.batch * work.new_tokens}")
+        rows += [Row("vllm", "prefill", t.batch, t.prompt_tokens / t.prefill_s),
+                 Row("vllm", "decode", t.batch, t.batch * (work.new_tokens - 1) / t.decode_s)]
+        _log(f"  vllm batch {t.batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
+             f"decode {rows[-1].tokens_per_s:.1f} tok/s")
+    return rows
+
+
+def ratios(rows: list[Row]) -> list[dict]:
+    """tokenpool's tokens/s over each baseline's, per phase and batch."""
+    ours = {(r.phase, r.batch): r.tokens_per_s for r in rows if r.engine == "tokenpool"}
+    return [{"phase": r.phase, "batch": r.batch, "against": r.engine,
+             "tokenpool_over": ours[(r.phase, r.batch)] / r.tokens_per_s}
+            for r in rows if r.engine != "tokenpool" and (r.phase, r.batch) in ours]
+
+
 def print_table(report: dict) -> None:
-    base = {(r["phase"], r["batch"]): r["tokens_per_s"]
-            for r in report["rows"] if r["engine"] == "transformers"}
+    """One line per phase and batch: each engine's tokens/s, then tokenpool over each baseline."""
+    speed = {(r["engine"], r["phase"], r["batch"]): r["tokens_per_s"] for r in report["rows"]}
+    engines = list(dict.fromkeys(r["engine"] for r in report["rows"]))
+    baselines = [e for e in engines if e != "tokenpool"]
+    keys = list(dict.fromkeys((r["phase"], r["batch"]) for r in report["rows"]))
     print(f"\nmodel {report['model']}, dtype {report['dtype']} (tokenpool computes in "
           f"{report['compute_dtype']}, linear {report['linear_kernel']}), "
           f"{report['threads']} threads, prompt {report['prompt_len']}, "
           f"{report['new_tokens']} new tokens")
-    print(f"{'engine':<14}{'phase':<9}{'batch':>6}{'tokens/s':>12}{'vs transformers':>17}")
-    for r in report["rows"]:
-        ref = base.get((r["phase"], r["batch"]))
-        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
-        print(f"{r['engine']:<14}{r['phase']:<9}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{ratio:>17}")
+    if "vllm" in report:
+        v = report["vllm"]
+        print(f"vllm {v['version']} (torch {v['torch']}, {'compiled' if v['compiled'] else 'eager'}): "
+              f"import {v['import_s']:.1f} s, start-up {v['startup_s']:.1f} s")
+    print(f"{'phase':<9}{'batch':>6}" + "".join(f"{e:>14}" for e in engines)
+          + "".join(f"{'tp/' + e:>17}" for e in baselines) + "   (tokens/s)")
+    for phase, batch in keys:
+        cells = [speed.get((e, phase, batch)) for e in engines]
+        line = f"{phase:<9}{batch:>6}" + "".join(f"{'-' if c is None else f'{c:.1f}':>14}" for c in cells)
+        ours = speed.get(("tokenpool", phase, batch))
+        for e in baselines:
+            ref = speed.get((e, phase, batch))
+            line += f"{ours / ref:>16.2f}x" if ours and ref else f"{'-':>17}"
+        print(line)
