@@ -44,7 +44,7 @@ LONG_PROMPT_REPEATS = 4  # prefills timed, and the prefill background's: this ma
 PREFILL_REPEATS = 4
 LARGE_BATCH, LARGE_REPEATS, LARGE_OUTPUT_TOKENS = 2, 2, 32  # the large model's decode, alone and co-run
 BACKGROUND_CLIENTS = 2
-BACKGROUND_SETTLE_S = 0.5
+BACKGROUND_MARGIN = 4  # the decode background is sized to this many times the prefills' time alone
 MIN_TOKENS = 8  # a stream with fewer tokens in its batch's window is not a measurement
 
 
@@ -147,13 +147,9 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
         progress(f"serving overhead: starting a stack with {len(folders)} models")
         stack.start(progress=lambda line: None)
         client = _Client(stack.address)
-        # the decode background must outlast the timed prefills (twice their predicted time)
-        busy_s = 2 * PREFILL_REPEATS * profiles[large].prefill.predict(long_tokens)
-        decode_step_s = step(large, BACKGROUND_CLIENTS * tokens[large], BACKGROUND_CLIENTS)
-        decode_tokens = min(int(busy_s / decode_step_s) + OUTPUT_TOKENS, large_context - tokens[large] - 1)
         ttfts, samples, prefill_s, large_steps = asyncio.run(client.run(
             small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, tokens[large],
-            lambda sum_len, batch: step(large, sum_len, batch), decode_tokens, progress))
+            lambda sum_len, batch: step(large, sum_len, batch), large_context - tokens[large] - 1, progress))
     ttft = statistics.median(ttfts)
     predicted_prefill = profiles[small].prefill.predict(tokens[small])
     request_s = max(0.0, ttft - predicted_prefill)
@@ -195,6 +191,25 @@ class _Client:
             ttfts.append(times[0] - start)
         return statistics.median(ttfts)
 
+    async def first_tokens_beside_decode(self, model: str, text: str, count: int, decode_tokens: int
+                                         ) -> float:
+        """Median seconds to the first token of `count` requests sent one after another, each
+        answered wholly while BACKGROUND_CLIENTS streams of `model` decode (requests of
+        `decode_tokens`, cancelled after); a background that ends sooner is replaced, and its
+        last prefill not counted."""
+        ttfts = []
+        while len(ttfts) < count:
+            timed = len(ttfts)
+            async with self._background(model, PROMPT, decode_tokens, repeat=False) as decoding:
+                while len(ttfts) < count and decoding():
+                    ttft = await self.first_tokens(model, text, 1)
+                    if decoding():
+                        ttfts.append(ttft)
+            if len(ttfts) == timed:
+                raise RuntimeError(f"serving overhead: {model}'s background decode of {decode_tokens} tokens "
+                                   "ended before one prefill beside it was timed")
+        return statistics.median(ttfts)
+
     async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step,
                          repeats: int = REPEATS, output_tokens: int = OUTPUT_TOKENS) -> BatchSample:
         steps = []
@@ -208,10 +223,10 @@ class _Client:
         return BatchSample(batch, corun, statistics.median(steps), step(context, batch))
 
     async def run(self, small: str, small_tokens: int, step, large: str, large_tokens: int, large_step,
-                  decode_tokens: int, progress):
+                  decode_limit: int, progress):
         """-> (first-token seconds of `small`, its step samples, (prefill of `large` alone, while
-        its decode runs), (step of `large` alone, while its prefills run)); decode_tokens: how
-        long the decode background must run."""
+        its decode runs), (step of `large` alone, while its prefills run)); decode_limit: the
+        longest request of `large` its context holds after PROMPT."""
         import grpc
         from tokenpool.protos.v1 import inference_pb2_grpc
 
@@ -236,17 +251,20 @@ class _Client:
                 progress(f"serving overhead: {name} batch {sample.batch}{beside}: step "
                          f"{sample.step_s * 1e3:.2f} ms, clock {sample.predicted_s * 1e3:.2f} ms")
             alone = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
-            async with self._background(large, PROMPT, decode_tokens, repeat=False):
-                corun = await self.first_tokens(large, long_prompt, PREFILL_REPEATS)
+            # sized from this run's own times (a prefill beside a decode is slower than alone;
+            # the background decodes BACKGROUND_CLIENTS streams, about LARGE_BATCH's step)
+            busy_s = BACKGROUND_MARGIN * PREFILL_REPEATS * alone
+            decode_tokens = min(int(busy_s / large_steps[0].step_s) + OUTPUT_TOKENS, decode_limit)
+            corun = await self.first_tokens_beside_decode(large, long_prompt, PREFILL_REPEATS, decode_tokens)
             progress(f"serving overhead: {large}'s prefill of {LONG_PROMPT_REPEATS}x the prompt: "
                      f"{alone * 1e3:.0f} ms, {corun * 1e3:.0f} ms while its decode runs")
         return ttfts, samples, (alone, corun), tuple(s.step_s for s in large_steps)
 
     @contextlib.asynccontextmanager
     async def _background(self, model: str, text: str, max_tokens: int, repeat: bool):
-        """BACKGROUND_CLIENTS clients sending `model` requests while the body runs: back to back
-        (repeat; the body starts after BACKGROUND_SETTLE_S), or one each, the body starting at
-        their first tokens and the requests cancelled after it."""
+        """BACKGROUND_CLIENTS clients sending `model` requests while the body runs, which starts at
+        their first tokens: back to back (repeat), or one each, cancelled after the body. Yields
+        whether every client is still in its request (repeat: still sending)."""
         stop = asyncio.Event()
         firsts = [asyncio.Event() for _ in range(BACKGROUND_CLIENTS)]
 
@@ -257,14 +275,8 @@ class _Client:
 
         tasks = [asyncio.create_task(client(first)) for first in firsts]
         try:
-            if repeat:
-                await asyncio.sleep(BACKGROUND_SETTLE_S)
-            else:
-                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), timeout=300)
-            yield
-            if not repeat and any(t.done() for t in tasks):
-                raise RuntimeError(f"serving overhead: {model}'s background decode ended before the prefills "
-                                   "were timed")
+            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), timeout=300)
+            yield lambda: not any(t.done() for t in tasks)
         finally:
             stop.set()
             if not repeat:
