@@ -45,8 +45,12 @@ def status(stack, name) -> ipb.InstanceStatus:
         return stub(channel).Status(ipb.StatusRequest(), timeout=10)
 
 
-def timed_stream(stub, model, prompt, max_tokens):
-    """-> (token ids, [(arrival time, tokens in the message)], last response)."""
+LONG_TOKENS = 1000  # near tiny-llama's 1024-token context: the longest request it takes
+
+
+def timed_stream(stub, model, prompt, max_tokens, first: threading.Event | None = None):
+    """-> (token ids, [(arrival time, tokens in the message)], last response); `first` is set
+    at the first token."""
     request = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingParams(
         max_tokens=max_tokens, ignore_eos=True))
     tokens, times, last = [], [], None
@@ -54,7 +58,20 @@ def timed_stream(stub, model, prompt, max_tokens):
         times.append((time.monotonic(), len(response.token_ids)))
         tokens += response.token_ids
         last = response
+        if first is not None:
+            first.set()
     return tokens, times, last
+
+
+def start_long_stream(pool, stub):
+    """A long tiny-llama stream, returned once it decodes (its first token is in)."""
+    first = threading.Event()
+    long = pool.submit(timed_stream, stub, "tiny-llama", PROMPTS[0], LONG_TOKENS, first)
+    while not first.wait(0.05):
+        if long.done():
+            long.result()  # raises what ended it
+            pytest.fail("the long stream ended without a token")
+    return long
 
 
 def greedy(folder, prompt, max_tokens):
@@ -131,12 +148,12 @@ def test_request_level_scaling_blocks_a_later_model_behind_a_long_request(six_mo
     try:
         with grpc.insecure_channel(stack.address) as channel, ThreadPoolExecutor(2) as pool:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            long = pool.submit(timed_stream, stub, "tiny-llama", PROMPTS[0], 480)
-            time.sleep(0.3)  # the long request holds the decode instance
+            long = start_long_stream(pool, stub)  # the long request holds the decode instance
             short_start = time.monotonic()
             _, short_times, short_last = timed_stream(stub, "tiny-qwen2", PROMPTS[1], 4)
             long_tokens, long_times, _ = long.result()
-        assert len(long_tokens) == 480
+        assert len(long_tokens) == LONG_TOKENS
+        assert short_start < long_times[-1][0], "the short request came after the long one ended"
         # Head-of-line blocking: the later model's first token waited for the whole long request.
         assert short_times[0][0] >= long_times[-1][0]
         assert short_last.usage.ttft_seconds >= long_times[-1][0] - short_start - 0.05
@@ -173,10 +190,10 @@ def test_under_aegaeon_a_later_model_does_not_wait_for_a_long_request(six_models
     try:
         with grpc.insecure_channel(stack.address) as channel, ThreadPoolExecutor(2) as pool:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            long = pool.submit(timed_stream, stub, "tiny-llama", PROMPTS[0], 480)
-            time.sleep(0.3)
+            long = start_long_stream(pool, stub)
             _, short_times, _ = timed_stream(stub, "tiny-qwen2", PROMPTS[1], 4)
-            _, long_times, _ = long.result()
+            long_tokens, long_times, _ = long.result()
+        assert len(long_tokens) == LONG_TOKENS
         assert short_times[-1][0] < long_times[-1][0], "the short request waited for the long one"
     finally:
         stop_stack(stack)
