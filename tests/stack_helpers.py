@@ -71,6 +71,21 @@ def stream(stub, model, prompt, n, timeout=240):
     return list(stub.Generate(request, timeout=timeout))
 
 
+def measured_pace(stub, model, n=128, repeats=3) -> tuple[float, float]:
+    """(seconds to the first token, seconds per later token) of greedy streams of n tokens of
+    `model` through the stack, measured now (the fastest of `repeats`; the first also makes the
+    model active): what a test sizes its deadlines from, on a machine of any speed."""
+    request = pb.GenerateRequest(model=model, text="pace", sampling=pb.SamplingParams(
+        max_tokens=n, ignore_eos=True))
+    paces = []
+    for _ in range(repeats):
+        start, times = time.monotonic(), []
+        for response in stub.Generate(request, timeout=240):
+            times += [time.monotonic()] * len(response.token_ids)
+        paces.append((times[0] - start, (times[-1] - times[0]) / (len(times) - 1)))
+    return min(ttft for ttft, _ in paces), min(tbt for _, tbt in paces)
+
+
 def instance_status(stack, name) -> ipb.InstanceStatus:
     with grpc.insecure_channel(service(stack, name).address) as channel:
         decode = name.startswith("decode")

@@ -18,6 +18,7 @@ from stack_helpers import (
     check_streamed,
     expected_streams,
     instance_status,
+    measured_pace,
     start_tiny_stack,
     stream,
     wait_until_idle,
@@ -116,11 +117,19 @@ def test_bad_requests_get_the_right_status_and_the_stack_stays_up(stack, stub, r
 
 
 def test_a_deadline_ends_the_request_and_frees_its_kv(stack, stub):
+    max_tokens = 1000
+    ttft, tbt = measured_pace(stub, "tiny-qwen3")
+    # a third of the way through the request's time at the measured pace: mid-decode on a machine
+    # of any speed, and still if it runs twice as fast or as slow as measured
+    deadline = ttft + max_tokens * tbt / 3
     request = pb.GenerateRequest(model="tiny-qwen3", text="slow", sampling=pb.SamplingParams(
-        max_tokens=1000, ignore_eos=True))
+        max_tokens=max_tokens, ignore_eos=True))
+    received = []
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(request, timeout=1.5))
+        for response in stub.Generate(request, timeout=deadline):
+            received += response.token_ids
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0 < len(received) < max_tokens, f"{len(received)} tokens by the {deadline:.2f} s deadline"
     wait_until_idle(stack)
 
 
