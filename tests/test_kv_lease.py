@@ -126,6 +126,20 @@ def _stats(address: str) -> ipb.PoolStats:
         return instances_pb2_grpc.KVTransferStub(channel).Stats(ipb.StatsRequest(), timeout=10)
 
 
+def _peak_handles_while_prefills_drain(agent: str, prefill: str, limit_s: float = 120.0) -> int:
+    """The most handles the agent held until the prefill instance had nothing queued or running
+    (its last hand-off published, so every lease has started), however long the queue takes."""
+    peak, start = 0, time.monotonic()
+    with grpc.insecure_channel(prefill) as channel:
+        stub = instances_pb2_grpc.PrefillStub(channel)
+        while (status := stub.Status(ipb.StatusRequest(), timeout=10)).queued or status.running:
+            if time.monotonic() - start > limit_s:
+                pytest.fail(f"the prefill queue did not drain in {limit_s:.0f} s: {status}")
+            peak = max(peak, _stats(agent).handles)
+            time.sleep(0.05)
+    return max(peak, _stats(agent).handles)
+
+
 def _seconds_until_empty(address: str, limit_s: float) -> float:
     start = time.monotonic()
     while (stats := _stats(address)).handles or stats.used_bytes:
@@ -182,10 +196,7 @@ def test_killing_the_decode_side_during_hand_offs_returns_the_senders_blocks_wit
             try:
                 decode.process.kill()
                 decode.process.wait(10)
-                peak, start = 0, time.monotonic()
-                while time.monotonic() - start < 3 * LEASE_S:  # the prefill queue drains into the pool
-                    peak = max(peak, _stats(agent.address).handles)
-                    time.sleep(0.05)
+                peak = _peak_handles_while_prefills_drain(agent.address, service(stack, "prefill-0").address)
                 waited = _seconds_until_empty(agent.address, LEASE_S + SWEEP_S + SLACK_S)
             finally:
                 proxy.process.send_signal(signal.SIGCONT)
