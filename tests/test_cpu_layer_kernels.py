@@ -79,6 +79,24 @@ def test_add_rms_norm(dtype, rows, hidden):
     assert_matches(out, expected)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_rms_norm_into_a_float32_residual(kernels, rows, monkeypatch):
+    """The model's residual stream: bf16 x added into a float32 residual exactly, the norm
+    rounded once to bf16."""
+    if kernels and not available():
+        pytest.skip(f"extension unavailable: {cpu_layer_kernels.unavailable_reason()}")
+    if not kernels:
+        monkeypatch.setattr(cpu_extension, "module", lambda: None)
+    x, weight = randn(rows, 576, dtype=torch.bfloat16, seed=5), randn(576, dtype=torch.bfloat16, seed=6)
+    residual = randn(rows, 576, dtype=torch.float32, seed=7)
+    expected_residual = residual + x.float()
+    expected = F.rms_norm(expected_residual, weight.shape, weight.float(), EPS).bfloat16()
+    out = add_rms_norm(strided(x) if kernels else x, residual, weight, EPS)
+    assert residual.dtype == torch.float32 and torch.equal(residual, expected_residual)
+    assert_matches(out, expected)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
@@ -120,6 +138,8 @@ def test_kernels_reject_bad_shapes():
         kernels.rotary(torch.ones(2, 3, 8), torch.ones(2, 1, 8), torch.ones(3, 8), torch.ones(3, 8))
     with pytest.raises(RuntimeError, match="even"):
         kernels.silu_mul(torch.ones(2, 7))
+    with pytest.raises(RuntimeError, match="residual must be"):  # float64 is neither x's dtype nor float32
+        kernels.add_rms_norm(torch.ones(2, 8), torch.ones(2, 8, dtype=torch.float64), torch.ones(8), EPS)
 
 
 def torch_code(op: str, *args):
