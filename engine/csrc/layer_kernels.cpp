@@ -20,11 +20,9 @@
 #include <cmath>
 #include <type_traits>
 
+#include "dispatch.h"
 #include "vec8.h"
 
-#define DISPATCH_FLOAT_BF16(TYPE, NAME, ...) \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace {
 
