@@ -89,6 +89,10 @@ def run(args: argparse.Namespace) -> None:
     batches = tuple(int(b) for b in args.batches.split(","))
     if any(b < 1 for b in batches):
         raise ValueError(f"--batches must be positive integers, got {args.batches!r}")
+    if "vllm" in args.against:  # fail before minutes of the other engines, not after
+        from tokenpool.bench.vllm_runner import check_python
+
+        check_python(args.vllm_python)
     folder = ensure_model(args.model)
     work = Workload(batches, args.prompt_len, args.new_tokens, args.dtype)
     engine, rows = bench_tokenpool(folder, work)

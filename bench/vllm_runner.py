@@ -114,12 +114,17 @@ def runner_env(job: VllmJob, env: dict[str, str], cpus: set[int]) -> dict[str, s
     return {k: env.get(k, v) for k, v in wanted.items()}
 
 
-def launch(python: Path, job: VllmJob, timeout_s: float = 3600.0) -> VllmReport:
-    """Runs this file with `python` (a vLLM venv's) on `job`. vLLM's log streams to our stderr."""
+def check_python(python: Path) -> None:
+    """Raises, naming the setup command, when `python` (a vLLM venv's) is not there."""
     if not Path(python).exists():
         raise FileNotFoundError(
             f"no vLLM python at {python}: build the venv with `bash bench/vllm_venv.sh` in the "
             "repository root, or point --vllm-python / TOKENPOOL_VLLM_PYTHON at one")
+
+
+def launch(python: Path, job: VllmJob, timeout_s: float = 3600.0) -> VllmReport:
+    """Runs this file with `python` (a vLLM venv's) on `job`. vLLM's log streams to our stderr."""
+    check_python(python)
     done = subprocess.run([str(python), str(Path(__file__).resolve())], input=msgspec.json.encode(job),
                           stdout=subprocess.PIPE, timeout=timeout_s, check=False)
     if done.returncode != 0:
