@@ -195,7 +195,11 @@ def test_killing_a_prefill_instance_with_requests_on_it_requeues_them(tiny_dir, 
 def test_with_no_decode_instance_left_a_request_fails_unavailable_at_once(two_decode):
     for name in ("decode-0", "decode-1"):
         os.kill(service(two_decode, name).process.pid, signal.SIGKILL)
-    time.sleep(DETECTION_S + 0.5)
+    deadline = time.monotonic() + 10 * DETECTION_S  # the proxy's probes find both gone
+    log = two_decode.log_dir / "proxy.log"
+    while not all(f"instance {name} lost" in log.read_text() for name in ("decode-0", "decode-1")):
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
     with grpc.insecure_channel(two_decode.address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
         start = time.monotonic()
