@@ -22,7 +22,7 @@ from tokenpool.engine.scheduler import SchedulerConfig
 
 @dataclass(frozen=True)
 class Row:
-    engine: str  # tokenpool | transformers | vllm
+    engine: str  # tokenpool | tokenpool-float32 | transformers | vllm
     phase: str  # prefill | decode
     batch: int
     tokens_per_s: float
@@ -49,15 +49,18 @@ def add_parser(commands) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "native", "float32"],
+                   help="how tokenpool computes a bf16/fp16 model (auto: natively where the CPU can)")
     p.add_argument("--against", default="transformers", type=against_engines,
-                   help="comma-separated baselines from transformers, vllm; or none")
+                   help="comma-separated baselines from transformers, vllm, tokenpool-float32 "
+                        "(tokenpool computing in float32 from the rounded weights); or none")
     p.add_argument("--vllm-python", type=Path, default=default_vllm_python(),
                    help="python of the vLLM venv (env TOKENPOOL_VLLM_PYTHON; default %(default)s)")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
     p.set_defaults(run=run)
 
 
-BASELINES = ("transformers", "vllm")
+BASELINES = ("transformers", "vllm", "tokenpool-float32")
 
 
 def against_engines(text: str) -> tuple[str, ...]:
@@ -95,11 +98,13 @@ def run(args: argparse.Namespace) -> None:
         check_python(args.vllm_python)
     folder = ensure_model(args.model)
     work = Workload(batches, args.prompt_len, args.new_tokens, args.dtype)
-    engine, rows = bench_tokenpool(folder, work)
+    engine, rows = bench_tokenpool(folder, work, args.compute_dtype)
     report = {"model": folder.name, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
               "linear_kernel": engine.linear_kernel, "prompt_len": work.prompt_len,
               "new_tokens": work.new_tokens}
+    if "tokenpool-float32" in args.against:
+        rows += bench_tokenpool(folder, work, "float32", "tokenpool-float32")[1]
     if "transformers" in args.against:
         rows += bench_transformers(folder, work)
     if "vllm" in args.against:
@@ -117,20 +122,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bench_tokenpool(folder: Path, work: Workload) -> tuple[LLMEngine, list[Row]]:
+def bench_tokenpool(folder: Path, work: Workload, compute: str = "auto",
+                    name: str = "tokenpool") -> tuple[LLMEngine, list[Row]]:
     most = max(work.batches)
     tokens = most * (work.prompt_len + work.new_tokens + 16)
-    config = EngineConfig(dtype=work.dtype, kv_cache_bytes=1, scheduler=SchedulerConfig(
-        max_num_seqs=most, max_num_batched_tokens=most * work.prompt_len))
+    scheduler = SchedulerConfig(max_num_seqs=most, max_num_batched_tokens=most * work.prompt_len)
+    config = EngineConfig(dtype=work.dtype, compute_dtype=compute, kv_cache_bytes=1, scheduler=scheduler)
     engine = LLMEngine(folder, _with_kv_tokens(config, folder, tokens))
-    _log(f"tokenpool: {engine.describe()}")
+    _log(f"{name}: {engine.describe()}")
     _tokenpool_once(engine, Workload((2,), 8, 4, work.dtype), 2)  # warm-up
     rows = []
     for batch in work.batches:
         prefill_s, decode_s = _tokenpool_once(engine, work, batch)
-        rows += [Row("tokenpool", "prefill", batch, batch * work.prompt_len / prefill_s),
-                 Row("tokenpool", "decode", batch, batch * (work.new_tokens - 1) / decode_s)]
-        _log(f"  tokenpool batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
+        rows += [Row(name, "prefill", batch, batch * work.prompt_len / prefill_s),
+                 Row(name, "decode", batch, batch * (work.new_tokens - 1) / decode_s)]
+        _log(f"  {name} batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
              f"decode {rows[-1].tokens_per_s:.1f} tok/s")
     return engine, rows
 

@@ -104,15 +104,18 @@ def test_bench_engine_writes_json(capsys, tmp_path, tiny_dir):
     out = tmp_path / "bench.json"
     assert main(["bench", "engine", "--model", str(tiny_dir / "tiny-qwen3"), "--json", str(out),
                  "--batches", "1,3", "--prompt-len", "8", "--new-tokens", "4",
-                 "--dtype", "float32"]) == 0
+                 "--dtype", "bfloat16", "--compute-dtype", "native",
+                 "--against", "transformers,tokenpool-float32"]) == 0
     report = json.loads(out.read_text())
-    assert report["model"] == "tiny-qwen3" and report["dtype"] == "float32"
-    assert report["threads"] >= 1
+    assert report["model"] == "tiny-qwen3" and report["dtype"] == "bfloat16"
+    assert report["compute_dtype"] == "bfloat16" and report["threads"] >= 1
     keys = {(r["engine"], r["phase"], r["batch"]) for r in report["rows"]}
-    assert keys == {(e, p, b) for e in ("tokenpool", "transformers")
+    assert keys == {(e, p, b) for e in ("tokenpool", "tokenpool-float32", "transformers")
                     for p in ("prefill", "decode") for b in (1, 3)}
+    assert {(r["against"], r["batch"]) for r in report["ratios"] if r["phase"] == "decode"} == {
+        (e, b) for e in ("tokenpool-float32", "transformers") for b in (1, 3)}
     assert all(r["tokens_per_s"] > 0 for r in report["rows"])
-    assert "vs transformers" in capsys.readouterr().out
+    assert "tp/tokenpool-float32" in capsys.readouterr().out
 
 
 def test_bench_switch_writes_json(capsys, tmp_path, tiny_dir):
