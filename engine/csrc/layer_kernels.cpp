@@ -49,23 +49,6 @@ inline void for_lanes(int64_t size, const F& fn) {
   if (i < size) fn(i, size - i);
 }
 
-inline vec8 select(ivec8 mask, vec8 a, vec8 b) { return mask ? a : b; }
-
-// e^x within ~2 ulp (Cephes' expf): x = n ln2 + r with |r| <= ln2 / 2, e^r by a polynomial,
-// 2^n written straight into the exponent bits.
-inline vec8 exp8(vec8 x) {
-  x = select(x < -87.f, vec8{} - 87.f, select(x > 88.f, vec8{} + 88.f, x));
-  const vec8 shift = vec8{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vec8 t = x * 1.44269504f + shift;  // its low mantissa bits now hold n
-  const vec8 n = t - shift;
-  const vec8 r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts
-  vec8 p = vec8{} + 1.9875691500e-4f;
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = p * r + c;
-  p = p * r * r + r + 1.f;
-  return p * (vec8)(((ivec8)t - (ivec8)shift + 127) << 23);
-}
-
 template <typename T, typename W>
 void norm_row(const T* x, const W* w, W* out, int64_t H, float eps) {
   vec8 squares = {};

@@ -6,35 +6,28 @@
 //   seq_lens [B]                  the query is at position seq_len - 1; with a window it sees
 //                                 only positions >= seq_len - window
 //
-// Tasks are (b, kv head) pairs; each serves that kv head's G query heads, so every cached
-// K/V row is read once. Online softmax in float32, folding in one cache block at a time.
+// Tasks are sequences: a block's rows of every kv head are read in one pass, each key and
+// value vector once for the G query heads sharing it (G <= kMaxGroup). Online softmax in
+// float32, folding in one cache block at a time.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "vec8.h"
 
-namespace {
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head the kernel takes
+constexpr int64_t kPrefetchLines = 4;
+constexpr int64_t kMaxVecs = 32;  // head_dim <= 256
 
-// q . k over n vectors; two accumulators so consecutive FMAs need not wait on each other.
-template <typename T>
-inline float dot(const vec8* q, const T* k, int64_t n) {
-  vec8 a = {}, b = {};
-  int64_t i = 0;
-  for (; i + 1 < n; i += 2) {
-    a += q[i] * load(k + i * kLanes);
-    b += q[i + 1] * load(k + (i + 1) * kLanes);
-  }
-  if (i < n) a += q[i] * load(k + i * kLanes);
-  a += b;
-  return sum(a);
-}
+namespace {
 
 struct Shape {
   int64_t heads, kv_heads, group, dim, vecs, block_size, max_blocks, num_blocks;
@@ -44,78 +37,140 @@ struct Shape {
   std::optional<int64_t> window;
 };
 
-// Running softmax state of the G query heads of one (b, kv head) task.
+// Running softmax state of one sequence's H query heads; reused across a thread's tasks.
 struct Softmax {
-  std::vector<vec8> q, acc;    // [G, D / kLanes]; q pre-scaled
-  std::vector<float> m, l, p;  // m, l: [G]; p: scores, then probabilities [G, block_size]
+  std::vector<vec8> q, acc;    // [H, D / kLanes]; q pre-scaled
+  std::vector<float> m, l, rescale;  // [H]: running max, running sum, this block's rescale
+  std::vector<float> p;              // one block's scores, then probabilities [H, block_size]
   explicit Softmax(const Shape& s)
-      : q(s.group * s.vecs), acc(s.group * s.vecs, vec8{}), m(s.group, -INFINITY), l(s.group, 0.f),
-        p(s.group * s.block_size) {}
+      : q(s.heads * s.vecs), acc(s.heads * s.vecs), m(s.heads), l(s.heads), rescale(s.heads),
+        p(s.heads * s.block_size) {}
 };
 
-// Folds slots [lo, hi) of one cache block (k, v: its rows of this kv head) into the state.
-template <typename T>
-void fold_block(const Shape& s, Softmax& st, const T* k, const T* v, int64_t lo, int64_t hi) {
-  const int64_t G = s.group, nv = s.vecs, n = hi - lo;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t g = 0; g < G; ++g) st.p[g * n + t] = dot(&st.q[g * nv], k + (lo + t) * s.c_sb, nv);
-  for (int64_t g = 0; g < G; ++g) {
-    float* p = &st.p[g * n];
-    const float m_new = std::max(st.m[g], *std::max_element(p, p + n));
-    const float rescale = std::exp(st.m[g] - m_new);
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - m_new));
-    st.l[g] = st.l[g] * rescale + sum;
-    st.m[g] = m_new;
-    for (int64_t i = 0; i < nv; ++i) {
-      vec8 a = st.acc[g * nv + i] * rescale;
-      for (int64_t t = 0; t < n; ++t) a += p[t] * load(v + (lo + t) * s.c_sb + i * kLanes);
-      st.acc[g * nv + i] = a;
+// NV: D / kLanes when the kernel was specialised for it (the loops then unroll and the
+// accumulators stay in registers), 0 for any other head size (read from the shape).
+template <int NV>
+constexpr int64_t vecs_of(const Shape& s) { return NV ? NV : s.vecs; }
+
+// p[h][t] = q[h] . k[t] for slots t < n of kv head kvh's G query heads.
+template <int NV, typename T>
+void scores(const Shape& s, Softmax& st, const T* k, int64_t kvh, int64_t n) {
+  const int64_t nv = vecs_of<NV>(s);
+  for (int64_t g = 0; g < s.group; ++g) {
+    const int64_t h = kvh * s.group + g;
+    vec8 q[NV ? NV : kMaxVecs];
+    for (int64_t i = 0; i < nv; ++i) q[i] = st.q[h * nv + i];
+    float* p = &st.p[h * s.block_size];
+    int64_t t = 0;
+    for (; t + 1 < n; t += 2) {  // two keys at once: independent chains
+      const T *k0 = k + t * s.c_sb + kvh * s.c_sh, *k1 = k0 + s.c_sb;
+      vec8 a0 = {}, a1 = {};
+      for (int64_t i = 0; i < nv; ++i) {
+        a0 += q[i] * load(k0 + i * kLanes);
+        a1 += q[i] * load(k1 + i * kLanes);
+      }
+      p[t] = sum(a0);
+      p[t + 1] = sum(a1);
+    }
+    if (t < n) {
+      const T* k0 = k + t * s.c_sb + kvh * s.c_sh;
+      vec8 a0 = {};
+      for (int64_t i = 0; i < nv; ++i) a0 += q[i] * load(k0 + i * kLanes);
+      p[t] = sum(a0);
     }
   }
 }
 
-// Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next one.
-template <typename T>
-inline void prefetch_block(const Shape& s, int64_t block, int64_t kvh, const T* k, const T* v) {
-  if (block < 0 || block >= s.num_blocks) return;  // reported when it is reached
-  const int64_t at = block * s.c_sn + kvh * s.c_sh;
-  for (int64_t t = 0; t < s.block_size; ++t)
-    for (int64_t i = 0; i < s.dim; i += 64 / sizeof(T)) {
-      __builtin_prefetch(k + at + t * s.c_sb + i);
-      __builtin_prefetch(v + at + t * s.c_sb + i);
-    }
+// Scores of head h over n slots -> probabilities; rescales the head's running state.
+void softmax_step(const Shape& s, Softmax& st, int64_t h, int64_t n) {
+  float* p = &st.p[h * s.block_size];
+  float block_max = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, p[t]);
+  const float m_new = std::max(st.m[h], block_max);
+  const float rescale = std::exp(st.m[h] - m_new);
+  vec8 total = {};
+  for (int64_t t = 0; t < n; t += kLanes) {
+    const int64_t k = std::min<int64_t>(kLanes, n - t);
+    const vec8 e = exp8(load(p + t, k) - m_new);
+    std::memcpy(p + t, &e, k * sizeof(float));
+    for (int64_t j = 0; j < k; ++j) total[j] += e[j];
+  }
+  st.l[h] = st.l[h] * rescale + sum(total);
+  st.m[h] = m_new;
+  st.rescale[h] = rescale;
 }
 
+// acc[h] = acc[h] * rescale[h] + sum_t p[h][t] v[t] for kv head kvh's G heads.
+template <int NV, typename T>
+void accumulate(const Shape& s, Softmax& st, const T* v, int64_t kvh, int64_t n) {
+  const int64_t nv = vecs_of<NV>(s);
+  for (int64_t g = 0; g < s.group; ++g) {
+    const int64_t h = kvh * s.group + g;
+    vec8 a[NV ? NV : kMaxVecs];
+    for (int64_t i = 0; i < nv; ++i) a[i] = st.acc[h * nv + i] * st.rescale[h];
+    const float* p = &st.p[h * s.block_size];
+    for (int64_t t = 0; t < n; ++t) {
+      const T* row = v + t * s.c_sb + kvh * s.c_sh;
+      for (int64_t i = 0; i < nv; ++i) a[i] += p[t] * load(row + i * kLanes);
+    }
+    for (int64_t i = 0; i < nv; ++i) st.acc[h * nv + i] = a[i];
+  }
+}
+
+// Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next one:
+// touching the first lines of its k and v runs (a block's rows of all kv heads are one
+// contiguous run in a [.., slot, kvh, D] cache) starts its streams early. Prefetching every
+// line of the block instead was slower here (25 -> 38 ms for SmolLM2's 30 layers at batch
+// 32): the requests fill the core's miss buffers and stall the loads the step needs now.
 template <typename T>
-void attend(const Shape& s, const T* q, const T* k, const T* v, const int64_t* table,
-            int64_t seq_len, int64_t kvh, T* out) {
-  const int64_t G = s.group, D = s.dim, nv = s.vecs, bs = s.block_size, last = seq_len - 1;
+inline void prefetch_block(const Shape& s, int64_t block, const T* k, const T* v) {
+  if (block < 0 || block >= s.num_blocks) return;  // reported when it is reached
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < kPrefetchLines; ++i) {
+    __builtin_prefetch(k + block * s.c_sn + i * kLine);
+    __builtin_prefetch(v + block * s.c_sn + i * kLine);
+  }
+}
+
+// One sequence, all heads: blocks in order, each folded into every head's softmax state.
+template <int NV, typename T>
+void attend(const Shape& s, Softmax& st, const T* q, const T* k, const T* v, const int64_t* table,
+            int64_t seq_len, T* out) {
+  const int64_t D = s.dim, nv = s.vecs, bs = s.block_size, last = seq_len - 1;
   TORCH_CHECK(seq_len >= 1 && last / bs < s.max_blocks, "seq_len ", seq_len, " not in [1, ",
               s.max_blocks * bs, "]");
-  Softmax st(s);
-  q += kvh * G * s.q_sh;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < D; ++i) st.q[g * nv + i / kLanes][i % kLanes] = q[g * s.q_sh + i] * s.scale;
+  for (int64_t h = 0; h < s.heads; ++h) {
+    for (int64_t i = 0; i < D; ++i) st.q[h * nv + i / kLanes][i % kLanes] = q[h * s.q_sh + i] * s.scale;
+    st.m[h] = -INFINITY;
+    st.l[h] = 0.f;
+  }
+  std::fill(st.acc.begin(), st.acc.end(), vec8{});
   const int64_t first = s.window ? std::max<int64_t>(0, seq_len - *s.window) : 0;
   for (int64_t j = first / bs; j <= last / bs; ++j) {
-    if (j < last / bs) prefetch_block(s, table[j + 1], kvh, k, v);
+    if (j < last / bs) prefetch_block(s, table[j + 1], k, v);
     TORCH_CHECK(table[j] >= 0 && table[j] < s.num_blocks, "block id ", table[j], " not in [0, ",
                 s.num_blocks, ")");
-    const int64_t at = table[j] * s.c_sn + kvh * s.c_sh;
-    fold_block(s, st, k + at, v + at, j == first / bs ? first % bs : 0, j == last / bs ? last % bs + 1 : bs);
+    const int64_t lo = j == first / bs ? first % bs : 0, hi = j == last / bs ? last % bs + 1 : bs;
+    const int64_t at = table[j] * s.c_sn + lo * s.c_sb;
+    for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh) {
+      scores<NV>(s, st, k + at, kvh, hi - lo);
+      for (int64_t g = 0; g < s.group; ++g) softmax_step(s, st, kvh * s.group + g, hi - lo);
+      accumulate<NV>(s, st, v + at, kvh, hi - lo);
+    }
   }
-  out += kvh * G * D;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = st.acc[g * nv + i / kLanes][i % kLanes] / st.l[g];
+  for (int64_t h = 0; h < s.heads; ++h)
+    for (int64_t i = 0; i < D; ++i) out[h * D + i] = st.acc[h * nv + i / kLanes][i % kLanes] / st.l[h];
 }
 
 Shape check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& tables, const at::Tensor& lens) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides()
-              && q.size(2) == k.size(3) && q.size(1) % k.size(2) == 0 && q.size(2) % kLanes == 0,
+              && q.size(2) == k.size(3) && q.size(1) % k.size(2) == 0 && q.size(2) % kLanes == 0
+              && q.size(1) / k.size(2) <= kMaxGroup && q.size(2) <= kMaxVecs * kLanes,
               "need q [B, H, D] and k, v caches [num_blocks, block_size, KVH, D] of one layout, "
-              "H % KVH == 0 and D % ", kLanes, " == 0; got q ", q.sizes(), ", cache ", k.sizes());
+              "H % KVH == 0, H / KVH <= ", kMaxGroup, ", D <= ", kMaxVecs * kLanes, " and D % ", kLanes,
+              " == 0; got q ", q.sizes(),
+              ", cache ", k.sizes());
   TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && tables.is_cpu() && lens.is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && q.scalar_type() == k.scalar_type()
               && k.scalar_type() == v.scalar_type(), "q and caches need one dtype, contiguous last dims");
@@ -143,12 +198,21 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     const auto* vp = v_cache.data_ptr<scalar_t>();
     auto* op = out.data_ptr<scalar_t>();
     const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
-    at::parallel_for(0, q.size(0) * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / s.kv_heads, kvh = task % s.kv_heads;
-        attend(s, qp + b * s.q_sb, kp, vp, tp + b * s.max_blocks, lp[b], kvh, op + b * s.heads * s.dim);
-      }
-    });
+    auto run = [&](auto nv) {  // nv: std::integral_constant, the specialised head size (0: any)
+      at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
+        Softmax st(s);
+        for (int64_t b = begin; b < end; ++b)
+          attend<decltype(nv)::value>(s, st, qp + b * s.q_sb, kp, vp, tp + b * s.max_blocks, lp[b],
+                                      op + b * s.heads * s.dim);
+      });
+    };
+    switch (s.vecs) {  // head_dim 16, 32, 64, 128
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 16: run(std::integral_constant<int, 16>{}); break;
+      default: run(std::integral_constant<int, 0>{});
+    }
   });
   return out;
 }
