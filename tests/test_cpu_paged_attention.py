@@ -64,8 +64,8 @@ def random_case(batch: int, kv_heads: int, group: int, dim: int, seed: int, max_
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
-@pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("dim", [16, 32, 64])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("dim", [16, 24, 32, 64, 128])  # 24: the loops not specialised for a size
 def test_matches_gather_sdpa(batch, group, dim):
     q, k, v, tables, seq_lens = random_case(batch, 2, group, dim, seed=batch * 100 + group * 10 + dim)
     out = paged_decode_attention(q, k, v, tables, seq_lens, 1 / math.sqrt(dim))

@@ -52,33 +52,47 @@ struct Softmax {
 template <int NV>
 constexpr int64_t vecs_of(const Shape& s) { return NV ? NV : s.vecs; }
 
-// p[h][t] = q[h] . k[t] for slots t < n of kv head kvh's G query heads.
-template <int NV, typename T>
-void scores(const Shape& s, Softmax& st, const T* k, int64_t kvh, int64_t n) {
+// Query heads served per pass over a block's keys or values: each vector of the cache is
+// loaded and widened once for up to C heads, C chosen so their accumulators fit the
+// vector registers (32 with AVX-512, 16 with AVX2).
+#ifdef __AVX512F__
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+template <int NV>
+constexpr int kHeadsPerPass = NV ? std::max(1, std::min<int>(kMaxGroup, (kRegisters - 4) / NV)) : 1;
+
+// p[h][t] = q[h] . k[t] for slots t < n of the C heads from h0 (all of kv head kvh's).
+template <int NV, int C, typename T>
+void scores_pass(const Shape& s, Softmax& st, const T* k, int64_t kvh, int64_t h0, int64_t c, int64_t n) {
   const int64_t nv = vecs_of<NV>(s);
-  for (int64_t g = 0; g < s.group; ++g) {
-    const int64_t h = kvh * s.group + g;
-    vec8 q[NV ? NV : kMaxVecs];
-    for (int64_t i = 0; i < nv; ++i) q[i] = st.q[h * nv + i];
-    float* p = &st.p[h * s.block_size];
-    int64_t t = 0;
-    for (; t + 1 < n; t += 2) {  // two keys at once: independent chains
-      const T *k0 = k + t * s.c_sb + kvh * s.c_sh, *k1 = k0 + s.c_sb;
-      vec8 a0 = {}, a1 = {};
-      for (int64_t i = 0; i < nv; ++i) {
-        a0 += q[i] * load(k0 + i * kLanes);
-        a1 += q[i] * load(k1 + i * kLanes);
-      }
-      p[t] = sum(a0);
-      p[t + 1] = sum(a1);
+  const vec8* q = &st.q[h0 * nv];
+  for (int64_t t = 0; t < n; t += 2) {  // two keys at a time: 2C independent chains
+    const bool pair = t + 1 < n;
+    const T* k0 = k + t * s.c_sb + kvh * s.c_sh;
+    const T* k1 = pair ? k0 + s.c_sb : k0;
+    vec8 a0[C] = {}, a1[C] = {};
+    for (int64_t i = 0; i < nv; ++i) {
+      const vec8 x0 = load(k0 + i * kLanes), x1 = load(k1 + i * kLanes);
+      for (int64_t j = 0; j < C; ++j)
+        if (j < c) {
+          a0[j] += q[j * nv + i] * x0;
+          a1[j] += q[j * nv + i] * x1;
+        }
     }
-    if (t < n) {
-      const T* k0 = k + t * s.c_sb + kvh * s.c_sh;
-      vec8 a0 = {};
-      for (int64_t i = 0; i < nv; ++i) a0 += q[i] * load(k0 + i * kLanes);
-      p[t] = sum(a0);
+    for (int64_t j = 0; j < c; ++j) {
+      st.p[(h0 + j) * s.block_size + t] = sum(a0[j]);
+      if (pair) st.p[(h0 + j) * s.block_size + t + 1] = sum(a1[j]);
     }
   }
+}
+
+template <int NV, typename T>
+void scores(const Shape& s, Softmax& st, const T* k, int64_t kvh, int64_t n) {
+  constexpr int C = kHeadsPerPass<NV>;
+  for (int64_t g = 0; g < s.group; g += C)
+    scores_pass<NV, C>(s, st, k, kvh, kvh * s.group + g, std::min<int64_t>(C, s.group - g), n);
 }
 
 // Scores of head h over n slots -> probabilities; rescales the head's running state.
@@ -100,21 +114,33 @@ void softmax_step(const Shape& s, Softmax& st, int64_t h, int64_t n) {
   st.rescale[h] = rescale;
 }
 
-// acc[h] = acc[h] * rescale[h] + sum_t p[h][t] v[t] for kv head kvh's G heads.
+// acc[h] = acc[h] * rescale[h] + sum_t p[h][t] v[t] for the c <= C heads from h0.
+template <int NV, int C, typename T>
+void accumulate_pass(const Shape& s, Softmax& st, const T* v, int64_t kvh, int64_t h0, int64_t c, int64_t n) {
+  constexpr int64_t kVecs = NV ? NV : kMaxVecs;
+  const int64_t nv = vecs_of<NV>(s);
+  vec8 a[C][kVecs];
+  for (int64_t j = 0; j < c; ++j)
+    for (int64_t i = 0; i < nv; ++i) a[j][i] = st.acc[(h0 + j) * nv + i] * st.rescale[h0 + j];
+  for (int64_t t = 0; t < n; ++t) {
+    const T* row = v + t * s.c_sb + kvh * s.c_sh;
+    float w[C];
+    for (int64_t j = 0; j < c; ++j) w[j] = st.p[(h0 + j) * s.block_size + t];
+    for (int64_t i = 0; i < nv; ++i) {
+      const vec8 vv = load(row + i * kLanes);
+      for (int64_t j = 0; j < C; ++j)
+        if (j < c) a[j][i] += w[j] * vv;
+    }
+  }
+  for (int64_t j = 0; j < c; ++j)
+    for (int64_t i = 0; i < nv; ++i) st.acc[(h0 + j) * nv + i] = a[j][i];
+}
+
 template <int NV, typename T>
 void accumulate(const Shape& s, Softmax& st, const T* v, int64_t kvh, int64_t n) {
-  const int64_t nv = vecs_of<NV>(s);
-  for (int64_t g = 0; g < s.group; ++g) {
-    const int64_t h = kvh * s.group + g;
-    vec8 a[NV ? NV : kMaxVecs];
-    for (int64_t i = 0; i < nv; ++i) a[i] = st.acc[h * nv + i] * st.rescale[h];
-    const float* p = &st.p[h * s.block_size];
-    for (int64_t t = 0; t < n; ++t) {
-      const T* row = v + t * s.c_sb + kvh * s.c_sh;
-      for (int64_t i = 0; i < nv; ++i) a[i] += p[t] * load(row + i * kLanes);
-    }
-    for (int64_t i = 0; i < nv; ++i) st.acc[h * nv + i] = a[i];
-  }
+  constexpr int C = kHeadsPerPass<NV>;
+  for (int64_t g = 0; g < s.group; g += C)
+    accumulate_pass<NV, C>(s, st, v, kvh, kvh * s.group + g, std::min<int64_t>(C, s.group - g), n);
 }
 
 // Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next one:
