@@ -262,13 +262,17 @@ def print_table(report: dict) -> None:
         v = report["vllm"]
         print(f"vllm {v['version']} (torch {v['torch']}, {'compiled' if v['compiled'] else 'eager'}): "
               f"import {v['import_s']:.1f} s, start-up {v['startup_s']:.1f} s")
-    print(f"{'phase':<9}{'batch':>6}" + "".join(f"{e:>14}" for e in engines)
-          + "".join(f"{'tp/' + e:>17}" for e in baselines) + "   (tokens/s)")
+    width = {e: max(14, len(e) + 2) for e in engines}  # a column per engine, then per ratio
+    ratio_width = {e: max(17, len(e) + 5) for e in baselines}
+    print(f"{'phase':<9}{'batch':>6}" + "".join(f"{e:>{width[e]}}" for e in engines)
+          + "".join(f"{'tp/' + e:>{ratio_width[e]}}" for e in baselines) + "   (tokens/s)")
     for phase, batch in keys:
         cells = [speed.get((e, phase, batch)) for e in engines]
-        line = f"{phase:<9}{batch:>6}" + "".join(f"{'-' if c is None else f'{c:.1f}':>14}" for c in cells)
+        line = f"{phase:<9}{batch:>6}" + "".join(
+            f"{'-' if c is None else f'{c:.1f}':>{width[e]}}" for e, c in zip(engines, cells, strict=True))
         ours = speed.get(("tokenpool", phase, batch))
         for e in baselines:
             ref = speed.get((e, phase, batch))
-            line += f"{ours / ref:>16.2f}x" if ours and ref else f"{'-':>17}"
+            w = ratio_width[e]
+            line += f"{ours / ref:>{w - 1}.2f}x" if ours and ref else f"{'-':>{w}}"
         print(line)
