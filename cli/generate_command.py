@@ -26,6 +26,8 @@ def add_parser(commands) -> None:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--compute-dtype", default="auto", choices=["auto", "native", "float32"],
+                     help="a bf16/fp16 model's math: auto (native where the CPU has it, else float32)")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--server", default=None, metavar="ADDR",
                      help="stream from a running `tokenpool serve` or `tokenpool up` at host:port instead")
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> None:
 
 def _local(args: argparse.Namespace, sampling: SamplingParams):
     """(new tokens, text, finish reason or None) from an engine in this process."""
-    engine = LLMEngine(ensure_model(args.model), EngineConfig(dtype=args.dtype, num_threads=args.threads))
+    engine = LLMEngine(ensure_model(args.model), EngineConfig(
+        dtype=args.dtype, compute_dtype=args.compute_dtype, num_threads=args.threads))
     print(engine.describe(), file=sys.stderr)
     for out in engine.stream(args.prompt, sampling, chat=args.chat):
         yield len(out.new_token_ids), out.text, out.finish_reason and out.finish_reason.value

@@ -60,11 +60,16 @@ def list_models(args: argparse.Namespace) -> None:
 
 
 def ensure_model(name: str) -> Path:
-    """Resolve --model; the built-in default model is imported on first use."""
+    """Resolve --model; the built-in models (the default model, imported from its GGUF, and
+    the tiny test models, written by make-tiny) are made in the store on first use."""
+    from tokenpool.engine.tiny_models import TINY_MODEL_SPECS, make_tiny_models
+
     store = ModelStore()
     if name == DEFAULT_MODEL and not store.path_for(name).is_dir():
         from tokenpool.engine.gguf_import import import_gguf, smollm2_gguf_path
 
         print(f"importing the default model {name} into {store.root} (once)")
         import_gguf(smollm2_gguf_path(), store.path_for(name))
+    if name in {spec.name for spec in TINY_MODEL_SPECS} and not store.path_for(name).is_dir():
+        make_tiny_models(store.root)
     return store.resolve(name)
