@@ -143,6 +143,9 @@ class MultiModelEngine:
                            Scheduler(ec.scheduler, BlockManager(num_blocks, ec.block_size)))
         shape = BlockShape.of(config, ec.block_size, compute)
         self.models[model_id] = _Model(profile, book, shape)
+        log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks", model_id,
+                 str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
+                 ec.compute_dtype, num_blocks)
         return profile
 
     def add_request(self, model_id: str, prompt: str | list[int], sampling: SamplingParams | None = None,
