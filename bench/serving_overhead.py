@@ -38,6 +38,7 @@ BATCHES = (1, 2, 4, 8)
 CORUN_BATCHES = (1, 4)
 REPEATS = 6
 OUTPUT_TOKENS = 64
+MAX_OUTPUT_GROWTH = 8  # batch_step's streams grow to at most this many times OUTPUT_TOKENS
 PROMPT = ("A platform team runs hundreds of language models for its users, most of them asked for "
           "only now and then, on a small shared pool of accelerators. ")
 LONG_PROMPT_REPEATS = 4  # prefills timed, and the prefill background's: this many copies of PROMPT
@@ -212,14 +213,24 @@ class _Client:
 
     async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step,
                          repeats: int = REPEATS, output_tokens: int = OUTPUT_TOKENS) -> BatchSample:
-        steps = []
+        """The batch's median step while all `batch` streams decode. A repeat whose streams never
+        decoded together (one ended before the last got its first token: prefills slow beside
+        fast decode steps, or a busy core) doubles the streams' length for the next, up to
+        MAX_OUTPUT_GROWTH times; the predicted step uses the mean length of the repeats counted."""
+        steps, lengths, longest = [], [], output_tokens * MAX_OUTPUT_GROWTH
         for _ in range(repeats):
             streams = await asyncio.gather(*(self.stream(model, PROMPT, output_tokens) for _ in range(batch)))
-            steps += batch_window_steps(streams)
+            window = batch_window_steps(streams)
+            if window:
+                steps += window
+                lengths.append(output_tokens)
+            else:
+                output_tokens = min(2 * output_tokens, longest)
         if not steps:
             raise RuntimeError(f"serving overhead: batches of {batch} never decoded together for "
-                               f"{MIN_TOKENS} tokens; is {model}'s prefill much slower than its decode?")
-        context = batch * (prompt_tokens + output_tokens // 2)
+                               f"{MIN_TOKENS} tokens, with streams of up to {output_tokens}; is {model}'s "
+                               f"prefill much slower than its decode?")
+        context = batch * (prompt_tokens + round(statistics.mean(lengths) / 2))
         return BatchSample(batch, corun, statistics.median(steps), step(context, batch))
 
     async def run(self, small: str, small_tokens: int, step, large: str, large_tokens: int, large_step,

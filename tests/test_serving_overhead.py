@@ -190,3 +190,42 @@ def test_a_prefill_instance_prefetches_the_next_group_and_the_copy_costs_its_com
     assert first_tokens[1.0] == pytest.approx([0.1 + 0.05 + 0.1, 0.1 + 0.15 + 0.05])
     with pytest.raises(ValueError, match="prefetch_factor must be >= 0"):
         ServingOverhead(prefetch_factor=-0.1)
+
+
+def test_a_batch_whose_streams_never_overlap_is_measured_again_with_longer_streams():
+    """The second stream's first token comes 1 s in; at 10 ms a token, 64-token streams end
+    first, so batch_step doubles the length until they decode together."""
+    import asyncio
+
+    from tokenpool.bench.serving_overhead import OUTPUT_TOKENS, _Client
+
+    class Fake:
+        calls: list[int] = []
+
+        async def stream(self, model, text, max_tokens):
+            first = 1.0 if len(self.calls) % 2 else 0.0
+            self.calls.append(max_tokens)
+            return 0.0, [first + 0.01 * i for i in range(max_tokens)]
+
+    fake = Fake()
+    contexts = []
+    sample = asyncio.run(_Client.batch_step(fake, "m", 10, 2, False, lambda c, b: contexts.append(c) or 0.0,
+                                            repeats=3))
+    assert fake.calls == [OUTPUT_TOKENS] * 2 + [2 * OUTPUT_TOKENS] * 4
+    assert sample.step_s == pytest.approx(0.01) and contexts == [2 * (10 + OUTPUT_TOKENS)]
+
+
+def test_a_batch_that_never_overlaps_at_any_length_is_an_error():
+    import asyncio
+
+    from tokenpool.bench.serving_overhead import MAX_OUTPUT_GROWTH, OUTPUT_TOKENS, _Client
+
+    class Apart:
+        calls = 0
+
+        async def stream(self, model, text, max_tokens):
+            self.calls += 1
+            return 0.0, [1e6 * (self.calls % 2) + 0.01 * i for i in range(max_tokens)]
+
+    with pytest.raises(RuntimeError, match=f"streams of up to {MAX_OUTPUT_GROWTH * OUTPUT_TOKENS}"):
+        asyncio.run(_Client.batch_step(Apart(), "m", 10, 2, False, lambda c, b: 0.0, repeats=5))
