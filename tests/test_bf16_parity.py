@@ -18,6 +18,7 @@ import functools
 
 import pytest
 import torch
+from test_engine_parity import run_engine as run_steps
 from tokenpool.engine.compute_dtype import cpu_has_native
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.sampling_params import SamplingParams
@@ -43,17 +44,7 @@ def run_engine(folder, compute: str) -> tuple[LLMEngine, list[list[int]], list[t
     engine = LLMEngine(folder, EngineConfig(dtype="bfloat16", compute_dtype=compute,
                                             kv_cache_bytes=32 << 20))
     ids = prompts(engine.model_config.vocab_size)
-    captured: list[torch.Tensor] = []
-    original = engine.model.logits
-
-    def capture(hidden):
-        captured.append(original(hidden))
-        return captured[-1]
-
-    engine.model.logits = capture
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True)) for p in ids]
-    while engine.has_unfinished:
-        engine.step()
+    seqs, captured = run_steps(engine, ids, DECODE_STEPS + 1)
     assert len(captured) == DECODE_STEPS + 1  # both prefilled in one step, then decoded together
     per_prompt = [torch.stack([step[row] for step in captured]) for row in range(len(ids))]
     return engine, [p + s.output_token_ids for p, s in zip(ids, seqs, strict=True)], per_prompt

@@ -23,7 +23,6 @@
 #include "dispatch.h"
 #include "vec8.h"
 
-
 namespace {
 
 // Below this many elements (~100 us of work) a call runs on the calling thread: waking the

@@ -26,8 +26,7 @@ float row_max(const float* x, int64_t n) {
     const vec8 v = load(x + i);
     best = v > best ? v : best;
   }
-  float m = -INFINITY;
-  for (int64_t j = 0; j < kLanes; ++j) m = std::max(m, best[j]);
+  float m = max(best);
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
