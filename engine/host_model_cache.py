@@ -39,6 +39,7 @@ import msgspec
 import torch
 from tqdm import tqdm
 
+from .cache_eviction import EvictionCandidate
 from .private_shm import private_dir, reserve, shm_root
 
 ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
@@ -100,6 +101,7 @@ class CachedModelInfo:
     last_used: float  # seconds since the epoch
 
 
+VictimOrder = Callable[[list[EvictionCandidate]], list[EvictionCandidate]]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -141,13 +143,14 @@ class CacheCounters:
 
 
 class HostModelCache:
-    """Models' weights in shared memory, bounded by capacity_bytes, LRU-evicted when unused.
+    """Models' weights in shared memory, bounded by capacity_bytes, evicted when unused
+    (least recently used first, or in victim_order's order).
 
     Any number of processes may construct one over the same root and use it at once.
     """
 
     def __init__(self, root: Path | None = None, capacity_bytes: int = 8 << 30,
-                 progress: bool = True) -> None:
+                 progress: bool = True, victim_order: VictimOrder | None = None) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         if root is None:
@@ -156,6 +159,9 @@ class HostModelCache:
         self._capacity = capacity_bytes
         self.progress = progress
         self.counters = CacheCounters()
+        # None: least recently used first. Else (engine/cache_eviction.py) the schedulers' order,
+        # which may leave out models it wants kept; unlisted models are never evicted for room.
+        self.victim_order = victim_order
         with self._registry_lock():
             self._sweep_crashed()
 
@@ -287,7 +293,7 @@ class HostModelCache:
         victims: list[tuple[_Entry, int]] = []
         in_use: list[_Entry] = []
         freed = 0
-        for entry in sorted(self._catalog(), key=lambda e: (e.last_used_ns, e.key)):
+        for entry in self._victim_candidates():
             fd = _try_lock_exclusive(self._segment(entry.key))
             if fd is None:
                 in_use.append(entry)
@@ -297,6 +303,14 @@ class HostModelCache:
             else:
                 os.close(fd)
         return victims, in_use
+
+    def _victim_candidates(self) -> list[_Entry]:
+        lru = sorted(self._catalog(), key=lambda e: (e.last_used_ns, e.key))
+        if self.victim_order is None:
+            return lru
+        by_id = {e.model_id: e for e in lru}
+        ordered = self.victim_order([EvictionCandidate(e.model_id, e.nbytes) for e in lru])
+        return [by_id[c.model_id] for c in ordered if c.model_id in by_id]
 
     def _full_message(self, model_id: str, need: int, in_use: list[_Entry]) -> str:
         ready = sum(e.nbytes for e in self._catalog())
@@ -328,6 +342,10 @@ class HostModelCache:
         except BaseException:
             os.close(fd)
             raise
+
+    def contains(self, model_id: str) -> bool:
+        """The model is ready in the cache (a hint: another process may evict it right after)."""
+        return self._manifest(_file_key(model_id)).exists()
 
     def list(self) -> list[CachedModelInfo]:
         """Ready models, least recently used first."""

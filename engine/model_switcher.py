@@ -79,19 +79,38 @@ def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: to
 
     Raises (leaving the cache untouched) on a bad checkpoint, or when the weights
     exceed max_bytes (an arena model slot)."""
+    profile = model_profile(model_id, folder, dtype, max_bytes)
+    cache.register(model_id, profile.specs, checkpoint_filler(profile, round_to),
+                   metadata=cache_metadata(profile))
+    return profile
+
+
+def model_profile(model_id: str, folder: Path, dtype: torch.dtype,
+                  max_bytes: int | None = None) -> ModelProfile:
+    """A model's profile from its folder's config and tokenizer, without reading its weights;
+    MemoryError when they exceed max_bytes (an arena model slot)."""
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    layout = WeightLayout(config)
     specs = model_specs(config, dtype)
     padded = slot_bytes_needed(specs)
     if max_bytes is not None and padded > max_bytes:
         raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
                           f"an arena model slot holds {max_bytes}")
-    checkpoint = Checkpoint(folder)
-    checkpoint.check(layout)  # a bad checkpoint fails before the cache is touched
-    cache.register(model_id, specs, lambda name, dest: checkpoint.fill(layout, name, dest, round_to),
-                   metadata={"folder": str(folder), "dtype": str(dtype)})
     return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded)
+
+
+def checkpoint_filler(profile: ModelProfile,
+                      round_to: torch.dtype | None = None) -> Callable[[str, torch.Tensor], None]:
+    """fill(name, dest) for HostModelCache.register, over the folder's memory-mapped safetensors
+    (one copy: page cache -> segment); a bad checkpoint raises here, before the cache is touched."""
+    layout = WeightLayout(profile.config)
+    checkpoint = Checkpoint(profile.folder)
+    checkpoint.check(layout)
+    return lambda name, dest: checkpoint.fill(layout, name, dest, round_to)
+
+
+def cache_metadata(profile: ModelProfile) -> dict[str, str]:
+    return {"folder": str(profile.folder), "dtype": str(profile.dtype)}
 
 
 class ModelSwitcher:
@@ -104,6 +123,9 @@ class ModelSwitcher:
         self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
         self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
+        # Leases pin models in the host cache. With a catalogue larger than the cache, models in
+        # neither slot must be evictable: their leases close after each fill (re-attached on return).
+        self.release_idle_leases = False
         # (slot, model, offset) -> flat (destination, source) views, made once: making a tensor
         # view costs microseconds, a small model's whole copy a few dozen.
         self._copy_views: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -173,6 +195,17 @@ class ModelSwitcher:
         else:
             _chunked_copy(*views)
         contents.model = self._bind(profile, cached, index, base)
+        if self.release_idle_leases:
+            self._release_leases()
+
+    def _release_leases(self) -> None:
+        """Close the leases of models in neither slot, so the host cache may evict them (a later
+        switch to one attaches it again). Fills never overlap, so no copy reads these leases now."""
+        kept = {slot.model_id for slot in self._slots if slot is not None}
+        for model_id in [m for m in self._leases if m not in kept]:
+            for key in [k for k in self._copy_views if k[1] == model_id]:
+                del self._copy_views[key]
+            self._leases.pop(model_id).close()
 
     def _lease(self, model_id: str) -> CachedModel:
         if model_id not in self._leases:

@@ -31,7 +31,15 @@ from .kv_swapper import KVSwapper, SwapHandle
 from .llm_engine import EngineConfig, resolve_dtypes
 from .model_config import ModelConfig
 from .model_runner import ModelRunner
-from .model_switcher import ModelProfile, ModelSwitcher, model_specs, register_model, slot_bytes_needed
+from .model_switcher import (
+    ModelProfile,
+    ModelSwitcher,
+    model_profile,
+    model_specs,
+    register_model,
+    slot_bytes_needed,
+)
+from .model_tiers import ModelTiers
 from .request_book import RequestBook, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -121,18 +129,24 @@ class MultiModelEngine:
         self.runner: ModelRunner | None = None
         self.switches = 0
         self.last_switch: SwitchRecord | None = None
+        self.tiers: ModelTiers | None = None  # made by the first lazy registration
 
     # -- registration and requests --------------------------------------------
 
-    def register(self, model_id: str, folder: Path) -> ModelProfile:
-        """Read a model into the host cache (once per node) and prepare its bookkeeping."""
+    def register(self, model_id: str, folder: Path, lazy: bool = False) -> ModelProfile:
+        """Read a model into the host cache (once per node) and prepare its bookkeeping; lazy:
+        read only its config and tokenizer now, its weights when first needed (model_tiers.py)."""
         if model_id in self.models:
             return self.models[model_id].profile
         ec = self.config.engine
         weight_dtype, compute = resolve_dtypes(ec, ModelConfig.from_folder(folder))
-        profile = register_model(self.cache, model_id, Path(folder), compute,
-                                 weight_dtype if weight_dtype != compute else None,
-                                 max_bytes=self.config.slot_bytes)
+        round_to = weight_dtype if weight_dtype != compute else None
+        if lazy:
+            profile = model_profile(model_id, Path(folder), compute, max_bytes=self.config.slot_bytes)
+            self._lazy_tiers().add(profile, round_to)
+        else:
+            profile = register_model(self.cache, model_id, Path(folder), compute, round_to,
+                                     max_bytes=self.config.slot_bytes)
         config = profile.config
         max_len = min(ec.max_model_len or 1 << 62, config.max_position_embeddings, self.max_positions)
         num_blocks = self.config.kv_bytes // PagedKVCache.bytes_per_block(config, ec.block_size, compute)
@@ -143,14 +157,37 @@ class MultiModelEngine:
                            Scheduler(ec.scheduler, BlockManager(num_blocks, ec.block_size)))
         shape = BlockShape.of(config, ec.block_size, compute)
         self.models[model_id] = _Model(profile, book, shape)
+        if lazy:
+            self.switcher.release_idle_leases = True  # catalogue models must stay evictable
         log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks", model_id,
                  str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
                  ec.compute_dtype, num_blocks)
         return profile
 
+    def _lazy_tiers(self) -> ModelTiers:
+        if self.tiers is None:
+            self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m))
+        return self.tiers
+
+    def unregister(self, model_id: str) -> None:
+        """Forget a model with no unfinished requests (ValueError names them otherwise); its
+        host-cache copy stays until evicted."""
+        model = self._model(model_id)
+        if self.has_unfinished(model_id):
+            raise ValueError(f"model {model_id!r} has {model.book.num_unfinished} unfinished requests; "
+                             f"drain or abort them first")
+        if model_id == self.active or self.switcher.is_prefetched(model_id):
+            raise ValueError(f"model {model_id!r} is in an arena slot; switch to another model first")
+        del self.models[model_id]
+        if self.tiers is not None:
+            self.tiers.remove(model_id)
+
     def add_request(self, model_id: str, prompt: str | list[int], sampling: SamplingParams | None = None,
                     chat: bool = False, request_id: str | None = None) -> Sequence:
-        return self._model(model_id).book.add_request(prompt, sampling, request_id, chat=chat)
+        seq = self._model(model_id).book.add_request(prompt, sampling, request_id, chat=chat)
+        if self.tiers is not None:
+            self.tiers.activity.seen(model_id)
+        return seq
 
     def adopt(self, model_id: str, request_id: str, prompt_ids: list[int], first_token: int,
               sampling: SamplingParams, seed: int, blocks: list[torch.Tensor]) -> Sequence:
@@ -246,6 +283,10 @@ class MultiModelEngine:
         ready to activate. None when it is already the active model."""
         if model_id == self.active:
             return None
+        if self.tiers is not None and model_id in self.tiers and not self.cache.contains(model_id):
+            self.tiers.activity.expect(model_id)
+            self.tiers.fetch(model_id)  # from disk in the background; the slot copy waits for the switch
+            return None
         return self.switcher.prefetch(self._model(model_id).profile)
 
     def switch_to(self, model_id: str) -> None:
@@ -256,7 +297,11 @@ class MultiModelEngine:
         start, started_ns, outgoing = time.perf_counter(), time.time_ns(), self.active
         prefetched = self.switcher.is_prefetched(model_id)
         pending_out = self._swap_out_active()
+        if self.tiers is not None and model_id in self.tiers and not prefetched:
+            self.tiers.ensure_cached(model_id)
         model = self.switcher.activate(incoming.profile)
+        if self.tiers is not None:
+            self.tiers.activity.settled(model_id)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
         runner = incoming.runners.get(id(model))  # one per slot module (modules live as long as the switcher)
@@ -400,5 +445,7 @@ class MultiModelEngine:
             self.swapper.release(offsets)
 
     def close(self) -> None:
+        if self.tiers is not None:
+            self.tiers.close()
         self.switcher.close()
         self.swapper.close()

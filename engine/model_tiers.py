@@ -1,0 +1,82 @@
+"""ModelTiers: where each of an instance's catalogue models is, and moving it up a tier.
+
+    disk (a folder in the store) --ColdLoader--> host cache (/dev/shm) --switch--> arena slot
+
+An instance registers catalogue models lazily: only the config and tokenizer are read,
+and the checkpoint's header is checked. The weights reach the host cache on demand: when
+the model is switched to, or earlier when a scheduler knows it is next (fetch). Host-cache
+room is made by the schedulers' order (cache_eviction.ModelActivity): never a model with
+unfinished work on this instance, nor one expected next.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+import torch
+
+from .cache_eviction import ModelActivity
+from .cold_loader import ColdLoader, LoadProgress, LoadTicket
+from .host_model_cache import HostModelCache
+from .model_switcher import ModelProfile, cache_metadata, checkpoint_filler
+
+Fill = Callable[[str, torch.Tensor], None]
+
+
+class Tier(enum.Enum):
+    DISK = "disk"
+    HOST = "host"
+    RESIDENT = "resident"
+
+
+class ModelTiers:
+    def __init__(self, cache: HostModelCache, has_work: Callable[[str], bool],
+                 reload_bytes_per_s: float = 1 << 30) -> None:
+        self.cache = cache
+        self.activity = ModelActivity(reload_bytes_per_s, has_work=has_work)
+        cache.victim_order = self.activity.victim_order
+        self.loader = ColdLoader(cache)
+        self._fills: dict[str, Fill] = {}
+        self._profiles: dict[str, ModelProfile] = {}
+
+    def add(self, profile: ModelProfile, round_to: torch.dtype | None) -> None:
+        """Track a lazily registered model; a bad checkpoint raises here, nothing kept."""
+        self._fills[profile.model_id] = checkpoint_filler(profile, round_to)
+        self._profiles[profile.model_id] = profile
+
+    def remove(self, model_id: str) -> None:
+        self._fills.pop(model_id, None)
+        self._profiles.pop(model_id, None)
+        self.activity.forget(model_id)
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._fills
+
+    def tier(self, model_id: str, resident: set[str]) -> Tier:
+        if model_id in resident:
+            return Tier.RESIDENT
+        return Tier.HOST if self.cache.contains(model_id) else Tier.DISK
+
+    def fetch(self, model_id: str) -> LoadTicket | None:
+        """Start reading model_id into the host cache; None when it is there already."""
+        if self.cache.contains(model_id):
+            return None
+        profile = self._profiles[model_id]
+        return self.loader.load(model_id, profile.specs, self._fills[model_id], cache_metadata(profile))
+
+    def ensure_cached(self, model_id: str) -> None:
+        """Block until model_id is in the host cache (the read runs on the loader's thread)."""
+        self.activity.expect(model_id)  # keep it from being chosen as a victim meanwhile
+        ticket = self.fetch(model_id)
+        if ticket is not None:
+            try:
+                ticket.wait()
+            finally:
+                ticket.cancel()  # the load is done; this only drops the claim
+
+    def progress(self) -> list[LoadProgress]:
+        return self.loader.progress()
+
+    def close(self) -> None:
+        self.loader.close()
