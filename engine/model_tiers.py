@@ -40,9 +40,14 @@ class ModelTiers:
         self._fills: dict[str, Fill] = {}
         self._profiles: dict[str, ModelProfile] = {}
 
-    def add(self, profile: ModelProfile, round_to: torch.dtype | None) -> None:
-        """Track a lazily registered model; a bad checkpoint raises here, nothing kept."""
-        self._fills[profile.model_id] = checkpoint_filler(profile, round_to)
+    @staticmethod
+    def check(profile: ModelProfile, round_to: torch.dtype | None) -> Fill:
+        """The model's fill from disk; a bad checkpoint raises here (nothing is tracked yet)."""
+        return checkpoint_filler(profile, round_to)
+
+    def add(self, profile: ModelProfile, fill: Fill) -> None:
+        """Track a lazily registered model, its weights read by `fill` when first needed."""
+        self._fills[profile.model_id] = fill
         self._profiles[profile.model_id] = profile
 
     def remove(self, model_id: str) -> None:

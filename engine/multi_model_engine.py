@@ -141,9 +141,9 @@ class MultiModelEngine:
         ec = self.config.engine
         weight_dtype, compute = resolve_dtypes(ec, ModelConfig.from_folder(folder))
         round_to = weight_dtype if weight_dtype != compute else None
-        if lazy:
+        if lazy:  # checked now; the tiers track it only once every check passed
             profile = model_profile(model_id, Path(folder), compute, max_bytes=self.config.slot_bytes)
-            self._lazy_tiers().add(profile, round_to)
+            fill = self.lazy_tiers().check(profile, round_to)
         else:
             profile = register_model(self.cache, model_id, Path(folder), compute, round_to,
                                      max_bytes=self.config.slot_bytes)
@@ -158,13 +158,14 @@ class MultiModelEngine:
         shape = BlockShape.of(config, ec.block_size, compute)
         self.models[model_id] = _Model(profile, book, shape)
         if lazy:
+            self.tiers.add(profile, fill)
             self.switcher.release_idle_leases = True  # catalogue models must stay evictable
         log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks", model_id,
                  str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
                  ec.compute_dtype, num_blocks)
         return profile
 
-    def _lazy_tiers(self) -> ModelTiers:
+    def lazy_tiers(self) -> ModelTiers:
         if self.tiers is None:
             self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m))
         return self.tiers

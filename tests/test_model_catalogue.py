@@ -1,0 +1,227 @@
+"""The model catalogue: tiers (disk / host cache / resident), on-demand loads, scheduler-informed
+eviction, run-time add/remove/evict/preload and their bad inputs (engine level, one instance)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import cut_layers
+from tokenpool.engine.cache_eviction import EvictionCandidate, ModelActivity
+from tokenpool.engine.cold_loader import ColdLoader, LoadAbandonedError
+from tokenpool.engine.host_kv_pool import HostKVPool
+from tokenpool.engine.host_model_cache import HostModelCache, TensorSpec
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.model_catalogue import CatalogueError, ModelCatalogue, scan_catalogue
+from tokenpool.engine.model_tiers import Tier
+from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
+from tokenpool.engine.sampling_params import SamplingParams
+
+PROMPT = "The quick brown fox"
+NEW_TOKENS = 3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_victims_skip_busy_and_expected_models_and_prefer_idle_cheap_ones():
+    clock = FakeClock()
+    activity = ModelActivity(reload_bytes_per_s=1e6, clock=clock)
+    for model in ("old-big", "old-small", "recent", "busy"):
+        activity.arrived(model)
+        if model != "busy":
+            activity.finished(model)
+        clock.now += 50 if model.startswith("old") else 0
+    clock.now += 1
+    activity.expect("next")
+    candidates = [EvictionCandidate(m, n) for m, n in
+                  [("recent", 1000), ("old-big", 10_000_000), ("old-small", 1000), ("busy", 10),
+                   ("next", 10), ("never-seen", 500_000)]]
+    order = [c.model_id for c in activity.victim_order(candidates)]
+    # never requested: free to drop; idle longest and cheap to reload next; busy / expected never
+    assert order == ["never-seen", "old-small", "recent", "old-big"]
+    activity.finished("busy")
+    assert "busy" in [c.model_id for c in activity.victim_order(candidates)]
+    with pytest.raises(ValueError, match="finished"):
+        activity.finished("busy")
+
+
+def _specs(n: int) -> list[TensorSpec]:
+    import torch
+
+    return [TensorSpec(f"t{i}", torch.float32, (1024,)) for i in range(n)]
+
+
+def test_concurrent_requests_share_one_load_and_a_cancelled_load_leaves_nothing(shm_path):
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=1 << 20, progress=False)
+    loader = ColdLoader(cache)
+    gate, filled = threading.Event(), []
+
+    def slow_fill(name, dest):
+        gate.wait(30)
+        dest.fill_(1.0)
+        filled.append(name)
+
+    first, second = loader.load("m", _specs(4), slow_fill), loader.load("m", _specs(4), slow_fill)
+    assert [p.waiters for p in loader.progress()] == [2]
+    gate.set()
+    first.wait(30)
+    second.wait(30)
+    assert cache.contains("m") and len(filled) == 4 and loader.completed == 1  # one read, not two
+    first.cancel(), second.cancel()
+
+    gate.clear()
+    tickets = [loader.load("cold", _specs(8), slow_fill) for _ in range(3)]
+    for t in tickets:
+        t.cancel()
+    gate.set()
+    with pytest.raises(LoadAbandonedError, match="abandoned"):
+        tickets[0].wait(30)
+    assert not cache.contains("cold") and loader.abandoned == 1
+    assert not list(cache.root.glob("*cold*")), "the partial segment must be removed"
+    assert cache.used_bytes == cache.list()[0].nbytes  # only "m" is left
+    loader.close()
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    folders = {name: tiny_dir / name for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")}
+    folders["tiny-llama-2l"] = cut_layers(tiny_dir / "tiny-llama", root / "tiny-llama-2l", 2)
+    return folders
+
+
+def _expected(folders, dtype="float32"):
+    out = {}
+    for name, folder in folders.items():
+        engine = LLMEngine(folder, EngineConfig(dtype=dtype, linear_kernel="dense"))
+        seq = engine.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+        out[name] = seq.output_token_ids
+    return out
+
+
+def _engine(shm_path, capacity, slot_bytes, dtype="float32"):
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=capacity, progress=False)
+    pool = HostKVPool(32 << 20, slab_bytes=1 << 20, shm_dir=shm_path)
+    config = InstanceConfig(kv_bytes=2 << 20, slot_bytes=slot_bytes, engine=EngineConfig(dtype=dtype))
+    return MultiModelEngine(config, cache, pool), pool
+
+
+def _serve(engine, model_id, capacity_seen):
+    seq = engine.add_request(model_id, PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    engine.prefetch(model_id)
+    while engine.has_unfinished(model_id):
+        engine.step(model_id)
+        capacity_seen.append(engine.cache.used_bytes)
+    return seq.output_token_ids
+
+
+def test_a_200_model_catalogue_in_a_small_host_cache_serves_every_model_exactly(shapes, shm_path):
+    expected = _expected(shapes)
+    ids = {f"m{i:03d}-{name}": name for i in range(40) for name in shapes}  # 200 ids, 5 shapes
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    for model_id, name in ids.items():
+        catalogue.add(model_id, shapes[name])
+    assert {e.tier for e in catalogue.entries()} == {Tier.DISK}  # nothing read yet
+    used = []
+    for model_id, name in ids.items():
+        assert _serve(engine, model_id, used) == expected[name], model_id
+        used.append(engine.cache.used_bytes)
+    assert max(used) <= engine.cache.capacity_bytes
+    assert engine.cache.counters.evictions > 150, "the cache holds a fraction of the catalogue"
+    tiers = [e.tier for e in catalogue.entries()]
+    assert tiers.count(Tier.RESIDENT) == 1 and tiers.count(Tier.HOST) >= 1 and tiers.count(Tier.DISK) > 150
+    # a second pass over a few evicted models reads them from disk again, same tokens
+    for model_id in list(ids)[:5]:
+        assert _serve(engine, model_id, used) == expected[ids[model_id]]
+    assert engine.tiers.loader.completed >= 205 and not engine.tiers.progress()
+    engine.close()
+    pool.close()
+
+
+def test_smollm2_under_three_ids_with_room_for_two(smollm2_dir, shm_path):
+    expected = _expected({"smol": smollm2_dir})["smol"]
+    engine, pool = _engine(shm_path, capacity=1200 << 20, slot_bytes=600 << 20)
+    catalogue = ModelCatalogue(engine)
+    for i in range(3):
+        catalogue.add(f"smol-{i}", smollm2_dir)
+    used = []
+    for model_id in ("smol-0", "smol-1", "smol-2", "smol-0"):
+        assert _serve(engine, model_id, used) == expected, model_id
+    assert max(used) <= engine.cache.capacity_bytes and engine.cache.counters.evictions >= 2
+    engine.close()
+    pool.close()
+
+
+def test_bad_catalogue_input_is_refused_with_nothing_half_registered(shapes, tmp_path, shm_path):
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    catalogue.add("ok", shapes["tiny-qwen2"])
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    broken = cut_layers(shapes["tiny-qwen2"], tmp_path / "broken", 2)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4)
+    cases = [
+        (lambda: catalogue.add("x", tmp_path / "not-a-model"), "not a model"),
+        (lambda: catalogue.add("x", broken), "safetensors"),
+        (lambda: catalogue.add("ok", shapes["tiny-llama"]), "already in the catalogue"),
+        (lambda: catalogue.add("../etc", shapes["tiny-llama"]), "not allowed"),
+        (lambda: catalogue.add("a/b", shapes["tiny-llama"]), "not allowed"),
+        (lambda: catalogue.remove("ghost"), "not in the catalogue"),
+        (lambda: catalogue.evict("ok"), "not in the host cache"),
+    ]
+    small, pool2 = _engine(shm_path / "small", capacity=4 << 20, slot_bytes=64 << 10)
+    cases.append((lambda: ModelCatalogue(small).add("big", shapes["tiny-llama"]), "arena model slot holds"))
+    for call, message in cases:
+        with pytest.raises(CatalogueError, match=message):
+            call()
+    assert sorted(engine.models) == ["ok"] and sorted(engine.tiers._profiles) == ["ok"]
+    assert not small.models and engine.cache.used_bytes == 0
+    with pytest.raises(CatalogueError, match="no model folder"):
+        scan_catalogue(tmp_path / "not-a-model")
+    for e in (engine, small):
+        e.close()
+    pool.close(), pool2.close()
+
+
+def test_add_remove_evict_preload_while_requests_run(shapes, shm_path):
+    expected = _expected(shapes)
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    for name, folder in shapes.items():
+        catalogue.add(name, folder)
+    seqs = {name: engine.add_request(name, PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+            for name in shapes}
+    ticket = catalogue.preload("tiny-qwen3")
+    ticket.wait(60)
+    ticket.cancel()
+    assert catalogue.entry("tiny-qwen3").tier is Tier.HOST
+    with pytest.raises(CatalogueError, match="unfinished requests"):
+        catalogue.remove("tiny-qwen2")  # has work in flight: refused, its request keeps going
+    with pytest.raises(CatalogueError, match="unfinished requests"):
+        catalogue.evict("tiny-qwen3")
+    catalogue.add("late", shapes["tiny-mistral"])
+    seqs["late"] = engine.add_request("late", PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    engine.abort("tiny-llama-2l", seqs.pop("tiny-llama-2l").request_id)
+    catalogue.remove("tiny-llama-2l")  # drained (aborted): removal goes through
+    for round_ in range(20):
+        for name in list(seqs):
+            if engine.has_unfinished(name):
+                engine.switch_to(name)
+                engine.step(name)
+        if round_ == 1:
+            catalogue.evict("tiny-qwen3") if not engine.has_unfinished("tiny-qwen3") else None
+    for name, seq in seqs.items():
+        assert seq.output_token_ids == expected.get(name, expected["tiny-mistral"]), name
+    assert all(e.unfinished == 0 for e in catalogue.entries()) and not engine.tiers.progress()
+    assert "tiny-llama-2l" not in engine.models
+    stats = pool.stats()
+    assert stats.used_bytes == 0
+    engine.close()
+    pool.close()
