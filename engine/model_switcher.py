@@ -123,8 +123,8 @@ class ModelSwitcher:
         self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
         self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
-        # Leases pin models in the host cache. With a catalogue larger than the cache, models in
-        # neither slot must be evictable: their leases close after each fill (re-attached on return).
+        # Leases pin models in the host cache. With a catalogue larger than the cache, models not
+        # being copied must be evictable: leases close after each fill (re-attached on return).
         self.release_idle_leases = False
         # (slot, model, offset) -> flat (destination, source) views, made once: making a tensor
         # view costs microseconds, a small model's whole copy a few dozen.
@@ -196,13 +196,13 @@ class ModelSwitcher:
             _chunked_copy(*views)
         contents.model = self._bind(profile, cached, index, base)
         if self.release_idle_leases:
-            self._release_leases()
+            self._release_leases(keep=profile.model_id)
 
-    def _release_leases(self) -> None:
-        """Close the leases of models in neither slot, so the host cache may evict them (a later
-        switch to one attaches it again). Fills never overlap, so no copy reads these leases now."""
-        kept = {slot.model_id for slot in self._slots if slot is not None}
-        for model_id in [m for m in self._leases if m not in kept]:
+    def _release_leases(self, keep: str) -> None:
+        """Close every lease but the model just copied, so the host cache may evict the others: the
+        slots hold their own copies, and a later fill attaches again. Fills never overlap, so no copy
+        reads these leases now."""
+        for model_id in [m for m in self._leases if m != keep]:
             for key in [k for k in self._copy_views if k[1] == model_id]:
                 del self._copy_views[key]
             self._leases.pop(model_id).close()
