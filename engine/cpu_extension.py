@@ -9,6 +9,8 @@ logged once, and every caller keeps its torch code.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -112,11 +114,34 @@ def _compile_or_load() -> ModuleType:
     if first:
         _log(f"compiling the CPU kernels into {folder} (once per machine) ...")
     start = time.perf_counter()
-    module = cpp_extension.load(name=folder.name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
-                                extra_ldflags=["-fopenmp"], build_directory=str(folder))
+    with _build_lock(folder):
+        module = cpp_extension.load(name=folder.name, sources=[str(s) for s in sources],
+                                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(folder))
     if first:
         _log(f"CPU kernels built in {time.perf_counter() - start:.1f} s")
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Holds an flock on the build folder while torch builds or loads the extension.
+
+    torch's own lock is a file it creates and deletes (FileBaton): a process killed while
+    compiling leaves it behind and every later process waits on it forever. The kernel
+    drops an flock when its holder dies, so whoever holds this one knows that a baton
+    left in the folder belongs to no live build, and removes it.
+    """
+    with open(folder / ".tokenpool-build.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                _log(f"removing {stale}, left by a build that was killed")
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def module() -> ModuleType | None:
