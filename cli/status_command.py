@@ -57,6 +57,8 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
     name = service["name"]
     stub_class = {"prefill": rpc.PrefillStub, "decode": rpc.DecodeStub, "kvtransfer": rpc.KVTransferStub}
     kind = name.split("-")[0]
+    if kind == "gateway":
+        return f"OpenAI-compatible HTTP API at http://{service['address']}/v1"
     if kind not in stub_class:
         return "front door (tokenpool.v1.Inference)"
     try:

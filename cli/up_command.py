@@ -24,7 +24,8 @@ from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
                "threads", "device", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
-               "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token")
+               "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
+               "gateway", "gateway_port")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -68,6 +69,11 @@ def add_parser(commands) -> None:
     p.add_argument("--internal-token", dest="internal_token", action=argparse.BooleanOptionalAction,
                    default=None, help="services authenticate each other with a random token made for this "
                    "stack (always on when --host is not loopback)")
+    p.add_argument("--gateway", dest="gateway", action=argparse.BooleanOptionalAction, default=None,
+                   help="the OpenAI-compatible HTTP API (/v1/chat/completions, ...) in front of the proxy "
+                   "(default: on)")
+    p.add_argument("--gateway-port", type=int,
+                   help="the HTTP gateway's port, on --host (default 8000; 0 picks one)")
     p.set_defaults(run=run)
 
 
@@ -78,6 +84,7 @@ def stack_config(args: argparse.Namespace):
     file = _read_config(args.config) if args.config else {}
     values = {k: file[k] for k in CONFIG_KEYS if k in file}
     values.update({k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None})
+    values.setdefault("gateway", True)  # on for `tokenpool up`; StackConfig's default (tests) is off
     specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
     return StackConfig(models=catalogue(specs), **values)
 
@@ -113,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"tokenpool: stack up: connect to {stack.address} (tokenpool.v1.Inference; health and "
           f"reflection on); `tokenpool status` shows it; Ctrl-C stops it", flush=True)
+    if stack.gateway_url:
+        print(f"tokenpool: OpenAI-compatible API at {stack.gateway_url} (chat/completions, completions, "
+              "models)", flush=True)
     print("tokenpool: metrics: " + ", ".join(f"{s.name} {s.metrics_url}" for s in stack.services), flush=True)
     if config.trace_endpoint:
         print(f"tokenpool: traces go to {config.trace_endpoint} (OTLP gRPC)", flush=True)

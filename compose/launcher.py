@@ -1,6 +1,6 @@
 """The native launcher: the compose stack as local processes on 127.0.0.1 (`tokenpool up`).
 
-    kvtransfer-0  ->  prefill-0..P-1, decode-0..D-1 (in parallel)  ->  proxy
+    kvtransfer-0  ->  prefill-0..P-1, decode-0..D-1 (in parallel)  ->  proxy  ->  gateway
 
 Each service is its own process (`python -m tokenpool.<service>`), started in that order
 because each needs the addresses of the ones before it; a service announces its address
@@ -62,6 +62,10 @@ class StackConfig:
       loopback (internal services then listen there too).
     tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
       bearer token (cli/server_security.py); internal services stay on loopback without them.
+    gateway, gateway_port: start the OpenAI-compatible HTTP gateway (gateway/) on host:gateway_port
+      (0 picks one) in front of the proxy; it gets the same bearer token file, and with TLS serves
+      HTTPS with the proxy's certificate and trusts it to reach the proxy (so a self-signed one, or
+      a chain file that holds its root). Off by default here; `tokenpool up` turns it on.
     """
 
     models: dict[str, Path]
@@ -89,6 +93,8 @@ class StackConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
     auth_token_file: Path | None = None  # clients need "authorization: Bearer <token>" (health exempt)
+    gateway: bool = False
+    gateway_port: int = 8000
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -112,6 +118,11 @@ class StackConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        if not 0 <= self.gateway_port < 65536:
+            raise ValueError(f"gateway_port must be in [0, 65535], got {self.gateway_port!r}")
+        if self.gateway and self.tls_client_ca is not None:
+            raise ValueError("with mutual TLS (tls_client_ca) the gateway has no client certificate to "
+                             "reach the proxy: turn the gateway off (--no-gateway)")
         if self.trace_endpoint is not None and not self.trace_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"trace_endpoint must be an http:// or https:// URL (OTLP gRPC), "
                              f"got {self.trace_endpoint!r}")
@@ -157,6 +168,12 @@ class Stack:
     def address(self) -> str:
         return self._by_role("proxy")[0].address
 
+    @property
+    def gateway_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (http://HOST:PORT/v1), when the gateway runs."""
+        gateway = self._by_role("gateway")
+        return gateway[0].info["url"] if gateway else None
+
     def start(self, progress=print) -> None:
         """Start every service and wait until each serves; on failure stop what started and raise."""
         try:
@@ -166,7 +183,9 @@ class Stack:
             self.agents = [a.address for a in agents]
             instances = self._launch_wait(["prefill"] * self.config.prefill + ["decode"] * self.config.decode,
                                           progress, agent=agents[0].address)
-            self._launch_wait(["proxy"], progress, agent=agents[0].address, instances=instances)
+            proxy = self._launch_wait(["proxy"], progress, agent=agents[0].address, instances=instances)
+            if self.config.gateway:
+                self._launch_wait(["gateway"], progress, proxy=proxy[0])
         except BaseException:
             self.stop()
             raise
@@ -200,7 +219,7 @@ class Stack:
         started = []
         for role in roles:
             index = counts[role] = counts.get(role, -1) + 1
-            name = role if role == "proxy" else f"{role}-{index}"
+            name = role if role in ("proxy", "gateway") else f"{role}-{index}"
             started.append(self._launch(name, role, **context))
         for service in started:
             self._wait_ready(service)
@@ -208,13 +227,15 @@ class Stack:
         return started
 
     def _launch(self, name: str, role: str, agent: str | None = None,
-                instances: list[Service] | None = None) -> Service:
+                instances: list[Service] | None = None, proxy: Service | None = None) -> Service:
         ready = self.log_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.log_dir / f"{name}.log"
-        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready),
-                "--metrics-port", "0"]
-        args += self._args(name, role, agent, instances or [])
+        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready)]
+        if role == "gateway":  # its /metrics is on its own HTTP port
+            args += self._gateway_args(proxy)
+        else:
+            args += ["--metrics-port", "0", *self._args(name, role, agent, instances or [])]
         with open(log, "w") as out:
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops services in order.
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -244,6 +265,17 @@ class Stack:
                 "--threads", str(c.threads_per_instance), "--device", c.device, "--policy", c.policy,
                 *models,
                 *(quotas if role == "decode" else [])]
+
+    def _gateway_args(self, proxy: Service) -> list[str]:
+        c = self.config
+        args = ["--listen", f"{c.host}:{c.gateway_port}", "--proxy", proxy.address, "--dtype", c.dtype,
+                *[f"--model={m}={f}" for m, f in c.models.items()]]
+        if c.auth_token_file is not None:
+            args += ["--auth-token-file", str(c.auth_token_file)]
+        if c.tls_cert is not None:
+            args += ["--tls-cert", str(c.tls_cert), "--tls-key", str(c.tls_key),
+                     "--proxy-ca", str(c.tls_cert)]
+        return args
 
     def _security_args(self) -> list[str]:
         """The proxy's TLS and token flags (it checks the files and refuses to start on bad ones)."""
@@ -303,7 +335,8 @@ class Stack:
         tmp.replace(self.stack_file)
 
 
-_MODULES = {"kvtransfer": "kvtransfer", "prefill": "prefill_svc", "decode": "decode_svc", "proxy": "proxy"}
+_MODULES = {"kvtransfer": "kvtransfer", "prefill": "prefill_svc", "decode": "decode_svc", "proxy": "proxy",
+            "gateway": "gateway"}
 
 
 def _tail(path: Path, lines: int = 20) -> str:

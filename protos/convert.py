@@ -54,8 +54,16 @@ def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int,
         name=name, role=role, active_model=engine.active or "", models=sorted(engine.models),
         queued=queued, running=running, kv_blocks_used=engine.kv_blocks_used,
         host_kv_used_bytes=engine.pool.stats().used_bytes, switches=engine.switches, policy=policy,
-        requests_by_model={m: n for m in engine.models if (n := engine.num_requests(m))})
+        requests_by_model={m: n for m in engine.models if (n := engine.num_requests(m))},
+        host_cached=sorted(m for m in engine.models if engine.cache.contains(m)), kv_usage=_kv_usage(engine))
     for model, t in sorted(timings.profiles.items() if timings else ()):
         status.timings.add(model=model, prefill_a=t.prefill.a, prefill_b=t.prefill.b, step_a=t.decode.a,
                            step_b=t.decode.b, step_c=t.decode.c, switch_s=timings.switch_seconds(model))
     return status
+
+
+def _kv_usage(engine: MultiModelEngine) -> float:
+    """Fraction of the active model's device KV blocks in use (0 with no active model)."""
+    if engine.active is None:
+        return 0.0
+    return engine.kv_blocks_used / engine.models[engine.active].book.scheduler.blocks.num_blocks

@@ -46,6 +46,10 @@ class Backend(ABC):
     def cancel(self, sub: Submission) -> None:
         """Stop the request (client gone, deadline passed) and free its KV wherever it is."""
 
+    async def statuses(self) -> list:
+        """Each instance's internal InstanceStatus, where the backend has instances ([] here)."""
+        return []
+
     @abstractmethod
     async def close(self) -> None:
         """Stop serving; requests in flight end with an error."""

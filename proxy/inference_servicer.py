@@ -58,6 +58,20 @@ def _unknown_fields(message, path: str = "") -> list[str]:
     return found
 
 
+def model_state(model: str, statuses: list) -> dict:
+    """ModelInfo's state fields from the instances' statuses (the reachable ones)."""
+    resident = [s for s in statuses if s.active_model == model]
+    if not statuses:
+        state = ""
+    elif resident:
+        state = "resident"
+    else:
+        state = "host" if any(model in s.host_cached for s in statuses) else "disk"
+    usage = max((s.kv_usage for s in resident), default=0.0)
+    return {"state": state, "resident_on": sorted(s.name for s in resident),
+            "requests": sum(s.requests_by_model.get(model, 0) for s in statuses), "kv_cache_usage": usage}
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, backend: Backend, models: dict[str, ServedModel], table: RequestTable,
                  metrics=None) -> None:
@@ -68,9 +82,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.metrics = metrics
 
     async def ListModels(self, request, context):
+        statuses = [s for s in await self.backend.statuses() if "unreachable" not in s.role]
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(id=m.id, architecture=m.architecture, max_context=m.max_context,
-                         weight_bytes=m.weight_bytes) for m in self.models.values()])
+                         weight_bytes=m.weight_bytes, **model_state(m.id, statuses))
+            for m in self.models.values()])
 
     async def Generate(self, request, context):
         start = time.perf_counter()

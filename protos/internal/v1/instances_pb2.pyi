@@ -46,18 +46,20 @@ class KVHandle(_message.Message):
     def __init__(self, handle_id: _Optional[str] = ..., block_offsets: _Optional[_Iterable[int]] = ..., block_dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "kv", "seed", "first_text", "finish_reason")
+    __slots__ = ("first_token_id", "kv", "seed", "first_text", "finish_reason", "first_logprobs")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FIRST_TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     kv: KVHandle
     seed: int
     first_text: str
     finish_reason: _inference_pb2.FinishReason
-    def __init__(self, first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., seed: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ...) -> None: ...
+    first_logprobs: _inference_pb2.TokenLogprobs
+    def __init__(self, first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., seed: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_logprobs: _Optional[_Union[_inference_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_token_ids", "first_token_id", "sampling", "seed", "kv", "timeout_seconds", "table_slot", "seed_offset")
@@ -84,16 +86,18 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., table_slot: _Optional[int] = ..., seed_offset: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "text", "num_output_tokens")
+    __slots__ = ("token_ids", "finish_reason", "text", "num_output_tokens", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _inference_pb2.FinishReason
     text: str
     num_output_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., text: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprobs]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., text: _Optional[str] = ..., num_output_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_inference_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -220,7 +224,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings")
+    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings", "host_cached", "kv_usage")
     class RequestsByModelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +255,8 @@ class InstanceStatus(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     TBT_TARGET_S_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     active_model: str
@@ -267,7 +273,9 @@ class InstanceStatus(_message.Message):
     groups: _containers.RepeatedScalarFieldContainer[str]
     tbt_target_s: float
     timings: _containers.RepeatedCompositeFieldContainer[ModelTiming]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ...) -> None: ...
+    host_cached: _containers.RepeatedScalarFieldContainer[str]
+    kv_usage: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ...) -> None: ...
 
 class ModelTiming(_message.Message):
     __slots__ = ("model", "prefill_a", "prefill_b", "step_a", "step_b", "step_c", "switch_s")

@@ -5,7 +5,7 @@ import warnings
 
 from tokenpool.protos.internal.v1 import instances_pb2 as tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
