@@ -29,7 +29,7 @@ from tokenpool.engine.turn_policy import RoundRobinTurns, TurnPolicy
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_from_pb
 from tokenpool.kvtransfer.lease import LeaseRenewer
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
-from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
+from tokenpool.protos.convert import FINISH_TO_PB, instance_status, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
@@ -180,7 +180,8 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         last = outputs[-1]
         chunk = ipb.DecodeChunk(token_ids=[t for o in outputs for t in o.new_token_ids],
                                 text="".join(o.text for o in outputs),
-                                num_output_tokens=last.num_output_tokens)
+                                num_output_tokens=last.num_output_tokens,
+                                logprobs=logprobs_to_pb([lp for o in outputs for lp in o.logprobs]))
         if last.finished:
             chunk.finish_reason = FINISH_TO_PB[last.finish_reason]
         return chunk

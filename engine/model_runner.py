@@ -42,7 +42,8 @@ class ModelRunner:
             return StepResult({})
         logits = self.model.logits(hidden[self._tensor(rows)])
         tokens = self.sampler.sample(logits, seqs)
-        return StepResult({s.request_id: t for s, t in zip(seqs, tokens, strict=True)})
+        return StepResult({s.request_id: t for s, t in zip(seqs, tokens, strict=True)},
+                          self.sampler.logprobs(logits, seqs, tokens))
 
     def _tensor(self, data: list) -> torch.Tensor:
         return torch.tensor(data, device=self.device)

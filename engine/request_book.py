@@ -24,6 +24,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: tuple = ()  # sampler.TokenLogprobs per new token, when the request asked for them
 
 
 class RequestBook:
@@ -121,10 +122,10 @@ class RequestBook:
             seq.num_computed_tokens += chunk.num_tokens
             token = result.sampled.get(seq.request_id)
             if token is not None:
-                outputs.append(self._append_token(seq, token))
+                outputs.append(self._append_token(seq, token, result.logprobs.get(seq.request_id)))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprobs=None) -> RequestOutput:
         seq.token_ids.append(token)
         detok = self._detok[seq.request_id]
         stop_string = detok.add(token)
@@ -135,7 +136,7 @@ class RequestBook:
             del self._seqs[seq.request_id], self._detok[seq.request_id]
         return RequestOutput(seq.request_id, [token], detok.delta(final=reason is not None),
                              reason is not None, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens)
+                             seq.num_output_tokens, (logprobs,) if logprobs is not None else ())
 
     def _finish_reason(self, seq: Sequence, token: int, stop_string: str | None):
         sp = seq.sampling

@@ -7,6 +7,8 @@ it shares, on preemption, or on which instance computes the step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sequence import Sequence
@@ -16,6 +18,15 @@ _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive indices 
 
 def token_seed(seed: int, index: int) -> int:
     return (seed * _MIX + index + 1) % (2**63)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely tokens' (id, logprob), best first,
+    under the raw logits' distribution (before temperature, top-k and top-p, as vLLM reports)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Sampler:
@@ -33,6 +44,22 @@ class Sampler:
                 gen = torch.Generator().manual_seed(token_seed(seq.seed, index))
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
         return tokens.tolist()
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> dict[str, TokenLogprobs]:
+        """request_id -> TokenLogprobs for the rows whose request asked for them."""
+        rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
+        if not rows:
+            return {}
+        logp = logits[torch.tensor(rows)].cpu().float().log_softmax(dim=-1)  # [len(rows), vocab]
+        k = max(seqs[i].sampling.logprobs for i in rows)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        found = {}
+        for j, i in enumerate(rows):
+            want = seqs[i].sampling.logprobs
+            top = tuple(zip(top_ids[j, :want].tolist(), top_values[j, :want].tolist(), strict=True))
+            found[seqs[i].request_id] = TokenLogprobs(logp[j, tokens[i]].item(), top)
+        return found
 
     @staticmethod
     def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

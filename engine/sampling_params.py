@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +29,8 @@ class SamplingParams:
     # Tokens this request generated before it was dispatched again (now part of its prompt):
     # per-token seeded draws continue from this index, so a resumed stream is the undisturbed one.
     seed_offset: int = 0
+    # Report each sampled token's log-probability and the `logprobs` most likely (0-20); None: none.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -45,6 +49,10 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                      f"got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -37,6 +37,7 @@ class StepPlan:
 @dataclass(frozen=True)
 class StepResult:
     sampled: dict[str, int]  # request_id -> token, for chunks that complete their sequence
+    logprobs: dict = field(default_factory=dict)  # request_id -> sampler.TokenLogprobs, where asked
 
 
 @dataclass(frozen=True)

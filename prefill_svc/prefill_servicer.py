@@ -31,7 +31,7 @@ from tokenpool.engine.step_profiler import InstanceTimings
 from tokenpool.kvtransfer.handle import KVHandleInfo, handle_to_pb
 from tokenpool.kvtransfer.kv_stream import KVStream
 from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
-from tokenpool.protos.convert import FINISH_TO_PB, instance_status, sampling_from_pb
+from tokenpool.protos.convert import FINISH_TO_PB, instance_status, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
@@ -300,6 +300,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         response = ipb.PrefillResponse(first_token_id=out.new_token_ids[0], first_text=out.text, seed=seed)
         if out.finished:
             response.finish_reason = FINISH_TO_PB[out.finish_reason]
+        if out.logprobs:
+            response.first_logprobs.CopyFrom(logprobs_to_pb(out.logprobs)[0])
         if handle is not None:
             response.kv.CopyFrom(handle_to_pb(handle))
         return response

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
+from tokenpool.engine.sampler import TokenLogprobs
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.sequence import FinishReason
 from tokenpool.engine.step_profiler import InstanceTimings
@@ -34,7 +35,7 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int, seed_offset: int 
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
-        seed_offset=seed_offset)
+        seed_offset=seed_offset, logprobs=msg.logprobs if msg.HasField("logprobs") else None)
 
 
 def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
@@ -43,7 +44,20 @@ def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
                             ignore_eos=sp.ignore_eos)
     if sp.seed is not None:
         msg.seed = sp.seed
+    if sp.logprobs is not None:
+        msg.logprobs = sp.logprobs
     return msg
+
+
+def logprobs_to_pb(values) -> list[pb.TokenLogprobs]:
+    """engine.sampler.TokenLogprobs values -> their messages."""
+    return [pb.TokenLogprobs(logprob=v.logprob,
+                             top=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in v.top])
+            for v in values]
+
+
+def logprobs_from_pb(messages) -> tuple[TokenLogprobs, ...]:
+    return tuple(TokenLogprobs(m.logprob, tuple((c.token_id, c.logprob) for c in m.top)) for m in messages)
 
 
 def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int, policy: str = "",

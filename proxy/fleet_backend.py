@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenpool.engine.request_book import RequestOutput
-from tokenpool.protos.convert import FINISH_FROM_PB, sampling_to_pb
+from tokenpool.protos.convert import FINISH_FROM_PB, logprobs_from_pb, sampling_to_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.telemetry import tracing
@@ -328,14 +328,16 @@ class FleetBackend(Backend):
     @staticmethod
     def _first_output(sub: Submission, prefilled: ipb.PrefillResponse, num_output: int) -> RequestOutput:
         reason = FINISH_FROM_PB.get(prefilled.finish_reason)
+        first = [prefilled.first_logprobs] if prefilled.HasField("first_logprobs") else []
+        logprobs = logprobs_from_pb(first)
         return RequestOutput(sub.request_id, [prefilled.first_token_id], prefilled.first_text,
-                             reason is not None, reason, len(sub.prompt), num_output)
+                             reason is not None, reason, len(sub.prompt), num_output, logprobs)
 
     @staticmethod
     def _output(sub: Submission, chunk: ipb.DecodeChunk, num_output: int) -> RequestOutput:
         reason = FINISH_FROM_PB.get(chunk.finish_reason)
         return RequestOutput(sub.request_id, list(chunk.token_ids), chunk.text, reason is not None, reason,
-                             len(sub.prompt), num_output)
+                             len(sub.prompt), num_output, logprobs_from_pb(chunk.logprobs))
 
 
 def _connect(name: str, address: str, stub_class) -> Instance:

@@ -15,7 +15,7 @@ import grpc
 import msgspec
 from google.protobuf import unknown_fields
 from tokenpool.engine.errors import InvalidRequestError
-from tokenpool.protos.convert import FINISH_TO_PB, sampling_from_pb
+from tokenpool.protos.convert import FINISH_TO_PB, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.telemetry import tracing
@@ -204,7 +204,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @staticmethod
     def _response(out, request_id: str, prompt_tokens: int, ttft: float) -> pb.GenerateResponse:
-        response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text, request_id=request_id)
+        response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text, request_id=request_id,
+                                       logprobs=logprobs_to_pb(out.logprobs))
         if out.finished:
             response.finish_reason = FINISH_TO_PB[out.finish_reason]
             response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens,
