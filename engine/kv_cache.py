@@ -6,6 +6,16 @@ import torch
 
 from .model_config import ModelConfig
 
+# How a layer's blocks are laid out in memory. Whatever the layout, `kv` is the same logical
+# view, so swaps, hand-offs and streaming (which move kv[:, :, b]) never see the difference.
+#   "token_major": [layers, 2, blocks, block_size, kv_heads, head_dim]  (tokenpool's kernels,
+#                  and vLLM's flash-attention layout on CUDA)
+#   "head_major":  [layers, blocks, kv_heads, 2, block_size, head_dim]  (vLLM's CPU attention:
+#                  per block and head, block_size key rows then block_size value rows)
+LAYOUTS = ("token_major", "head_major")
+# physical dims -> logical [layers, 2, blocks, block_size, kv_heads, head_dim]
+_TO_LOGICAL = {"token_major": (0, 1, 2, 3, 4, 5), "head_major": (0, 3, 1, 4, 2, 5)}
+
 
 class PagedKVCache:
     """KV for all layers in fixed-size blocks.
@@ -13,22 +23,29 @@ class PagedKVCache:
     kv: [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
     One block of one sequence across all layers is kv[:, :, b] — the unit that
     swaps and transfers move. layer(i) gives the per-layer (k, v) views the
-    attention backend writes and reads.
+    attention backend writes and reads. physical: the same bytes in `layout` order
+    (kv itself for token_major; a strided view of it otherwise).
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
-                 storage: torch.Tensor | None = None) -> None:
+                 storage: torch.Tensor | None = None, layout: str = "token_major") -> None:
         """storage: bytes (uint8, 1-D) to lay the cache over, e.g. an arena's KV region;
-        None allocates zeroed memory."""
+        None allocates zeroed memory. layout: one of LAYOUTS, as the model backend reads it."""
+        if layout not in _TO_LOGICAL:
+            raise ValueError(f"KV layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.layout = layout
+        logical = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        order = _TO_LOGICAL[layout]
+        shape = tuple(logical[order.index(d)] for d in range(6))  # the physical shape
         if storage is None:
-            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+            self.physical = torch.zeros(shape, dtype=dtype, device=device)
         else:
             nbytes = num_blocks * self.bytes_per_block(config, block_size, dtype)
-            self.kv = storage[:nbytes].view(dtype).view(shape)
+            self.physical = storage[:nbytes].view(dtype).view(shape)
+        self.kv = self.physical.permute(order) if layout != "token_major" else self.physical
         self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(config.num_layers)]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,21 +10,17 @@ from pathlib import Path
 
 import torch
 
-from .attention import make_attention_backend
 from .block_manager import BlockManager
 from .compute_dtype import CHOICES as COMPUTE_CHOICES
 from .compute_dtype import resolve_compute_dtype
 from .kv_cache import PagedKVCache
-from .linear import make_linear_kernel
-from .model import CausalLM
+from .model_backend import ENGINES, BackendSpec, ModelBackend, kv_layout_for, make_model_backend
 from .model_config import ModelConfig
-from .model_runner import ModelRunner
 from .request_book import RequestBook, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Tokenizer
-from .weights import load_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +38,9 @@ class EngineConfig:
     max_model_len: context limit; None takes the model's max_position_embeddings.
     linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'auto', 'sdpa' or 'cpu_paged'.
     num_threads: torch intra-op threads; None leaves torch's default.
+    engine: which model backend computes: 'native' (tokenpool's model code and kernels, the
+      CPU default) or 'vllm' (vLLM's model classes and attention kernels; the tokenpool[vllm]
+      extra, see engine/vllm_backend/).
     """
 
     dtype: str = "auto"
@@ -53,6 +52,7 @@ class EngineConfig:
     linear_kernel: str = "auto"
     attention_backend: str = "auto"
     num_threads: int | None = None
+    engine: str = "native"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -69,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         kind = self.device.partition(":")[0]
         if kind not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
@@ -100,16 +102,17 @@ class LLMEngine(RequestBook):
         self.max_model_len = min(config.max_model_len or 1 << 62,
                                  self.model_config.max_position_embeddings)
         mark = self._phase("config_and_tokenizer", mark)
-        self.model = self._load_model()
+        self.runner = self._load_model()
+        self.model = self.runner.model  # the backend's module (CausalLM on the native engine)
         mark = self._phase("weights_read_and_pack", mark)
         block_bytes = PagedKVCache.bytes_per_block(self.model_config, config.block_size,
                                                    self.compute_dtype)
         num_blocks = max(1, config.kv_cache_bytes // block_bytes)
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size,
-                                     self.compute_dtype, config.device)
+                                     self.compute_dtype, config.device,
+                                     layout=kv_layout_for(config.engine, config.device))
         mark = self._phase("kv_allocation", mark)
-        self.runner = ModelRunner(self.model, self.kv_cache,
-                                  make_attention_backend(config.attention_backend, config.device))
+        self.runner.bind_kv(self.kv_cache)
         self._phase("attention_backend", mark)
         super().__init__(self.model_config, self.tokenizer, self.max_model_len,
                          Scheduler(config.scheduler, BlockManager(num_blocks, config.block_size)))
@@ -119,18 +122,15 @@ class LLMEngine(RequestBook):
         self.startup_seconds[name] = now - since
         return now
 
-    def _load_model(self) -> CausalLM:
-        kernel = make_linear_kernel(self.config.linear_kernel, torch.device(self.config.device),
-                                    self.compute_dtype)
-        with torch.device("meta"):
-            model = CausalLM(self.model_config, self.compute_dtype, self.max_model_len)
-        model = model.to_empty(device=self.config.device)
-        with torch.no_grad():
-            # Computing wider than the weights: round them as the weight dtype would.
-            load_weights(model, self.folder, self.dtype if self.compute_dtype != self.dtype else None)
-            model.prepare(kernel)
-        self.linear_kernel = kernel.name
-        return model
+    def _load_model(self) -> ModelBackend:
+        c = self.config
+        backend = make_model_backend(c.engine, BackendSpec(
+            self.folder, self.model_config, self.compute_dtype, self.max_model_len, c.device,
+            c.block_size, c.linear_kernel, c.attention_backend))
+        # Computing wider than the weights: round them as the weight dtype would.
+        backend.load(self.folder, self.dtype if self.compute_dtype != self.dtype else None)
+        self.linear_kernel = getattr(backend, "linear_kernel", c.linear_kernel)
+        return backend
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
@@ -164,6 +164,6 @@ class LLMEngine(RequestBook):
         compute = str(self.compute_dtype).removeprefix("torch.")
         return (f"{self.folder.name}: {c.architecture}, {c.num_layers} layers, hidden "
                 f"{c.hidden_size}, dtype {str(self.dtype).removeprefix('torch.')} (compute "
-                f"{compute}), linear {self.linear_kernel}, attention {type(self.runner.backend).__name__}, "
+                f"{compute}), {self.runner.describe()}, "
                 f"{self.kv_cache.num_blocks} KV blocks, "
                 f"{torch.get_num_threads()} threads, pid {os.getpid()}")

@@ -1,8 +1,8 @@
 """ModelSwitcher: moves registered models between the host model cache and the
 device arena's two model slots, and re-binds reusable modules to them.
 
-Component reuse: one CausalLM per distinct config and slot, built on the meta device
-once; filling a slot points that module's parameters at the slot's weights, so
+Component reuse: one model backend (model_backend.py) per distinct config and slot, built
+once; filling a slot points that backend's parameters at the slot's weights, so
 activating a filled slot is a pointer swap. Tokenizers and configs are read once
 per model. The copy is one pass over the cached bytes: on the CPU in chunks, so a
 prefetch running beside compute yields often; on CUDA one DMA from the page-locked
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .device_arena import BumpRegion, DeviceArena
 from .host_model_cache import ALIGN, CachedModel, HostModelCache, TensorSpec
-from .linear import DenseLinear
 from .model import CausalLM
+from .model_backend import BackendSpec, ModelBackend, make_model_backend
 from .model_config import ModelConfig
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, WeightLayout
@@ -56,7 +55,7 @@ class ModelProfile:
 @dataclass
 class SlotContents:
     model_id: str
-    model: CausalLM | None  # this slot's module, bound to the slot's weights once filled
+    model: ModelBackend | None  # this slot's backend, bound to the slot's weights once filled
     ready: Future
     after: object = None  # CUDA: an event on the compute stream; the copy waits for it
 
@@ -114,13 +113,16 @@ def cache_metadata(profile: ModelProfile) -> dict[str, str]:
 
 
 class ModelSwitcher:
-    def __init__(self, cache: HostModelCache, arena: DeviceArena, max_positions: int) -> None:
+    def __init__(self, cache: HostModelCache, arena: DeviceArena, max_positions: int,
+                 engine: str = "native", block_size: int = 16, attention: str = "auto") -> None:
+        """engine, block_size, attention: what each slot's backend is built as (model_backend.py)."""
         self.cache = cache
         self.arena = arena
         self.max_positions = max_positions
-        # One module per (config, slot): the slot being filled is bound in the background
-        # while the other slot's module computes, so a prefetched switch re-binds nothing.
-        self._modules: dict[tuple[ModelConfig, torch.dtype, int], CausalLM] = {}
+        self.engine, self.block_size, self.attention = engine, block_size, attention
+        # One backend per (config, slot): the slot being filled is bound in the background
+        # while the other slot's backend computes, so a prefetched switch re-binds nothing.
+        self._modules: dict[tuple[ModelConfig, torch.dtype, int], ModelBackend] = {}
         self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
         # Leases pin models in the host cache. With a catalogue larger than the cache, models not
@@ -148,7 +150,7 @@ class ModelSwitcher:
         """Start copying profile's weights into the free slot while the active model computes."""
         return self._claim_free_slot(profile, lambda fill: self._copier.submit(fill))
 
-    def activate(self, profile: ModelProfile) -> CausalLM:
+    def activate(self, profile: ModelProfile) -> ModelBackend:
         """Make profile the active model: reuse it, take the prefetched slot, or copy now
         (on this thread: a cold switch does not pay a hand-off to the copier)."""
         if self.active_model != profile.model_id:
@@ -214,27 +216,22 @@ class ModelSwitcher:
                 self.cuda_copier.pin(lease)
         return self._leases[model_id]
 
-    def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> CausalLM:
-        """The module for (config, slot), pointed at the model's weights at base; a module
+    def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> ModelBackend:
+        """The backend for (config, slot), pointed at the model's weights at base; a backend
         already bound to exactly those bytes is returned as it is."""
         key = (profile.config, profile.dtype, slot)
-        model = self._modules.get(key)
-        if model is None:
-            with torch.device("meta"):
-                model = CausalLM(profile.config, profile.dtype, self.max_positions)
-            model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
-            model.prepare(DenseLinear(), self.arena.device)  # RoPE tables, once per module
-            self._modules[key] = model
+        backend = self._modules.get(key)
+        if backend is None:  # weights in a slot are applied as they lie: the dense kernel
+            backend = self._modules[key] = make_model_backend(self.engine, BackendSpec(
+                profile.folder, profile.config, profile.dtype, self.max_positions, str(self.arena.device),
+                self.block_size, "dense", self.attention))
         if self._bound.get(key) == (profile.model_id, base):
-            return model
+            return backend
         origin = cached.raw.data_ptr()
-        for name, tensor in cached.tensors.items():
-            view = self.arena.view(base + tensor.data_ptr() - origin, tensor.dtype, tuple(tensor.shape))
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, nn.Parameter(view, requires_grad=False))
-        model.prepare_linears(DenseLinear())
+        backend.bind_weights({name: self.arena.view(base + t.data_ptr() - origin, t.dtype, tuple(t.shape))
+                              for name, t in cached.tensors.items()})
         self._bound[key] = (profile.model_id, base)
-        return model
+        return backend
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from .attention import make_attention_backend
 from .block_manager import BlockManager
 from .device_arena import DeviceArena
 from .host_kv_pool import HostKVPool
@@ -29,8 +28,8 @@ from .host_model_cache import HostModelCache
 from .kv_cache import PagedKVCache
 from .kv_swapper import KVSwapper, SwapHandle
 from .llm_engine import EngineConfig, resolve_dtypes
+from .model_backend import ModelBackend, kv_layout_for
 from .model_config import ModelConfig
-from .model_runner import ModelRunner
 from .model_switcher import (
     ModelProfile,
     ModelSwitcher,
@@ -107,7 +106,6 @@ class _Model:
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
     arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
-    runners: dict[int, ModelRunner] = field(default_factory=dict)  # id(slot module) -> its runner
     kv_sinks: dict[str, KVSink] = field(default_factory=dict)  # request_id -> where its KV streams
 
 
@@ -120,13 +118,14 @@ class MultiModelEngine:
         self.cache = cache
         self.arena = DeviceArena(config.kv_bytes, config.slot_bytes, ec.device)
         self.max_positions = ec.max_model_len or 1 << 15
-        self.switcher = ModelSwitcher(cache, self.arena, self.max_positions)
+        self.switcher = ModelSwitcher(cache, self.arena, self.max_positions, ec.engine, ec.block_size,
+                                      ec.attention_backend)
+        self.kv_layout = kv_layout_for(ec.engine, ec.device)  # what the engine's attention reads
         self.pool = pool
         self.swapper = KVSwapper(pool)
-        self.backend = make_attention_backend(ec.attention_backend, ec.device)
         self.models: dict[str, _Model] = {}
         self.active: str | None = None
-        self.runner: ModelRunner | None = None
+        self.runner: ModelBackend | None = None  # the active model's backend
         self.switches = 0
         self.last_switch: SwitchRecord | None = None
         self.tiers: ModelTiers | None = None  # made by the first lazy registration
@@ -305,10 +304,8 @@ class MultiModelEngine:
             self.tiers.activity.settled(model_id)
         for handle in pending_out:  # the KV region is about to take the new shape
             handle.wait()
-        runner = incoming.runners.get(id(model))  # one per slot module (modules live as long as the switcher)
-        if runner is None:
-            runner = incoming.runners[id(model)] = ModelRunner(model, self._kv_view(incoming), self.backend)
-        self.runner = runner
+        model.bind_kv(self._kv_view(incoming))  # backends live as long as the switcher
+        self.runner = model
         self.active = model_id
         self.switches += 1
         kv_in = self._swap_in(incoming)
@@ -324,7 +321,7 @@ class MultiModelEngine:
         if model.kv is None:
             model.kv = PagedKVCache(model.profile.config, model.book.scheduler.blocks.num_blocks,
                                     self.config.engine.block_size, model.profile.dtype,
-                                    storage=self.arena.buffer[:self.config.kv_bytes])
+                                    storage=self.arena.buffer[:self.config.kv_bytes], layout=self.kv_layout)
         return model.kv
 
     def _swap_out_active(self) -> list[SwapHandle]:
