@@ -68,8 +68,8 @@ def test_chat_streamed_and_not_equals_the_grpc_stream(client, stub):
 
 def test_completions_streamed_and_not_with_text_and_token_id_prompts(client, stub, stack):
     expected, _ = grpc_text(stub, "tiny-qwen2", 10, text="Numbers 12345")
-    whole = client.completions.create(model="tiny-qwen2", prompt="Numbers 12345", max_tokens=10, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    whole = client.completions.create(model="tiny-qwen2", prompt="Numbers 12345", max_tokens=10,
+                                      temperature=0, extra_body={"ignore_eos": True})
     assert whole.object == "text_completion" and whole.choices[0].text == expected
     ids = post(stack, "/tokenize", {"model": "tiny-qwen2", "prompt": "Numbers 12345"}).json()["tokens"]
     streamed = client.completions.create(model="tiny-qwen2", prompt=ids, max_tokens=10, temperature=0,
@@ -121,8 +121,8 @@ def test_logprobs_of_chat_and_completions(client):
         assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
         assert entry.logprob == pytest.approx(tops[0], abs=1e-5), "greedy picks the most likely token"
         assert entry.token == entry.top_logprobs[0].token
-    c = client.completions.create(model="tiny-qwen2", prompt="Hi there", max_tokens=5, temperature=0, logprobs=2,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(model="tiny-qwen2", prompt="Hi there", max_tokens=5, temperature=0,
+                                  logprobs=2, extra_body={"ignore_eos": True})
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert all(len(t) <= 2 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
