@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from tokenpool.cli.instance_process import build_parser as instance_parser
+from tokenpool.gateway.__main__ import build_parser as gateway_parser
 from tokenpool.kvtransfer.__main__ import build_parser as agent_parser
 from tokenpool.proxy.__main__ import build_parser as proxy_parser
 
@@ -26,7 +27,7 @@ def compose_config() -> dict:
 
 def test_compose_file_validates_and_wires_the_stack():
     services = compose_config()["services"]
-    assert set(services) == {"models", "kvtransfer", *INSTANCES, "proxy", "jaeger", "prometheus"}
+    assert set(services) == {"models", "kvtransfer", *INSTANCES, "proxy", "gateway", "jaeger", "prometheus"}
     assert (COMPOSE.parent / Path(services["models"]["build"]["dockerfile"]).name).is_file()
     proxy = proxy_parser().parse_args(services["proxy"]["command"][3:])
     assert any(p["target"] == 50051 for p in services["proxy"]["ports"])
@@ -55,7 +56,10 @@ def test_compose_file_validates_and_wires_the_stack():
     assert "/run/tokenpool/internal-token" in services["models"]["command"][-1]
     assert "umask 077" in services["models"]["command"][-1]
     published = {(name, p["target"]) for name, s in services.items() for p in s.get("ports", [])}
-    assert published == {("proxy", 50051), ("jaeger", 16686), ("prometheus", 9090)}
+    assert published == {("proxy", 50051), ("gateway", 8000), ("jaeger", 16686), ("prometheus", 9090)}
+    gateway = gateway_parser().parse_args(services["gateway"]["command"][3:])
+    assert gateway.proxy == f"proxy:{proxy.listen.rpartition(':')[2]}" and gateway.model == proxy.model
+    assert gateway.listen == "0.0.0.0:8000"
     assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
 
 
@@ -72,4 +76,6 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port():
         args = parser.parse_args(services[name]["command"][3:])
         assert args.metrics_port, f"{name} serves no metrics"
         expected.add(f"{name}:{args.metrics_port}")
+    gateway = gateway_parser().parse_args(services["gateway"]["command"][3:])
+    expected.add(f"gateway:{gateway.listen.rpartition(':')[2]}")
     assert targets == expected
