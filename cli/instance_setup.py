@@ -16,6 +16,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
     p.add_argument("--host-kv-mib", type=int, default=host_kv_mib,
                    help="this instance's host KV pool (swapped-out sequences), MiB")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="model backend: native (tokenpool's model code and kernels) or vllm (vLLM's model "
+                        "classes and attention kernels in the same arena; the tokenpool[vllm] extra)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the arena (weights and KV) lives; on cuda the host model cache and KV pool "
                         "are page-locked for DMA")
@@ -45,7 +48,7 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
     from tokenpool.engine.llm_engine import EngineConfig
     from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
 
-    config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device)
+    config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device, engine=args.engine)
     slot = slot_bytes_for(folders.values(), config)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
                               HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,

@@ -23,7 +23,8 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "device", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint", "nodes",
+               "threads", "device", "engine", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint",
+               "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
                "gateway", "gateway_port")
 WATCH_INTERVAL_S = 0.5
@@ -43,6 +44,8 @@ def add_parser(commands) -> None:
     p.add_argument("--host-kv-mib", type=int, help="host KV pool per instance, MiB (default 256)")
     p.add_argument("--pool-mib", type=int, help="the node's hand-off pool, MiB (default 256)")
     p.add_argument("--threads", type=int, help="compute threads per instance (default: cores / instances)")
+    p.add_argument("--engine", choices=["native", "vllm"],
+                   help="model backend of every instance: native (default) or vllm (tokenpool[vllm])")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="where instances keep weights and KV (default cpu)")
     p.add_argument("--table-slots", type=int, help="requests in flight at most (default 1024)")

@@ -44,6 +44,8 @@ class StackConfig:
     host, port: where the proxy listens (port 0 picks one); internal services use free ports.
     dtype, kv_mib, host_kv_mib, threads, device: per instance, as for `tokenpool serve`
       (threads None: the machine's cores shared out among the instances).
+    engine: the model backend every instance computes with: native or vllm (engine/model_backend.py;
+      one for all instances: a KV block's interior is the backend's, and hand-offs move bytes).
     pool_mib: the node's hand-off pool (kvtransfer agent).
     table_slots: the request table's size (requests in flight at most).
     policy: aegaeon, static or request (every service gets it).
@@ -79,6 +81,7 @@ class StackConfig:
     pool_mib: int = 256
     threads: int | None = None
     device: str = "cpu"
+    engine: str = "native"
     table_slots: int = 1024
     policy: str = "aegaeon"
     tbt_ms: float | None = None
@@ -116,6 +119,8 @@ class StackConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.engine not in ("native", "vllm"):
+            raise ValueError(f"engine must be native or vllm, got {self.engine!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if not 0 <= self.gateway_port < 65536:
@@ -262,8 +267,8 @@ class Stack:
         quotas = ["--qmax-s", str(c.qmax_s)] + (["--tbt-ms", str(c.tbt_ms)] if c.tbt_ms else [])
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
-                "--threads", str(c.threads_per_instance), "--device", c.device, "--policy", c.policy,
-                *models,
+                "--threads", str(c.threads_per_instance), "--device", c.device, "--engine", c.engine,
+                "--policy", c.policy, *models,
                 *(quotas if role == "decode" else [])]
 
     def _gateway_args(self, proxy: Service) -> list[str]:
