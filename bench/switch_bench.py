@@ -90,7 +90,7 @@ def measure(folder: Path, all_folders: list[Path], config: EngineConfig, tmp: Pa
     profile = engine.register(folder.name, folder)
     engine.register("other", other)
     engine.register("third", third)
-    naive = _naive(folder, config.dtype, config.device)
+    naive = naive_start(folder, config.dtype, config.device)
     bandwidth = measure_copy_gbps(config.device, max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
     reinit = _timed(lambda: _sync(LLMEngine(folder, dataclasses.replace(config, kv_cache_bytes=64 << 20))))
     cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
@@ -113,7 +113,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _naive(folder: Path, dtype: str, device: str) -> dict:
+def naive_start(folder: Path, dtype: str, device: str) -> dict:
+    """A fresh process that builds an engine and computes one token: seconds by phase and in all."""
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, device], check=True,
                          capture_output=True, text=True)

@@ -13,6 +13,7 @@ from tokenpool.bench import (
     serve_bench,
     simulator,
     switch_bench,
+    tier_bench,
     tracing_bench,
 )
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention_bench.add_parser(bench)
     tracing_bench.add_parser(bench)
     kvtransfer_bench.add_parser(bench)
+    tier_bench.add_parser(bench)
     simulator.add_parser(commands)
     return parser
 

@@ -22,6 +22,7 @@ from .host_model_cache import HostModelCache
 from .model_switcher import ModelProfile, cache_metadata, checkpoint_filler
 
 Fill = Callable[[str, torch.Tensor], None]
+OpenFill = Callable[[], Fill]  # maps the checkpoint and checks it again
 
 
 class Tier(enum.Enum):
@@ -41,13 +42,16 @@ class ModelTiers:
         self._profiles: dict[str, ModelProfile] = {}
 
     @staticmethod
-    def check(profile: ModelProfile, round_to: torch.dtype | None) -> Fill:
-        """The model's fill from disk; a bad checkpoint raises here (nothing is tracked yet)."""
-        return checkpoint_filler(profile, round_to)
+    def check(profile: ModelProfile, round_to: torch.dtype | None) -> OpenFill:
+        """How to open the model's fill from disk; a bad checkpoint raises here (nothing is
+        tracked yet). The checkpoint is mapped only while a load runs: a mapping held from
+        registration on would pin every catalogue model's pages in the page cache."""
+        checkpoint_filler(profile, round_to)
+        return lambda: checkpoint_filler(profile, round_to)
 
-    def add(self, profile: ModelProfile, fill: Fill) -> None:
-        """Track a lazily registered model, its weights read by `fill` when first needed."""
-        self._fills[profile.model_id] = fill
+    def add(self, profile: ModelProfile, open_fill: OpenFill) -> None:
+        """Track a lazily registered model, its weights read through `open_fill()` when needed."""
+        self._fills[profile.model_id] = open_fill
         self._profiles[profile.model_id] = profile
 
     def remove(self, model_id: str) -> None:
@@ -68,7 +72,8 @@ class ModelTiers:
         if self.cache.contains(model_id):
             return None
         profile = self._profiles[model_id]
-        return self.loader.load(model_id, profile.specs, self._fills[model_id], cache_metadata(profile))
+        return self.loader.load(model_id, profile.specs, _FillOnFirstUse(self._fills[model_id]),
+                                cache_metadata(profile))
 
     def ensure_cached(self, model_id: str) -> None:
         """Block until model_id is in the host cache (the read runs on the loader's thread)."""
@@ -85,3 +90,17 @@ class ModelTiers:
 
     def close(self) -> None:
         self.loader.close()
+
+
+class _FillOnFirstUse:
+    """One load's fill: the checkpoint is opened at the first tensor, on the loader's thread
+    (never the engine's), and unmapped when the load lets go of this object."""
+
+    def __init__(self, open_fill: OpenFill) -> None:
+        self._open = open_fill
+        self._fill: Fill | None = None
+
+    def __call__(self, name: str, dest: torch.Tensor) -> None:
+        if self._fill is None:
+            self._fill = self._open()
+        self._fill(name, dest)
