@@ -60,6 +60,11 @@ def add_parser(commands) -> None:
                    help="drive this running stack (`tokenpool up`, the compose stack) instead of starting "
                         "one per policy: --policies names the one it runs, --tbt-ms is required, and "
                         "--prefill/--decode are its instance counts (for --sim-profile)")
+    p.add_argument("--api", choices=("grpc", "http"), default="grpc",
+                   help="drive the stack over the gRPC API (default) or the OpenAI-compatible HTTP gateway")
+    p.add_argument("--gateway-url", default=None, metavar="URL",
+                   help="with --address and --api http: the running stack's gateway (default "
+                        "http://HOST:8000/v1, HOST being --address's)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
     p.add_argument("--stop-below", type=float, default=0.5, metavar="ATTAINMENT",
                    help="skip a policy's higher loads once a point falls below this (they cannot change "
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     listed = _listed(args.address) if args.address is not None else None
     profile = _sim_profile(args.sim_profile, models) if args.sim_profile else None
     pairs, count_tokens = _conversations(models)
-    report = {"sweep": sweep, "command": args.command_line,
+    report = {"sweep": sweep, "command": args.command_line, "api": args.api,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "models": list(models), "duration_s": args.duration,
               "warmup": "each stack answered one request per served model (its largest output length) "
@@ -291,17 +296,32 @@ def _stack(policy: str, served: dict[str, Path], slo, args):
     if args.address is not None:
         print(f"[{policy}] driving the stack at {args.address} ({', '.join(served)})", file=sys.stderr,
               flush=True)
-        yield args.address, slo
+        yield _target(args, args.address, None), slo
         return
     from tokenpool.compose.launcher import Stack, StackConfig
 
     tbt_ms = slo.tbt_s * 1e3 if slo else None
     config = StackConfig(models=served, prefill=args.prefill, decode=args.decode, port=0, policy=policy,
-                         threads=args.threads, tbt_ms=tbt_ms)
+                         threads=args.threads, tbt_ms=tbt_ms, gateway=args.api == "http", gateway_port=0)
     with tempfile.TemporaryDirectory(prefix="tokenpool-bench-") as logs, Stack(config, Path(logs)) as stack:
         print(f"[{policy}] starting the stack ({', '.join(served)})", file=sys.stderr, flush=True)
         stack.start(progress=lambda line: None)
-        yield stack.address, slo or _scaled_slo(stack)
+        yield _target(args, stack.address, stack.gateway_url), slo or _scaled_slo(stack)
+
+
+def _target(args, address: str, gateway_url: str | None) -> str:
+    """What replay drives: the proxy's gRPC address, or (--api http) the gateway's base URL."""
+    if args.api == "grpc":
+        return address
+    return gateway_url or args.gateway_url or f"http://{address.rpartition(':')[0]}:8000/v1"
+
+
+def _replay(args, target: str, trace: list[TraceRequest], served: set[str], label: str) -> list:
+    if args.api == "http":
+        from .http_replay import replay_http
+
+        return asyncio.run(replay_http(target, trace, served, args.duration, label, DRAIN_FACTOR))
+    return asyncio.run(replay(target, trace, served, args.duration, label))
 
 
 def _run_policy(policy, served, models, loads, pairs, count_tokens, slo, args):
@@ -311,7 +331,7 @@ def _run_policy(policy, served, models, loads, pairs, count_tokens, slo, args):
         points, raw = [], []
         for load in loads:
             trace = make_trace(_workload(args, models, load), pairs, count_tokens)
-            results = asyncio.run(replay(address, trace, set(served), args.duration, f"[{policy}] {load:g}"))
+            results = _replay(args, address, trace, set(served), f"[{policy}] {load:g}")
             key = "rate" if sweep == "rate_per_model" else "models"
             raw.extend({"policy": policy, key: load, "request_id": r.request_id, "model": r.model,
                         "arrival_s": res.arrival_s, "token_times": res.token_times, "finished": res.finished}
@@ -344,7 +364,7 @@ def _warm_up(address: str, policy: str, served: dict[str, Path], pairs, count_to
     for model in served:
         request = TraceRequest(0.0, model, prompt, args.max_output_tokens, f"warmup-{model}")
         started = time.monotonic()
-        (result,) = asyncio.run(replay(address, [request], {model}, args.duration, f"[{policy}] warm-up"))
+        (result,) = _replay(args, address, [request], {model}, f"[{policy}] warm-up")
         if not result.finished:
             raise RuntimeError(f"[{policy}] the warm-up request for {model} did not finish; see the "
                                "instances' logs")
