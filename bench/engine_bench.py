@@ -51,16 +51,20 @@ def add_parser(commands) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "native", "float32"],
                    help="how tokenpool computes a bf16/fp16 model (auto: natively where the CPU can)")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="tokenpool's model backend: native, or vllm (vLLM's model code and kernels "
+                        "behind tokenpool's engine; run from the vLLM venv)")
     p.add_argument("--against", default="transformers", type=against_engines,
-                   help="comma-separated baselines from transformers, vllm, tokenpool-float32 "
-                        "(tokenpool computing in float32 from the rounded weights); or none")
+                   help="comma-separated baselines from transformers, vllm (vLLM's own LLM engine), "
+                        "tokenpool-float32 (tokenpool computing in float32 from the rounded weights), "
+                        "tokenpool-native (the native backend, beside --engine vllm); or none")
     p.add_argument("--vllm-python", type=Path, default=default_vllm_python(),
                    help="python of the vLLM venv (env TOKENPOOL_VLLM_PYTHON; default %(default)s)")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
     p.set_defaults(run=run)
 
 
-BASELINES = ("transformers", "vllm", "tokenpool-float32")
+BASELINES = ("transformers", "vllm", "tokenpool-float32", "tokenpool-native")
 
 
 def against_engines(text: str) -> tuple[str, ...]:
@@ -98,13 +102,16 @@ def run(args: argparse.Namespace) -> None:
         check_python(args.vllm_python)
     folder = ensure_model(args.model)
     work = Workload(batches, args.prompt_len, args.new_tokens, args.dtype)
-    engine, rows = bench_tokenpool(folder, work, args.compute_dtype)
-    report = {"model": folder.name, "dtype": args.dtype, "threads": torch.get_num_threads(),
+    engine, rows = bench_tokenpool(folder, work, args.compute_dtype, backend=args.engine)
+    report = {"model": folder.name, "engine": args.engine, "dtype": args.dtype,
+              "threads": torch.get_num_threads(),
               "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
               "linear_kernel": engine.linear_kernel, "prompt_len": work.prompt_len,
               "new_tokens": work.new_tokens}
     if "tokenpool-float32" in args.against:
-        rows += bench_tokenpool(folder, work, "float32", "tokenpool-float32")[1]
+        rows += bench_tokenpool(folder, work, "float32", "tokenpool-float32", args.engine)[1]
+    if "tokenpool-native" in args.against:
+        rows += bench_tokenpool(folder, work, args.compute_dtype, "tokenpool-native")[1]
     if "transformers" in args.against:
         rows += bench_transformers(folder, work)
     if "vllm" in args.against:
@@ -122,12 +129,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bench_tokenpool(folder: Path, work: Workload, compute: str = "auto",
-                    name: str = "tokenpool") -> tuple[LLMEngine, list[Row]]:
+def bench_tokenpool(folder: Path, work: Workload, compute: str = "auto", name: str = "tokenpool",
+                    backend: str = "native") -> tuple[LLMEngine, list[Row]]:
     most = max(work.batches)
     tokens = most * (work.prompt_len + work.new_tokens + 16)
     scheduler = SchedulerConfig(max_num_seqs=most, max_num_batched_tokens=most * work.prompt_len)
-    config = EngineConfig(dtype=work.dtype, compute_dtype=compute, kv_cache_bytes=1, scheduler=scheduler)
+    config = EngineConfig(dtype=work.dtype, compute_dtype=compute, kv_cache_bytes=1, scheduler=scheduler,
+                          engine=backend)
     engine = LLMEngine(folder, _with_kv_tokens(config, folder, tokens))
     _log(f"{name}: {engine.describe()}")
     _tokenpool_once(engine, Workload((2,), 8, 4, work.dtype), 2)  # warm-up
