@@ -3,8 +3,10 @@ copied once, straight into its final (possibly fused) place in the model."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,12 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     The header's offsets are checked against the file size before any view is made.
     """
+    for name, tensor, _ in _safetensors_entries(path):
+        yield name, tensor
+
+
+def _safetensors_entries(path: Path) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(name, view, the tensor's byte offset in the file), offsets checked as above."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size < 8:
@@ -44,7 +52,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     base = 8 + header_len
     for name, info in header.items():
         if name != "__metadata__":
-            yield name, _view(buf, base, size, name, info, path)
+            yield name, _view(buf, base, size, name, info, path), base + info["data_offsets"][0]
 
 
 def _view(buf, base: int, size: int, name: str, info: dict, path: Path) -> torch.Tensor:
@@ -125,9 +133,11 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.tensors: dict[str, tuple[torch.Tensor, Path]] = {}
+        self.offsets: dict[str, int] = {}  # where each tensor's bytes start in its file
         for path in checkpoint_files(self.folder):
-            for name, tensor in read_safetensors(path):
+            for name, tensor, offset in _safetensors_entries(path):
                 self.tensors[name] = (tensor, path)
+                self.offsets[name] = offset
 
     def check(self, layout: WeightLayout) -> None:
         """Raise on a missing, unexpected or misshapen tensor, before anything is copied."""
@@ -153,7 +163,36 @@ class Checkpoint:
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelFolderError(f"{path}: tensor {src.hf_name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(target.shape)}")
-            target.copy_(tensor if round_to is None else tensor.to(round_to))
+            if round_to is None and _readable_into(target, tensor):
+                _read_into(target, path, self.offsets[src.hf_name])
+            else:
+                target.copy_(tensor if round_to is None else tensor.to(round_to))
+
+
+def _readable_into(target: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether the stored bytes can be read from the file straight into target's memory."""
+    return (target.device.type == "cpu" and target.dtype == stored.dtype and target.is_contiguous()
+            and target.numel() > 0)
+
+
+def _read_into(target: torch.Tensor, path: Path, offset: int) -> None:
+    """pread the tensor's bytes into target: the kernel copies from the page cache into place.
+
+    Through the memory map, the same bytes cost a page fault per 4 KiB and torch's copy, whose
+    OpenMP threads collapse when another thread of the process computes (a cold load runs beside
+    the engine): 0.1 GB/s against 3-8 GB/s for pread into the same host-cache segment.
+    """
+    view = memoryview((ctypes.c_ubyte * target.nbytes).from_address(target.data_ptr())).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):  # a read returns at most ~2 GiB at a time
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise ModelFolderError(f"{path}: ends inside a tensor at byte {offset + done}")
+            done += n
+    finally:
+        os.close(fd)
 
 
 def load_weights(model: CausalLM, folder: Path, round_to: torch.dtype | None = None) -> None:
