@@ -91,7 +91,8 @@ class ModelCatalogue:
     def evict(self, model_id: str) -> None:
         self._known(model_id)
         if self.engine.has_unfinished(model_id):
-            raise CatalogueError(f"model {model_id!r} has unfinished requests; it cannot leave the host cache")
+            raise CatalogueError(f"model {model_id!r} has unfinished requests; "
+                                 f"it cannot leave the host cache")
         try:
             self.engine.cache.evict(model_id)
         except CacheMissError as exc:
