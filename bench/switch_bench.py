@@ -33,7 +33,8 @@ t0 = time.perf_counter()
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.sampling_params import SamplingParams
 t1 = time.perf_counter()
-engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=64 << 20, device=sys.argv[3]))
+engine = LLMEngine(sys.argv[1], EngineConfig(dtype=sys.argv[2], kv_cache_bytes=64 << 20, device=sys.argv[3],
+                                             engine=sys.argv[4]))
 t2 = time.perf_counter()
 engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1))  # a token back on the host: the device is done
 t3 = time.perf_counter()
@@ -51,6 +52,8 @@ def add_parser(commands) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the arena lives; on cuda the host cache and KV pool are page-locked")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="the instance's model backend (vllm: run from the vLLM venv)")
     p.set_defaults(run=run)
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     from tokenpool.engine.model_store import DEFAULT_MODEL
     from tokenpool.engine.tiny_models import make_tiny_models
 
-    config = EngineConfig(dtype=args.dtype, device=args.device)  # a bad device fails here
+    config = EngineConfig(dtype=args.dtype, device=args.device, engine=args.engine)  # a bad device fails here
     # The host cache and KV pool in shared memory, as deployed (on CUDA only tmpfs pages can be
     # page-locked for DMA); removed however the run ends.
     with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as tmp:
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             folders = make_tiny_models(Path(tmp) / "tiny") + [ensure_model(DEFAULT_MODEL)]
         rows = [measure(folder, folders, config, Path(tmp)) for folder in folders]
-    report = {"dtype": args.dtype, "device": _device_name(args.device), "threads": torch.get_num_threads(),
+    report = {"engine": args.engine, "dtype": args.dtype, "device": _device_name(args.device),
+              "threads": torch.get_num_threads(),
               "cache_dir": str(shm_root()),
               "page_cache": "warm: each checkpoint is read by the host-cache registration "
                             "before the naive start is timed", "rows": rows}
@@ -90,7 +94,7 @@ def measure(folder: Path, all_folders: list[Path], config: EngineConfig, tmp: Pa
     profile = engine.register(folder.name, folder)
     engine.register("other", other)
     engine.register("third", third)
-    naive = naive_start(folder, config.dtype, config.device)
+    naive = naive_start(folder, config.dtype, config.device, config.engine)
     bandwidth = measure_copy_gbps(config.device, max(profile.nbytes, _DRAM_PROBE_BYTES)) * 1e9
     reinit = _timed(lambda: _sync(LLMEngine(folder, dataclasses.replace(config, kv_cache_bytes=64 << 20))))
     cold = min(_switch(engine, folder.name, prefetch=False) for _ in range(3))
@@ -113,10 +117,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def naive_start(folder: Path, dtype: str, device: str) -> dict:
+def naive_start(folder: Path, dtype: str, device: str, engine: str = "native") -> dict:
     """A fresh process that builds an engine and computes one token: seconds by phase and in all."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, device], check=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, device, engine], check=True,
                          capture_output=True, text=True)
     total = time.perf_counter() - start
     phases = json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,7 +174,8 @@ def print_table(report: dict) -> None:
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r["naive_phases"].items()
                            if k != "total_s")
         print(f"naive start of {r['model']} (s): {phases}")
-    print(f"\n{report.get('device', 'cpu')}, dtype {report['dtype']}, {report['threads']} threads; "
+    print(f"\n{report.get('device', 'cpu')}, engine {report.get('engine', 'native')}, "
+          f"dtype {report['dtype']}, {report['threads']} threads; "
           f"page cache: {report['page_cache']}")
     head = ("model", "MiB", "naive s", "reinit s", "switch ms", "prefetched ms", "bound ms",
             "a/b", "b/c", "pre/b", "a'/b", "KV out GB/s", "KV in GB/s")
