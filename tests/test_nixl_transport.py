@@ -97,6 +97,15 @@ def wait_free(agent: Agent, within_s: float = FREED_WITHIN_S) -> float:
         time.sleep(0.1)
 
 
+def wait_handles(agent: Agent, n: int, within_s: float = 60.0) -> None:
+    """Until the agent holds n handles (a transfer's first layer has reached it), however slow
+    the machine; fails after within_s."""
+    start = time.monotonic()
+    while (held := agent.stats().handles) != n:
+        assert time.monotonic() - start < within_s, f"{agent.address} holds {held} handles, expected {n}"
+        time.sleep(0.02)
+
+
 def device_kv(num_blocks: int, seed: int) -> torch.Tensor:
     """A fake device KV cache: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
     g = torch.Generator().manual_seed(seed)
@@ -240,7 +249,7 @@ def test_receiver_killed_mid_transfer_fails_the_sender_fast_and_frees_its_blocks
     with NodeLocalTransport(a.address) as ta:
         stream = ta.begin("req-5", SHAPE, 2, destination=b.address)
         stream.put(0, 0, kv[0], [0, 1])
-        time.sleep(0.3)  # layer 0 is across
+        wait_handles(b, 1)  # layer 0 is across
         b.process.kill()
         b.process.wait()
         start = time.monotonic()
@@ -259,8 +268,7 @@ def test_sender_agent_killed_mid_transfer_frees_the_receivers_blocks(fresh):
     with NodeLocalTransport(a.address) as ta:
         stream = ta.begin("req-6", SHAPE, 2, destination=b.address)
         stream.put(0, 0, kv[0], [0, 1])
-        time.sleep(0.3)
-        assert b.stats().handles == 1
+        wait_handles(b, 1)
         a.process.kill()
         a.process.wait()
         with pytest.raises(KVTransferError) as info:
@@ -275,8 +283,8 @@ def test_sender_instance_gone_mid_transfer_frees_blocks_on_both_sides(fresh):
     with NodeLocalTransport(a.address) as ta:
         stream = ta.begin("req-7", SHAPE, 2, destination=b.address)
         stream.put(0, 0, kv[0], [0, 1])
-        time.sleep(0.3)
-        assert a.stats().handles == 1 and b.stats().handles == 1
+        wait_handles(a, 1)
+        wait_handles(b, 1)
         # The instance dies here: no more pushes, no MarkReady, no Release.
     wait_free(a)
     wait_free(b)
