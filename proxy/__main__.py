@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a served model: its tokenizer and limits (repeatable)")
     p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
     p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")
+    p.add_argument("--table-backend", choices=("shm", "redis"), default="shm",
+                   help="shm: the node's table in shared memory; redis: one table shared by proxies on "
+                        "any host (--redis-url)")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="with --table-backend redis: the server, e.g. redis://10.0.0.5:6379/0")
     p.add_argument("--table-slots", type=int, default=1024,
                    help="requests in flight at most (more get RESOURCE_EXHAUSTED)")
     p.add_argument("--policy", choices=POLICIES, default="aegaeon",
@@ -83,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     from .inference_servicer import InferenceServicer
     from .request_table import make_request_table
     from .served_model import served_model_from_folder
-    from .table_recovery import reclaim_orphans
+    from .table_recovery import reclaim_forever, reclaim_orphans
 
     for flag in ("slo_tbt_ms", "slo_ttft_s"):
         value = getattr(args, flag)
@@ -99,12 +104,17 @@ async def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--node names nodes without a --node-agent: {', '.join(missing)}")
     backend = FleetBackend(dict(args.prefill), dict(args.decode), args.kvtransfer, dispatcher,
                            nodes=nodes, node_agents=node_agents)
-    try:
-        table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
-    except FileExistsError:  # a proxy before us died without removing it: adopt it, reclaim its rows
-        from .shm_request_table import ShmRequestTable
+    if args.table_backend == "redis":  # shared by proxies: a dead one's rows are reclaimed by a survivor
+        table = make_request_table("redis", url=args.redis_url, name=args.table, capacity=args.table_slots)
+        reclaimer = asyncio.create_task(reclaim_forever(table, backend.agents, MAX_ATTEMPTS))
+    else:
+        try:
+            table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
+        except FileExistsError:  # a proxy before us died without removing it: adopt it, reclaim its rows
+            from .shm_request_table import ShmRequestTable
 
-        table = ShmRequestTable.attach(args.table)
+            table = ShmRequestTable.attach(args.table)
+        reclaimer = None
     await reclaim_orphans(table, backend.agents, MAX_ATTEMPTS)
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, sorted(models))
@@ -122,9 +132,12 @@ async def serve(args: argparse.Namespace) -> None:
         await server.grpc.stop(STOP_GRACE_S)
     finally:
         slo.cancel()
+        if reclaimer is not None:
+            reclaimer.cancel()
         await backend.close()
         table.close()
-        table.unlink()
+        if args.table_backend == "shm":  # a Redis table outlives any one proxy
+            table.unlink()
 
 
 async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:

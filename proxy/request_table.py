@@ -154,6 +154,11 @@ class RequestTable(ABC):
     def close(self) -> None:
         """Let go of the table (idempotent; the data stays for other processes)."""
 
+    def owner_alive(self, slot: int, record: RequestRecord) -> bool | None:
+        """Whether the proxy that admitted the slot's record still runs, for a backend that tracks
+        owners itself (Redis: a heartbeat key per proxy); None: judge by record.proxy_pid on this host."""
+        return None
+
     def __enter__(self) -> RequestTable:
         return self
 

@@ -11,6 +11,7 @@ on the node) are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -24,6 +25,7 @@ from .request_table import ATTEMPT_MARK, CorruptSlotError, RequestRecord, Reques
 log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 5.0
+RECLAIM_EVERY_S = 5.0
 
 
 def process_alive(pid: int) -> bool:
@@ -53,9 +55,16 @@ def orphans(table: RequestTable) -> list[tuple[int, RequestRecord | None]]:
         except CorruptSlotError:
             found.append((slot, None))
             continue
-        if record.proxy_pid and record.proxy_pid != os.getpid() and not process_alive(record.proxy_pid):
+        if _orphaned(table, slot, record):
             found.append((slot, record))
     return found
+
+
+def _orphaned(table: RequestTable, slot: int, record: RequestRecord) -> bool:
+    alive = table.owner_alive(slot, record)
+    if alive is not None:  # the table knows its owners (proxies on other hosts: pids mean nothing)
+        return not alive
+    return bool(record.proxy_pid) and record.proxy_pid != os.getpid() and not process_alive(record.proxy_pid)
 
 
 async def reclaim_orphans(table: RequestTable, agents: list, attempts: int) -> int:
@@ -75,3 +84,15 @@ async def reclaim_orphans(table: RequestTable, agents: list, attempts: int) -> i
     if reclaimed:
         log.warning("reclaimed %d requests left in the table by a proxy that died", reclaimed)
     return reclaimed
+
+
+async def reclaim_forever(table: RequestTable, agents: list, attempts: int,
+                          every_s: float = RECLAIM_EVERY_S) -> None:
+    """For a table shared by several proxies (Redis): every `every_s`, reclaim the rows of any
+    proxy that died, so the survivors' capacity comes back without a restart. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await reclaim_orphans(table, agents, attempts)
+        except Exception as e:  # noqa: BLE001 -- e.g. the table's server unreachable a moment: next round
+            log.warning("reclaiming orphaned rows failed: %s", e)
