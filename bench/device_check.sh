@@ -6,6 +6,10 @@
 #   serve  `tokenpool serve --device cuda` and `tokenpool up --device cuda` (proxy, prefill, decode,
 #          kvtransfer processes) serving tiny models and the Qwen2.5-0.5B shape; requests through
 #          `tokenpool generate --server`, switching models between them
+#   vllm   the vLLM backend (--engine vllm; needs vllm==0.32.0, the CUDA build, importable, e.g. from
+#          .whl/): its conformance test, `bench switch --engine vllm --device cuda` on the tiny models
+#          and the Qwen2.5-0.5B shape, and `tokenpool serve --engine vllm` answering switching requests.
+#          Written without a GPU to run it on: nothing of the backend's CUDA path has run yet.
 # PHASES picks some (default all). Results under ${OUT:-out/cuda}. Packages the machine lacks (or
 # has too old) come from wheels in .whl/ (pip download --python-version of that machine).
 set -uo pipefail
@@ -25,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 df -h /dev/shm | tail -1 | tee -a "$OUT/gpu.txt"
 
-PHASES=${PHASES:-tests bench serve}
+PHASES=${PHASES:-tests bench serve vllm}
 DEVICE=${DEVICE:-cuda}  # cpu tries the bench and serve phases where there is no GPU
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 models=/tmp/cuda-check-models
@@ -110,4 +114,35 @@ addr=$(grep -o "connect to [^ ]*" "$OUT/up.log" | head -1 | cut -d' ' -f3)
 [ -n "$addr" ] && ask "$addr" up 2>&1 | tee "$OUT/up-requests.txt"
 stop $pid
 tail -3 "$OUT/up.log"
+fi
+
+if want vllm; then
+if ! python3 -c "import vllm" 2>/dev/null; then
+  echo "vllm phase skipped: vllm is not importable here (pip download vllm==0.32.0 wheels into .whl/)"
+else
+write_models || exit 1
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+  tests/test_vllm_backend.py -k pinned 2>&1 | tee "$OUT/vllm-pytest.txt" | tail -20
+echo "vllm pytest exit ${PIPESTATUS[0]}"
+timeout "${BENCH_TIMEOUT:-360}" python3 -m tokenpool.cli.main bench switch --engine vllm --device "$DEVICE" \
+  --dtype bfloat16 --json "$OUT/switch-vllm-$DEVICE.json" \
+  --models "$models/tiny-qwen3" "$models/tiny-mistral" "$models/qwen2.5-0.5b-shape" 2>&1 | tee "$OUT/vllm-bench.txt"
+echo "vllm bench exit ${PIPESTATUS[0]}"
+vllm_models=()
+for m in tiny-qwen3 tiny-mistral qwen2.5-0.5b-shape; do vllm_models+=("--model=$m=$models/$m"); done
+python3 -m tokenpool.cli.main serve --engine vllm --device "$DEVICE" --dtype bfloat16 --port 0 \
+  "${vllm_models[@]}" > "$OUT/vllm-serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 240); do grep -q "serving .* on" "$OUT/vllm-serve.log" && break; sleep 1; done
+addr=$(grep -o "on [^ ]*:[0-9]*" "$OUT/vllm-serve.log" | head -1 | cut -d' ' -f2)
+echo "vllm serve at ${addr:-nowhere}"; tail -3 "$OUT/vllm-serve.log"
+if [ -n "$addr" ]; then
+  for m in tiny-qwen3 qwen2.5-0.5b-shape tiny-mistral qwen2.5-0.5b-shape; do
+    echo "== vllm: $m"
+    timeout 120 python3 -m tokenpool.cli.main generate --server "$addr" --model "$m" --max-tokens 24 \
+      "The quick brown fox" 2>&1 | tail -2
+  done 2>&1 | tee "$OUT/vllm-serve-requests.txt"
+fi
+kill -INT $pid; sleep 10; kill -9 $pid 2>/dev/null; wait $pid
+fi
 fi

@@ -160,9 +160,9 @@ class MultiModelEngine:
         if lazy:
             self.tiers.add(profile, fill)
             self.switcher.release_idle_leases = True  # catalogue models must stay evictable
-        log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks", model_id,
-                 str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
-                 ec.compute_dtype, num_blocks)
+        log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks, engine %s",
+                 model_id, str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
+                 ec.compute_dtype, num_blocks, ec.engine)
         return profile
 
     def lazy_tiers(self) -> ModelTiers:

@@ -142,3 +142,29 @@ def test_smollm2_matches_the_native_engine(smollm2_dir):
         answers[engine] = [s.output_token_ids for s in seqs]
     assert answers["vllm"] == answers["native"]
     assert "Paris" in llm.tokenizer.decode(answers["vllm"][0])
+
+
+def test_the_stack_serves_forty_streams_over_four_models_with_the_vllm_engine(tiny_dir, tmp_path):
+    """1 proxy, 1 prefill, 2 decode instances, all `--engine vllm`: KV handed from prefill to decode
+    in vLLM's block layout, every stream the native single-process engine's greedy tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from stack_helpers import check_streamed, expected_streams, start_tiny_stack, stream
+    from tokenpool.protos.v1 import inference_pb2_grpc
+
+    models = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
+    stack = start_tiny_stack(tiny_dir, models, tmp_path, prefill=1, decode=2, engine="vllm")
+    try:
+        jobs = [(models[i % 4], PROMPTS[i % len(PROMPTS)], (8, 16, 24)[i % 3]) for i in range(40)]
+        expected = expected_streams(tiny_dir, jobs)
+        with grpc.insecure_channel(stack.address) as channel, ThreadPoolExecutor(len(jobs)) as pool:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            results = list(pool.map(lambda job: stream(stub, *job), jobs))
+        for job, responses in zip(jobs, results, strict=True):
+            check_streamed(job, responses, expected)
+    finally:
+        codes = stack.stop()
+    assert codes and all(code == 0 for _, code in codes), codes
+    for name in ("prefill-0", "decode-0", "decode-1"):
+        assert "engine vllm" in (tmp_path / f"{name}.log").read_text(), name
