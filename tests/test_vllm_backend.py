@@ -33,13 +33,16 @@ STEPS = 32
 
 
 class _Recorder(Sampler):
-    """Greedy sampling that keeps every step's logits."""
+    """Greedy sampling that keeps every step's logits, and each request's rows."""
 
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
+        self.rows: dict[str, list[torch.Tensor]] = {}
 
     def sample(self, logits, seqs):
         self.logits.append(logits.detach().clone())
+        for row, seq in zip(self.logits[-1], seqs, strict=True):
+            self.rows.setdefault(seq.request_id, []).append(row)
         return super().sample(logits, seqs)
 
 
@@ -168,3 +171,29 @@ def test_the_stack_serves_forty_streams_over_four_models_with_the_vllm_engine(ti
     assert codes and all(code == 0 for _, code in codes), codes
     for name in ("prefill-0", "decode-0", "decode-1"):
         assert "engine vllm" in (tmp_path / f"{name}.log").read_text(), name
+
+
+def test_bf16_logits_are_as_close_to_float32_as_transformers_own_bf16(tiny_model):
+    """test_bf16_parity.py's yardstick for the vLLM backend computing in bfloat16: prompts of 40 and
+    200 tokens, 32 paged decode steps, logits teacher-forced against float32 transformers on the
+    backend's own tokens, within NATIVE_RATIO x transformers' bf16 error on the same positions."""
+    from test_bf16_parity import DECODE_STEPS, NATIVE_RATIO, PROMPT_LENS, prompts, reference, worst
+    from tokenpool.engine.compute_dtype import cpu_has_native
+
+    if not cpu_has_native(torch.bfloat16):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX): the backend would compute in float32")
+    llm = LLMEngine(tiny_model, EngineConfig(dtype="bfloat16", compute_dtype="native",
+                                             kv_cache_bytes=32 << 20, engine="vllm"))
+    llm.runner.sampler = recorder = _Recorder()
+    ids = prompts(llm.model_config.vocab_size)
+    seqs = [llm.add_request(p, SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True)) for p in ids]
+    while llm.has_unfinished:
+        llm.step()
+    for prompt, seq, n in zip(ids, seqs, PROMPT_LENS, strict=True):
+        got = torch.stack(recorder.rows[seq.request_id])
+        sequence = prompt + seq.output_token_ids
+        truth = reference(tiny_model, "f32", sequence, n)
+        yardstick = worst(reference(tiny_model, "bf16", sequence, n), truth)
+        err = worst(got, truth)
+        print(f"{tiny_model.name} vllm bf16 prompt {n}: backend {err:.4f}, transformers bf16 {yardstick:.4f}")
+        assert err <= NATIVE_RATIO * yardstick, (tiny_model.name, n, err, yardstick)
