@@ -167,14 +167,16 @@ class RequestTable(ABC):
 
 
 def make_request_table(kind: str, **options: Any) -> RequestTable:
-    """A table backend by name: "shm" (one node; options: ShmRequestTable's) or "redis" (later)."""
+    """A table backend by name: "shm" (one node; options: ShmRequestTable's) or "redis" (proxies on
+    several hosts; options: RedisRequestTable's)."""
     if kind == "shm":
         from tokenpool.proxy.shm_request_table import ShmRequestTable
 
         return ShmRequestTable(**options)
     if kind == "redis":
-        raise NotImplementedError("the Redis-backed request table (multi-node serving) is not built yet; "
-                                  "it comes with the later multi-node proxy issue; use kind='shm'")
+        from tokenpool.proxy.redis_request_table import RedisRequestTable
+
+        return RedisRequestTable(**options)
     raise ValueError(f"unknown request table kind {kind!r}; expected 'shm' or 'redis'")
 
 

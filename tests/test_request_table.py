@@ -208,8 +208,8 @@ def test_factory(root: Path) -> None:
     t = make_request_table("shm", name="f", capacity=2, create=True, root=root)
     assert isinstance(t, ShmRequestTable) and t.usage() == TableUsage(2, 0)
     t.close()
-    with pytest.raises(NotImplementedError, match="Redis"):
-        make_request_table("redis")
+    with pytest.raises(ValueError, match="--redis-url"):  # tests/test_redis_request_table.py has the rest
+        make_request_table("redis", url=None, name="f", capacity=2)
     with pytest.raises(ValueError, match="unknown request table kind 'etcd'"):
         make_request_table("etcd")
 

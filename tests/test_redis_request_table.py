@@ -1,0 +1,316 @@
+"""The Redis request table: the RequestTable contract on both backends, several clients sharing
+one server, capacity and fencing under concurrency, and a dead owner's rows reclaimed.
+
+Each test module run starts its own redis-server on 127.0.0.1 (a free port, no persistence)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import msgspec
+import pytest
+from tokenpool.proxy.request_table import (
+    CorruptSlotError,
+    DuplicateRequestError,
+    RequestRecord,
+    RequestState,
+    SlotFreeError,
+    TableFullError,
+    TableUsage,
+    make_request_table,
+)
+from tokenpool.proxy.shm_request_table import ShmRequestTable, default_root
+from tokenpool.proxy.table_recovery import orphans, reclaim_orphans
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> str:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server missing: `apt-get install -y redis-server` "
+                    "(./install.sh dev does it as root)")
+    import redis
+
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen([REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(folder)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for_redis(redis.Redis.from_url(url), server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def wait_for_redis(client, server: subprocess.Popen) -> None:
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+def redis_table(url: str, name: str, capacity: int = 8, **kw):
+    return make_request_table("redis", url=url, name=name, capacity=capacity, **kw)
+
+
+@pytest.fixture
+def name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["shm", "redis"])
+def table(request, name: str):
+    """An empty 8-slot table of either backend."""
+    if request.param == "shm":
+        root = default_root() / f"test-{name}"
+        t = ShmRequestTable("t", 8, create=True, root=root)
+        yield t
+        t.close()
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        t = redis_table(request.getfixturevalue("redis_url"), name)
+        yield t
+        t.unlink()
+        t.close()
+
+
+def rec(request_id: str = "req-1", **fields) -> RequestRecord:
+    return RequestRecord(request_id, "llama-3-8b", **fields)
+
+
+def bump(r: RequestRecord) -> RequestRecord:
+    return msgspec.structs.replace(r, num_output_tokens=r.num_output_tokens + 1)
+
+
+# ---- the RequestTable contract, on both backends ------------------------------------------------
+
+
+def test_round_trip(table) -> None:
+    r = rec(state=RequestState.PREFILLING, prefill_instance="p0", num_prompt_tokens=12, created_ns=5)
+    slot = table.insert(r)
+    assert table.get(slot) == r and table.find("req-1") == slot and table.find("nope") is None
+    new = table.update(slot, lambda x: msgspec.structs.replace(x, state=RequestState.DECODING,
+                                                               decode_instance="d1", num_output_tokens=3))
+    assert table.get(slot) == new and new.state is RequestState.DECODING
+    assert table.records() == [(slot, new)] and table.usage() == TableUsage(8, 1)
+    table.release(slot)
+    assert table.usage().used == 0 and table.find("req-1") is None and table.records() == []
+    with pytest.raises(SlotFreeError, match="free"):
+        table.get(slot)
+    with pytest.raises(SlotFreeError, match="already free"):
+        table.release(slot)
+    with pytest.raises(IndexError, match="out of range"):
+        table.get(8)
+
+
+def test_full_table_fails_at_once(table) -> None:
+    assert sorted(table.insert(rec(f"r{i}")) for i in range(8)) == list(range(8))
+    start = time.monotonic()
+    with pytest.raises(TableFullError, match="all 8 slots"):
+        table.insert(rec("one-too-many"))
+    assert time.monotonic() - start < 0.5
+    table.release(3)
+    assert table.insert(rec("one-too-many")) == 3
+
+
+def test_duplicate_request_id(table) -> None:
+    table.insert(rec("dup"))
+    with pytest.raises(DuplicateRequestError, match="dup"):
+        table.insert(rec("dup", num_prompt_tokens=1))
+    assert table.usage().used == 1
+
+
+def test_record_limits_and_update_contract(table) -> None:
+    with pytest.raises(ValueError, match="length <= 64 - at request_id"):
+        table.insert(rec("x" * 65))
+    with pytest.raises(ValueError, match=">= 0 - at num_output_tokens"):
+        table.insert(rec(num_output_tokens=-1))
+    worst = RequestRecord("x" * 64, "m" * 128, RequestState.TRANSFERRING, "p" * 48, "d" * 48, 2**32 - 1,
+                          2**32 - 1, 2**64 - 1, 2**64 - 1, 2**64 - 1, "e" * 128)
+    slot = table.insert(worst)
+    with pytest.raises(ValueError, match="changed request_id"):
+        table.update(slot, lambda r: msgspec.structs.replace(r, request_id="other"))
+    with pytest.raises(ZeroDivisionError):
+        table.update(slot, lambda r: 1 / 0)
+    assert table.get(slot) == worst and table.usage().used == 1
+
+
+def test_threads_lose_no_update(table) -> None:
+    slot = table.insert(rec())
+
+    def work() -> None:
+        for _ in range(100):
+            table.update(slot, bump)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert table.get(slot).num_output_tokens == 400
+
+
+# ---- Redis only ---------------------------------------------------------------------------------
+
+
+def test_corrupt_value_is_a_clear_error_and_release_clears_it(redis_url: str, name: str) -> None:
+    import redis
+
+    with redis_table(redis_url, name) as t:
+        slot = t.insert(rec())
+        redis.Redis.from_url(redis_url).hset(f"tokenpool:{{{name}}}:slot:{slot}", "rec", b"\xc1garbage")
+        for call in (lambda: t.get(slot), lambda: t.update(slot, bump), t.records):
+            with pytest.raises(CorruptSlotError, match=f"slot {slot}: the stored bytes are not a request"):
+                call()
+        t.release(slot)
+        assert t.insert(rec()) == slot and t.get(slot) == rec()
+        t.unlink()
+
+
+def test_two_clients_share_one_table(redis_url: str, name: str) -> None:
+    with redis_table(redis_url, name) as a, redis_table(redis_url, name) as b:
+        slot = a.insert(rec("seen-by-b"))
+        assert b.find("seen-by-b") == slot and b.get(slot) == rec("seen-by-b")
+        b.update(slot, bump)
+        assert a.get(slot).num_output_tokens == 1 and a.usage() == b.usage() == TableUsage(8, 1)
+        with pytest.raises(DuplicateRequestError):
+            b.insert(rec("seen-by-b"))
+        with pytest.raises(PermissionError, match="belongs to a live proxy"):
+            b.release(slot)  # fencing: only a live row's owner frees it
+        a.release(slot)
+        assert b.records() == []
+        with pytest.raises(ValueError, match="capacity 8; attached with capacity 16.*--table-slots"):
+            redis_table(redis_url, name, capacity=16)
+        a.unlink()
+
+
+def test_capacity_holds_under_concurrent_inserts(redis_url: str, name: str) -> None:
+    clients = [redis_table(redis_url, name, capacity=16) for _ in range(4)]
+    got: list[int] = []
+    full = []
+
+    def work(t, k: int) -> None:
+        for i in range(10):
+            try:
+                got.append(t.insert(rec(f"c{k}-{i}")))
+            except TableFullError:
+                full.append(k)
+
+    threads = [threading.Thread(target=work, args=(t, k)) for k, t in enumerate(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(got) == list(range(16)) and len(full) == 24, "every slot handed out exactly once"
+    assert clients[0].usage() == TableUsage(16, 16)
+    clients[0].unlink()
+    for t in clients:
+        t.close()
+
+
+def test_updates_from_several_clients_lose_nothing(redis_url: str, name: str) -> None:
+    clients = [redis_table(redis_url, name) for _ in range(4)]
+    slot = clients[0].insert(rec())
+    threads = [threading.Thread(target=lambda t=t: [t.update(slot, bump) for _ in range(100)])
+               for t in clients]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert clients[1].get(slot).num_output_tokens == 400
+    clients[0].unlink()
+    for t in clients:
+        t.close()
+
+
+def test_a_lapsed_client_is_fenced_and_its_rows_reclaimed(redis_url: str, name: str) -> None:
+    from tokenpool.proxy.redis_request_table import TableFencedError
+
+    hung = redis_table(redis_url, name, ttl_s=0.3)
+    survivor = redis_table(redis_url, name)
+    slot = hung.insert(rec("hung-1"))
+    hung._stop.set()  # a process frozen (SIGSTOP, a long pause): its heartbeat stops
+    hung._heartbeat.join()
+    assert orphans(survivor) == []
+    time.sleep(0.5)
+    assert orphans(survivor) == [(slot, rec("hung-1"))]
+    assert asyncio.run(reclaim_orphans(survivor, [], 1)) == 1
+    new = survivor.insert(rec("new-request"))
+    assert new == slot, "the reclaimed slot goes to another request"
+    for write in (lambda: hung.update(slot, bump), lambda: hung.release(slot),
+                  lambda: hung.insert(rec("late"))):
+        with pytest.raises(TableFencedError, match="heartbeat .* lapsed"):
+            write()  # it wakes up: it must not touch the slot now holding another request
+    assert survivor.get(slot) == rec("new-request") and survivor.usage().used == 1
+    survivor.unlink()
+    survivor.close()
+
+
+OWNER = """
+import sys, time
+from tokenpool.proxy.request_table import RequestRecord, make_request_table
+t = make_request_table("redis", url=sys.argv[1], name=sys.argv[2], capacity=8, ttl_s=0.5)
+for i in range(3):
+    t.insert(RequestRecord(f"dead-{i}", "m", proxy_pid=12345))
+print("inserted", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_owners_rows_are_reclaimed_by_a_survivor(redis_url: str, name: str) -> None:
+    survivor = redis_table(redis_url, name)
+    kept = survivor.insert(rec("alive"))
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, redis_url, name], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert owner.stdout.readline().strip() == "inserted"
+        assert survivor.usage().used == 4 and asyncio.run(reclaim_orphans(survivor, [], 1)) == 0
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=10)
+    finally:
+        owner.kill()
+        owner.communicate()
+    deadline = time.monotonic() + 5
+    while asyncio.run(reclaim_orphans(survivor, [], 1)) == 0:
+        assert time.monotonic() < deadline, "the dead owner's rows were never reclaimed"
+        time.sleep(0.1)
+    assert survivor.records() == [(kept, rec("alive"))], "exactly the dead owner's rows, no live one's"
+    survivor.unlink()
+    survivor.close()
+
+
+def test_proxy_flags_select_the_backend() -> None:
+    from tokenpool.proxy.__main__ import build_parser
+
+    args = build_parser().parse_args(["--prefill", "p=h:1", "--decode", "d=h:2", "--kvtransfer", "h:3",
+                                      "--model", "m", "--table-backend", "redis",
+                                      "--redis-url", "redis://127.0.0.1:6379/0", "--table", "shared"])
+    assert (args.table_backend, args.redis_url, args.table) == ("redis", "redis://127.0.0.1:6379/0", "shared")
+    assert build_parser().parse_args(["--prefill", "p=h:1", "--decode", "d=h:2", "--kvtransfer", "h:3",
+                                      "--model", "m"]).table_backend == "shm"
+    with pytest.raises(ValueError, match="--redis-url"):
+        make_request_table("redis", url=None, name="x", capacity=2)
