@@ -27,6 +27,7 @@ from .request_table import (
     RequestRecord,
     RequestState,
     RequestTable,
+    TableFencedError,
     TableFullError,
 )
 from .served_model import ServedModel
@@ -137,6 +138,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except DuplicateRequestError:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {sub.request_id!r} is already in flight") from None
+        except TableFencedError as exc:  # a shared table took this proxy for dead: another proxy serves
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def _submit(self, sub: Submission, context) -> None:
         try:

@@ -41,6 +41,7 @@ from tokenpool.proxy.request_table import (
     RequestRecord,
     RequestTable,
     SlotFreeError,
+    TableFencedError,
     TableFullError,
     TableUsage,
     decode_record,
@@ -107,10 +108,6 @@ redis.call('ZREM', p .. 'used', slot)
 redis.call('ZADD', p .. 'free', tonumber(slot), slot)
 return 0
 """
-
-
-class TableFencedError(RuntimeError):
-    """This client's heartbeat lapsed: others may have reclaimed its rows, so it may not write."""
 
 
 class RedisRequestTable(RequestTable):

@@ -79,6 +79,11 @@ class SlotFreeError(LookupError):
         return str(self.args[0])
 
 
+class TableFencedError(RuntimeError):
+    """This client was taken for dead by a shared table (its heartbeat lapsed): its rows may have
+    been reclaimed, so it may not write any more. Its proxy should stop admitting and be restarted."""
+
+
 class CorruptSlotError(RuntimeError):
     """A slot's bytes are not a valid record (scribbled memory, or a writer died mid-write).
 

@@ -23,6 +23,7 @@ from tokenpool.proxy.request_table import (
     RequestRecord,
     RequestState,
     SlotFreeError,
+    TableFencedError,
     TableFullError,
     TableUsage,
     make_request_table,
@@ -248,8 +249,6 @@ def test_updates_from_several_clients_lose_nothing(redis_url: str, name: str) ->
 
 
 def test_a_lapsed_client_is_fenced_and_its_rows_reclaimed(redis_url: str, name: str) -> None:
-    from tokenpool.proxy.redis_request_table import TableFencedError
-
     hung = redis_table(redis_url, name, ttl_s=0.3)
     survivor = redis_table(redis_url, name)
     slot = hung.insert(rec("hung-1"))
