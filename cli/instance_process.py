@@ -35,8 +35,8 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m tokenpool.{role}_svc", description=f"a {role} instance")
     p.add_argument("--name", default=f"{role}-0", help="instance name in logs, status and the request table")
     p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks one)")
-    p.add_argument("--model", action="append", required=True, metavar="ID[=FOLDER]",
-                   help="a model to register: a folder, or a model in the store (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help="a model to register: a folder, or a model in the store (repeatable; or --catalogue)")
     p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
     p.add_argument("--table", default=None, help="the proxy's request table to report progress in")
     p.add_argument("--ready-file", type=Path, default=None,

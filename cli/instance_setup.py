@@ -22,6 +22,13 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the arena (weights and KV) lives; on cuda the host model cache and KV pool "
                         "are page-locked for DMA")
+    p.add_argument("--catalogue", type=Path, default=None, metavar="DIR",
+                   help="serve every model folder under DIR, registered lazily (config and tokenizer now, "
+                        "weights from disk on first use)")
+    p.add_argument("--host-cache-mib", type=int, default=None,
+                   help="the node's host model cache capacity, MiB (default 8192)")
+    p.add_argument("--host-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="the node's host model cache folder (default /dev/shm/tokenpool-<uid>/models)")
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
@@ -41,18 +48,45 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
     return models
 
 
-def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
-    """A MultiModelEngine with every model registered (its slots fit the largest one)."""
-    from tokenpool.engine.host_kv_pool import HostKVPool
+def catalogue_models(args: argparse.Namespace, folders: dict[str, Path]) -> dict[str, Path]:
+    """--catalogue's model folders (none without the flag); ValueError on an id that --model
+    also names, or when neither flag names a model."""
+    from tokenpool.engine.model_catalogue import scan_catalogue
+
+    catalogue = scan_catalogue(args.catalogue) if getattr(args, "catalogue", None) else {}
+    if clash := sorted(set(catalogue) & set(folders)):
+        raise ValueError(f"--catalogue {args.catalogue}: ids also given by --model: {', '.join(clash)}")
+    if not catalogue and not folders:
+        raise ValueError("no models: give --model ID[=FOLDER] or --catalogue DIR")
+    return catalogue
+
+
+def host_model_cache(args: argparse.Namespace):
+    """The node's host model cache as --host-cache-mib and --host-cache-dir say."""
     from tokenpool.engine.host_model_cache import HostModelCache
+
+    mib = getattr(args, "host_cache_mib", None)
+    if mib is not None and mib < 1:
+        raise ValueError(f"--host-cache-mib must be >= 1, got {mib}")
+    capacity = {"capacity_bytes": mib << 20} if mib else {}
+    return HostModelCache(getattr(args, "host_cache_dir", None), **capacity)
+
+
+def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
+    """A MultiModelEngine with every model registered (its slots fit the largest one): --model's
+    now, --catalogue's lazily (weights from disk when first needed)."""
+    from tokenpool.engine.host_kv_pool import HostKVPool
     from tokenpool.engine.llm_engine import EngineConfig
     from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
 
+    catalogue = catalogue_models(args, folders)
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device, engine=args.engine)
-    slot = slot_bytes_for(folders.values(), config)
+    slot = slot_bytes_for([*folders.values(), *catalogue.values()], config)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
-                              HostModelCache(), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
-                                                           pin=args.device == "cuda"))
+                              host_model_cache(args), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
+                                                                 pin=args.device == "cuda"))
     for model_id, folder in folders.items():
         engine.register(model_id, folder)
+    for model_id, folder in catalogue.items():
+        engine.register(model_id, folder, lazy=True)
     return engine

@@ -1,4 +1,5 @@
-"""`tokenpool models ...`: fill and list the local model store."""
+"""`tokenpool models ...`: fill and list the local model store; change a running stack's catalogue
+(add, remove, evict, preload, list --server: cli/models_admin.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 from pathlib import Path
 
 from tokenpool.engine.model_store import DEFAULT_MODEL, ModelStore
+
+from . import models_admin
 
 
 def add_parser(commands) -> None:
@@ -23,8 +26,11 @@ def add_parser(commands) -> None:
     gguf.add_argument("dir", type=Path)
     gguf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     gguf.set_defaults(run=import_gguf_file)
-    listing = models.add_parser("list", help="show the models in the store, with sizes")
+    listing = models.add_parser("list", help="show the models in the store, with sizes (with --server: a "
+                                "running stack's catalogue and tiers)")
+    models_admin.add_admin_args(listing, server_required=False)
     listing.set_defaults(run=list_models)
+    models_admin.add_parsers(models)
 
 
 def make_tiny(args: argparse.Namespace) -> None:
@@ -50,6 +56,8 @@ def import_gguf_file(args: argparse.Namespace) -> None:
 
 
 def list_models(args: argparse.Namespace) -> None:
+    if args.server is not None:
+        return models_admin.run_list(args)
     store = ModelStore()
     models = store.list()
     print(f"store: {store.root} (set $TOKENPOOL_MODELS to move it)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+ADMIN_PREFIX = "/tokenpool.v1.Admin/"  # checks its own token (cli/admin_token.py)
 MAX_TOKEN_BYTES = 4096
 
 
@@ -80,14 +81,15 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 class BearerTokenGuard(grpc.aio.ServerInterceptor):
-    """Calls without the token end UNAUTHENTICATED before any servicer code runs; health is exempt."""
+    """Calls without the token end UNAUTHENTICATED before any servicer code runs; health is exempt,
+    and so is the admin service, which demands its own token."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler is None or handler_call_details.method.startswith((HEALTH_PREFIX, ADMIN_PREFIX)):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 STATUS_TIMEOUT_S = 5.0
+MAX_LISTED_MODELS = 12  # more: counts by tier
 
 
 def add_parser(commands) -> None:
@@ -80,8 +81,22 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
     if s.tbt_target_s:
         quotas = ", ".join(f"{m} {q * 1e3:.0f} ms" for m, q in s.quotas_s.items()) or "-"
         lines.append(f"TBT target {s.tbt_target_s * 1e3:.1f} ms, alpha {s.alpha:.2f}, quotas: {quotas}")
-    lines.append(f"models: {', '.join(s.models)}")
+    lines.append(_models_line(s))
+    if s.loads or s.cold_loads:
+        loads = ", ".join(f"{x.model} {x.loaded_bytes / 2**20:.1f}/{x.total_bytes / 2**20:.1f} MiB"
+                          for x in s.loads) or "none now"
+        lines.append(f"disk loads: {s.cold_loads} done; loading: {loads}")
     return ("\n" + " " * 40).join(lines)  # under the description column
+
+
+def _models_line(s) -> str:
+    """The instance's models; a long catalogue as counts by tier, not 200 names."""
+    if len(s.models) <= MAX_LISTED_MODELS:
+        return f"models: {', '.join(s.models)}"
+    resident = 1 if s.active_model else 0
+    host = len(s.host_cached) - (s.active_model in s.host_cached)
+    return (f"models: {len(s.models)} ({resident} resident, {host} in the host cache, "
+            f"{len(s.models) - resident - host} on disk)")
 
 
 def _print_table(name: str, requests: bool) -> None:

@@ -26,7 +26,7 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "threads", "device", "engine", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
-               "gateway", "gateway_port")
+               "gateway", "gateway_port", "catalogue", "host_cache_mib", "admin_token_file")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -77,6 +77,14 @@ def add_parser(commands) -> None:
                    "(default: on)")
     p.add_argument("--gateway-port", type=int,
                    help="the HTTP gateway's port, on --host (default 8000; 0 picks one)")
+    p.add_argument("--catalogue", type=Path, default=None, metavar="DIR",
+                   help="serve every model folder under DIR, loaded from disk on demand (with --model: "
+                   "those too; alone: only the catalogue)")
+    p.add_argument("--host-cache-mib", type=int, default=None,
+                   help="the node's host model cache, MiB (default 8192); a catalogue may exceed it")
+    p.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                   help="open the admin API (`tokenpool models add/remove/evict/preload --server`) to this "
+                   "token (a 0600 file); without it the catalogue is fixed")
     p.set_defaults(run=run)
 
 
@@ -89,7 +97,12 @@ def stack_config(args: argparse.Namespace):
     values.update({k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None})
     values.setdefault("gateway", True)  # on for `tokenpool up`; StackConfig's default (tests) is off
     specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
-    return StackConfig(models=catalogue(specs), **values)
+    for key in ("catalogue", "admin_token_file"):
+        if key in values:
+            values[key] = Path(values[key])
+    # With a catalogue folder, no --model means only the catalogue (not the built-in models).
+    models = catalogue(specs) if specs or "catalogue" not in values else {}
+    return StackConfig(models=models, **values)
 
 
 def _read_config(path: Path) -> dict:
@@ -114,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
+    served = ", ".join(config.models) + (f" and the catalogue {config.catalogue}" if config.catalogue else "")
     print(f"tokenpool: starting {config.prefill} prefill and {config.decode} decode instances serving "
-          f"{', '.join(config.models)}; logs in {stack.log_dir}", flush=True)
+          f"{served.removeprefix(' and ')}; logs in {stack.log_dir}", flush=True)
     try:
         stack.start()
     except StackStartError as exc:

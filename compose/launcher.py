@@ -64,6 +64,11 @@ class StackConfig:
       loopback (internal services then listen there too).
     tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
       bearer token (cli/server_security.py); internal services stay on loopback without them.
+    catalogue, host_cache_mib, host_cache_dir: serve every model folder under catalogue (weights
+      read from disk on first use, engine/model_tiers.py) beside `models`, with a host model cache
+      of host_cache_mib (it may hold a fraction of the catalogue) in host_cache_dir.
+    admin_token_file: the proxy's admin service (tokenpool.v1.Admin) takes calls with this token;
+      without it the catalogue cannot change while the stack runs.
     gateway, gateway_port: start the OpenAI-compatible HTTP gateway (gateway/) on host:gateway_port
       (0 picks one) in front of the proxy; it gets the same bearer token file, and with TLS serves
       HTTPS with the proxy's certificate and trusts it to reach the proxy (so a self-signed one, or
@@ -98,6 +103,10 @@ class StackConfig:
     auth_token_file: Path | None = None  # clients need "authorization: Bearer <token>" (health exempt)
     gateway: bool = False
     gateway_port: int = 8000
+    catalogue: Path | None = None  # every model folder under it, registered lazily on every instance
+    host_cache_mib: int | None = None  # the node's host model cache capacity (None: 8 GiB)
+    host_cache_dir: Path | None = None  # the host model cache's folder (None: the node's shared one)
+    admin_token_file: Path | None = None  # opens the proxy's admin service (cli/admin_token.py)
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -112,8 +121,10 @@ class StackConfig:
             raise ValueError(f"tbt_ms must be positive, got {self.tbt_ms!r}")
         if not self.qmax_s > 0:
             raise ValueError(f"qmax_s (QMAX) must be positive, got {self.qmax_s!r}")
-        if not self.models:
-            raise ValueError("a stack needs at least one model")
+        if not self.models and self.catalogue is None:
+            raise ValueError("a stack needs at least one model (models, or a catalogue folder)")
+        if self.host_cache_mib is not None and self.host_cache_mib < 1:
+            raise ValueError(f"host_cache_mib must be >= 1, got {self.host_cache_mib!r}")
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -259,7 +270,8 @@ class Stack:
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
             return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
                     "--table-slots", str(c.table_slots), "--dtype", c.dtype, "--policy", c.policy,
-                    *wiring, *models, *self._node_args(instances), *self._security_args()]
+                    *wiring, *models, *self._catalogue_args(role), *self._node_args(instances),
+                    *self._security_args()]
         if role == "decode" and c.nodes == 2:
             agent = self.agents[1]
         if role == "prefill":
@@ -268,19 +280,35 @@ class Stack:
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
                 "--threads", str(c.threads_per_instance), "--device", c.device, "--engine", c.engine,
-                "--policy", c.policy, *models,
+                "--policy", c.policy, *models, *self._catalogue_args(role),
                 *(quotas if role == "decode" else [])]
+
+    def _catalogue_args(self, role: str) -> list[str]:
+        """The catalogue folder (proxy and instances), host-cache size (instances), admin token (proxy)."""
+        c = self.config
+        args = ["--catalogue", str(c.catalogue)] if c.catalogue is not None else []
+        if role == "proxy":
+            return args + (["--admin-token-file", str(c.admin_token_file)] if c.admin_token_file else [])
+        args += ["--host-cache-mib", str(c.host_cache_mib)] if c.host_cache_mib is not None else []
+        return args + (["--host-cache-dir", str(c.host_cache_dir)] if c.host_cache_dir is not None else [])
 
     def _gateway_args(self, proxy: Service) -> list[str]:
         c = self.config
         args = ["--listen", f"{c.host}:{c.gateway_port}", "--proxy", proxy.address, "--dtype", c.dtype,
-                *[f"--model={m}={f}" for m, f in c.models.items()]]
+                *[f"--model={m}={f}" for m, f in self._all_models().items()]]
         if c.auth_token_file is not None:
             args += ["--auth-token-file", str(c.auth_token_file)]
         if c.tls_cert is not None:
             args += ["--tls-cert", str(c.tls_cert), "--tls-key", str(c.tls_key),
                      "--proxy-ca", str(c.tls_cert)]
         return args
+
+    def _all_models(self) -> dict[str, Path]:
+        """models and the catalogue's folders (the gateway knows the models served at start)."""
+        from tokenpool.engine.model_catalogue import scan_catalogue
+
+        catalogue = scan_catalogue(self.config.catalogue) if self.config.catalogue is not None else {}
+        return {**catalogue, **self.config.models}
 
     def _security_args(self) -> list[str]:
         """The proxy's TLS and token flags (it checks the files and refuses to start on bad ones)."""

@@ -19,6 +19,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import grpc
+from tokenpool.cli.instance_catalogue import InstanceCatalogue
 from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
@@ -65,6 +66,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         self.metrics = metrics
         self.turns = TurnTracer("decode.turn") if tracing.enabled() else None
         observers = tuple(o for o in (metrics, self.turns) if o is not None)
+        self.catalogue = InstanceCatalogue(name, timings)
         self.worker = EngineWorker(engine, self.policy, self._on_output, self._on_failure, name, observers)
         self.leases = LeaseRenewer(lambda ids: asyncio.to_thread(transport.renew, ids))
         if metrics is not None:
@@ -109,6 +111,9 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
 
     async def Status(self, request, context):
         return await asyncio.wrap_future(self.worker.post(self._status))
+
+    async def Catalogue(self, request, context):
+        return await self.catalogue.answer(self.worker, request, context)
 
     def _status(self, engine: MultiModelEngine) -> ipb.InstanceStatus:
         arriving = sum(len(m.arriving) for m in engine.models.values())

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import grpc
+from tokenpool.cli.instance_catalogue import InstanceCatalogue
 from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.errors import InvalidRequestError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
@@ -81,6 +82,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         self.metrics = metrics
         self.turns = TurnTracer("prefill.compute") if tracing.enabled() else None
         observers = tuple(o for o in (metrics, self.turns) if o is not None)
+        self.catalogue = InstanceCatalogue(name, timings, self._queued_by_model)
         self.worker = EngineWorker(engine, GroupedFcfsTurns(self.queue, self._start), self._on_output,
                                    self._on_failure, name, observers)
         if metrics is not None:
@@ -136,6 +138,9 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         status = await asyncio.wrap_future(self.worker.post(
             lambda e: self._status(e)))
         return status
+
+    async def Catalogue(self, request, context):
+        return await self.catalogue.answer(self.worker, request, context)
 
     def close(self) -> None:
         self.worker.close()

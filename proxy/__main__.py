@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the node an instance runs on (repeatable; default: all on --kvtransfer's)")
     p.add_argument("--node-agent", action="append", default=[], type=_named_address, metavar="NODE=ADDR",
                    help="a node's kvtransfer agent (repeatable): KV crosses nodes through the agents")
-    p.add_argument("--model", action="append", required=True, metavar="ID[=FOLDER]",
-                   help="a served model: its tokenizer and limits (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help="a served model: its tokenizer and limits (repeatable; or --catalogue)")
+    p.add_argument("--catalogue", type=Path, default=None, metavar="DIR",
+                   help="serve every model folder under DIR (as the instances were given)")
+    p.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                   help="open the admin service (tokenpool.v1.Admin: add/remove/evict/preload models) to "
+                        "calls with 'authorization: Bearer <the file's first line>'; without it every admin "
+                        "call is refused")
     p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
     p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")
     p.add_argument("--table-backend", choices=("shm", "redis"), default="shm",
@@ -78,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> None:
     from prometheus_client import CollectorRegistry
-    from tokenpool.cli.instance_setup import parse_models
+    from tokenpool.cli.admin_token import AdminGuard, read_admin_token
+    from tokenpool.cli.instance_setup import catalogue_models, parse_models
     from tokenpool.cli.service_process import announce_ready, start_grpc_server, wait_for_signal
-    from tokenpool.protos.v1 import inference_pb2_grpc
+    from tokenpool.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
     from tokenpool.telemetry.proxy_metrics import ProxyMetrics
 
+    from .admin_servicer import AdminServicer
     from .dispatcher import make_dispatcher
     from .fleet_backend import MAX_ATTEMPTS, FleetBackend
     from .inference_servicer import InferenceServicer
@@ -97,7 +105,10 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.sleep(0)
     security = ServerSecurity.from_args(args)  # bad files fail before anything starts
-    models = {m: served_model_from_folder(m, f, args.dtype) for m, f in parse_models(args.model).items()}
+    folders = parse_models(args.model)
+    folders.update(catalogue_models(args, folders))
+    models = {m: served_model_from_folder(m, f, args.dtype) for m, f in folders.items()}
+    guard = AdminGuard(read_admin_token(args.admin_token_file) if args.admin_token_file else None)
     dispatcher = make_dispatcher(args.policy, list(models), [n for n, _ in args.prefill], len(args.decode))
     nodes, node_agents = dict(args.node), dict(args.node_agent)
     if missing := sorted(set(nodes.values()) - set(node_agents)):
@@ -121,8 +132,11 @@ async def serve(args: argparse.Namespace) -> None:
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))
     try:
         servicer = InferenceServicer(backend, models, table, metrics)
+        admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype)
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
-                                                        servicer)], ["tokenpool.v1.Inference"],
+                                                        servicer),
+                                                       (admin_pb2_grpc.add_AdminServicer_to_server, admin)],
+                                         ["tokenpool.v1.Inference", "tokenpool.v1.Admin"],
                                          trace_roots=True, metrics_port=args.metrics_port, registry=registry,
                                          security=security)
         announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models),

@@ -94,6 +94,7 @@ class FleetBackend(Backend):
         self._timings_tried = False
         self.max_in_flight = max_in_flight
         self._tasks: dict[str, asyncio.Task] = {}
+        self._model_of: dict[str, str] = {}  # request id -> model, while its task runs
         self._cleanups: set[asyncio.Task] = set()  # abandoned attempts' clean-ups (held until done)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_health())
 
@@ -105,7 +106,13 @@ class FleetBackend(Backend):
         deadline = time.monotonic() + sub.timeout_s if sub.timeout_s is not None else None
         task = asyncio.create_task(self._run(sub, deadline), name=f"request-{sub.request_id}")
         self._tasks[sub.request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(sub.request_id, None))
+        self._model_of[sub.request_id] = sub.model
+        task.add_done_callback(lambda _: (self._tasks.pop(sub.request_id, None),
+                                          self._model_of.pop(sub.request_id, None)))
+
+    def in_flight(self, model: str) -> int:
+        """Requests for model submitted and not yet ended (the admin service's removal check)."""
+        return sum(1 for m in self._model_of.values() if m == model)
 
     def cancel(self, sub: Submission) -> None:
         task = self._tasks.get(sub.request_id)

@@ -22,6 +22,9 @@ nobody scrapes):
     tokenpool_arena_kv_blocks_used / _total, tokenpool_arena_kv_utilization
     tokenpool_host_model_cache_{hits,misses,evictions}_total, _used_bytes, _capacity_bytes
     tokenpool_decode_alpha, tokenpool_decode_quota_seconds{model}   (aegaeon decode)
+    tokenpool_model_cold_loads_total, _abandoned_total   catalogue models read from disk
+    tokenpool_model_cold_load_bytes{model}        bytes read so far by a disk load in progress
+    tokenpool_catalogue_models{tier}              catalogue models on disk / host / resident
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class _StateCollector(Collector):
         ]
         families += _memory(engine)
         families += _cache(engine)
+        families += _tiers(engine)
         if self.last_round is not None and (last := self.last_round()) is not None:
             alpha, quotas = last
             families.append(GaugeMetricFamily("tokenpool_decode_alpha", "The last decode round's alpha "
@@ -170,3 +174,27 @@ def _cache(engine: MultiModelEngine) -> list:
         GaugeMetricFamily("tokenpool_host_model_cache_capacity_bytes", "Host model cache capacity",
                           value=cache.capacity_bytes),
     ]
+
+
+def _tiers(engine: MultiModelEngine) -> list:
+    """The catalogue's disk loads and tiers (nothing while no model is registered lazily)."""
+    tiers = engine.tiers
+    if tiers is None:
+        return []
+    loading = GaugeMetricFamily("tokenpool_model_cold_load_bytes", "Bytes read so far by a disk load "
+                                "in progress", labels=["model"])
+    for p in tiers.progress():
+        loading.add_metric([p.model_id], p.loaded_bytes)
+    resident = {m for m in (engine.active, engine.switcher.active_model) if m}
+    counts = dict.fromkeys(("disk", "host", "resident"), 0)
+    for model_id in engine.models:
+        if model_id in tiers:
+            counts[tiers.tier(model_id, resident).value] += 1
+    by_tier = GaugeMetricFamily("tokenpool_catalogue_models", "Catalogue models by tier", labels=["tier"])
+    for tier, n in counts.items():
+        by_tier.add_metric([tier], n)
+    return [CounterMetricFamily("tokenpool_model_cold_loads", "Catalogue models read from disk into the "
+                                "host cache", value=tiers.loader.completed),
+            CounterMetricFamily("tokenpool_model_cold_loads_abandoned", "Disk loads dropped because every "
+                                "request waiting for them was cancelled", value=tiers.loader.abandoned),
+            loading, by_tier]

@@ -16,6 +16,7 @@ cancelled and rejected ones are left out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -47,9 +48,24 @@ class ProxyMetrics:
         self.window = AttainmentWindow(window_s)
         registry.register(_AttainmentCollector(self))
         for model in models:  # every series exists from the start, at 0
-            for outcome in OUTCOMES:
-                self.requests.labels(model, outcome)
-            self.in_flight.labels(model)
+            self.add_model(model)
+
+    def add_model(self, model: str) -> None:
+        """A model served from now on (at start, or added at run time): its series, at 0."""
+        self.models.add(model)
+        for outcome in OUTCOMES:
+            self.requests.labels(model, outcome)
+        self.in_flight.labels(model)
+
+    def remove_model(self, model: str) -> None:
+        """A model removed at run time: its series go (a later request counts as unknown)."""
+        self.models.discard(model)
+        for metric, labels in [(self.requests, (model, o)) for o in OUTCOMES] + [(self.in_flight, (model,))]:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        for metric in (self.ttft, self.tbt, self.tokens):
+            with contextlib.suppress(KeyError):
+                metric.remove(model)
 
     def label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN_MODEL

@@ -224,7 +224,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings", "host_cached", "kv_usage")
+    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings", "host_cached", "kv_usage", "loads", "cold_loads")
     class RequestsByModelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,8 @@ class InstanceStatus(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    COLD_LOADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     active_model: str
@@ -275,7 +277,55 @@ class InstanceStatus(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[ModelTiming]
     host_cached: _containers.RepeatedScalarFieldContainer[str]
     kv_usage: float
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+    loads: _containers.RepeatedCompositeFieldContainer[ModelLoad]
+    cold_loads: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., cold_loads: _Optional[int] = ...) -> None: ...
+
+class ModelLoad(_message.Message):
+    __slots__ = ("model", "loaded_bytes", "total_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    loaded_bytes: int
+    total_bytes: int
+    def __init__(self, model: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class CatalogueRequest(_message.Message):
+    __slots__ = ("action", "model", "folder")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    model: str
+    folder: str
+    def __init__(self, action: _Optional[str] = ..., model: _Optional[str] = ..., folder: _Optional[str] = ...) -> None: ...
+
+class CatalogueModel(_message.Message):
+    __slots__ = ("id", "folder", "tier", "weight_bytes", "requests", "loaded_bytes", "loading")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    folder: str
+    tier: str
+    weight_bytes: int
+    requests: int
+    loaded_bytes: int
+    loading: bool
+    def __init__(self, id: _Optional[str] = ..., folder: _Optional[str] = ..., tier: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., requests: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., loading: _Optional[bool] = ...) -> None: ...
+
+class CatalogueReply(_message.Message):
+    __slots__ = ("models", "timing")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[CatalogueModel]
+    timing: ModelTiming
+    def __init__(self, models: _Optional[_Iterable[_Union[CatalogueModel, _Mapping]]] = ..., timing: _Optional[_Union[ModelTiming, _Mapping]] = ...) -> None: ...
 
 class ModelTiming(_message.Message):
     __slots__ = ("model", "prefill_a", "prefill_b", "step_a", "step_b", "step_c", "switch_s")

@@ -45,6 +45,11 @@ class PrefillStub:
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.InstanceStatus.FromString,
                 _registered_method=True)
+        self.Catalogue = channel.unary_unary(
+                '/tokenpool.internal.v1.Prefill/Catalogue',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -66,6 +71,14 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Catalogue(self, request, context):
+        """Catalogue adds, removes, evicts, preloads or lists the instance's catalogue models (the
+        proxy's admin service fans out to every instance); run on the engine's thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatusRequest.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.InstanceStatus.SerializeToString,
+            ),
+            'Catalogue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Catalogue,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,6 +163,33 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Catalogue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.Prefill/Catalogue',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeStub:
     """A decode instance: several co-located models, continuous batching, token streams.
@@ -170,6 +215,11 @@ class DecodeStub:
                 '/tokenpool.internal.v1.Decode/Status',
                 request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.InstanceStatus.FromString,
+                _registered_method=True)
+        self.Catalogue = channel.unary_unary(
+                '/tokenpool.internal.v1.Decode/Catalogue',
+                request_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.FromString,
                 _registered_method=True)
 
 
@@ -198,6 +248,14 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Catalogue(self, request, context):
+        """Catalogue adds, removes, evicts, preloads or lists the instance's catalogue models (the
+        proxy's admin service fans out to every instance); run on the engine's thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +273,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatusRequest.FromString,
                     response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.InstanceStatus.SerializeToString,
+            ),
+            'Catalogue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Catalogue,
+                    request_deserializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -299,6 +362,33 @@ class Decode:
             '/tokenpool.internal.v1.Decode/Status',
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.StatusRequest.SerializeToString,
             tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.InstanceStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Catalogue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.internal.v1.Decode/Catalogue',
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueRequest.SerializeToString,
+            tokenpool_dot_protos_dot_internal_dot_v1_dot_instances__pb2.CatalogueReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,209 @@
+"""AdminServicer: tokenpool.v1.Admin, the model catalogue changed while the stack runs.
+
+Every call is checked against the admin token first (cli/admin_token.py). Changes fan out to
+every prefill and decode instance through their internal Catalogue RPC and take effect at the
+proxy (served models, dispatch timings, metrics series) only once every instance agreed; an
+instance that refuses rolls the others back, so no model is left half-registered. Host-cache
+operations (evict, preload) go to one instance: the cache is the node's.
+
+Removal refuses while requests for the model are in flight (FAILED_PRECONDITION naming the
+count): it does not drain. The model stops being served at the proxy for the duration of the
+call, so no new request slips in between the check and the instances' removal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from tokenpool.cli.admin_token import AdminGuard
+from tokenpool.engine.model_catalogue import CatalogueError, check_model_id
+from tokenpool.protos.internal.v1 import instances_pb2 as ipb
+from tokenpool.protos.v1 import admin_pb2 as apb
+from tokenpool.protos.v1 import admin_pb2_grpc
+
+from .dispatcher import Timing
+from .served_model import ServedModel, served_model_from_folder
+
+ADD_TIMEOUT_S = 300.0  # a model of a new shape is profiled on each instance while it is added
+CALL_TIMEOUT_S = 60.0
+
+
+class AdminRefusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, backend, models: dict[str, ServedModel], folders: dict[str, Path], guard: AdminGuard,
+                 metrics=None, dtype: str = "auto") -> None:
+        """backend: the FleetBackend; models: the servicer's served-model map, changed in place;
+        folders: each served model's folder (a removal that must be undone adds it back)."""
+        self.backend = backend
+        self.models = models
+        self._folders = dict(folders)
+        self.guard = guard
+        self.metrics = metrics
+        self.dtype = dtype
+        self._lock = asyncio.Lock()  # one catalogue change at a time
+
+    async def AddModel(self, request, context):
+        return await self._call(context, self._add, request.id, request.folder)
+
+    async def RemoveModel(self, request, context):
+        return await self._call(context, self._remove, request.id)
+
+    async def EvictModel(self, request, context):
+        return await self._call(context, self._on_cache, "evict", request.id)
+
+    async def PreloadModel(self, request, context):
+        return await self._call(context, self._on_cache, "preload", request.id)
+
+    async def ListCatalogue(self, request, context):
+        return await self._call(context, self._list)
+
+    async def _call(self, context, fn, *args):
+        refusal = self.guard.refusal(context.invocation_metadata())
+        if refusal is not None:
+            await context.abort(*refusal)
+        try:
+            async with self._lock:
+                return await fn(*args)
+        except AdminRefusal as exc:
+            await context.abort(exc.code, str(exc))
+
+    # -- the operations ---------------------------------------------------------------------------
+
+    async def _add(self, model_id: str, folder: str) -> apb.AdminReply:
+        served = self._check_new(model_id, folder)
+        request = ipb.CatalogueRequest(action="add", model=model_id, folder=str(served[1]))
+        replies = await self._fan_out(request, ADD_TIMEOUT_S, undo=ipb.CatalogueRequest(action="remove",
+                                                                                         model=model_id))
+        self.models[model_id], self._folders[model_id] = served
+        if self.metrics is not None:
+            self.metrics.add_model(model_id)
+        t = replies[0].timing
+        if t.model:
+            self.backend.dispatcher.timings[model_id] = Timing(t.prefill_a, t.prefill_b, t.switch_s)
+        entry = _merge(model_id, list(zip(self._names(), replies, strict=True)))
+        message = (f"added {model_id} from {served[1]} on {len(replies)} instances "
+                   f"({entry.weight_bytes / 2**20:.1f} MiB, tier {entry.tier})")
+        return apb.AdminReply(message=message, model=entry)
+
+    def _check_new(self, model_id: str, folder: str) -> tuple[ServedModel, Path]:
+        try:
+            check_model_id(model_id)
+        except CatalogueError as exc:
+            raise AdminRefusal(grpc.StatusCode.INVALID_ARGUMENT, f"id: {exc}") from None
+        if model_id in self.models:
+            raise AdminRefusal(grpc.StatusCode.ALREADY_EXISTS, f"id: model {model_id!r} is already served")
+        if self.backend.dispatcher.pins_instances:
+            raise AdminRefusal(grpc.StatusCode.FAILED_PRECONDITION, "the static policy pins each model to "
+                               "its own instances; the catalogue changes only under aegaeon or request")
+        path = Path(folder)
+        if not folder or not path.is_absolute():
+            raise AdminRefusal(grpc.StatusCode.INVALID_ARGUMENT, f"folder: {folder!r} must be an absolute "
+                               "path on the instances' machine")
+        if not (path / "config.json").is_file():
+            raise AdminRefusal(grpc.StatusCode.INVALID_ARGUMENT, f"folder: {folder} is not a model folder "
+                               "(no config.json)")
+        try:
+            return served_model_from_folder(model_id, path, self.dtype), path
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdminRefusal(grpc.StatusCode.INVALID_ARGUMENT, f"folder: {folder}: {exc}") from None
+
+    async def _remove(self, model_id: str) -> apb.AdminReply:
+        served = self._known(model_id)
+        in_flight = self.backend.in_flight(model_id)
+        if in_flight:
+            raise AdminRefusal(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {model_id!r} has {in_flight} requests in flight; remove it once "
+                               f"they end (nothing was changed)")
+        del self.models[model_id]  # no new request from here on
+        try:
+            await self._fan_out(ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S,
+                                undo=ipb.CatalogueRequest(action="add", model=model_id,
+                                                          folder=str(self._folder_of(model_id))))
+        except AdminRefusal:
+            self.models[model_id] = served
+            raise
+        self.backend.dispatcher.timings.pop(model_id, None)
+        self._folders.pop(model_id, None)
+        if self.metrics is not None:
+            self.metrics.remove_model(model_id)
+        return apb.AdminReply(message=f"removed {model_id} from {len(self._instances())} instances")
+
+    async def _on_cache(self, action: str, model_id: str) -> apb.AdminReply:
+        self._known(model_id)
+        name, instance = self._names()[0], self._instances()[0]
+        reply = await self._one(instance, ipb.CatalogueRequest(action=action, model=model_id), CALL_TIMEOUT_S)
+        entry = _merge(model_id, [(name, reply)])
+        done = {"evict": f"evicted {model_id} from the host cache (tier {entry.tier})",
+                "preload": f"preloading {model_id}: tier {entry.tier}"
+                           + (f", {entry.loaded_bytes / 2**20:.1f}/{entry.weight_bytes / 2**20:.1f} MiB read"
+                              if entry.loading else "")}
+        return apb.AdminReply(message=done[action], model=entry)
+
+    async def _list(self) -> apb.ListCatalogueResponse:
+        replies = await self._fan_out(ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
+        named = list(zip(self._names(), replies, strict=True))
+        return apb.ListCatalogueResponse(models=[_merge(m, named) for m in sorted(self.models)])
+
+    # -- fan-out ----------------------------------------------------------------------------------
+
+    def _instances(self) -> list:
+        return [*self.backend.prefill, *self.backend.decode]
+
+    def _names(self) -> list[str]:
+        return [i.name for i in self._instances()]
+
+    def _known(self, model_id: str) -> ServedModel:
+        if model_id not in self.models:
+            raise AdminRefusal(grpc.StatusCode.NOT_FOUND, f"id: model {model_id!r} is not served "
+                               f"({len(self.models)} models are)")
+        return self.models[model_id]
+
+    def _folder_of(self, model_id: str) -> str:
+        return self._folders.get(model_id, "")
+
+    async def _one(self, instance, request: ipb.CatalogueRequest, timeout: float) -> ipb.CatalogueReply:
+        try:
+            return await instance.stub.Catalogue(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise AdminRefusal(exc.code(), exc.details() or f"{instance.name}: {exc.code().name}") from None
+
+    async def _fan_out(self, request: ipb.CatalogueRequest, timeout: float,
+                       undo: ipb.CatalogueRequest | None = None) -> list[ipb.CatalogueReply]:
+        """request on every instance -> their replies; if any refuses, undo on those that did it and
+        raise the first refusal."""
+        instances = self._instances()
+        results = await asyncio.gather(*(self._one(i, request, timeout) for i in instances),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed:
+            return list(results)
+        if undo is not None:
+            done = [i for i, r in zip(instances, results, strict=True) if not isinstance(r, BaseException)]
+            await asyncio.gather(*(self._one(i, undo, timeout) for i in done), return_exceptions=True)
+        if isinstance(failed[0], AdminRefusal):
+            raise failed[0]
+        raise AdminRefusal(grpc.StatusCode.INTERNAL, f"{request.action} {request.model}: {failed[0]}")
+
+
+def _merge(model_id: str, replies: list[tuple[str, ipb.CatalogueReply]]) -> apb.CatalogueEntry:
+    """One model as the stack sees it, from the instances' views: resident anywhere beats in the
+    host cache beats on disk; requests add up."""
+    views = [(name, m) for name, r in replies for m in r.models if m.id == model_id]
+    entry = apb.CatalogueEntry(id=model_id)
+    if not views:
+        return entry
+    tiers = {m.tier for _, m in views}
+    entry.tier = next(t for t in ("resident", "host", "disk") if t in tiers)
+    entry.folder, entry.weight_bytes = views[0][1].folder, views[0][1].weight_bytes
+    entry.requests = sum(m.requests for _, m in views)
+    entry.loading = any(m.loading for _, m in views)
+    entry.loaded_bytes = max(m.loaded_bytes for _, m in views)
+    entry.resident_on.extend(sorted(name for name, m in views if m.tier == "resident"))
+    return entry
