@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import uuid
 
 import msgspec
 import pytest
+from redis_server import redis_server
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
     DuplicateRequestError,
@@ -31,47 +31,13 @@ from tokenpool.proxy.request_table import (
 from tokenpool.proxy.shm_request_table import ShmRequestTable, default_root
 from tokenpool.proxy.table_recovery import orphans, reclaim_orphans
 
-REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> str:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server missing: `apt-get install -y redis-server` "
-                    "(./install.sh dev does it as root)")
-    import redis
-
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen([REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                               "--appendonly", "no", "--dir", str(folder)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_for_redis(redis.Redis.from_url(url), server)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-def wait_for_redis(client, server: subprocess.Popen) -> None:
-    import redis
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
 
 
 def redis_table(url: str, name: str, capacity: int = 8, **kw):

@@ -1,0 +1,119 @@
+"""Two proxies share one request table in Redis in front of the same instances: kill -9 of one
+mid-stream; its clients reconnect to the other and every request completes there, and the
+survivor reclaims the dead proxy's rows (and their hand-off KV) once its heartbeat lapses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from redis_server import redis_server
+from stack_helpers import service, start_tiny_stack, wait_until_idle
+from tokenpool.protos.v1 import inference_pb2 as pb
+from tokenpool.protos.v1 import inference_pb2_grpc
+from tokenpool.proxy.redis_request_table import DEFAULT_TTL_S, RedisRequestTable
+from tokenpool.proxy.table_recovery import RECLAIM_EVERY_S
+
+MODELS = ("tiny-llama", "tiny-qwen3")
+STREAMS, TOKENS, SLOTS = 40, 48, 64
+TABLE = "shared"
+
+
+@pytest.fixture
+def stack(tiny_dir, tmp_path):
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path / "logs", prefill=1, decode=1)
+    yield stack
+    stack.stop()
+
+
+def start_proxy(stack, tmp_path: Path, name: str, url: str) -> tuple[subprocess.Popen, str]:
+    """Another proxy with the stack's wiring, on a free port, on the Redis table -> (process, address)."""
+    argv = [a.decode() for a in
+            Path(f"/proc/{service(stack, 'proxy').process.pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    ready = tmp_path / f"{name}.json"
+    for flag, value in (("--listen", "127.0.0.1:0"), ("--ready-file", str(ready)), ("--table", TABLE),
+                        ("--table-slots", str(SLOTS))):
+        argv[argv.index(flag) + 1] = value
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - the child holds it
+    process = subprocess.Popen(argv + ["--table-backend", "redis", "--redis-url", url], stdout=log,
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert process.poll() is None, (tmp_path / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, f"{name} never got ready"
+        time.sleep(0.05)
+    return process, json.loads(ready.read_text())["address"]
+
+
+def client(i: int, addresses: list[str], outcomes: dict, received: list[int]) -> None:
+    """Stream from the first proxy; on UNAVAILABLE (it died) reconnect to the next one."""
+    request = pb.GenerateRequest(model=MODELS[i % 2], text=f"stream {i}",
+                                 sampling=pb.SamplingParams(max_tokens=TOKENS, ignore_eos=True))
+    for tried, address in enumerate(addresses, 1):
+        tokens = 0
+        with grpc.insecure_channel(address) as channel:
+            try:
+                for response in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120):
+                    tokens += len(response.token_ids)
+                    received[0] += len(response.token_ids)
+                outcomes[i] = ("completed", tokens, tried)
+                return
+            except grpc.RpcError as exc:
+                outcomes[i] = (exc.code(), tokens, tried)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_proxys_clients_move_to_the_survivor_and_its_rows_are_reclaimed(stack, tmp_path):
+    with redis_server(tmp_path) as url:
+        doomed, doomed_address = start_proxy(stack, tmp_path, "proxy-a", url)
+        survivor, survivor_address = start_proxy(stack, tmp_path, "proxy-b", url)
+        try:
+            run_and_kill(doomed, doomed_address, survivor_address)
+            table = RedisRequestTable(url, TABLE, SLOTS)
+            try:
+                wait_for_reclaim(table)
+            finally:
+                table.close()
+            assert "reclaimed" in (tmp_path / "proxy-b.log").read_text()
+            wait_until_idle(stack, ["prefill-0", "decode-0"], timeout=60)  # hand-off pool, instances
+        finally:
+            for p in (doomed, survivor):
+                p.kill()
+                p.wait(30)
+
+
+def run_and_kill(doomed: subprocess.Popen, doomed_address: str, survivor_address: str) -> None:
+    outcomes, received = {}, [0]
+    routes = [[doomed_address, survivor_address] if i % 2 else [survivor_address] for i in range(STREAMS)]
+    threads = [threading.Thread(target=client, args=(i, routes[i], outcomes, received))
+               for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while received[0] < STREAMS * TOKENS // 4:
+        assert time.monotonic() < deadline, "the streams never got going"
+        time.sleep(0.01)
+    os.kill(doomed.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    assert len(outcomes) == STREAMS
+    failed = {i: o for i, o in outcomes.items() if o[:2] != ("completed", TOKENS)}
+    assert not failed, f"every request, reconnected or not, completes on the survivor: {failed}"
+    assert any(o[2] == 2 for o in outcomes.values()), "the kill caught no stream mid-way"
+
+
+def wait_for_reclaim(table: RedisRequestTable) -> None:
+    """The dead proxy's rows go once its heartbeat lapses and the survivor's next sweep runs."""
+    deadline = time.monotonic() + DEFAULT_TTL_S + 2 * RECLAIM_EVERY_S + 10
+    while table.usage().used:
+        assert time.monotonic() < deadline, f"rows left: {table.records()}"
+        time.sleep(0.2)
