@@ -62,6 +62,8 @@ def _build_sources() -> list[Path]:
 
     files = _sources()
     key = "\0".join([_cpu_signature(), " ".join(_CFLAGS), torch.__version__]).encode()
+    if sys.prefix != sys.base_prefix:  # a venv's torch (e.g. .venv-vllm) has its own include paths in
+        key += sys.prefix.encode()     # torch's build file: sharing a folder would rebuild on every switch
     key += b"".join(name.encode() + b"\0" + code for name, code in files.items())
     name = f"tokenpool_cpu_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
