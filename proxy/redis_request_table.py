@@ -54,6 +54,7 @@ FORMAT_VERSION = 1
 MAX_CAPACITY = 1 << 20
 MAX_RECORD_BYTES = 4096  # far above any record within RequestRecord's limits
 DEFAULT_TTL_S = 10.0
+SOCKET_TIMEOUT_S = 2.0  # calls run on the proxy's event loop: a server gone quiet must not hang it
 HEARTBEATS_PER_TTL = 5
 FREE, CHANGED, FENCED, FULL, DUPLICATE, LIVE_OWNER = -1, -2, -3, -4, -5, -6
 
@@ -127,7 +128,8 @@ class RedisRequestTable(RequestTable):
         self.name, self.capacity, self.ttl_s = name, capacity, ttl_s
         self.prefix = f"tokenpool:{{{name}}}:"
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._redis = client if client is not None else redis.Redis.from_url(url)
+        self._redis = client if client is not None else redis.Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
         self._scripts = {k: self._redis.register_script(s) for k, s in
                          (("init", _INIT), ("insert", _INSERT), ("cas", _CAS), ("release", _RELEASE))}
         self._check_meta(self._scripts["init"](args=[self.prefix, capacity, FORMAT_VERSION]))
