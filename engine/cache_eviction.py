@@ -50,6 +50,7 @@ class ModelActivity:
         self._work: dict[str, int] = {}  # model -> queued + running requests
         self._last_arrival: dict[str, float] = {}
         self._expected: set[str] = set()
+        self.on_settled: Callable[[str], None] | None = None  # called after settled(), outside the lock
 
     def arrived(self, model_id: str) -> None:
         with self._lock:
@@ -79,6 +80,8 @@ class ModelActivity:
         """The expected model is resident now (its lease protects it from here on)."""
         with self._lock:
             self._expected.discard(model_id)
+        if self.on_settled is not None:
+            self.on_settled(model_id)
 
     def forget(self, model_id: str) -> None:
         """The model left the catalogue."""

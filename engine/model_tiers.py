@@ -18,8 +18,11 @@ import torch
 
 from .cache_eviction import ModelActivity
 from .cold_loader import ColdLoader, LoadProgress, LoadTicket
-from .host_model_cache import HostModelCache
+from .host_model_cache import CachedModel, CacheMissError, HostModelCache
 from .model_switcher import ModelProfile, cache_metadata, checkpoint_filler
+
+MAX_PINS = 2  # the model being switched to and the one being prefetched
+RELOAD_TRIES = 3  # another process may evict a model between its load and our attach
 
 Fill = Callable[[str, torch.Tensor], None]
 OpenFill = Callable[[], Fill]  # maps the checkpoint and checks it again
@@ -37,9 +40,11 @@ class ModelTiers:
         self.cache = cache
         self.activity = ModelActivity(reload_bytes_per_s, has_work=has_work)
         cache.victim_order = self.activity.victim_order
+        self.activity.on_settled = self._unpin  # resident: the switcher's own lease holds it now
         self.loader = ColdLoader(cache)
         self._fills: dict[str, Fill] = {}
         self._profiles: dict[str, ModelProfile] = {}
+        self._pins: dict[str, CachedModel] = {}  # oldest first; engine thread only
 
     @staticmethod
     def check(profile: ModelProfile, round_to: torch.dtype | None) -> OpenFill:
@@ -55,6 +60,7 @@ class ModelTiers:
         self._profiles[profile.model_id] = profile
 
     def remove(self, model_id: str) -> None:
+        self._unpin(model_id)
         self._fills.pop(model_id, None)
         self._profiles.pop(model_id, None)
         self.activity.forget(model_id)
@@ -76,20 +82,49 @@ class ModelTiers:
                                 cache_metadata(profile))
 
     def ensure_cached(self, model_id: str) -> None:
-        """Block until model_id is in the host cache (the read runs on the loader's thread)."""
+        """Block until model_id is in the host cache, pinned there (the read runs on the loader's
+        thread)."""
         self.activity.expect(model_id)  # keep it from being chosen as a victim meanwhile
-        ticket = self.fetch(model_id)
-        if ticket is not None:
-            try:
-                ticket.wait()
-            finally:
-                ticket.cancel()  # the load is done; this only drops the claim
+        for _ in range(RELOAD_TRIES):
+            ticket = self.fetch(model_id)
+            if ticket is not None:
+                try:
+                    ticket.wait()
+                finally:
+                    ticket.cancel()  # the load is done; this only drops the claim
+            if self.pin(model_id):
+                return
+        raise CacheMissError(f"model {model_id!r} was evicted from the host cache by other processes "
+                             f"{RELOAD_TRIES} times between its load and its use; enlarge the host cache")
+
+    def pin(self, model_id: str) -> bool:
+        """Hold a lease on model_id if it is in the host cache (True), so no process evicts it
+        between this check and the switcher's own attach (another process's eviction policy does
+        not know what this one is about to use). Let go once it is settled (switched to), or as
+        the oldest of MAX_PINS."""
+        if model_id in self._pins:
+            self._pins[model_id] = self._pins.pop(model_id)  # the newest now
+            return True
+        try:
+            self._pins[model_id] = self.cache.attach(model_id)
+        except CacheMissError:
+            return False
+        while len(self._pins) > MAX_PINS:
+            self._unpin(next(iter(self._pins)))
+        return True
+
+    def _unpin(self, model_id: str) -> None:
+        lease = self._pins.pop(model_id, None)
+        if lease is not None:
+            lease.close()
 
     def progress(self) -> list[LoadProgress]:
         return self.loader.progress()
 
     def close(self) -> None:
         self.loader.close()
+        for model_id in list(self._pins):
+            self._unpin(model_id)
 
 
 class _FillOnFirstUse:

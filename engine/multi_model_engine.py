@@ -284,7 +284,7 @@ class MultiModelEngine:
         ready to activate. None when it is already the active model."""
         if model_id == self.active:
             return None
-        if self.tiers is not None and model_id in self.tiers and not self.cache.contains(model_id):
+        if self.tiers is not None and model_id in self.tiers and not self.tiers.pin(model_id):
             self.tiers.activity.expect(model_id)
             self.tiers.fetch(model_id)  # from disk in the background; the slot copy waits for the switch
             return None

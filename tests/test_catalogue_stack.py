@@ -1,0 +1,326 @@
+"""The model catalogue in a running stack: `--catalogue DIR` with 200 ids over four shapes of tiny
+checkpoints and a host cache holding a few of them; the admin API and `tokenpool models ...`
+changing the catalogue while traffic runs; bad admin input refused with nothing half-registered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from conftest import cut_layers
+from stack_helpers import SMALL_STACK, instance_status, service, stream, wait_until_idle
+from tokenpool.cli.admin_token import AdminGuard
+from tokenpool.cli.main import main as cli_main
+from tokenpool.compose.launcher import Stack, StackConfig
+from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
+from tokenpool.engine.sampling_params import SamplingParams
+from tokenpool.protos.v1 import admin_pb2 as apb
+from tokenpool.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
+from tokenpool.protos.v1 import inference_pb2 as pb
+
+NUM_IDS = 200  # start-up stays a few seconds: instances read configs and tokenizers, not weights
+HOST_CACHE_MIB = 24  # ~7% of the catalogue's ~330 MiB (models up to 2.2 MiB; an instance pins up to two)
+PROMPT = "The quick brown fox"
+NEW_TOKENS = 4
+WAIT_S = 120.0  # an upper bound for waits on status, never a sleep
+INSTANCES = ("prefill-0", "decode-0", "decode-1")
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_dir, tmp_path_factory):
+    """Four shapes; tiny-llama (the largest tiny model) is left out: it is the model too large for
+    the arena slots sized by the catalogue."""
+    root = tmp_path_factory.mktemp("shapes")
+    folders = {name: tiny_dir / name for name in ("tiny-qwen2", "tiny-qwen3", "tiny-mistral")}
+    folders["tiny-llama-1l"] = cut_layers(tiny_dir / "tiny-llama", root / "tiny-llama-1l", 1)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def catalogue(shapes, tmp_path_factory):
+    """{id: shape name} for NUM_IDS ids, each a symlink to one of the shapes' folders."""
+    root = tmp_path_factory.mktemp("catalogue")
+    names = sorted(shapes)
+    ids = {}
+    for i in range(NUM_IDS):
+        ids[f"cat-{i:03d}"] = names[i % len(names)]
+        (root / f"cat-{i:03d}").symlink_to(shapes[names[i % len(names)]])
+    return root, ids
+
+
+@pytest.fixture(scope="module")
+def expected(shapes):
+    """The single-model engine's greedy tokens for each shape's folder."""
+    out = {}
+    for name, folder in shapes.items():
+        engine = LLMEngine(folder, EngineConfig(dtype="float32"))
+        out[name] = engine.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0] \
+            .output_token_ids
+    return out
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("admin") / "admin-token"
+    path.write_text("catalogue-admin-secret\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_cache_dir():
+    import tempfile
+
+    from tokenpool.engine.private_shm import private_dir, shm_root
+
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as folder:
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def stack(catalogue, token_file, host_cache_dir, tmp_path_factory):
+    config = StackConfig(models={}, catalogue=catalogue[0], host_cache_mib=HOST_CACHE_MIB,
+                         host_cache_dir=host_cache_dir, admin_token_file=token_file, **SMALL_STACK)
+    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+        stack.start(progress=lambda line: None)
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def admin(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        yield admin_pb2_grpc.AdminStub(channel)
+
+
+def _auth(token_file) -> list:
+    return [("authorization", f"Bearer {token_file.read_text().strip()}")]
+
+
+def _greedy(stub, model: str) -> list[int]:
+    return [t for r in stream(stub, model, PROMPT, NEW_TOKENS) for t in r.token_ids]
+
+
+class CacheWatch:
+    """Samples the host cache folder's segment bytes on a thread, as fast as it can."""
+
+    def __init__(self, folder) -> None:
+        self.folder, self.peak, self.samples = folder, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = 0
+            for entry in os.scandir(self.folder):
+                if entry.name.endswith(".seg"):
+                    try:
+                        used += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+            self.peak, self.samples = max(self.peak, used), self.samples + 1
+            self._stop.wait(0.005)
+
+
+def test_a_workload_over_every_id_gives_each_folders_tokens_within_the_host_cache(
+        stack, stub, catalogue, expected, host_cache_dir):
+    ids = catalogue[1]
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    assert sorted(m.id for m in listed) == sorted(ids)
+    assert {m.state for m in listed} <= {"disk", "host", "resident"}
+    with CacheWatch(host_cache_dir) as watch, ThreadPoolExecutor(8) as pool:
+        got = dict(zip(ids, pool.map(lambda m: _greedy(stub, m), ids), strict=True))
+    for model_id, shape in ids.items():
+        assert got[model_id] == expected[shape], model_id
+    assert watch.samples > 10 and 0 < watch.peak <= HOST_CACHE_MIB << 20, watch.peak
+    states = [m.state for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models]
+    assert states.count("disk") > NUM_IDS // 2, "the cache holds only a fraction of the catalogue"
+    loads = sum(instance_status(stack, name).cold_loads for name in INSTANCES)
+    assert loads >= NUM_IDS, "every id was read from disk at least once (once per node, by some instance)"
+    wait_until_idle(stack, timeout=WAIT_S)
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+class Traffic:
+    """Greedy streams over some ids on threads until stopped; every failure is kept."""
+
+    def __init__(self, stub, ids: dict[str, str], expected) -> None:
+        self.stub, self.ids, self.expected = stub, ids, expected
+        self.failures: list[str] = []
+        self.done = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(3)]
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def _run(self, offset: int) -> None:
+        names = sorted(self.ids)
+        i = offset
+        while not self._stop.is_set():
+            model = names[i % len(names)]
+            i += 3
+            try:
+                tokens = _greedy(self.stub, model)
+            except grpc.RpcError as exc:
+                self.failures.append(f"{model}: {exc.code().name} {exc.details()}")
+                continue
+            if tokens != self.expected[self.ids[model]]:
+                self.failures.append(f"{model}: tokens {tokens}")
+            self.done += 1
+
+
+def _wait_tier(admin, token_file, model_id: str, tiers: set[str]) -> apb.CatalogueEntry:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        entry = next(m for m in admin.ListCatalogue(apb.ListCatalogueRequest(), metadata=_auth(token_file),
+                                                    timeout=30).models if m.id == model_id)
+        if entry.tier in tiers or time.monotonic() > deadline:
+            return entry
+        time.sleep(0.05)
+
+
+def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
+        stack, stub, admin, catalogue, shapes, expected, token_file, capsys):
+    ids = catalogue[1]
+    busy = {m: ids[m] for m in sorted(ids)[:12]}
+    server = ["--server", stack.address, "--admin-token-file", str(token_file)]
+    with Traffic(stub, busy, expected) as traffic:
+        code, out, err = _cli(capsys, "models", "add", "added-qwen3", str(shapes["tiny-qwen3"]), *server)
+        assert code == 0 and out.startswith("added added-qwen3") and "3 instances" in out, (out, err)
+        assert _greedy(stub, "added-qwen3") == expected["tiny-qwen3"]
+
+        cold = sorted(ids)[-1]  # never requested by the traffic
+        code, out, err = _cli(capsys, "models", "preload", cold, *server)
+        assert code == 0 and out.startswith(f"preloading {cold}"), (out, err)
+        assert _wait_tier(admin, token_file, cold, {"host", "resident"}).tier == "host"
+        code, out, err = _cli(capsys, "models", "evict", cold, *server)
+        assert code == 0 and out == f"evicted {cold} from the host cache (tier disk)", (out, err)
+
+        code, out, err = _cli(capsys, "models", "list", *server)
+        assert code == 0 and out.splitlines()[0].startswith(f"{NUM_IDS + 1} models: "), out
+
+        _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server)
+
+        code, out, err = _cli(capsys, "models", "remove", "added-qwen3", *server)
+        assert code == 0 and out == "removed added-qwen3 from 3 instances", (out, err)
+        with pytest.raises(grpc.RpcError) as info:
+            _greedy(stub, "added-qwen3")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        code, out, err = _cli(capsys, "models", "remove", "added-qwen3", *server)
+        assert code == 2 and err.startswith("tokenpool: error: NOT_FOUND: "), err
+        while traffic.done < 2 * len(busy):  # the traffic went on through every change
+            assert not traffic.failures, traffic.failures
+            time.sleep(0.05)
+    assert not traffic.failures, traffic.failures
+    assert all("added-qwen3" not in instance_status(stack, n).models for n in INSTANCES)
+    wait_until_idle(stack, timeout=WAIT_S)
+
+
+def _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server) -> None:
+    """A stream held in flight (the decode instances stopped after its first token) makes the
+    removal of its model fail FAILED_PRECONDITION naming the count; the stream then completes."""
+    request = pb.GenerateRequest(model="added-qwen3", text=PROMPT, sampling=pb.SamplingParams(
+        max_tokens=NEW_TOKENS, ignore_eos=True))
+    responses = stub.Generate(request, timeout=WAIT_S)
+    first = next(responses)
+    pids = [service(stack, n).process.pid for n in ("decode-0", "decode-1")]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        code, out, err = _cli(capsys, "models", "remove", "added-qwen3", *server)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert code == 2 and err.startswith("tokenpool: error: FAILED_PRECONDITION: ") \
+        and "1 requests in flight" in err, err
+    tokens = list(first.token_ids) + [t for r in responses for t in r.token_ids]
+    assert len(tokens) == NEW_TOKENS
+
+
+def _models_everywhere(stack, stub) -> tuple:
+    return (tuple(sorted(m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models)),
+            *(tuple(instance_status(stack, n).models) for n in INSTANCES))
+
+
+@pytest.mark.parametrize("change, code, needle", [
+    ("no token", grpc.StatusCode.UNAUTHENTICATED, "admin token"),
+    ("wrong token", grpc.StatusCode.UNAUTHENTICATED, "admin token"),
+    ("empty folder", grpc.StatusCode.INVALID_ARGUMENT, "no config.json"),
+    ("no weights", grpc.StatusCode.INVALID_ARGUMENT, "safetensors"),
+    ("relative folder", grpc.StatusCode.INVALID_ARGUMENT, "absolute"),
+    ("duplicate id", grpc.StatusCode.ALREADY_EXISTS, "already served"),
+    ("path id", grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    ("dots id", grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    ("too large", grpc.StatusCode.INVALID_ARGUMENT, "slot"),
+    ("remove unknown", grpc.StatusCode.NOT_FOUND, "not served"),
+    ("evict unknown", grpc.StatusCode.NOT_FOUND, "not served"),
+    ("preload unknown", grpc.StatusCode.NOT_FOUND, "not served"),
+])
+def test_bad_admin_input_gets_a_clear_status_and_leaves_nothing_half_registered(
+        stack, stub, admin, shapes, tiny_dir, token_file, tmp_path, change, code, needle):
+    before = _models_everywhere(stack, stub)
+    auth = _auth(token_file)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (shapes["tiny-qwen2"] / name).exists():
+            (no_weights / name).write_bytes((shapes["tiny-qwen2"] / name).read_bytes())
+    add = {
+        "no token": ("ok-id", shapes["tiny-qwen2"], []),
+        "wrong token": ("ok-id", shapes["tiny-qwen2"], [("authorization", "Bearer nope")]),
+        "empty folder": ("ok-id", tmp_path, auth),
+        "no weights": ("ok-id", no_weights, auth),
+        "relative folder": ("ok-id", "tiny-qwen2", auth),
+        "duplicate id": ("cat-000", shapes["tiny-qwen2"], auth),
+        "path id": ("a/b", shapes["tiny-qwen2"], auth),
+        "dots id": ("..", shapes["tiny-qwen2"], auth),
+        "too large": ("ok-id", tiny_dir / "tiny-llama", auth),
+    }
+    with pytest.raises(grpc.RpcError) as info:
+        if change in add:
+            model_id, folder, metadata = add[change]
+            request = apb.AddModelRequest(id=model_id, folder=str(folder))
+            admin.AddModel(request, metadata=metadata, timeout=60)
+        else:
+            method = {"remove": admin.RemoveModel, "evict": admin.EvictModel, "preload": admin.PreloadModel}
+            method[change.split()[0]](apb.ModelRef(id="no-such-model"), metadata=auth, timeout=60)
+    assert info.value.code() == code, info.value.details()
+    assert needle in info.value.details(), info.value.details()
+    assert _models_everywhere(stack, stub) == before
+
+
+def test_a_proxy_without_an_admin_token_refuses_every_admin_call():
+    code, message = AdminGuard(None).refusal([("authorization", "Bearer anything")])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "--admin-token-file" in message
+    assert AdminGuard("t").refusal([("authorization", "Bearer t")]) is None
