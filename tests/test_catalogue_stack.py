@@ -158,6 +158,22 @@ def test_a_workload_over_every_id_gives_each_folders_tokens_within_the_host_cach
     wait_until_idle(stack, timeout=WAIT_S)
 
 
+def test_tiers_and_loads_show_in_status_and_metrics(stack, stub, capsys):
+    import urllib.request
+
+    with urllib.request.urlopen(service(stack, "prefill-0").metrics_url, timeout=30) as reply:
+        text = reply.read().decode()
+    loads = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("tokenpool_model_cold_loads_total "))
+    assert loads >= 1
+    tiers = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("tokenpool_catalogue_models{")}
+    assert set(tiers) == {"disk", "host", "resident"} and sum(tiers.values()) >= NUM_IDS, tiers
+    assert cli_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"models: {NUM_IDS} (" in out and "on disk)" in out and "disk loads: " in out, out
+
+
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     code = cli_main(list(argv))
     out, err = capsys.readouterr()
