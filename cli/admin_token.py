@@ -15,31 +15,19 @@ from __future__ import annotations
 
 import hmac
 import os
-import stat
 from pathlib import Path
 
 import grpc
 
-from .server_security import MAX_TOKEN_BYTES, first_line
+from .server_security import read_private_token
 
 ENV = "TOKENPOOL_ADMIN_TOKEN_FILE"
 FLAG = "--admin-token-file"
 
 
-def read_admin_token(path: Path, flag: str = FLAG) -> str:
+def read_admin_token(path: Path) -> str:
     """ValueError naming the flag: unreadable, readable by others than its owner, or no token."""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{flag} {path}: the token file must be readable by its owner only "
-                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
-    token = first_line(Path(path), flag)
-    if not token or len(token) > MAX_TOKEN_BYTES:
-        raise ValueError(f"{flag} {path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} "
-                         "characters")
-    return token
+    return read_private_token(path, f"{FLAG} ")
 
 
 def client_token_file(path: Path | None) -> Path:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-import stat
 from pathlib import Path
 
-from .server_security import MAX_TOKEN_BYTES, ServerSecurity, first_line
+from .server_security import ServerSecurity, read_private_token
 
 ENV = "TOKENPOOL_INTERNAL_TOKEN_FILE"
 
@@ -35,18 +34,7 @@ def internal_token() -> str | None:
 
 
 def read_token(path: Path) -> str:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ValueError(f"{ENV}={path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{ENV}={path}: the token file must be readable by its owner only "
-                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
-    token = first_line(path, ENV)
-    if not token or len(token) > MAX_TOKEN_BYTES:
-        raise ValueError(f"{ENV}={path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} "
-                         "characters")
-    return token
+    return read_private_token(path, f"{ENV}=")
 
 
 def server_security() -> ServerSecurity:

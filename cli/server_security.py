@@ -12,6 +12,7 @@ cannot be read, an empty token, or a certificate without its key is refused at s
 from __future__ import annotations
 
 import hmac
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,23 @@ class ServerSecurity:
 
     def interceptors(self) -> list:
         return [BearerTokenGuard(self.token)] if self.token else []
+
+
+def read_private_token(path: Path, label: str) -> str:
+    """A token file's token, for a file only its owner may read; ValueError naming `label`:
+    unreadable, readable by group or others, or no token of 1 to MAX_TOKEN_BYTES characters."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"{label}{path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{label}{path}: the token file must be readable by its owner only "
+                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
+    token = first_line(Path(path), label)
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise ValueError(f"{label}{path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} "
+                         "characters")
+    return token
 
 
 def first_line(path: Path, flag: str) -> str:
