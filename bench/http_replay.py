@@ -10,50 +10,29 @@ tokens together.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import time
 
 from .metrics import RequestResult
+from .open_loop import open_loop
 from .workload import TraceRequest
 
 
 async def replay_http(base_url: str, trace: list[TraceRequest], served: set[str], duration: float,
                       label: str, drain_factor: float) -> list[RequestResult]:
-    """As serve_bench.replay: open loop; requests still running after duration x (1 + drain_factor),
-    or for models the stack does not serve, score 0."""
+    """The trace over the HTTP API (bench/open_loop.py: arrivals, scoring, progress)."""
     try:
         import openai
     except ImportError:
         raise ValueError("--api http needs the openai package (pip install openai)") from None
-    start = time.monotonic()
-    deadline = duration * (1 + drain_factor)
-    done = [0]
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-
-    async def one(request: TraceRequest) -> RequestResult:
-        await asyncio.sleep(max(0.0, request.arrival_s - (time.monotonic() - start)))
-        if request.model not in served:
-            return RequestResult(request.arrival_s, [], finished=False)
-        times, finished = await _stream(client, request, start, max(1.0, deadline - request.arrival_s))
-        done[0] += 1
-        return RequestResult(request.arrival_s, times, finished)
-
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            sent = sum(1 for r in trace if r.arrival_s <= time.monotonic() - start)
-            print(f"{label}: {sent}/{len(trace)} sent, {done[0]} done", file=sys.stderr, flush=True)
-
-    reporter = asyncio.create_task(progress())
     try:
-        return list(await asyncio.gather(*(one(r) for r in trace)))
+        return await open_loop(trace, served, duration, drain_factor, label,
+                               lambda request, timeout, now: _stream(client, request, now, timeout))
     finally:
-        reporter.cancel()
         await client.close()
 
 
-async def _stream(client, request: TraceRequest, start: float, timeout: float) -> tuple[list[float], bool]:
+async def _stream(client, request: TraceRequest, now, timeout: float) -> tuple[list[float], bool]:
     import openai
 
     times: list[float] = []
@@ -64,9 +43,8 @@ async def _stream(client, request: TraceRequest, start: float, timeout: float) -
             stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             timeout=timeout)
         async for chunk in stream:
-            now = time.monotonic() - start
             if chunk.choices:
-                times.append(now)
+                times.append(now())
                 finished = finished or chunk.choices[0].finish_reason is not None
             if chunk.usage is not None:
                 total = chunk.usage.completion_tokens

@@ -433,49 +433,31 @@ def _scaled_slo(stack) -> SLO:
 
 async def replay(address: str, trace: list[TraceRequest], served: set[str], duration: float,
                  label: str) -> list[RequestResult]:
-    """Send each request at its arrival time (open loop) and record its tokens' arrival times.
-    Requests for models the stack does not serve, or still running at the drain deadline, score 0."""
+    """The trace over the gRPC API (bench/open_loop.py: arrivals, scoring, progress)."""
     import grpc
     from tokenpool.protos.v1 import inference_pb2 as pb
     from tokenpool.protos.v1 import inference_pb2_grpc
 
-    start = time.monotonic()
-    deadline = duration * (1 + DRAIN_FACTOR)
-    done = [0]
-
-    async def one(channel, request: TraceRequest) -> RequestResult:
-        await asyncio.sleep(max(0.0, request.arrival_s - (time.monotonic() - start)))
-        times: list[float] = []
-        if request.model not in served:
-            return RequestResult(request.arrival_s, [], finished=False)
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        sampling = pb.SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
-        message = pb.GenerateRequest(model=request.model, text=request.prompt, request_id=request.request_id,
-                                     sampling=sampling)
-        finished = False
-        try:
-            call = stub.Generate(message, timeout=max(1.0, deadline - request.arrival_s))
-            async for response in call:
-                now = time.monotonic() - start
-                times += [now] * len(response.token_ids)
-                finished = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        except grpc.aio.AioRpcError:
-            finished = False
-        done[0] += 1
-        return RequestResult(request.arrival_s, times, finished)
-
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            sent = sum(1 for r in trace if r.arrival_s <= time.monotonic() - start)
-            print(f"{label}: {sent}/{len(trace)} sent, {done[0]} done", file=sys.stderr, flush=True)
+    from .open_loop import open_loop
 
     async with grpc.aio.insecure_channel(address) as channel:
-        reporter = asyncio.create_task(progress())
-        try:
-            return list(await asyncio.gather(*(one(channel, r) for r in trace)))
-        finally:
-            reporter.cancel()
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def stream(request: TraceRequest, timeout: float, now) -> tuple[list[float], bool]:
+            sampling = pb.SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
+            message = pb.GenerateRequest(model=request.model, text=request.prompt,
+                                         request_id=request.request_id, sampling=sampling)
+            times: list[float] = []
+            finished = False
+            try:
+                async for response in stub.Generate(message, timeout=timeout):
+                    times += [now()] * len(response.token_ids)
+                    finished = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            except grpc.aio.AioRpcError:
+                finished = False
+            return times, finished
+
+        return await open_loop(trace, served, duration, DRAIN_FACTOR, label, stream)
 
 
 def _set_goodputs(policies: dict[str, dict]) -> None:

@@ -212,3 +212,13 @@ def test_a_running_stack_is_driven_through_a_sweep_of_the_number_of_models(tmp_p
     assert three["attainment"] < 0.9  # a third of the requests (tiny-qwen3's) score 0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "none.json").exists()
+
+
+def test_a_short_live_run_over_the_http_gateway_scores_every_request(tmp_path, tiny_dir):
+    out, raw = tmp_path / "http.json", tmp_path / "http.jsonl"
+    assert main(["bench", "serve", "--json", str(out), "--raw", str(raw), "--policies", "aegaeon",
+                 "--rates", "0.5", "--duration", "3", "--threads", "1", "--api", "http",
+                 "--model", f"tiny-llama={tiny_dir / 'tiny-llama'}"]) == 0
+    assert json.loads(out.read_text())["api"] == "http"
+    requests = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert requests and all(r["finished"] and r["token_times"] for r in requests)
