@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
     p.add_argument("--catalogue", type=Path, default=None, metavar="DIR",
                    help="serve every model folder under DIR, registered lazily (config and tokenizer now, "
                         "weights from disk on first use)")
+    p.add_argument("--slot-mib", type=int, default=None,
+                   help="each arena model slot, MiB (default: the largest model given; set it to add larger "
+                        "models at run time)")
     p.add_argument("--host-cache-mib", type=int, default=None,
                    help="the node's host model cache capacity, MiB (default 8192)")
     p.add_argument("--host-cache-dir", type=Path, default=None, metavar="DIR",
@@ -53,7 +56,7 @@ def catalogue_models(args: argparse.Namespace, folders: dict[str, Path]) -> dict
     also names, or when neither flag names a model."""
     from tokenpool.engine.model_catalogue import scan_catalogue
 
-    catalogue = scan_catalogue(args.catalogue) if getattr(args, "catalogue", None) else {}
+    catalogue = scan_catalogue(Path(args.catalogue).resolve()) if getattr(args, "catalogue", None) else {}
     if clash := sorted(set(catalogue) & set(folders)):
         raise ValueError(f"--catalogue {args.catalogue}: ids also given by --model: {', '.join(clash)}")
     if not catalogue and not folders:
@@ -61,13 +64,19 @@ def catalogue_models(args: argparse.Namespace, folders: dict[str, Path]) -> dict
     return catalogue
 
 
+def _mib(args: argparse.Namespace, name: str) -> int:
+    """An optional MiB flag's value (0 when not given); ValueError naming it when below 1."""
+    mib = getattr(args, name, None)
+    if mib is not None and mib < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {mib}")
+    return mib or 0
+
+
 def host_model_cache(args: argparse.Namespace):
     """The node's host model cache as --host-cache-mib and --host-cache-dir say."""
     from tokenpool.engine.host_model_cache import HostModelCache
 
-    mib = getattr(args, "host_cache_mib", None)
-    if mib is not None and mib < 1:
-        raise ValueError(f"--host-cache-mib must be >= 1, got {mib}")
+    mib = _mib(args, "host_cache_mib")
     capacity = {"capacity_bytes": mib << 20} if mib else {}
     return HostModelCache(getattr(args, "host_cache_dir", None), **capacity)
 
@@ -81,7 +90,7 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
 
     catalogue = catalogue_models(args, folders)
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device, engine=args.engine)
-    slot = slot_bytes_for([*folders.values(), *catalogue.values()], config)
+    slot = max(slot_bytes_for([*folders.values(), *catalogue.values()], config), _mib(args, "slot_mib") << 20)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
                               host_model_cache(args), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
                                                                  pin=args.device == "cuda"))

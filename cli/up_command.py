@@ -26,7 +26,8 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "threads", "device", "engine", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
-               "gateway", "gateway_port", "catalogue", "host_cache_mib", "admin_token_file")
+               "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib",
+               "admin_token_file")
 WATCH_INTERVAL_S = 0.5
 
 
@@ -82,6 +83,9 @@ def add_parser(commands) -> None:
                    "those too; alone: only the catalogue)")
     p.add_argument("--host-cache-mib", type=int, default=None,
                    help="the node's host model cache, MiB (default 8192); a catalogue may exceed it")
+    p.add_argument("--slot-mib", type=int, default=None,
+                   help="each instance's arena model slots, MiB (default: the largest model at start; larger "
+                   "models cannot be added later)")
     p.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
                    help="open the admin API (`tokenpool models add/remove/evict/preload --server`) to this "
                    "token (a 0600 file); without it the catalogue is fixed")
@@ -98,8 +102,8 @@ def stack_config(args: argparse.Namespace):
     values.setdefault("gateway", True)  # on for `tokenpool up`; StackConfig's default (tests) is off
     specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
     for key in ("catalogue", "admin_token_file"):
-        if key in values:
-            values[key] = Path(values[key])
+        if key in values:  # absolute: every service is given the same path
+            values[key] = Path(values[key]).expanduser().resolve()
     # With a catalogue folder, no --model means only the catalogue (not the built-in models).
     models = catalogue(specs) if specs or "catalogue" not in values else {}
     return StackConfig(models=models, **values)

@@ -66,7 +66,8 @@ class StackConfig:
       bearer token (cli/server_security.py); internal services stay on loopback without them.
     catalogue, host_cache_mib, host_cache_dir: serve every model folder under catalogue (weights
       read from disk on first use, engine/model_tiers.py) beside `models`, with a host model cache
-      of host_cache_mib (it may hold a fraction of the catalogue) in host_cache_dir.
+      of host_cache_mib (it may hold a fraction of the catalogue) in host_cache_dir; slot_mib sizes
+      the arena's model slots (default: the largest model at start) so larger ones can be added.
     admin_token_file: the proxy's admin service (tokenpool.v1.Admin) takes calls with this token;
       without it the catalogue cannot change while the stack runs.
     gateway, gateway_port: start the OpenAI-compatible HTTP gateway (gateway/) on host:gateway_port
@@ -105,6 +106,7 @@ class StackConfig:
     gateway_port: int = 8000
     catalogue: Path | None = None  # every model folder under it, registered lazily on every instance
     host_cache_mib: int | None = None  # the node's host model cache capacity (None: 8 GiB)
+    slot_mib: int | None = None  # each arena model slot (None: the largest model at start)
     host_cache_dir: Path | None = None  # the host model cache's folder (None: the node's shared one)
     admin_token_file: Path | None = None  # opens the proxy's admin service (cli/admin_token.py)
 
@@ -123,8 +125,9 @@ class StackConfig:
             raise ValueError(f"qmax_s (QMAX) must be positive, got {self.qmax_s!r}")
         if not self.models and self.catalogue is None:
             raise ValueError("a stack needs at least one model (models, or a catalogue folder)")
-        if self.host_cache_mib is not None and self.host_cache_mib < 1:
-            raise ValueError(f"host_cache_mib must be >= 1, got {self.host_cache_mib!r}")
+        for name in ("host_cache_mib", "slot_mib"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -290,6 +293,7 @@ class Stack:
         if role == "proxy":
             return args + (["--admin-token-file", str(c.admin_token_file)] if c.admin_token_file else [])
         args += ["--host-cache-mib", str(c.host_cache_mib)] if c.host_cache_mib is not None else []
+        args += ["--slot-mib", str(c.slot_mib)] if c.slot_mib is not None else []
         return args + (["--host-cache-dir", str(c.host_cache_dir)] if c.host_cache_dir is not None else [])
 
     def _gateway_args(self, proxy: Service) -> list[str]:

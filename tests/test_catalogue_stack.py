@@ -348,13 +348,13 @@ def test_up_takes_a_catalogue_and_hands_it_to_every_service(catalogue, tmp_path)
 
     token = tmp_path / "admin"
     args = build_parser().parse_args(["up", "--catalogue", str(catalogue[0]), "--host-cache-mib", "64",
-                                      "--admin-token-file", str(token)])
+                                      "--slot-mib", "8", "--admin-token-file", str(token)])
     config = stack_config(args)
     assert (config.models, config.catalogue, config.host_cache_mib) == ({}, catalogue[0], 64)
     launcher = Stack(config, tmp_path / "logs")
     instance = launcher._catalogue_args("decode")
     proxy = launcher._catalogue_args("proxy")
-    assert instance == ["--catalogue", str(catalogue[0]), "--host-cache-mib", "64"]
+    assert instance == ["--catalogue", str(catalogue[0]), "--host-cache-mib", "64", "--slot-mib", "8"]
     assert proxy == ["--catalogue", str(catalogue[0]), "--admin-token-file", str(token)]
     with pytest.raises(ValueError, match="host_cache_mib must be >= 1"):
         StackConfig(models={}, catalogue=catalogue[0], host_cache_mib=0)
