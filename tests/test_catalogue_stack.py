@@ -229,14 +229,15 @@ def _wait_tier(admin, token_file, model_id: str, tiers: set[str]) -> apb.Catalog
 def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
         stack, stub, admin, catalogue, shapes, expected, token_file, capsys):
     ids = catalogue[1]
-    busy = {m: ids[m] for m in sorted(ids)[:12]}
+    busy = {m: ids[m] for m in _room_for_the_test(admin, token_file)}
     server = ["--server", stack.address, "--admin-token-file", str(token_file)]
     with Traffic(stub, busy, expected) as traffic:
+        _wait_for(lambda: traffic.done >= len(busy) or traffic.failures)  # every busy model loaded
         code, out, err = _cli(capsys, "models", "add", "added-qwen3", str(shapes["tiny-qwen3"]), *server)
         assert code == 0 and out.startswith("added added-qwen3") and "3 instances" in out, (out, err)
         assert _greedy(stub, "added-qwen3") == expected["tiny-qwen3"]
 
-        cold = sorted(ids)[-1]  # never requested by the traffic
+        cold = next(m for m in sorted(ids, reverse=True) if m not in busy)
         code, out, err = _cli(capsys, "models", "preload", cold, *server)
         assert code == 0 and out.startswith(f"preloading {cold}"), (out, err)
         assert _wait_tier(admin, token_file, cold, {"host", "resident"}).tier == "host"
@@ -255,12 +256,40 @@ def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         code, out, err = _cli(capsys, "models", "remove", "added-qwen3", *server)
         assert code == 2 and err.startswith("tokenpool: error: NOT_FOUND: "), err
-        while traffic.done < 2 * len(busy):  # the traffic went on through every change
-            assert not traffic.failures, traffic.failures
-            time.sleep(0.05)
+        started = traffic.done
+        _wait_for(lambda: traffic.done >= started + len(busy) or traffic.failures)  # it goes on
     assert not traffic.failures, traffic.failures
     assert all("added-qwen3" not in instance_status(stack, n).models for n in INSTANCES)
     wait_until_idle(stack, timeout=WAIT_S)
+
+
+BUSY_MODELS = 6  # the traffic's models: with the two the test adds, well inside the host cache
+
+
+def _room_for_the_test(admin, token_file) -> list[str]:
+    """The traffic's models: those the host cache holds and instances keep attached, then others
+    up to BUSY_MODELS; every other model is evicted, so that nothing this test loads is evicted
+    again before it looks (the cache's victims are not this test's to choose)."""
+    auth = _auth(token_file)
+    cached = [m.id for m in admin.ListCatalogue(apb.ListCatalogueRequest(), metadata=auth, timeout=30).models
+              if m.tier != "disk"]
+    kept = []
+    for model_id in cached:
+        try:
+            admin.EvictModel(apb.ModelRef(id=model_id), metadata=auth, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+            kept.append(model_id)  # attached by an instance (its slot's last fill, or pinned)
+    assert len(kept) <= BUSY_MODELS, kept
+    others = [m for m in sorted(cached) + [f"cat-{i:03d}" for i in range(NUM_IDS)] if m not in kept]
+    return kept + others[:BUSY_MODELS - len(kept)]
+
+
+def _wait_for(condition) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "not reached within the wait"
+        time.sleep(0.05)
 
 
 def _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server) -> None:
