@@ -158,7 +158,7 @@ class SimDecodeRunner:
 
     def __init__(self, world: World, timings: InstanceTimings, on_finish: Callable[[SimRequest], None],
                  prefill_busy: Callable[[], bool], kv_bytes: int | None = None,
-                 host_kv_bytes: int | None = None) -> None:
+                 host_kv_bytes: int | None = None, host_slab_bytes: int = 4 << 20) -> None:
         """timings: the clock's step (clock_step_seconds), switch and serving-overhead times.
         kv_bytes: the device KV region, which every model's running batch has to itself (its
         KV is swapped out at a switch), in blocks of the profile's KV block size; host_kv_bytes:
@@ -168,7 +168,7 @@ class SimDecodeRunner:
             if kv_bytes is not None else {}
         self.recompute: set[str] = set()  # preempted: no KV; its whole history is computed again
         self.preemptions = 0
-        self.pool = SimHostPool(host_kv_bytes) if host_kv_bytes is not None else None
+        self.pool = SimHostPool(host_kv_bytes, host_slab_bytes) if host_kv_bytes is not None else None
         self.pooled: dict[str, int] = {}  # request_id -> its KV blocks in the host pool
         self.refused = self.failed_switches = 0
         self.actor: Actor | None = None
@@ -401,6 +401,7 @@ class SimConfig:
     qmax_s: float = 4.0
     decode_kv_bytes: int | None = None  # a decode instance's device KV region; None: unlimited
     decode_host_kv_bytes: int | None = None  # and its host KV pool; None: unlimited
+    host_slab_bytes: int = 4 << 20  # the host pool's slab (live: HostKVPool's, 64 MiB by default)
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
@@ -517,7 +518,8 @@ class Simulation:
 
     def _decode_instance(self, index: int) -> SimDecode:
         runner = SimDecodeRunner(self.world, self.timings, self._finish, lambda: self.prefill_computing > 0,
-                                 self.config.decode_kv_bytes, self.config.decode_host_kv_bytes)
+                                 self.config.decode_kv_bytes, self.config.decode_host_kv_bytes,
+                                 self.config.host_slab_bytes)
         policy = make_decode_policy(self.config.policy, self.timings, self.config.tbt_s * 1e3,
                                     self.config.qmax_s)
 
@@ -539,6 +541,8 @@ class Simulation:
 
 SHAPE_MIX = ("qwen2_5_7b", "qwen2_5_7b", "qwen2_5_7b", "yi1_5_9b_chat", "llama2_13b_chat")  # 60/20/20
 CHARS_PER_TOKEN = 4  # prompts are counted by a rule of thumb: these models' tokenizers are not here
+HOST_KV_GIB = 64.0  # a decode instance's host KV pool in the GPU setting (see --host-kv-gib)
+HOST_SLAB_BYTES = 64 << 20  # the live HostKVPool's default slab
 
 
 def add_parser(commands) -> None:
@@ -554,6 +558,17 @@ def add_parser(commands) -> None:
     p.add_argument("--tbt-ms", type=float, default=100.0)
     p.add_argument("--max-output-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="each GPU's memory (default: the profile's GPU: H800, H100, A100 80, H20 96, A10 24)")
+    p.add_argument("--memory-reserve", type=float, default=None,
+                   help="share of device memory left to the tensor library (default 0.10, as the paper)")
+    p.add_argument("--host-kv-gib", type=float, default=HOST_KV_GIB,
+                   help="each decode instance's host KV pool (default %(default)g: half of a 1 TiB, "
+                        "8-GPU node's per-GPU share; the other half for the host model cache)")
+    p.add_argument("--kv-swap-gbps", type=float, default=None,
+                   help="KV swap rate between device and host pool (default: the host link's, as weights)")
+    p.add_argument("--no-kv-limits", action="store_true",
+                   help="GPU profiles: no device-memory model (unbounded KV, KV moves in no time), as before")
     p.add_argument("--json", type=Path, default=None, help="the report (required unless --replot)")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of attainment against the number of models (default: beside --json)")
@@ -582,30 +597,49 @@ def run_cli(args) -> None:
     counts = sorted(int(n) for n in args.models.split(","))
     slo = SLO(args.ttft_s, args.tbt_ms / 1e3)
     shapes = [s for s in SHAPE_MIX if s in gpu.models] or list(gpu.models)
+
+    def shapes_of(count: int) -> dict[str, str]:
+        return {f"m{i:03d}": shapes[i % len(shapes)] for i in range(count)}
+
+    memory = _memory_setting(args, gpu, {n: shapes_of(n) for n in counts})  # refused here, before any run
     pairs = load_pairs()
     report = {"command": getattr(args, "command_line", None), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "machine": machine(), "sweep": "models", "profile": gpu.gpu, "h2d_gbps": gpu.h2d_gbps,
               "rate_per_model": args.rate,
-              "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policies": {}}
+              "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s},
+              "memory": memory["report"] if memory else None, "policies": {}}
     for policy in policies:
         points = []
         for count in counts:
-            names = [f"m{i:03d}" for i in range(count)]
-            shape_of = {n: shapes[i % len(shapes)] for i, n in enumerate(names)}
+            shape_of = shapes_of(count)
+            names = list(shape_of)
             requests = _requests(names, args, pairs)
-            timings = gpu.timings(shape_of)
-            sim = Simulation(SimConfig(policy, args.prefill, args.decode, slo.tbt_s), timings, names)
+            if memory:
+                with_kv = gpu_profiles.with_kv(gpu, set(shape_of.values()), args.kv_swap_gbps)
+                timings = with_kv.timings(shape_of)
+                config = SimConfig(policy, args.prefill, args.decode, slo.tbt_s,
+                                   decode_kv_bytes=memory["plans"][count].kv_bytes,
+                                   decode_host_kv_bytes=memory["host_kv_bytes"],
+                                   host_slab_bytes=HOST_SLAB_BYTES)
+            else:
+                timings = gpu.timings(shape_of)
+                config = SimConfig(policy, args.prefill, args.decode, slo.tbt_s)
+            sim = Simulation(config, timings, names)
             point = summarize(count, sim.run(requests), slo)
-            print(f"[{policy}] {count} models: attainment {point.attainment:.1%}", file=sys.stderr,
+            kv = _kv_counters(sim, memory["plans"][count]) if memory else None
+            detail = (f" (preempted {kv['preemptions']}, hand-offs refused {kv['refused_handoffs']}, "
+                      f"switches refused {kv['refused_switches']})") if kv else ""
+            print(f"[{policy}] {count} models: attainment {point.attainment:.1%}{detail}", file=sys.stderr,
                   flush=True)
-            points.append(point)
+            points.append((point, kv))
         try:
-            best = goodput(points)
+            best = goodput([p for p, _ in points])
         except ValueError as exc:
             best, note = 0.0, str(exc)
         else:
             note = None
-        report["policies"][policy] = {"goodput": best, "points": [asdict(p) for p in points],
+        rows = [{**asdict(p), **({"kv": kv} if kv else {})} for p, kv in points]
+        report["policies"][policy] = {"goodput": best, "points": rows,
                                       **({"note": note} if note else {})}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     plot = args.plot or args.json.with_suffix(".png")
@@ -621,6 +655,43 @@ def run_cli(args) -> None:
         cells = ", ".join(f"{p['load']:g} models {p['attainment']:.0%}" for p in result["points"])
         print(f"{policy:>10}: {cells}; goodput {result['goodput']:g} models")
     print(f"wrote {args.json} and {plot}")
+
+
+def _memory_setting(args, gpu, shapes_by_count: dict[int, dict[str, str]]) -> dict | None:
+    """The device-memory model of a GPU-profile run: each point's arena (its largest model's two
+    slots, the KV region in the rest), the host KV pool, and what the report says of them; None
+    with --no-kv-limits or a profile with no device memory (a `tokenpool profile` file) unless
+    --device-memory-gib names one. DeviceMemoryError naming the numbers when the slots do not fit."""
+    from tokenpool.bench import gpu_profiles
+
+    memory_gib = args.device_memory_gib if args.device_memory_gib is not None else gpu.memory_gib
+    if args.no_kv_limits or memory_gib is None:
+        return None
+    reserve = gpu_profiles.LIBRARY_RESERVE if args.memory_reserve is None else args.memory_reserve
+    if not args.host_kv_gib > 0:
+        raise ValueError(f"--host-kv-gib must be > 0, got {args.host_kv_gib!r}")
+    plans = {count: gpu_profiles.plan_memory(set(shape_of.values()), memory_gib, reserve)
+             for count, shape_of in shapes_by_count.items()}
+    models = sorted({m for shape_of in shapes_by_count.values() for m in shape_of.values()})
+    report = {"device_memory_gib": memory_gib, "library_reserve": reserve,
+              "host_kv_gib_per_decode_instance": args.host_kv_gib, "host_slab_mib": HOST_SLAB_BYTES >> 20,
+              "kv_swap_gbps": args.kv_swap_gbps or gpu.h2d_gbps,
+              "kv_block_tokens": gpu_profiles.KV_BLOCK_TOKENS,
+              "kv_bytes_per_token": {m: gpu_profiles.kv_token_bytes(m) for m in models},
+              "arena_by_largest_model": {p.largest: {"slot_gib": round(p.slot_bytes / 2**30, 3),
+                                                     "kv_region_gib": round(p.kv_bytes / 2**30, 3),
+                                                     "kv_blocks": {m: p.kv_blocks(m) for m in models}}
+                                         for p in plans.values()}}
+    return {"plans": plans, "host_kv_bytes": int(args.host_kv_gib * 2**30), "report": report}
+
+
+def _kv_counters(sim: Simulation, plan) -> dict:
+    """What device and host memory did to a run, over its decode instances."""
+    runners = [d.runner for d in sim.decode]
+    return {"largest_model": plan.largest, "kv_region_gib": round(plan.kv_bytes / 2**30, 3),
+            "preemptions": sum(r.preemptions for r in runners),
+            "refused_handoffs": sum(r.refused for r in runners),
+            "refused_switches": sum(r.failed_switches for r in runners)}
 
 
 SETTING = ("sweep", "profile", "rate_per_model", "slo")  # what reports drawn together must share
