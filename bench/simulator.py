@@ -168,6 +168,8 @@ class SimDecodeRunner:
             if kv_bytes is not None else {}
         self.recompute: set[str] = set()  # preempted: no KV; its whole history is computed again
         self.preemptions = 0
+        self.kv_held_back = 0  # steps at which a waiting sequence had batch room but no KV room
+        self.kv_peak = 0.0  # the fullest the KV region was at a step (a fraction)
         self.pool = SimHostPool(host_kv_bytes, host_slab_bytes) if host_kv_bytes is not None else None
         self.pooled: dict[str, int] = {}  # request_id -> its KV blocks in the host pool
         self.refused = self.failed_switches = 0
@@ -300,6 +302,10 @@ class SimDecodeRunner:
             if seq.request_id not in self.recompute:
                 self.landing[seq.request_id] = self._swap(model, seq, "in")  # from the pool it was handed to
                 self._pool_give(model, seq)
+        limit = self.kv_blocks.get(model)
+        if limit:
+            self.kv_peak = max(self.kv_peak, self._blocks(model, batch) / limit)
+            self.kv_held_back += bool(waiting and len(batch) < MAX_BATCH)
         ready = self._landed(batch)
         if not ready:
             return 0
@@ -627,18 +633,22 @@ def run_cli(args) -> None:
             sim = Simulation(config, timings, names)
             point = summarize(count, sim.run(requests), slo)
             kv = _kv_counters(sim, memory["plans"][count]) if memory else None
-            detail = (f" (preempted {kv['preemptions']}, hand-offs refused {kv['refused_handoffs']}, "
+            detail = (f" (preempted {kv['preemptions']}, steps holding one back for KV "
+                      f"{kv['steps_with_a_sequence_held_back_for_kv']}, "
+                      f"KV peak {kv['kv_peak_fraction']:.0%}, "
+                      f"hand-offs refused {kv['refused_handoffs']}, "
                       f"switches refused {kv['refused_switches']})") if kv else ""
-            print(f"[{policy}] {count} models: attainment {point.attainment:.1%}{detail}", file=sys.stderr,
-                  flush=True)
-            points.append((point, kv))
+            switches = sum(d.runner.switches for d in sim.decode)
+            print(f"[{policy}] {count} models: attainment {point.attainment:.1%}, {switches} decode switches"
+                  f"{detail}", file=sys.stderr, flush=True)
+            points.append((point, kv, switches))
         try:
-            best = goodput([p for p, _ in points])
+            best = goodput([p for p, _, _ in points])
         except ValueError as exc:
             best, note = 0.0, str(exc)
         else:
             note = None
-        rows = [{**asdict(p), **({"kv": kv} if kv else {})} for p, kv in points]
+        rows = [{**asdict(p), "decode_switches": n, **({"kv": kv} if kv else {})} for p, kv, n in points]
         report["policies"][policy] = {"goodput": best, "points": rows,
                                       **({"note": note} if note else {})}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -690,6 +700,8 @@ def _kv_counters(sim: Simulation, plan) -> dict:
     runners = [d.runner for d in sim.decode]
     return {"largest_model": plan.largest, "kv_region_gib": round(plan.kv_bytes / 2**30, 3),
             "preemptions": sum(r.preemptions for r in runners),
+            "steps_with_a_sequence_held_back_for_kv": sum(r.kv_held_back for r in runners),
+            "kv_peak_fraction": round(max(r.kv_peak for r in runners), 3),
             "refused_handoffs": sum(r.refused for r in runners),
             "refused_switches": sum(r.failed_switches for r in runners)}
 
