@@ -263,6 +263,7 @@ def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
     wait_until_idle(stack, timeout=WAIT_S)
 
 
+HELD_TOKENS = 300  # far from done when the first arrives: the decode instances are stopped right after
 BUSY_MODELS = 6  # the traffic's models: with the two the test adds, well inside the host cache
 
 
@@ -296,7 +297,7 @@ def _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server) -> Non
     """A stream held in flight (the decode instances stopped after its first token) makes the
     removal of its model fail FAILED_PRECONDITION naming the count; the stream then completes."""
     request = pb.GenerateRequest(model="added-qwen3", text=PROMPT, sampling=pb.SamplingParams(
-        max_tokens=NEW_TOKENS, ignore_eos=True))
+        max_tokens=HELD_TOKENS, ignore_eos=True))
     responses = stub.Generate(request, timeout=WAIT_S)
     first = next(responses)
     pids = [service(stack, n).process.pid for n in ("decode-0", "decode-1")]
@@ -310,7 +311,7 @@ def _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server) -> Non
     assert code == 2 and err.startswith("tokenpool: error: FAILED_PRECONDITION: ") \
         and "1 requests in flight" in err, err
     tokens = list(first.token_ids) + [t for r in responses for t in r.token_ids]
-    assert len(tokens) == NEW_TOKENS
+    assert len(tokens) == HELD_TOKENS
 
 
 def _models_everywhere(stack, stub) -> tuple:
