@@ -28,6 +28,11 @@ the batches switched away from: a hand-off it has no room for fails (live:
 RESOURCE_EXHAUSTED), and a switch away whose batch it has no room for is refused, so the
 active model keeps the device (as the live worker). What is left out: the prefill
 instances' KV, the hand-off pool, and any contention beyond the measured overhead.
+
+`tokenpool sim` on a GPU profile sizes both from the hardware (gpu_profiles.plan_memory):
+the KV region is the GPU's memory less the library's reserve and two slots of the point's
+largest model, in 16-token blocks of each model's real shape, swapped over the host link;
+the host pool is --host-kv-gib. --no-kv-limits runs the old, unbounded setting.
 """
 
 from __future__ import annotations
