@@ -1,8 +1,8 @@
 """`python -m tokenpool.kvtransfer`: the node's KV transfer agent as a service process.
 
     python -m tokenpool.kvtransfer --listen 127.0.0.1:0 --pool-mib 256 --slab-mib 4 \\
-        --name kvtransfer-0 [--ready-file PATH] [--handle-ttl-s 300] [--lease-s 10] \\
-        [--nixl [--allow-peer kvtransfer-1 ...] [--stall-s 30]]
+        --name kvtransfer-0 [--advertise HOST[:PORT]] [--ready-file PATH] [--handle-ttl-s 300] \\
+        [--lease-s 10] [--nixl [--allow-peer kvtransfer-1 ...] [--stall-s 30]]
 
 Creates the host KV pool file, serves tokenpool.internal.v1.KVTransfer (with health and
 reflection), announces its address, and on SIGTERM or SIGINT stops serving and unlinks the file.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-s", type=_positive(float), default=DEFAULT_LEASE_S,
                    help="a handed-off handle whose receiver stops renewing it is freed after this long "
                         f"(at least {MIN_LEASE_S:g} s)")
+    p.add_argument("--advertise", default=None, metavar="HOST[:PORT]",
+                   help="the address this agent stamps on its handles and gives its peers (a DNS name "
+                        "other nodes resolve; default: --listen's, a wildcard host replaced by this "
+                        "host's name, so that each node's agent is named apart)")
     p.add_argument("--nixl", action="store_true",
                    help="serve cross-node transfers: register the pool with a NIXL (UCX) agent named --name")
     p.add_argument("--allow-peer", action="append", default=None, metavar="NAME",
@@ -112,7 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
         server = await start_grpc_server(args.listen, servicers, [SERVICE_NAME],
                                          metrics_port=args.metrics_port, registry=registry,
                                          security=internal_token.server_security())
-        agent.address = server.address
+        agent.address = advertised_address(args.advertise, server.address)
         agent.start()
         announce_ready(args.ready_file, args.name, server.address, pool=str(agent.pool.path),
                        metrics=server.metrics_address, nixl=args.nixl)
@@ -121,6 +126,19 @@ async def serve(args: argparse.Namespace) -> None:
         await server.grpc.stop(STOP_GRACE_S)
     finally:
         agent.close()
+
+
+def advertised_address(advertise: str | None, bound: str) -> str:
+    """What the agent calls itself: --advertise (its port the bound one unless given), else the
+    bound HOST:PORT with a wildcard host (0.0.0.0, ::) replaced by this host's name: two nodes'
+    agents both bound to 0.0.0.0:7000 must not name their handles alike."""
+    port = bound.rpartition(":")[2]
+    if advertise:
+        host, sep, given = advertise.rpartition(":")
+        return advertise if sep and given.isdigit() and not host.endswith(":") else f"{advertise}:{port}"
+    if bound.rpartition(":")[0].strip("[]") in ("0.0.0.0", "::", ""):
+        return f"{socket.gethostname()}:{port}"
+    return bound
 
 
 def main(argv: list[str] | None = None) -> int:

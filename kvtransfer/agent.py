@@ -357,7 +357,7 @@ class KVTransferAgent(instances_pb2_grpc.KVTransferServicer):
 
     async def Describe(self, request, context):
         return ipb.PoolInfo(path=str(self.pool.path), nbytes=self.pool.nbytes,
-                            slab_bytes=self.pool.allocator.slab_bytes)
+                            slab_bytes=self.pool.allocator.slab_bytes, address=self.address)
 
     async def Stats(self, request, context):
         book = self.book.stats()

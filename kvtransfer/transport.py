@@ -115,6 +115,9 @@ class NodeLocalTransport(KVTransport):
         try:
             info = self._call("Describe", ipb.DescribeRequest())
             self.attachment = PoolAttachment(Path(info.path), info.nbytes)
+            # Its handles name it by the address it serves at, which may not be the one dialled
+            # here (a DNS name, a node-local Service, 127.0.0.1): either is this node's agent.
+            self._names = {agent_address, info.address} - {""}
         except BaseException:
             self._channel.close()
             raise
@@ -153,14 +156,14 @@ class NodeLocalTransport(KVTransport):
                         lambda h: self._release_quietly(h.handle_id))
 
     def fetch(self, handle: KVHandleInfo) -> list[torch.Tensor]:
-        if handle.agent and handle.agent != self.agent_address:
+        if handle.agent and handle.agent not in self._names:
             raise KVTransferError(f"KV handle {handle.handle_id} lies in the pool of the agent at "
                                   f"{handle.agent}, not this node's ({self.agent_address})",
                                   grpc.StatusCode.FAILED_PRECONDITION)
         return self._views(handle)
 
     def release(self, handle: KVHandleInfo) -> bool:
-        if handle.agent and handle.agent != self.agent_address:
+        if handle.agent and handle.agent not in self._names:
             return True  # not this node's (never fetched here): the proxy's clean-up releases it there
         try:
             self._call("Release", ipb.KVHandle(handle_id=handle.handle_id))

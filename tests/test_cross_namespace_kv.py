@@ -9,6 +9,7 @@ Nothing here leaves the namespaces or 127.0.0.1: the clients of each agent run i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from stack_helpers import expected_streams
 from tokenpool.cli.internal_token import ENV as TOKEN_ENV
 from tokenpool.cli.service_process import EXIT_WITH_PARENT, stop_process
 
@@ -30,9 +32,12 @@ if importlib.util.find_spec("nixl") is None:
     pytest.skip("nixl is not installed", allow_module_level=True)
 
 NODE = Path(__file__).with_name("netns_kv_node.py")
-START_TIMEOUT_S = 60.0
-CALL_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 240.0  # a bound, not an expectation: a loaded 2-core machine starts NIXL agents slowly
+CALL_TIMEOUT_S = 180.0
 STALL_S = 5.0
+LEASE_S = 120.0  # a handle waits for its fetch while a loaded machine starts the fetching process
+BLOCK_BYTES = 4 * 2 * 16 * 2 * 8 * 4  # netns_kv_node.SHAPE
+SPECS = [(1, 5), (2, 1)]  # (seed, blocks) of each hand-off: several blocks in two chunks, one block
 
 
 def _namespaces_missing() -> str | None:
@@ -61,6 +66,7 @@ class Host:
     netns: str
     device: str
     ip: str
+    dns: str  # its name in both namespaces' /etc/hosts (ip netns exec binds /etc/netns/NS/hosts)
 
     def command(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
@@ -76,9 +82,11 @@ def hosts() -> Iterator[tuple[Host, Host]]:
     """Two namespaces joined by a veth pair on 10.231.X.0/24 (X random), deleted at the end."""
     tag = secrets.token_hex(3)
     subnet = f"10.231.{secrets.randbelow(250) + 2}"
-    a = Host(f"tp-kv-a-{tag}", f"tpa{tag}", f"{subnet}.1")
-    b = Host(f"tp-kv-b-{tag}", f"tpb{tag}", f"{subnet}.2")
+    a = Host(f"tp-kv-a-{tag}", f"tpa{tag}", f"{subnet}.1", "host-a")
+    b = Host(f"tp-kv-b-{tag}", f"tpb{tag}", f"{subnet}.2", "host-b")
     made: list[str] = []
+    etc = Path("/etc/netns")
+    etc_made = not etc.exists()
     try:
         for host in (a, b):
             try:
@@ -94,10 +102,16 @@ def hosts() -> Iterator[tuple[Host, Host]]:
             _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", host.device)
             _ip("-n", host.netns, "link", "set", host.device, "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
+            (etc / host.netns).mkdir(parents=True)
+            (etc / host.netns / "hosts").write_text(f"127.0.0.1 localhost\n{a.ip} {a.dns}\n{b.ip} {b.dns}\n")
         yield a, b
     finally:
         for netns in made:  # takes the veth pair with it
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
+            shutil.rmtree(etc / netns, ignore_errors=True)
+        if etc_made:
+            with contextlib.suppress(OSError):
+                etc.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -109,26 +123,29 @@ def token(tmp_path_factory) -> Path:
     return path
 
 
-class Agent:
-    """`python -m tokenpool.kvtransfer --nixl` on a host (or, host None, on loopback here)."""
+class Service:
+    """`python -m tokenpool.MODULE ARGS --ready-file F` on a host (or, host None, here on loopback)."""
 
-    def __init__(self, tmp: Path, name: str, peer: str, host: Host | None, token: Path) -> None:
-        ready = tmp / f"{name}.ready.json"
+    def __init__(self, tmp: Path, name: str, host: Host | None, token: Path, module: str, *args: str) -> None:
+        self.ready = tmp / f"{name}.ready.json"
         self.name, self.host, self.log = name, host, tmp / f"{name}.log"
-        listen = f"{host.ip}:0" if host else "127.0.0.1:0"
-        argv = [sys.executable, "-m", "tokenpool.kvtransfer", "--name", name, "--listen", listen,
-                "--pool-mib", "8", "--slab-mib", "1", "--nixl", "--allow-peer", peer,
-                "--stall-s", str(STALL_S), "--ready-file", str(ready)]
+        argv = [sys.executable, "-m", f"tokenpool.{module}", *args, "--ready-file", str(self.ready)]
         env = host.env(token) if host else {**os.environ, TOKEN_ENV: str(token), EXIT_WITH_PARENT: "1"}
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(host.command(*argv) if host else argv, stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def wait_ready(self) -> Service:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.exists():  # the agent writes it (by rename) once it serves
+        while not self.ready.exists():  # the service writes it (by rename) once it serves
             assert self.process.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.05)
-        self.address = json.loads(ready.read_text())["address"]
+        self.address = json.loads(self.ready.read_text())["address"]
+        return self
+
+    def stop(self) -> int:
+        return stop_process(self.process, 15)
 
     def run(self, token: Path, *args: str) -> str:
         """tests/netns_kv_node.py with args, on this agent's host -> its stdout."""
@@ -139,39 +156,53 @@ class Agent:
         assert result.returncode == 0, f"{args[0]} on {self.name}: {result.stderr}\n{self.log.read_text()}"
         return result.stdout
 
-    def stop(self) -> int:
-        return stop_process(self.process, 15)
+
+class Agent(Service):
+    """`python -m tokenpool.kvtransfer --nixl` on a host (or, host None, on loopback here)."""
+
+    def __init__(self, tmp: Path, name: str, peer: str, host: Host | None, token: Path) -> None:
+        listen = f"{host.ip}:0" if host else "127.0.0.1:0"
+        super().__init__(tmp, name, host, token, "kvtransfer", "--name", name, "--listen", listen,
+                         "--pool-mib", "8", "--slab-mib", "1", "--nixl", "--allow-peer", peer,
+                         "--stall-s", str(STALL_S), "--lease-s", str(LEASE_S))
 
 
-def _pair(tmp: Path, a_host: Host | None, b_host: Host | None, token: Path) -> tuple[Agent, Agent]:
-    a = Agent(tmp, "kvtransfer-a", "kvtransfer-b", a_host, token)
+
+@pytest.fixture(scope="module")
+def all_agents(hosts, token, tmp_path_factory) -> Iterator[tuple[Agent, ...]]:
+    """A pair on the two hosts and a pair on loopback here, all started at once."""
+    tmp = tmp_path_factory.mktemp("agents")
+    started: list[Agent] = []
     try:
-        return a, Agent(tmp, "kvtransfer-b", "kvtransfer-a", b_host, token)
-    except BaseException:
-        a.stop()
-        raise
+        for tag, host in (("a", hosts[0]), ("b", hosts[1]), ("a", None), ("b", None)):
+            folder = tmp / ("netns" if host else "loopback")
+            folder.mkdir(exist_ok=True)
+            peer = "kvtransfer-b" if tag == "a" else "kvtransfer-a"
+            started.append(Agent(folder, f"kvtransfer-{tag}", peer, host, token))
+        for agent in started:
+            agent.wait_ready()
+        yield tuple(started)
+    finally:
+        codes = [agent.stop() for agent in started]
+    assert codes == [0] * 4, codes
 
 
 @pytest.fixture(scope="module")
-def agents(hosts, token, tmp_path_factory) -> Iterator[tuple[Agent, Agent]]:
-    a, b = _pair(tmp_path_factory.mktemp("netns-agents"), *hosts, token)
-    yield a, b
-    assert (a.stop(), b.stop()) == (0, 0), a.log.read_text() + b.log.read_text()
+def agents(all_agents) -> tuple[Agent, Agent]:
+    return all_agents[0], all_agents[1]
 
 
 @pytest.fixture(scope="module")
-def loopback_agents(token, tmp_path_factory) -> Iterator[tuple[Agent, Agent]]:
-    a, b = _pair(tmp_path_factory.mktemp("loopback-agents"), None, None, token)
-    yield a, b
-    a.stop()
-    b.stop()
+def loopback_agents(all_agents) -> tuple[Agent, Agent]:
+    return all_agents[2], all_agents[3]
 
 
-def _hand_off(a: Agent, b: Agent, token: Path, seed: int, num_blocks: int, out: Path) -> dict:
-    """send on a's host with b as the destination, fetch on b's host -> the handle; bytes in out."""
-    handle = json.loads(a.run(token, "send", a.address, b.address, str(seed), str(num_blocks)))
-    b.run(token, "fetch", b.address, json.dumps(handle), str(out))
-    return handle
+def _hand_off(a: Agent, b: Agent, token: Path, out: Path) -> list[dict]:
+    """send SPECS on a's host with b as the destination, fetch on b's host -> the handles; bytes in out."""
+    handles = json.loads(a.run(token, "send", a.address, b.address, json.dumps(SPECS)))
+    out.mkdir()
+    b.run(token, "fetch", b.address, json.dumps(handles), str(out))
+    return handles
 
 
 def _expected_bytes(seed: int, num_blocks: int) -> bytes:
@@ -187,16 +218,73 @@ def test_the_agents_listen_on_their_veth_addresses(hosts, agents):
         assert agent.address.startswith(host.ip + ":")
 
 
-@pytest.mark.parametrize("seed, num_blocks", [(1, 5), (2, 1)])
-def test_kv_crosses_namespaces_byte_exact_as_on_loopback(hosts, agents, loopback_agents, token, tmp_path,
-                                                       seed, num_blocks):
+def test_kv_crosses_namespaces_byte_exact_as_on_loopback(hosts, agents, loopback_agents, token, tmp_path):
     a, b = agents
-    handle = _hand_off(a, b, token, seed, num_blocks, tmp_path / "netns.bin")
-    assert handle["agent"] == b.address  # the KV now lies in host B's pool, where B's decode reads it
-    assert handle["pushed_bytes"] >= num_blocks * 4 * 2 * 16 * 2 * 8 * 4  # it went over NIXL
-    looped = _hand_off(*loopback_agents, token, seed, num_blocks, tmp_path / "loopback.bin")
-    assert looped["agent"] == loopback_agents[1].address
-    crossed, local = (tmp_path / "netns.bin").read_bytes(), (tmp_path / "loopback.bin").read_bytes()
-    assert crossed == local == _expected_bytes(seed, num_blocks)
+    crossed = _hand_off(a, b, token, tmp_path / "netns")
+    looped = _hand_off(*loopback_agents, token, tmp_path / "loopback")
+    for (seed, num_blocks), handle, other in zip(SPECS, crossed, looped, strict=True):
+        assert handle["agent"] == b.address  # the KV now lies in host B's pool, where B's decode reads it
+        assert other["agent"] == loopback_agents[1].address
+        # Over NIXL, the same bytes both ways (the block both chunks touch goes twice).
+        assert handle["pushed_bytes"] == other["pushed_bytes"] >= num_blocks * BLOCK_BYTES
+        name = f"{seed}.bin"
+        assert ((tmp_path / "netns" / name).read_bytes() == (tmp_path / "loopback" / name).read_bytes()
+                == _expected_bytes(seed, num_blocks))
     # B registered A over the veth: A's control address is on host A's subnet, not loopback.
     assert f"registered peer kvtransfer-a at {hosts[0].ip}:" in b.log.read_text()
+
+
+# -- the stack across the namespaces: prefill and proxy on host A, decode on host B -------------------
+
+MODELS = ("tiny-llama", "tiny-qwen2")
+JOBS = [(MODELS[i % 2], prompt, 8) for i, prompt in enumerate(
+    ("The quick brown fox", "Numbers 12345 and more",
+     "A prompt long enough to need more than one block of sixteen tokens in the paged KV cache."))]
+
+
+@pytest.fixture(scope="module")
+def stack(hosts, agents, token, tiny_dir, tmp_path_factory) -> Iterator[Service]:
+    """Instances and proxy find each other by DNS names (the namespaces' /etc/hosts) and ports only:
+    each instance is given its host's agent, the proxy every instance and agent and which host each
+    is on. The agents call themselves by IP address, not by these names. Only host A's prefill
+    reports to the proxy's request table (shared memory on host A); host B's decode has none."""
+    a, b = hosts
+    agent_a, agent_b = agents
+
+    def named(host: Host, service: Service) -> str:
+        return f"{host.dns}:{service.address.rpartition(':')[2]}"
+
+    tmp = tmp_path_factory.mktemp("netns-stack")
+    table = f"netns-{secrets.token_hex(4)}"
+    models = [f"--model={m}={tiny_dir / m}" for m in MODELS]
+    engine = ["--dtype", "float32", "--kv-mib", "8", "--host-kv-mib", "32", "--threads", "1", *models]
+    started: list[Service] = []
+    try:
+        started.append(Service(tmp, "prefill-0", a, token, "prefill_svc", "--name", "prefill-0", "--listen",
+                               f"{a.ip}:0", "--kvtransfer", named(a, agent_a), "--table", table, *engine))
+        started.append(Service(tmp, "decode-0", b, token, "decode_svc", "--name", "decode-0", "--listen",
+                               f"{b.ip}:0", "--kvtransfer", named(b, agent_b), *engine))
+        prefill, decode = (s.wait_ready() for s in started)
+        started.append(Service(tmp, "proxy", a, token, "proxy", "--listen", "127.0.0.1:0", "--kvtransfer",
+                               named(a, agent_a), "--prefill", f"prefill-0={named(a, prefill)}", "--decode",
+                               f"decode-0={named(b, decode)}", "--node", "prefill-0=host-a", "--node",
+                               "decode-0=host-b", "--node-agent", f"host-a={named(a, agent_a)}",
+                               "--node-agent", f"host-b={named(b, agent_b)}", "--table", table,
+                               "--table-slots", "16", "--dtype", "float32", *models))
+        yield started[-1].wait_ready()
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def test_prefill_on_one_namespace_and_decode_on_another_give_the_engines_greedy_tokens(stack, agents, token,
+                                                                                      tiny_dir):
+    agent_a, agent_b = agents
+    expected = expected_streams(tiny_dir, JOBS)  # what the loopback stacks give (test_cross_node_stack)
+    got = json.loads(stack.run(token, "generate", stack.address, json.dumps(JOBS)))  # a client on host A
+    for job, tokens in zip(JOBS, got, strict=True):
+        assert tokens == expected[job][0], job
+    # Every prompt's KV crossed to host B over the veth, and neither pool holds anything now.
+    assert f"registered peer kvtransfer-a at {agent_a.address}" in agent_b.log.read_text()
+    for agent in agents:
+        assert json.loads(agent.run(token, "stats", agent.address))["handles"] == 0

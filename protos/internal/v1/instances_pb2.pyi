@@ -174,14 +174,16 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("path", "nbytes", "slab_bytes")
+    __slots__ = ("path", "nbytes", "slab_bytes", "address")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     SLAB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     path: str
     nbytes: int
     slab_bytes: int
-    def __init__(self, path: _Optional[str] = ..., nbytes: _Optional[int] = ..., slab_bytes: _Optional[int] = ...) -> None: ...
+    address: str
+    def __init__(self, path: _Optional[str] = ..., nbytes: _Optional[int] = ..., slab_bytes: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
