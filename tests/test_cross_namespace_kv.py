@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -288,3 +289,13 @@ def test_prefill_on_one_namespace_and_decode_on_another_give_the_engines_greedy_
     assert f"registered peer kvtransfer-a at {agent_a.address}" in agent_b.log.read_text()
     for agent in agents:
         assert json.loads(agent.run(token, "stats", agent.address))["handles"] == 0
+
+
+def test_an_agent_bound_to_a_wildcard_names_itself_apart():
+    from tokenpool.kvtransfer.__main__ import advertised_address
+
+    host = socket.gethostname()
+    assert advertised_address(None, "0.0.0.0:7000") == advertised_address(None, "[::]:7000") == f"{host}:7000"
+    assert advertised_address(None, "10.231.3.2:7000") == "10.231.3.2:7000"
+    assert advertised_address("kvtransfer-node-1", "0.0.0.0:7000") == "kvtransfer-node-1:7000"
+    assert advertised_address("kvtransfer-node-1:7100", "0.0.0.0:7000") == "kvtransfer-node-1:7100"
