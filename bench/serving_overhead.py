@@ -213,19 +213,23 @@ class _Client:
 
     async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step,
                          repeats: int = REPEATS, output_tokens: int = OUTPUT_TOKENS) -> BatchSample:
-        """The batch's median step while all `batch` streams decode. A repeat whose streams never
-        decoded together (one ended before the last got its first token: prefills slow beside
-        fast decode steps, or a busy core) doubles the streams' length for the next, up to
-        MAX_OUTPUT_GROWTH times; the predicted step uses the mean length of the repeats counted."""
+        """The batch's median step while all `batch` streams decode, over `repeats` batches that
+        did. A batch whose streams never decoded together (one ended before the last got its
+        first token: prefills slow beside fast decode steps, or a busy core) is not counted and
+        doubles the streams' length for the next, up to MAX_OUTPUT_GROWTH times; one that fails
+        at that length ends the measurement. The predicted step uses the mean length of the
+        batches counted."""
         steps, lengths, longest = [], [], output_tokens * MAX_OUTPUT_GROWTH
-        for _ in range(repeats):
+        while len(lengths) < repeats:
             streams = await asyncio.gather(*(self.stream(model, PROMPT, output_tokens) for _ in range(batch)))
             window = batch_window_steps(streams)
             if window:
                 steps += window
                 lengths.append(output_tokens)
-            else:
+            elif output_tokens < longest:
                 output_tokens = min(2 * output_tokens, longest)
+            else:
+                break
         if not steps:
             raise RuntimeError(f"serving overhead: batches of {batch} never decoded together for "
                                f"{MIN_TOKENS} tokens, with streams of up to {output_tokens}; is {model}'s "

@@ -194,7 +194,8 @@ def test_a_prefill_instance_prefetches_the_next_group_and_the_copy_costs_its_com
 
 def test_a_batch_whose_streams_never_overlap_is_measured_again_with_longer_streams():
     """The second stream's first token comes 1 s in; at 10 ms a token, 64-token streams end
-    first, so batch_step doubles the length until they decode together."""
+    first, so batch_step doubles the length until they decode together, and counts only the
+    batches that did (three of them, as asked)."""
     import asyncio
 
     from tokenpool.bench.serving_overhead import OUTPUT_TOKENS, _Client
@@ -211,7 +212,7 @@ def test_a_batch_whose_streams_never_overlap_is_measured_again_with_longer_strea
     contexts = []
     sample = asyncio.run(_Client.batch_step(fake, "m", 10, 2, False, lambda c, b: contexts.append(c) or 0.0,
                                             repeats=3))
-    assert fake.calls == [OUTPUT_TOKENS] * 2 + [2 * OUTPUT_TOKENS] * 4
+    assert fake.calls == [OUTPUT_TOKENS] * 2 + [2 * OUTPUT_TOKENS] * 6
     assert sample.step_s == pytest.approx(0.01) and contexts == [2 * (10 + OUTPUT_TOKENS)]
 
 
@@ -229,3 +230,4 @@ def test_a_batch_that_never_overlaps_at_any_length_is_an_error():
 
     with pytest.raises(RuntimeError, match=f"streams of up to {MAX_OUTPUT_GROWTH * OUTPUT_TOKENS}"):
         asyncio.run(_Client.batch_step(Apart(), "m", 10, 2, False, lambda c, b: 0.0, repeats=5))
+
