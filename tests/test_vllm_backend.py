@@ -15,6 +15,7 @@ from tokenpool.engine.vllm_backend import INSTALL_HINT
 
 pytest.importorskip("vllm", reason=f"the vLLM backend needs vllm: {INSTALL_HINT}")
 
+from test_engine_parity import PROMPTS  # noqa: E402  (the native engine's parity prompts)
 from tokenpool.engine.host_kv_pool import HostKVPool  # noqa: E402
 from tokenpool.engine.host_model_cache import HostModelCache  # noqa: E402
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -22,13 +23,6 @@ from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
 from tokenpool.engine.sampler import Sampler  # noqa: E402
 from tokenpool.engine.sampling_params import SamplingParams  # noqa: E402
 
-PROMPTS = [
-    "The quick brown fox",
-    "Numbers like 12345 and 678 appear in the middle of sentences, and punctuation too!",
-    "Hi",
-    "A longer prompt that keeps going, so that it spans more than one block of sixteen "
-    "tokens in the paged cache and exercises the block table across boundaries.",
-]
 STEPS = 32
 
 
