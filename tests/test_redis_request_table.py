@@ -17,6 +17,7 @@ import uuid
 import msgspec
 import pytest
 from redis_server import redis_server
+from test_request_table import bump, rec
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
     DuplicateRequestError,
@@ -63,14 +64,6 @@ def table(request, name: str):
         yield t
         t.unlink()
         t.close()
-
-
-def rec(request_id: str = "req-1", **fields) -> RequestRecord:
-    return RequestRecord(request_id, "llama-3-8b", **fields)
-
-
-def bump(r: RequestRecord) -> RequestRecord:
-    return msgspec.structs.replace(r, num_output_tokens=r.num_output_tokens + 1)
 
 
 # ---- the RequestTable contract, on both backends ------------------------------------------------
