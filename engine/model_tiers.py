@@ -42,7 +42,7 @@ class ModelTiers:
         cache.victim_order = self.activity.victim_order
         self.activity.on_settled = self._unpin  # resident: the switcher's own lease holds it now
         self.loader = ColdLoader(cache)
-        self._fills: dict[str, Fill] = {}
+        self._fills: dict[str, OpenFill] = {}  # how to open each model's fill from disk
         self._profiles: dict[str, ModelProfile] = {}
         self._pins: dict[str, CachedModel] = {}  # oldest first; engine thread only
 
