@@ -1,12 +1,14 @@
 """A prefill or decode instance as its own process (`python -m tokenpool.prefill_svc ...`).
 
     python -m tokenpool.decode_svc --name decode-0 --listen 127.0.0.1:0 \\
-        --kvtransfer 127.0.0.1:7000 --model tiny-llama=/path/to/tiny-llama [--table stack-1] \\
-        [--ready-file F]
+        --kvtransfer 127.0.0.1:7000 --model tiny-llama=/path/to/tiny-llama [--table stack-1 \\
+        [--table-backend redis --redis-url redis://HOST:6379/0]] [--ready-file F]
 
 The instance registers every model (the node's host model cache reads each once; other
-instances attach), connects to the node's kvtransfer agent, attaches the proxy's request
-table if named, and serves until SIGINT/SIGTERM.
+instances attach), connects to the node's kvtransfer agent, reports progress into the
+proxies' request table if named (the node's shared-memory one, or one in Redis on any host;
+attached once a proxy has made it, written by a thread of its own), and serves until
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE
 
 from .instance_setup import add_engine_args, build_engine, parse_models
 from .service_process import add_metrics_arg, run_service
+from .table_args import add_table_backend_args, attach_options
 
 ROLES = ("prefill", "decode")
 DRAIN_GRACE_S = 5.0  # SIGTERM: in-flight work gets this long; the proxy moves the rest elsewhere
 DRAIN_NOTICE_S = 0.6  # of which NOT_SERVING is announced before new calls are refused (> a probe)
-TABLE_POLL_S = 0.2
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
@@ -38,7 +40,10 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
                    help="a model to register: a folder, or a model in the store (repeatable; or --catalogue)")
     p.add_argument("--kvtransfer", required=True, metavar="HOST:PORT", help="the node's kvtransfer agent")
-    p.add_argument("--table", default=None, help="the proxy's request table to report progress in")
+    p.add_argument("--table", default=None,
+                   help="the proxies' request table to report progress in (their --table; with redis, "
+                        "their --table-backend and --redis-url too)")
+    add_table_backend_args(p)
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {name, address, pid} here once serving (for launchers)")
     add_engine_args(p, kv_mib=64, host_kv_mib=256)
@@ -69,6 +74,7 @@ async def serve(role: str, args: argparse.Namespace) -> None:
 
     if not args.drain_s >= 0:
         raise ValueError(f"--drain-s must be >= 0 seconds, got {args.drain_s!r}")
+    table = attach_options(args) if args.table else None  # a bad flag fails before the models load
     internal_token.check_listen(args.listen)
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
@@ -82,9 +88,9 @@ async def serve(role: str, args: argparse.Namespace) -> None:
         raise
     registry = CollectorRegistry()
     metrics = InstanceMetrics(registry, role, sorted(engine.models))
+    progress = _progress(args.table_backend, table, registry) if table else None
     servicer, add, service = _servicer(role, args, engine, transport, timings, policy, instances_pb2_grpc,
-                                       metrics)
-    attach = asyncio.create_task(_attach_table(servicer, args.table)) if args.table else None
+                                       metrics, progress)
     try:
         server = await start_grpc_server(args.listen, [(add, servicer)], [service],
                                          metrics_port=args.metrics_port, registry=registry,
@@ -103,23 +109,18 @@ async def serve(role: str, args: argparse.Namespace) -> None:
         servicer.close()
         engine.close()
         transport.close()
-        if attach is not None:
-            attach.cancel()
-        if servicer.table is not None:
-            servicer.table.close()
+        if progress is not None:
+            progress.close()
 
 
-async def _attach_table(servicer, name: str) -> None:
-    """Attach the proxy's request table once it exists (the proxy starts after the instances,
-    since it needs their addresses); until then progress simply goes unreported."""
-    from tokenpool.proxy.shm_request_table import ShmRequestTable, TableFormatError
+def _progress(backend: str, options: dict, registry):
+    """The reporter of this instance's progress; it attaches the table on its own thread once a proxy
+    has made it (proxies start after the instances, since they need their addresses)."""
+    from tokenpool.proxy.progress_reporter import ProgressReporter
+    from tokenpool.proxy.request_table import make_request_table
 
-    while True:
-        try:
-            servicer.table = ShmRequestTable.attach(name)
-            return
-        except (FileNotFoundError, TableFormatError):  # not there yet, or its header not yet written
-            await asyncio.sleep(TABLE_POLL_S)
+    return ProgressReporter(lambda: make_request_table(backend, attach=True, **options), registry,
+                            name=f"{backend}:{options['name']}")
 
 
 def _decode_policy(args: argparse.Namespace, timings: InstanceTimings):
@@ -128,17 +129,17 @@ def _decode_policy(args: argparse.Namespace, timings: InstanceTimings):
     return make_decode_policy(args.policy, timings, args.tbt_ms, args.qmax_s)
 
 
-def _servicer(role, args, engine, transport, timings, policy, grpc_module, metrics=None):
+def _servicer(role, args, engine, transport, timings, policy, grpc_module, metrics=None, progress=None):
     if role == "prefill":
         from tokenpool.prefill_svc.prefill_servicer import PrefillServicer
 
         group = MAX_GROUP_SIZE if args.policy == "aegaeon" else 1  # 1: plain FCFS for the baselines
-        servicer = PrefillServicer(args.name, engine, transport, None, timings, group, args.policy, metrics,
-                                   stream_kv=args.kv_streaming == "on")
+        servicer = PrefillServicer(args.name, engine, transport, progress, timings, group, args.policy,
+                                   metrics, stream_kv=args.kv_streaming == "on")
         return servicer, grpc_module.add_PrefillServicer_to_server, "tokenpool.internal.v1.Prefill"
     from tokenpool.decode_svc.decode_servicer import DecodeServicer
 
-    servicer = DecodeServicer(args.name, engine, transport, None, policy, args.policy, timings, metrics)
+    servicer = DecodeServicer(args.name, engine, transport, progress, policy, args.policy, timings, metrics)
     return servicer, grpc_module.add_DecodeServicer_to_server, "tokenpool.internal.v1.Decode"
 
 

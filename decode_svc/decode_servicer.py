@@ -33,7 +33,8 @@ from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
-from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+from tokenpool.proxy.progress_reporter import ProgressReporter
+from tokenpool.proxy.request_table import RequestState
 from tokenpool.telemetry import tracing
 from tokenpool.telemetry.turn_tracer import TurnTracer
 
@@ -50,7 +51,7 @@ class _Stream:
 
 class DecodeServicer(instances_pb2_grpc.DecodeServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
-                 table: RequestTable | None = None, policy: TurnPolicy | None = None,
+                 progress: ProgressReporter | None = None, policy: TurnPolicy | None = None,
                  policy_name: str = "round-robin", timings: InstanceTimings | None = None,
                  metrics=None) -> None:
         """policy: how co-located models take turns (make_decode_policy); plain round-robin if None.
@@ -58,7 +59,7 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         self.name = name
         self.engine = engine
         self.transport = transport
-        self.table = table
+        self.progress = progress  # the proxies' request table, written off the event loop
         self.policy = policy or RoundRobinTurns()
         self.policy_name = policy_name
         self.timings = timings
@@ -91,14 +92,14 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
                           kv_tokens=request.kv.num_tokens):
             stream = await self._adopt(request, context, trace)
         slot = request.table_slot if request.HasField("table_slot") else None
-        touch_record(self.table, slot, request.request_id, state=RequestState.DECODING,
+        self._report(slot, request.request_id, state=RequestState.DECODING,
                      decode_instance=self.name)
         finished = False
         try:
             while not finished:
                 outputs = await self._next_outputs(stream, context)
                 finished = outputs[-1].finished
-                touch_record(self.table, slot, request.request_id,
+                self._report(slot, request.request_id,
                              num_output_tokens=outputs[-1].num_output_tokens)
                 yield self._chunk(outputs)
         finally:
@@ -129,6 +130,12 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
     def close(self) -> None:
         self.leases.close()
         self.worker.close()
+
+    def _report(self, slot: int | None, request_id: str, **changes) -> None:
+        """Progress into the request table, if one is attached: queued for a writer thread, so a slow
+        or unreachable table never holds up the event loop or the engine."""
+        if self.progress is not None:
+            self.progress.report(slot, request_id, **changes)
 
     def _last_round(self) -> tuple[float, dict[str, float]] | None:
         """Engine thread: the last round's alpha and quotas (aegaeon), for metrics."""

@@ -35,7 +35,8 @@ from tokenpool.kvtransfer.transport import KVTransferError, KVTransport
 from tokenpool.protos.convert import FINISH_TO_PB, instance_status, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
-from tokenpool.proxy.request_table import RequestState, RequestTable, touch_record
+from tokenpool.proxy.progress_reporter import ProgressReporter
+from tokenpool.proxy.request_table import RequestState
 from tokenpool.telemetry import tracing
 from tokenpool.telemetry.turn_tracer import TurnTracer
 
@@ -59,7 +60,7 @@ class _Pending:
 
 class PrefillServicer(instances_pb2_grpc.PrefillServicer):
     def __init__(self, name: str, engine: MultiModelEngine, transport: KVTransport,
-                 table: RequestTable | None = None, timings: InstanceTimings | None = None,
+                 progress: ProgressReporter | None = None, timings: InstanceTimings | None = None,
                  max_group_size: int = MAX_GROUP_SIZE, policy: str = "aegaeon", metrics=None,
                  stream_kv: bool = False) -> None:
         """timings: to estimate queued prefill time (and report); max_group_size 1 is plain FCFS.
@@ -68,7 +69,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         self.name = name
         self.engine = engine
         self.transport = transport
-        self.table = table
+        self.progress = progress  # the proxies' request table, written off the event loop
         self.timings = timings
         self.policy = policy
         self.queue = PrefillQueue(max_group_size)  # engine thread only
@@ -116,7 +117,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             self._cancel(request.request_id, pending)  # (else it would publish KV nobody frees)
             raise
         slot = request.table_slot if request.HasField("table_slot") else None
-        touch_record(self.table, slot, request.request_id, state=RequestState.PREFILLING,
+        self._report(slot, request.request_id, state=RequestState.PREFILLING,
                      prefill_instance=self.name)
         try:
             out, handle = await pending.done
@@ -131,7 +132,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.name}: prefill failed: {exc}")
         with self._published_lock:  # answered: the proxy owns the handle now
             self._published.pop(request.request_id, None)
-        touch_record(self.table, slot, request.request_id, state=RequestState.TRANSFERRING)
+        self._report(slot, request.request_id, state=RequestState.TRANSFERRING)
         return self._response(out, handle, pending.seed)
 
     async def Status(self, request, context):
@@ -144,6 +145,12 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
 
     def close(self) -> None:
         self.worker.close()
+
+    def _report(self, slot: int | None, request_id: str, **changes) -> None:
+        """Progress into the request table, if one is attached: queued for a writer thread, so a slow
+        or unreachable table never holds up the event loop or the engine."""
+        if self.progress is not None:
+            self.progress.report(slot, request_id, **changes)
 
     def _queued_by_model(self, engine: MultiModelEngine) -> dict[str, int]:
         return dict(Counter(request.model for request, _ in self._queued.values()))

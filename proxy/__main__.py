@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tokenpool.cli.server_security import ServerSecurity, add_security_args
 from tokenpool.cli.service_process import add_metrics_arg
+from tokenpool.cli.table_args import add_table_backend_args
 from tokenpool.engine.turn_policy import POLICIES
 
 STOP_GRACE_S = 5.0
@@ -62,11 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "call is refused")
     p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
     p.add_argument("--table", default=f"proxy-{os.getpid()}", help="name of the request table to create")
-    p.add_argument("--table-backend", choices=("shm", "redis"), default="shm",
-                   help="shm: the node's table in shared memory; redis: one table shared by proxies on "
-                        "any host (--redis-url)")
-    p.add_argument("--redis-url", default=None, metavar="URL",
-                   help="with --table-backend redis: the server, e.g. redis://10.0.0.5:6379/0")
+    add_table_backend_args(p)
     p.add_argument("--table-slots", type=int, default=1024,
                    help="requests in flight at most (more get RESOURCE_EXHAUSTED)")
     p.add_argument("--policy", choices=POLICIES, default="aegaeon",
@@ -122,9 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             table = make_request_table("shm", name=args.table, capacity=args.table_slots, create=True)
         except FileExistsError:  # a proxy before us died without removing it: adopt it, reclaim its rows
-            from .shm_request_table import ShmRequestTable
-
-            table = ShmRequestTable.attach(args.table)
+            table = make_request_table("shm", attach=True, name=args.table)
         reclaimer = None
     await reclaim_orphans(table, backend.agents, MAX_ATTEMPTS)
     registry = CollectorRegistry()

@@ -20,6 +20,12 @@ reclaim its rows (table_recovery), and the lapsed client's own writes are refuse
 (TableFencedError) because the scripts check its key, so it can never write into a slot
 that was reclaimed and handed to another request. A lapse is final for that client: its
 proxy should be restarted. A live client's row is released only by that client.
+
+Reporters (attach(): instances, `tokenpool status`) own no rows: no heartbeat, no insert or
+release, and their updates are not fenced. They need no fence: a reporter's fn checks the
+row's request id (touch_record) on the very version its compare-and-set replaces, so a
+reclaimed row (released: the CAS finds the slot free) or a slot handed to another request
+(another id) is never written, however late the write.
 Records are msgspec msgpack (no pickle); a value that does not decode is a CorruptSlotError.
 """
 
@@ -43,6 +49,7 @@ from tokenpool.proxy.request_table import (
     SlotFreeError,
     TableFencedError,
     TableFullError,
+    TableNotFoundError,
     TableUsage,
     decode_record,
     encode_record,
@@ -87,7 +94,7 @@ return tonumber(slot)
 
 _CAS = """
 local p, slot, me = ARGV[1], ARGV[2], ARGV[5]
-if redis.call('EXISTS', p .. 'alive:' .. me) == 0 then return -3 end
+if me ~= '' and redis.call('EXISTS', p .. 'alive:' .. me) == 0 then return -3 end
 local cur = redis.call('HMGET', p .. 'slot:' .. slot, 'rid', 'ver')
 if not cur[1] then return -1 end
 if cur[2] ~= ARGV[3] then return -2 end
@@ -117,32 +124,60 @@ class RedisRequestTable(RequestTable):
     The first client creates the table; later ones must give the same capacity (ValueError
     otherwise). Each client is an owner with a heartbeat (ttl_s); close() ends it, after
     which the client's remaining rows, if any, are orphans for the others to reclaim.
-    Thread-safe; update()'s fn must not call the table.
+    attach() makes a reporter instead (see the module's docstring). Thread-safe; update()'s fn
+    must not call the table.
     """
 
     def __init__(self, url: str | None, name: str, capacity: int, *, ttl_s: float = DEFAULT_TTL_S,
-                 client: Any = None) -> None:
+                 client: Any = None, owner: bool = True) -> None:
         _check_args(url, name, capacity, ttl_s, client)
-        import redis  # the optional backend's import stays here
-
         self.name, self.capacity, self.ttl_s = name, capacity, ttl_s
         self.prefix = f"tokenpool:{{{name}}}:"
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._redis = client if client is not None else redis.Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}" if owner else ""
+        self._redis = client if client is not None else _connect(url)
         self._scripts = {k: self._redis.register_script(s) for k, s in
                          (("init", _INIT), ("insert", _INSERT), ("cas", _CAS), ("release", _RELEASE))}
-        self._check_meta(self._scripts["init"](args=[self.prefix, capacity, FORMAT_VERSION]))
         self._fenced = False
         self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        if not owner:  # attach(): the table exists and capacity came from it
+            return
+        self._check_meta(self._scripts["init"](args=[self.prefix, capacity, FORMAT_VERSION]))
         if not self._redis.set(self._alive_key(self.owner), "1", px=self._ttl_ms, nx=True):
             raise RuntimeError(f"owner id {self.owner!r} is already in use in table {name!r}")
         self._heartbeat = threading.Thread(target=self._beat, name=f"reqtable-heartbeat-{name}", daemon=True)
         self._heartbeat.start()
 
+    @classmethod
+    def attach(cls, url: str | None, name: str, *, client: Any = None) -> RedisRequestTable:
+        """The existing table `name` as a reporter: capacity from the table, no heartbeat, updates
+        only. TableNotFoundError while no proxy has made it; redis.ConnectionError if the server
+        is unreachable."""
+        _check_args(url, name, 1, DEFAULT_TTL_S, client)
+        redis_client = client if client is not None else _connect(url)
+        try:
+            capacity, version = redis_client.hmget(f"tokenpool:{{{name}}}:meta", "capacity", "version")
+            if capacity is None:
+                raise TableNotFoundError(f"no request table {name!r} in Redis at {url or 'the client'}: a "
+                                         f"proxy with --table-backend redis --table {name} creates it")
+            if int(version) != FORMAT_VERSION:
+                raise ValueError(f"request table {name!r} in Redis has format version {int(version)}; "
+                                 f"this code reads {FORMAT_VERSION}")
+            return cls(url, name, int(capacity), client=redis_client, owner=False)
+        except BaseException:
+            if client is None:
+                redis_client.close()
+            raise
+
+    @property
+    def is_owner(self) -> bool:
+        """False for a reporter (attach())."""
+        return bool(self.owner)
+
     # ---- RequestTable ---------------------------------------------------------------------------
 
     def insert(self, record: RequestRecord) -> int:
+        self._owner_only("insert")
         payload = _fitting(encode_record(record))
         slot = self._scripts["insert"](args=[self.prefix, record.request_id, payload, self.owner])
         if slot == DUPLICATE:
@@ -177,6 +212,7 @@ class RedisRequestTable(RequestTable):
                 return new
 
     def release(self, slot: int) -> None:
+        self._owner_only("release")
         self._slot_key(slot)  # range check
         done = self._scripts["release"](args=[self.prefix, slot, self.owner])
         if done == FREE:
@@ -207,9 +243,12 @@ class RedisRequestTable(RequestTable):
         if self._stop.is_set():
             return
         self._stop.set()
-        self._heartbeat.join()
-        self._redis.delete(self._alive_key(self.owner))
-        self._redis.close()
+        try:
+            if self._heartbeat is not None:
+                self._heartbeat.join()
+                self._redis.delete(self._alive_key(self.owner))
+        finally:
+            self._redis.close()
 
     def unlink(self) -> None:
         """Delete the whole table: every client's rows (an administrator's or a test's job)."""
@@ -230,6 +269,11 @@ class RedisRequestTable(RequestTable):
         if not isinstance(slot, int) or not 0 <= slot < self.capacity:
             raise IndexError(f"slot {slot!r} is out of range for a table of {self.capacity} slots")
         return f"{self.prefix}slot:{slot}"
+
+    def _owner_only(self, what: str) -> None:
+        if not self.is_owner:
+            raise PermissionError(f"request table {self.name!r}: an attached reporter (an instance, "
+                                  f"`tokenpool status`) may not {what} rows; only proxies own them")
 
     def _decode(self, slot: int, payload: bytes | None) -> RequestRecord:
         if payload is None:
@@ -268,6 +312,23 @@ class RedisRequestTable(RequestTable):
                     return
             except Exception as e:  # noqa: BLE001 -- a blip: the next beat may get through before the ttl
                 log.warning("request table %r: heartbeat failed: %s", self.name, e)
+
+
+def _connect(url: str):
+    import redis  # the optional backend's import stays here
+
+    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
+
+
+def table_names(url: str) -> list[str]:
+    """The names of the request tables in the Redis server at url (for `tokenpool status`)."""
+    client = _connect(url)
+    try:
+        names = {key.decode().split("{", 1)[1].rsplit("}", 1)[0]
+                 for key in client.scan_iter(match="tokenpool:\\{*\\}:meta")}
+    finally:
+        client.close()
+    return sorted(names)
 
 
 def _fitting(payload: bytes) -> bytes:

@@ -84,6 +84,10 @@ class TableFencedError(RuntimeError):
     been reclaimed, so it may not write any more. Its proxy should stop admitting and be restarted."""
 
 
+class TableNotFoundError(FileNotFoundError):
+    """No table of that name yet: its proxy creates it (instances start first and attach later)."""
+
+
 class CorruptSlotError(RuntimeError):
     """A slot's bytes are not a valid record (scribbled memory, or a writer died mid-write).
 
@@ -171,28 +175,47 @@ class RequestTable(ABC):
         self.close()
 
 
-def make_request_table(kind: str, **options: Any) -> RequestTable:
+def make_request_table(kind: str, *, attach: bool = False, **options: Any) -> RequestTable:
     """A table backend by name: "shm" (one node; options: ShmRequestTable's) or "redis" (proxies on
-    several hosts; options: RedisRequestTable's)."""
+    several hosts; options: RedisRequestTable's).
+
+    attach=True takes an existing table as it is, its geometry from the table itself (options: name,
+    and url for redis), for the processes that report into a proxy's table rather than own it
+    (instances, `tokenpool status`); TableNotFoundError (a FileNotFoundError) until it exists."""
     if kind == "shm":
         from tokenpool.proxy.shm_request_table import ShmRequestTable
 
-        return ShmRequestTable(**options)
+        return ShmRequestTable.attach(**options) if attach else ShmRequestTable(**options)
     if kind == "redis":
         from tokenpool.proxy.redis_request_table import RedisRequestTable
 
-        return RedisRequestTable(**options)
+        return RedisRequestTable.attach(**options) if attach else RedisRequestTable(**options)
     raise ValueError(f"unknown request table kind {kind!r}; expected 'shm' or 'redis'")
 
 
 ATTEMPT_MARK = "~"  # a re-dispatched request runs on the instances as '<request_id>~<attempt>'
 
 
+TERMINAL_STATES = frozenset({RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED})
+_PROGRESS_ORDER = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRANSFERRING,
+                   RequestState.DECODING)
+
+
+class _NotOurs(Exception):
+    """Raised inside touch_record's update fn: leave the row exactly as it is (no write at all)."""
+
+
 def touch_record(table: RequestTable | None, slot: int | None, request_id: str, **changes: Any) -> bool:
     """Update a request's row from an instance: only if the slot still holds request_id, or the
     request of which request_id is a re-dispatch ('<id>~<n>', see FleetBackend); a released slot
     may hold another request by now. False when the row is gone, never raises for that;
-    instances report progress best-effort and must not fail a request over it."""
+    instances report progress best-effort and must not fail a request over it.
+
+    An instance never owns a row, so its write never changes the row's life: a released row stays
+    released (update refuses a free slot, on every backend), a row the proxy ended (a terminal
+    state, set just before release) is left alone, and a late report of an earlier stage (a
+    delayed 'transferring' after the proxy saw tokens) does not move the state back; a re-dispatch
+    ('<id>~<n>') starts over from prefill, so its state is taken as it comes."""
     if table is None or slot is None:
         return False
 
@@ -200,11 +223,21 @@ def touch_record(table: RequestTable | None, slot: int | None, request_id: str, 
         return request_id == record.request_id or request_id.startswith(record.request_id + ATTEMPT_MARK)
 
     def change(record: RequestRecord) -> RequestRecord:
-        if not ours(record):
-            return record
-        return msgspec.structs.replace(record, updated_ns=time.time_ns(), **changes)
+        if not ours(record) or record.state in TERMINAL_STATES:
+            raise _NotOurs
+        fields = dict(changes)
+        if request_id == record.request_id and _moves_back(record.state, fields.get("state")):
+            del fields["state"]
+        return msgspec.structs.replace(record, updated_ns=time.time_ns(), **fields)
 
     try:
-        return ours(table.update(slot, change))
-    except (SlotFreeError, CorruptSlotError, IndexError):
+        table.update(slot, change)
+        return True
+    except (_NotOurs, SlotFreeError, CorruptSlotError, IndexError):
         return False
+
+
+def _moves_back(current: RequestState, new: RequestState | None) -> bool:
+    if new is None or new in TERMINAL_STATES or current not in _PROGRESS_ORDER:
+        return False
+    return _PROGRESS_ORDER.index(new) < _PROGRESS_ORDER.index(current)
