@@ -1,5 +1,7 @@
 """`tokenpool status`: the stacks and request tables on this node — instances, resident models,
-queues, the hand-off pool, and the requests in flight."""
+queues, the hand-off pool, and the requests in flight. A stack of this node whose table is in
+Redis shows that table; `--redis-url URL [--table NAME]` shows the tables in a Redis server from
+any host (in Kubernetes: the one every proxy and instance reports into)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ MAX_LISTED_MODELS = 12  # more: counts by tier
 def add_parser(commands) -> None:
     p = commands.add_parser("status", help="stacks and request tables on this node, and the requests in them")
     p.add_argument("--requests", action="store_true", help="list every request in flight")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="also the request tables in this Redis server (the proxies' --redis-url)")
+    p.add_argument("--table", default=None, metavar="NAME", help="with --redis-url: only this table")
     p.set_defaults(run=run)
 
 
@@ -23,17 +28,23 @@ def run(args: argparse.Namespace) -> None:
     from tokenpool.proxy.shm_request_table import default_root
 
     stacks = sorted(shm_root().glob("*.stack.json"))
+    redis_tables = []  # (url, name) of the stacks' Redis tables
     for path in stacks:
-        _print_stack(path)
+        redis_tables += _print_stack(path)
     tables = sorted(default_root().glob("*.reqtable"))
-    if not tables and not stacks:
+    if not tables and not stacks and not args.redis_url:
         print(f"no stacks or request tables under {shm_root()}: "
               "is `tokenpool up` or `tokenpool serve` running?")
     for path in tables:
-        _print_table(path.stem, args.requests)
+        _print_table("shm", {"name": path.stem}, path.stem, args.requests)
+    if args.redis_url:
+        redis_tables += [(args.redis_url, name) for name in _redis_table_names(args)]
+    for url, name in dict.fromkeys(redis_tables):
+        _print_table("redis", {"url": url, "name": name}, f"{name} (Redis {_safe_url(url)})", args.requests)
 
 
-def _print_stack(path: Path) -> None:
+def _print_stack(path: Path) -> list[tuple[str, str]]:
+    """-> (url, table name) of the stack's request table if it is in Redis."""
     from tokenpool.proxy.table_recovery import process_alive
 
     from .internal_token import read_token
@@ -42,12 +53,13 @@ def _print_stack(path: Path) -> None:
     if not process_alive(info["pid"]):  # its launcher was killed (SIGKILL: no clean stop)
         path.unlink(missing_ok=True)
         print(f"{info['name']}: launcher pid {info['pid']} is gone; removed its stale entry")
-        return
+        return []
     print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
     token_file = info.get("internal_token_file")
     metadata = (("authorization", f"Bearer {read_token(Path(token_file))}"),) if token_file else ()
     for service in info["services"]:
         print(f"  {service['name']:14} {service['address']:22} {_describe(service, metadata)}")
+    return [(info["redis_url"], info["table"])] if info.get("table_backend") == "redis" else []
 
 
 def _describe(service: dict, metadata: tuple = ()) -> str:
@@ -99,14 +111,41 @@ def _models_line(s) -> str:
             f"{len(s.models) - resident - host} on disk)")
 
 
-def _print_table(name: str, requests: bool) -> None:
-    from tokenpool.proxy.shm_request_table import ShmRequestTable
+def _redis_table_names(args: argparse.Namespace) -> list[str]:
+    from tokenpool.proxy.redis_request_table import table_names
 
-    with ShmRequestTable.attach(name) as table:
+    if args.table:
+        return [args.table]
+    names = table_names(args.redis_url)
+    if not names:
+        print(f"no request tables in Redis at {_safe_url(args.redis_url)}")
+    return names
+
+
+def _print_table(backend: str, options: dict, title: str, requests: bool) -> None:
+    """Attached as a reader (no row is owned, nothing written); a table gone or unreachable is said so."""
+    from tokenpool.proxy.request_table import make_request_table
+
+    try:
+        table = make_request_table(backend, attach=True, **options)
+    except FileNotFoundError:
+        print(f"{title}: no such request table (its proxy has not made it, or has removed it)")
+        return
+    except Exception as exc:  # noqa: BLE001 -- e.g. Redis unreachable: say so, show the rest
+        print(f"{title}: unreachable ({exc})")
+        return
+    with table:
         usage = table.usage()
-        print(f"{name}: {usage.used}/{usage.capacity} slots in use")
+        print(f"{title}: {usage.used}/{usage.capacity} slots in use")
         if requests:
             _print_records(table.records())
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password (redis://:secret@host -> redis://***@host)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at and creds else url
 
 
 def _print_records(records) -> None:

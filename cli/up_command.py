@@ -23,7 +23,8 @@ from pathlib import Path
 from .serve_command import catalogue
 
 CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_mib", "pool_mib",
-               "threads", "device", "engine", "table_slots", "policy", "tbt_ms", "qmax_s", "trace_endpoint",
+               "threads", "device", "engine", "table_slots", "table_backend", "redis_url", "policy", "tbt_ms",
+               "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
                "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib",
@@ -50,6 +51,10 @@ def add_parser(commands) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="where instances keep weights and KV (default cpu)")
     p.add_argument("--table-slots", type=int, help="requests in flight at most (default 1024)")
+    p.add_argument("--table-backend", choices=["shm", "redis"],
+                   help="the request table, for the proxy and every instance: shm (default: this node's "
+                   "shared memory) or redis (--redis-url; `tokenpool status` finds it through the stack)")
+    p.add_argument("--redis-url", help="with --table-backend redis: the server, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--policy", help="scheduling: aegaeon (default), static (one model per instance, no "
                    "switching) or request (request-level scaling)")
     p.add_argument("--tbt-ms", type=float, help="decode TBT target (default: 4x the measured single step)")

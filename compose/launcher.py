@@ -48,6 +48,10 @@ class StackConfig:
       one for all instances: a KV block's interior is the backend's, and hand-offs move bytes).
     pool_mib: the node's hand-off pool (kvtransfer agent).
     table_slots: the request table's size (requests in flight at most).
+    table_backend, redis_url: where the request table lives: "shm" (the node's shared memory) or
+      "redis" (the server at redis_url); the proxy and every instance are given the same, so the
+      instances' progress lands in the proxy's table either way. The launcher deletes a Redis
+      table when it stops (its name, the stack's, is this launcher's alone).
     policy: aegaeon, static or request (every service gets it).
     tbt_ms, qmax_s: the decode instances' TBT target (None: scaled from their measured step)
       and longest quota (aegaeon).
@@ -89,6 +93,8 @@ class StackConfig:
     device: str = "cpu"
     engine: str = "native"
     table_slots: int = 1024
+    table_backend: str = "shm"
+    redis_url: str | None = None
     policy: str = "aegaeon"
     tbt_ms: float | None = None
     qmax_s: float = DEFAULT_QMAX_S
@@ -131,6 +137,11 @@ class StackConfig:
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.table_backend not in ("shm", "redis"):
+            raise ValueError(f"table_backend must be shm or redis, got {self.table_backend!r}")
+        if (self.table_backend == "redis") != bool(self.redis_url):
+            raise ValueError(f"redis_url goes with table_backend redis (redis://HOST:6379/0); got "
+                             f"table_backend {self.table_backend!r} and redis_url {self.redis_url!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.engine not in ("native", "vllm"):
@@ -215,6 +226,8 @@ class Stack:
         codes = []
         for service in reversed(self.services):
             codes.append((service.name, stop_process(service.process, STOP_TIMEOUT_S)))
+        if self.services and self.config.table_backend == "redis":
+            self._drop_redis_table()
         self.services.clear()
         self.stack_file.unlink(missing_ok=True)
         if self.token_file is not None:
@@ -271,7 +284,7 @@ class Stack:
                     "--lease-s", str(c.kv_lease_s), *self._cross_node_args(name)]
         if role == "proxy":
             wiring = [f"--{s.name.split('-')[0]}={s.name}={s.address}" for s in instances]
-            return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, "--table", self.name,
+            return ["--listen", f"{c.host}:{c.port}", "--kvtransfer", agent, *self._table_args(),
                     "--table-slots", str(c.table_slots), "--dtype", c.dtype, "--policy", c.policy,
                     *wiring, *models, *self._catalogue_args(role), *self._node_args(instances),
                     *self._security_args()]
@@ -280,11 +293,29 @@ class Stack:
         if role == "prefill":
             models += ["--kv-streaming", "on" if c.kv_streaming else "off"]
         quotas = ["--qmax-s", str(c.qmax_s)] + (["--tbt-ms", str(c.tbt_ms)] if c.tbt_ms else [])
-        return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, "--table", self.name,
+        return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, *self._table_args(),
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
                 "--threads", str(c.threads_per_instance), "--device", c.device, "--engine", c.engine,
                 "--policy", c.policy, *models, *self._catalogue_args(role),
                 *(quotas if role == "decode" else [])]
+
+    def _table_args(self) -> list[str]:
+        """The request table, the same for the proxy (which makes it) and the instances (which report)."""
+        args = ["--table", self.name, "--table-backend", self.config.table_backend]
+        return args + (["--redis-url", self.config.redis_url] if self.config.redis_url else [])
+
+    def _drop_redis_table(self) -> None:
+        """The stack's Redis table, once every service has stopped (best-effort: Redis may be gone)."""
+        import contextlib
+
+        from tokenpool.proxy.redis_request_table import RedisRequestTable
+
+        with contextlib.suppress(Exception):
+            table = RedisRequestTable.attach(self.config.redis_url, self.name)
+            try:
+                table.unlink()
+            finally:
+                table.close()
 
     def _catalogue_args(self, role: str) -> list[str]:
         """The catalogue folder (proxy and instances), host-cache size (instances), admin token (proxy)."""
@@ -362,6 +393,7 @@ class Stack:
     def _write_stack_file(self) -> None:
         """Addresses of every service, for `tokenpool status` (0600, in the private folder)."""
         data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
+                "table_backend": self.config.table_backend, "redis_url": self.config.redis_url,
                 "internal_token_file": str(self.token_file) if self.token_file else None,
                 "services": [{"name": s.name, "address": s.address, "pid": s.process.pid,
                               "metrics": s.info.get("metrics")} for s in self.services]}
