@@ -9,6 +9,7 @@ import secrets
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -21,6 +22,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S_VERSION = "1.33.0"  # a Kubernetes release in service; grpc probes are GA since 1.27
 HOST_SHM = "/dev/shm/tokenpool"
 TOKEN_FILE = "/run/tokenpool/internal-token"
+REDIS = "tokenpool-redis"  # the Deployment and Service of the shared request table
 
 kubectl = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(kubectl is None, reason="kubectl missing: `./install.sh dev` installs it "
@@ -96,6 +98,8 @@ def test_wiring_agrees_with_the_flag_parsers(tmp_path: Path, nodes: int) -> None
     proxy_c = container(deployments["proxy"])
     assert proxy_c["command"] == ["python3", "-m", "tokenpool.proxy"]
     proxy = proxy_parser().parse_args(proxy_c["args"])
+    assert deployments["proxy"]["spec"]["replicas"] == 2, "two proxies share the table in Redis"
+    check_redis_url(proxy, deployments, services)
     agents = check_agents(docs, services, nodes)
     check_instances(docs, services, proxy, agents, nodes)
     assert proxy.kvtransfer in {f"{s}:{p}" for s, (p, _) in agents.items()}
@@ -105,6 +109,15 @@ def test_wiring_agrees_with_the_flag_parsers(tmp_path: Path, nodes: int) -> None
     assert gw_c["command"] == ["python3", "-m", "tokenpool.gateway"]
     assert gateway.proxy == "proxy:50051" and gateway.model == proxy.model
     assert service_port(services["gateway"], deployments["gateway"])[1] == port_of(gateway.listen)
+
+
+def check_redis_url(proxy, deployments: dict, services: dict) -> None:
+    """The proxies' table is in Redis, at the Service in front of the Redis Deployment."""
+    assert proxy.table_backend == "redis" and proxy.table
+    url = urlsplit(proxy.redis_url)
+    assert (url.scheme, url.hostname, url.path) == ("redis", REDIS, "/0"), proxy.redis_url
+    port, container_port = service_port(services[REDIS], deployments[REDIS])
+    assert url.port == port and container_port == 6379
 
 
 def check_agents(docs: list[dict], services: dict, nodes: int) -> dict[str, tuple[int, int]]:
@@ -146,6 +159,8 @@ def check_instances(docs, services, proxy, agents, nodes) -> None:
             assert wired[pod] == f"{pod}.{headless['metadata']['name']}:{port_of(args.listen)}"
             assert service_port(headless, sts)[1] == port_of(args.listen)
             assert args.kvtransfer == f"kvtransfer-local:{local_port}", "the agent of the pod's own node"
+            assert (args.table_backend, args.redis_url, args.table) == \
+                (proxy.table_backend, proxy.redis_url, proxy.table), "progress goes to the proxies' table"
             check_probes(c, port_of(args.listen), f"tokenpool.internal.v1.{role.capitalize()}")
             seen.add(pod)
             if nodes > 1:
@@ -160,6 +175,18 @@ def check_probes(c: dict, port: int, service: str) -> None:
 
 
 @pytest.mark.parametrize("nodes", [1, 3])
+def test_redis_is_one_unpersisted_server_that_never_evicts(tmp_path: Path, nodes: int) -> None:
+    deployments = by_kind(render(tmp_path, nodes), "Deployment")
+    redis = deployments[REDIS]
+    c = container(redis)
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
+    assert c["image"] == "redis:7" and redis["spec"]["replicas"] == 1
+    assert redis["spec"]["strategy"]["type"] == "Recreate", "never two tables side by side in a rollout"
+    assert args["--save"] == "" and args["--appendonly"] == "no", "no persistence: rows of requests in flight"
+    assert args["--maxmemory-policy"] == "noeviction", "an evicted heartbeat or slot breaks the fencing"
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
 def test_secrets_models_metrics_and_traces(tmp_path: Path, nodes: int) -> None:
     docs = render(tmp_path, nodes)
     (secret,) = by_kind(docs, "Secret").values()
@@ -168,7 +195,8 @@ def test_secrets_models_metrics_and_traces(tmp_path: Path, nodes: int) -> None:
     assert otel["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http")
     dockerfile = (DEPLOY.parent / "compose" / "Dockerfile").read_text()
     assert "TOKENPOOL_MODELS=/models" in dockerfile, "the image's model store must be the claim's mount"
-    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")
+                 and d["metadata"]["name"] != REDIS]  # redis:7 is not ours: no metrics, traces or models
     for w in workloads:
         c, name = container(w), w["metadata"]["name"]
         annotations = w["spec"]["template"]["metadata"]["annotations"]
