@@ -9,4 +9,7 @@ without touching the proxy, and an HTTP stack's event loop and JSON work never d
 proxy's token relay. The cost is one loopback hop per message (tens of microseconds against
 the milliseconds of a decode step). The public API's bearer token applies: the gateway
 forwards the client's `Authorization` header to the proxy, which checks it.
+
+It holds no model files: the models are the proxy's catalogue as it changes, and tokenizers
+and chat templates run at the proxy (its Tokenize and Detokenize RPCs); see catalogue.py.
 """

@@ -1,7 +1,9 @@
 """`python -m tokenpool.gateway`: the OpenAI-compatible HTTP gateway in front of a proxy.
 
-    python -m tokenpool.gateway --listen 127.0.0.1:8000 --proxy 127.0.0.1:50051 \\
-        --model tiny-llama=/path/to/tiny-llama
+    python -m tokenpool.gateway --listen 127.0.0.1:8000 --proxy 127.0.0.1:50051
+
+It serves the proxy's models as its catalogue changes, tokenized by the proxy: no model files
+are read here.
 
 Serves HTTP with uvicorn (uvloop, httptools) until SIGINT/SIGTERM; with --ready-file it
 announces its address there as the other services do (compose/launcher.py waits on it).
@@ -27,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpool.gateway", description=__doc__.splitlines()[0])
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port (port 0 picks one)")
     p.add_argument("--proxy", required=True, metavar="HOST:PORT", help="the proxy's public gRPC address")
-    p.add_argument("--model", action="append", required=True, metavar="ID[=FOLDER]",
-                   help="a model the proxy serves: its tokenizer and chat template (repeatable)")
-    p.add_argument("--dtype", default="auto", help="as the instances were given (for weight sizes)")
+    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
+                   help="ignored, accepted so older launch lines work: the models are the proxy's")
+    p.add_argument("--dtype", default="auto", help="ignored, as --model (the proxy reports weight sizes)")
+    p.add_argument("--catalogue-refresh-s", type=float, default=2.0,
+                   help="seconds between reads of the proxy's models (an unknown id reads them at once)")
     p.add_argument("--proxy-ca", type=Path, default=None, metavar="FILE",
                    help="reach the proxy over TLS, trusting this CA (PEM)")
     p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve HTTPS (PEM chain)")
@@ -45,20 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    from tokenpool.cli.instance_setup import parse_models
-
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--listen must be HOST:PORT, got {args.listen!r}")
-    return GatewayConfig(proxy=args.proxy, models=parse_models(args.model), host=host, port=int(port),
-                         max_body_bytes=args.max_body_bytes, max_stop=args.max_stop, max_n=args.max_n,
-                         proxy_ca=args.proxy_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return GatewayConfig(proxy=args.proxy, host=host, port=int(port), max_body_bytes=args.max_body_bytes,
+                         max_stop=args.max_stop, max_n=args.max_n, proxy_ca=args.proxy_ca,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         catalogue_refresh_s=args.catalogue_refresh_s)
 
 
 async def serve(args: argparse.Namespace) -> None:
     from tokenpool.cli.server_security import first_line
     from tokenpool.cli.service_process import announce_ready, wait_for_signal
-    from tokenpool.proxy.served_model import served_model_from_folder
 
     from .app import Gateway
     from .proxy_client import ProxyClient
@@ -67,8 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
     token = first_line(args.auth_token_file, "--auth-token-file") if args.auth_token_file else None
     if args.auth_token_file and not token:
         raise ValueError(f"--auth-token-file {args.auth_token_file}: the first line must hold the token")
-    models = {m: served_model_from_folder(m, f, args.dtype) for m, f in config.models.items()}
-    gateway = Gateway(config, models, ProxyClient(config), token)
+    gateway = Gateway(config, ProxyClient(config), token)
     sock = _bind(config.host, config.port)  # bound here, so port 0's choice is known before serving
     server = _Server(uvicorn.Config(
         gateway.app(), loop="none", http="httptools", log_level="warning", access_log=False,

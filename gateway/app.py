@@ -3,6 +3,9 @@
     POST /v1/chat/completions   POST /v1/completions     (stream or not; n choices)
     GET  /v1/models             GET  /health             GET /metrics
     POST /tokenize              POST /detokenize
+
+The models are the proxy's, as its catalogue changes (catalogue.py); tokenization is the
+proxy's too (its Tokenize and Detokenize RPCs), so the gateway reads no model files.
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import contextlib
 import hmac
 import logging
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from tokenpool.proxy.served_model import ServedModel
+from tokenpool.protos.v1 import inference_pb2 as pb
 
+from .catalogue import ModelCatalogue
 from .choices import Choices
 from .config import GatewayConfig
-from .errors import APIError
-from .generate_requests import chat_ids, chat_requests, completion_requests, served
+from .errors import APIError, from_rpc_error
+from .generate_requests import chat_requests, chat_tokenize_request, completion_requests, tokenize_messages
 from .metrics import GatewayMetrics
 from .proxy_client import ProxyClient
 from .responses import ChoiceState, ResponseBuilder
@@ -38,20 +43,19 @@ from .streaming import sse
 
 log = logging.getLogger("tokenpool.gateway")
 HEALTH_TIMEOUT_S = 2.0
-KV_POLL_S = 2.0
 
 
 class Gateway:
-    """The routes' state: config, the proxy client, the models' tokenizers, metrics."""
+    """The routes' state: config, the proxy client, the proxy's model catalogue, metrics."""
 
-    def __init__(self, config: GatewayConfig, models: dict[str, ServedModel], client: ProxyClient,
-                 token: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig, client: ProxyClient, token: str | None = None) -> None:
         self.config = config
-        self.models = models
         self.client = client
         self.token = token  # clients must send "Authorization: Bearer <token>"; None: no check here
         self.registry = CollectorRegistry()
-        self.metrics = GatewayMetrics(self.registry, sorted(models))
+        self.metrics = GatewayMetrics(self.registry)
+        own = (("authorization", f"Bearer {token}"),) if token else ()
+        self.catalogue = ModelCatalogue(client, self.metrics, own, config.retry_after_s)
 
     def app(self) -> Starlette:
         routes = [Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -65,7 +69,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
-        poll = asyncio.create_task(self._poll_kv_usage())
+        poll = asyncio.create_task(self.catalogue.poll(self.config.catalogue_refresh_s))
         try:
             yield
         finally:
@@ -82,25 +86,30 @@ class Gateway:
 
     async def _chat(self, request: Request) -> Response:
         body = decode(await self._body(request), ChatCompletionRequest)
-        model = served(self.models, body.model)
-        builder = ResponseBuilder(True, model.id, model.tokenizer, body.num_logprobs is not None, body.n)
-        return await self._generate(request, body, chat_requests(body, model, self.config), builder)
+        await self.catalogue.require(body.model, self._metadata(request))
+        tokenize = chat_tokenize_request(body, self.config)
+        ids = (await self._proxy(self.client.tokenize(tokenize, self._metadata(request)), body.model,
+                                 "messages")).ids
+        builder = ResponseBuilder(True, body.model, body.num_logprobs is not None, body.n)
+        return await self._generate(request, body, chat_requests(body, list(ids)), builder)
 
     async def _completions(self, request: Request) -> Response:
         body = decode(await self._body(request), CompletionRequest)
-        model = served(self.models, body.model)
-        builder = ResponseBuilder(False, model.id, model.tokenizer, body.num_logprobs is not None, body.n)
-        return await self._generate(request, body, completion_requests(body, model, self.config), builder)
+        await self.catalogue.require(body.model, self._metadata(request))
+        builder = ResponseBuilder(False, body.model, body.num_logprobs is not None, body.n)
+        return await self._generate(request, body, completion_requests(body, self.config), builder)
 
     async def _generate(self, request: Request, body, requests: list, builder: ResponseBuilder) -> Response:
         timers = [self.metrics.started(body.model) for _ in requests]
         choices = Choices(self.client, requests, self._metadata(request), self.config.retry_after_s)
         try:
             await _unless_disconnected(request, choices.start())
-        except BaseException:
+        except BaseException as exc:
             choices.cancel()
             for timer in timers:
                 timer.ended("abort")
+            if isinstance(exc, APIError) and exc.code == "model_not_found":
+                self.catalogue.forget(body.model)  # removed since the catalogue's last listing
             raise
         if body.stream:
             return StreamingResponse(sse(choices, builder, body.include_usage, timers),
@@ -113,30 +122,36 @@ class Gateway:
 
     async def list_models(self, request: Request) -> Response:
         async def listing(request: Request) -> Response:
-            found = await self.client.list_models(self._metadata(request))
-            self.metrics.set_kv_usage(found.models)
+            found = await self._proxy(self.client.list_models(self._metadata(request)))
+            self.catalogue.update(found.models)
             return JSONResponse({"object": "list", "data": [_model_card(m) for m in found.models]})
         return await self._guarded(request, listing)
 
     async def tokenize(self, request: Request) -> Response:
         async def run(request: Request) -> Response:
             body = decode(await self._body(request), TokenizeRequest)
-            model = served(self.models, body.model)
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-            ids = (chat_ids(model, body.messages) if body.messages is not None
-                   else model.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-            return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.max_context})
+            await self.catalogue.require(body.model, self._metadata(request))
+            if body.messages is not None:
+                asked, param = tokenize_messages(body.model, body.messages), "messages"
+            else:
+                asked, param = pb.TokenizeRequest(model=body.model, text=body.prompt,
+                                                  add_special_tokens=body.add_special_tokens), "prompt"
+            call = self.client.tokenize(asked, self._metadata(request))
+            answer = await self._proxy(call, body.model, param)
+            return JSONResponse({"tokens": list(answer.ids), "count": len(answer.ids),
+                                 "max_model_len": answer.max_context})
         return await self._guarded(request, run)
 
     async def detokenize(self, request: Request) -> Response:
         async def run(request: Request) -> Response:
             body = decode(await self._body(request), DetokenizeRequest)
-            model = served(self.models, body.model)
-            vocab = model.tokenizer.backend.get_vocab_size()
-            if any(t >= vocab for t in body.tokens):
-                raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens")
-            return JSONResponse({"prompt": model.tokenizer.decode(body.tokens)})
+            await self.catalogue.require(body.model, self._metadata(request))
+            asked = pb.DetokenizeRequest(model=body.model, ids=body.tokens)
+            answer = await self._proxy(self.client.detokenize(asked, self._metadata(request)), body.model,
+                                       "tokens")
+            return JSONResponse({"prompt": answer.text})
         return await self._guarded(request, run)
 
     async def health(self, request: Request) -> Response:
@@ -189,17 +204,24 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _proxy(self, call, model: str | None = None, param: str | None = None):
+        """A unary call's answer, or its status as an APIError: a bad value names param; NOT_FOUND
+        drops the model from the catalogue (removed since the last listing)."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc, self.config.retry_after_s)
+        if error.code == "model_not_found" and model is not None:
+            self.catalogue.forget(model)
+        elif error.status == 400 and param is not None:
+            error.param = param
+        raise error
+
     @staticmethod
     def _metadata(request: Request) -> tuple:
         """The client's bearer token goes on to the proxy, which checks it too."""
         auth = request.headers.get("authorization")
         return (("authorization", auth),) if auth else ()
-
-    async def _poll_kv_usage(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):  # the proxy may be starting or need a token
-                self.metrics.set_kv_usage((await self.client.list_models()).models)
-            await asyncio.sleep(KV_POLL_S)
 
 
 async def _collect(choices: Choices, timers) -> list[ChoiceState]:

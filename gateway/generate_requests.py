@@ -1,40 +1,43 @@
 """An OpenAI request -> the proxy's GenerateRequests: one per choice (n) and prompt.
 
-Chat messages go through the model's chat template here, all of them (the proxy's `chat`
-flag templates one user message), and reach the proxy as token ids. Choice i of a seeded
-request samples with seed + i, so n choices differ and each is reproducible.
+Chat messages, all of them, go through the model's chat template at the proxy (its Tokenize
+RPC: chat_tokenize_request) and reach Generate as token ids, so the n choices share one
+templating. Completion prompts go as they came, text or ids (the proxy encodes text as its
+Tokenize would). Choice i of a seeded request samples with seed + i, so n choices differ and
+each is reproducible.
 """
 
 from __future__ import annotations
 
-from tokenpool.engine.errors import ModelFolderError
 from tokenpool.protos.v1 import inference_pb2 as pb
-from tokenpool.proxy.served_model import ServedModel
 
 from .config import GatewayConfig
-from .errors import APIError, bad_field
+from .errors import bad_field
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's (the gRPC API's default is greedy)
 
 
-def served(models: dict[str, ServedModel], model: str) -> ServedModel:
-    found = models.get(model)
-    if found is None:
-        raise APIError(404, f"model {model!r} is not served here; models: {', '.join(sorted(models))}",
-                       param="model", code="model_not_found")
-    return found
-
-
-def chat_requests(body: ChatCompletionRequest, model: ServedModel, config: GatewayConfig) -> list:
+def chat_tokenize_request(body: ChatCompletionRequest, config: GatewayConfig) -> pb.TokenizeRequest:
+    """The request's conversation for the proxy's chat template, once its limits are checked."""
     check_limits(body, config)
-    if not body.messages:
+    return tokenize_messages(body.model, body.messages)
+
+
+def tokenize_messages(model: str, messages: list[ChatMessage]) -> pb.TokenizeRequest:
+    """Every message for the model's chat template, with the generation prompt."""
+    if not messages:
         raise bad_field("messages", "messages is empty: give at least one message")
-    ids = chat_ids(model, body.messages)
+    turns = [pb.ChatMessage(role=m.role, content=m.text()) for m in messages]
+    return pb.TokenizeRequest(model=model, chat=pb.ChatMessages(messages=turns))
+
+
+def chat_requests(body: ChatCompletionRequest, ids: list[int]) -> list:
+    """n requests for the templated conversation's ids (chat_tokenize_request checked the body)."""
     return [_request(body, ids, i, body.token_limit, body.num_logprobs) for i in range(body.n)]
 
 
-def completion_requests(body: CompletionRequest, model: ServedModel, config: GatewayConfig) -> list:
+def completion_requests(body: CompletionRequest, config: GatewayConfig) -> list:
     """len(prompts) * n requests, prompt-major (choice index = prompt index * n + i)."""
     check_limits(body, config)
     if body.echo:
@@ -43,8 +46,10 @@ def completion_requests(body: CompletionRequest, model: ServedModel, config: Gat
     if len(prompts) * body.n > config.max_n:
         raise bad_field("n", f"{len(prompts)} prompts x n={body.n} choices exceed the limit of "
                              f"{config.max_n}")
-    return [_request(body, _prompt_ids(model, p), i, body.token_limit, body.num_logprobs)
-            for p in prompts for i in range(body.n)]
+    for p in prompts:
+        if not p:
+            raise bad_field("prompt", "prompt is empty")
+    return [_request(body, p, i, body.token_limit, body.num_logprobs) for p in prompts for i in range(body.n)]
 
 
 def check_limits(body: Sampling, config: GatewayConfig) -> None:
@@ -58,15 +63,6 @@ def check_limits(body: Sampling, config: GatewayConfig) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise bad_field(name, f"{name} is not supported (only 0)")
-
-
-def chat_ids(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
-    """Every message through the model's chat template, with the generation prompt."""
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        return model.tokenizer.encode_chat(turns)
-    except (ModelFolderError, ValueError) as exc:
-        raise bad_field("messages", f"{model.id}: {exc}") from None
 
 
 def prompt_list(prompt) -> list[str | list[int]]:
@@ -83,14 +79,7 @@ def _is_ids(value) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value))
 
 
-def _prompt_ids(model: ServedModel, prompt: str | list[int]) -> list[int]:
-    ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    if not ids:
-        raise bad_field("prompt", "prompt is empty")
-    return ids
-
-
-def _request(body: Sampling, ids: list[int], index: int, max_tokens: int | None,
+def _request(body: Sampling, prompt: str | list[int], index: int, max_tokens: int | None,
              logprobs: int | None) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(top_k=max(body.top_k or 0, 0), stop=body.stop_list,
                                  ignore_eos=body.ignore_eos)
@@ -101,4 +90,6 @@ def _request(body: Sampling, ids: list[int], index: int, max_tokens: int | None,
             setattr(sampling, name, value)
     if body.seed is not None:
         sampling.seed = (body.seed + index) % 2**63
-    return pb.GenerateRequest(model=body.model, token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    if isinstance(prompt, str):
+        return pb.GenerateRequest(model=body.model, text=prompt, sampling=sampling)
+    return pb.GenerateRequest(model=body.model, token_ids=pb.TokenIds(ids=prompt), sampling=sampling)

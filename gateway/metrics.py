@@ -20,13 +20,17 @@ dashboards): a tokenpool stack then drops in where a vLLM server was.
     vllm:prompt_tokens_total{model_name}, vllm:generation_tokens_total{model_name}
     vllm:request_success_total{model_name, finished_reason}
 
-Labels are only the served model ids (requests for others are not counted), so clients
-cannot grow the label set.
+Labels are only the ids in the proxy's catalogue (gateway/catalogue.py; requests for others
+are refused before they are counted), so clients cannot grow the label set. A model added at
+run time gets its series, at 0, once the catalogue sees it; a removed model's series go once
+its last request here has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tokenpool.protos.v1 import inference_pb2 as pb
@@ -37,7 +41,8 @@ REASONS = ("stop", "length", "abort")
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, models: list[str]) -> None:
+    def __init__(self, registry: CollectorRegistry, models=()) -> None:
+        """models: ids to have series from the start (follow() changes the set later)."""
         label = ["model_name"]
         self.running = Gauge("vllm:num_requests_running", "Requests generating", label, registry=registry)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for their first token", label,
@@ -58,18 +63,43 @@ class GatewayMetrics:
                                          registry=registry)
         self.success = Counter("vllm:request_success", "Requests ended, by finish reason",
                                ["model_name", "finished_reason"], registry=registry)
-        for model in models:  # every series exists from the start
+        self.models: set[str] = set()
+        self.live: Tally[str] = Tally()  # requests of each model whose timer has not ended
+        self.follow(models)
+
+    def follow(self, models) -> None:
+        """The catalogue's ids now: new ones get every series at 0; ids gone lose theirs once no
+        request of theirs is live (retried on the next call)."""
+        for model in set(models) - self.models:
             for metric in (self.running, self.waiting, self.kv, self.kv_old, self.prompt_tokens,
                            self.generation_tokens):
                 metric.labels(model)
             for reason in REASONS:
                 self.success.labels(model, reason)
+        for model in self.models - set(models):
+            if not self.live[model]:
+                self._remove(model)
+        self.models = set(models) | {m for m in self.models if self.live[m]}
+
+    def _remove(self, model: str) -> None:
+        del self.live[model]
+        for metric in (self.running, self.waiting, self.kv, self.kv_old, self.prompt_tokens,
+                       self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue):
+            with contextlib.suppress(KeyError):
+                metric.remove(model)
+        for reason in REASONS:
+            with contextlib.suppress(KeyError):
+                self.success.remove(model, reason)
 
     def started(self, model: str) -> RequestTimer:
+        """A timer for a request of a catalogue model (its series stay while the request is live)."""
+        self.models.add(model)
         return RequestTimer(self, model, time.perf_counter())
 
     def set_kv_usage(self, models: list[pb.ModelInfo]) -> None:
         for info in models:
+            if info.id not in self.models:
+                continue
             self.kv.labels(info.id).set(info.kv_cache_usage)
             self.kv_old.labels(info.id).set(info.kv_cache_usage)
 
@@ -83,6 +113,7 @@ class RequestTimer:
         self.m, self.model, self.arrival = metrics, model, arrival
         self.first = self.last = None
         self.state = "waiting"
+        metrics.live[model] += 1
         metrics.waiting.labels(model).inc()
 
     def tokens(self, count: int, response: pb.GenerateResponse) -> None:
@@ -114,3 +145,4 @@ class RequestTimer:
         gauge.labels(self.model).dec()
         self.state = "ended"
         self.m.success.labels(self.model, reason or "abort").inc()
+        self.m.live[self.model] -= 1

@@ -10,6 +10,7 @@ from .config import GatewayConfig
 
 MAX_MESSAGE_BYTES = 4 << 20  # the proxy's own limit
 LIST_TIMEOUT_S = 10.0
+TOKENIZE_TIMEOUT_S = 30.0  # a prompt near the body limit through a slow chat template, on a busy proxy
 
 
 class ProxyClient:
@@ -29,6 +30,12 @@ class ProxyClient:
 
     async def list_models(self, metadata: tuple = ()) -> pb.ListModelsResponse:
         return await self.stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=LIST_TIMEOUT_S)
+
+    async def tokenize(self, request: pb.TokenizeRequest, metadata: tuple) -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(request, metadata=metadata, timeout=TOKENIZE_TIMEOUT_S)
+
+    async def detokenize(self, request: pb.DetokenizeRequest, metadata: tuple) -> pb.DetokenizeResponse:
+        return await self.stub.Detokenize(request, metadata=metadata, timeout=TOKENIZE_TIMEOUT_S)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -10,7 +10,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from tokenpool.engine.tokenizer import Tokenizer
 from tokenpool.protos.v1 import inference_pb2 as pb
 
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_ABORT: "abort"}
@@ -40,11 +39,10 @@ class ChoiceState:
 class ResponseBuilder:
     """Builds one request's response objects. chat: chat completions, else text completions."""
 
-    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, want_logprobs: bool, n: int = 1) -> None:
+    def __init__(self, chat: bool, model: str, want_logprobs: bool, n: int = 1) -> None:
         self.chat = chat
         self.n = n  # choices per prompt: they share one prompt in the usage
         self.model = model
-        self.tokenizer = tokenizer
         self.want_logprobs = want_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -58,7 +56,7 @@ class ResponseBuilder:
 
     def _choice(self, index: int, state: ChoiceState) -> dict:
         text = "".join(state.text)
-        logprobs = self.logprobs(state.token_ids, state.logprobs)
+        logprobs = self.logprobs(state.logprobs)
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "logprobs": logprobs, "finish_reason": state.finish_reason}
@@ -68,7 +66,7 @@ class ResponseBuilder:
 
     def chunk(self, index: int, response: pb.GenerateResponse, first: bool, include_usage: bool) -> dict:
         finish = FINISH.get(response.finish_reason)
-        logprobs = self.logprobs(response.token_ids, response.logprobs)
+        logprobs = self.logprobs(response.logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": response.text} if first else {"content": response.text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -84,28 +82,26 @@ class ResponseBuilder:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    # -- logprobs ---------------------------------------------------------------------------
+    # -- logprobs (token texts come from the proxy, in the messages themselves) --------------
 
-    def logprobs(self, token_ids, logprobs) -> dict | None:
+    def logprobs(self, logprobs: list[pb.TokenLogprobs]) -> dict | None:
         if not self.want_logprobs:
             return None
         if self.chat:
-            return {"content": [self._chat_entry(t, lp) for t, lp in zip(token_ids, logprobs, strict=False)]}
-        tokens = [self._token(t) for t in token_ids]
+            return {"content": [_chat_entry(lp) for lp in logprobs]}
+        tokens = [lp.token for lp in logprobs]
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{self._token(c.token_id): c.logprob for c in lp.top} for lp in logprobs],
+                "top_logprobs": [{c.token: c.logprob for c in lp.top} for lp in logprobs],
                 "text_offset": _offsets(tokens)}
 
-    def _chat_entry(self, token_id: int, lp: pb.TokenLogprobs) -> dict:
-        top = [self._candidate(c.token_id, c.logprob) for c in lp.top]
-        return {**self._candidate(token_id, lp.logprob), "top_logprobs": top}
 
-    def _candidate(self, token_id: int, logprob: float) -> dict:
-        token = self._token(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+def _chat_entry(lp: pb.TokenLogprobs) -> dict:
+    top = [_candidate(c.token, c.logprob) for c in lp.top]
+    return {**_candidate(lp.token, lp.logprob), "top_logprobs": top}
 
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+
+def _candidate(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def usage(choices: list[ChoiceState], n: int) -> dict:

@@ -84,7 +84,7 @@ class ChatCompletionRequest(Sampling, frozen=True, kw_only=True):
 
 
 class CompletionRequest(Sampling, frozen=True, kw_only=True):
-    # A string, token ids, or a list of either (each prompt gets n choices); checked in prompts.py.
+    # A string, token ids, or a list of either (each prompt gets n choices); checked in generate_requests.py.
     prompt: str | list
     logprobs: TopLogprobs | None = None
     echo: bool = False
@@ -107,7 +107,7 @@ class TokenizeRequest(Struct, frozen=True, kw_only=True):
 
 class DetokenizeRequest(Struct, frozen=True, kw_only=True):
     model: str
-    tokens: list[Annotated[int, Meta(ge=0)]]
+    tokens: list[Annotated[int, Meta(ge=0, lt=2**32)]]
 
 
 def decode(body: bytes, kind: type[Struct]) -> Struct:

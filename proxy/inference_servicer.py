@@ -2,6 +2,10 @@
 
 Every bad request ends with a status code and a message naming the field and the
 limit; nothing reaches the engine unless it fits.
+
+Tokenize and Detokenize run the served model's tokenizer and chat template here, so a front
+end (the HTTP gateway) needs no model files and follows the catalogue as it changes; token
+texts of log-probabilities come in GenerateResponse for the same reason (no call per token).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import time
 import uuid
 
 import grpc
+import jinja2
 import msgspec
 from google.protobuf import unknown_fields
-from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.errors import InvalidRequestError, ModelFolderError
 from tokenpool.protos.convert import FINISH_TO_PB, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
@@ -34,6 +39,7 @@ from .served_model import ServedModel
 
 RETRY_AFTER_MS = 1000  # the hint a refused-for-load request gets (trailing metadata "retry-after-ms")
 RETRY_HINT = (("retry-after-ms", str(RETRY_AFTER_MS)),)
+MAX_TOKENIZE_IDS = 1 << 18  # ids a Tokenize answer or a Detokenize request holds at most (~1.3 MB)
 
 
 class RequestError(Exception):
@@ -57,6 +63,14 @@ def _unknown_fields(message, path: str = "") -> list[str]:
         if field.message_type is not None and not field.is_repeated:
             found += _unknown_fields(value, f"{path}{field.name}.")
     return found
+
+
+def _check_schema(request) -> None:
+    unknown = _unknown_fields(request)
+    if unknown:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"fields {', '.join(unknown)} are not part of {request.DESCRIPTOR.full_name} "
+                           "(fields only services set, such as KV handles, are refused)")
 
 
 def model_state(model: str, statuses: list) -> dict:
@@ -88,6 +102,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             pb.ModelInfo(id=m.id, architecture=m.architecture, max_context=m.max_context,
                          weight_bytes=m.weight_bytes, **model_state(m.id, statuses))
             for m in self.models.values()])
+
+    async def Tokenize(self, request, context):
+        try:
+            model = self._model(request)
+            ids = await asyncio.to_thread(self._tokenize, request, model)  # long texts: off the loop
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        return pb.TokenizeResponse(ids=ids, max_context=model.max_context)
+
+    async def Detokenize(self, request, context):
+        try:
+            model = self._model(request)
+            ids = _checked_ids(list(request.ids), model)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        return pb.DetokenizeResponse(text=await asyncio.to_thread(model.tokenizer.decode, ids))
 
     async def Generate(self, request, context):
         start = time.perf_counter()
@@ -163,7 +193,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if timer is not None:
                 timer.tokens(len(item.new_token_ids))
             self._set(sub.table_slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
-            yield self._response(item, sub.request_id, len(sub.prompt), first - start)
+            yield self._response(item, sub.request_id, len(sub.prompt), first - start,
+                                 self.models.get(sub.model))
             if item.finished:
                 return
 
@@ -171,19 +202,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.table.update(slot, lambda r: msgspec.structs.replace(r, updated_ns=time.time_ns(), **changes))
 
     def _submission(self, request, timeout_s: float | None) -> Submission:
-        unknown = _unknown_fields(request)
-        if unknown:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"fields {', '.join(unknown)} are not part of {request.DESCRIPTOR.full_name} "
-                               "(fields only services set, such as KV handles, are refused)")
+        _check_schema(request)
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id has {len(request_id)} "
                                f"characters; the limit is {MAX_REQUEST_ID_CHARS}")
-        model = self.models.get(request.model)
-        if model is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here; "
-                               f"models: {', '.join(sorted(self.models))}")
+        model = self._served(request.model)
         ids = self._prompt_ids(request, model)
         if len(ids) >= model.max_context:
             raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
@@ -191,6 +215,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"{model.max_context} and at least one token must be left to generate")
         sampling = sampling_from_pb(request.sampling, model.max_context)
         return Submission(request_id, model.id, ids, sampling, timeout_s=timeout_s)
+
+    def _model(self, request) -> ServedModel:
+        """The served model a Tokenize or Detokenize request names, once it is in its schema."""
+        _check_schema(request)
+        return self._served(request.model)
+
+    def _served(self, model_id: str) -> ServedModel:
+        model = self.models.get(model_id)
+        if model is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {model_id!r} is not served here; "
+                               f"models: {', '.join(sorted(self.models))}")
+        return model
+
+    @staticmethod
+    def _tokenize(request: pb.TokenizeRequest, model: ServedModel) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "chat":
+            if not request.chat.messages:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty: give at "
+                                   "least one message")
+            turns = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            try:
+                ids = model.tokenizer.encode_chat(turns)
+            except (ModelFolderError, ValueError, jinja2.TemplateError) as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat: {model.id}: {exc}") from None
+        else:
+            special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = model.tokenizer.encode(request.text, add_special_tokens=special)
+        if len(ids) > MAX_TOKENIZE_IDS:
+            raise RequestError(grpc.StatusCode.OUT_OF_RANGE, f"the input encodes to {len(ids)} tokens; "
+                               f"Tokenize returns at most {MAX_TOKENIZE_IDS}")
+        return ids
 
     @staticmethod
     def _prompt_ids(request, model: ServedModel) -> list[int]:
@@ -206,11 +262,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return ids
 
     @staticmethod
-    def _response(out, request_id: str, prompt_tokens: int, ttft: float) -> pb.GenerateResponse:
+    def _response(out, request_id: str, prompt_tokens: int, ttft: float,
+                  model: ServedModel | None) -> pb.GenerateResponse:
         response = pb.GenerateResponse(token_ids=out.new_token_ids, text=out.text, request_id=request_id,
                                        logprobs=logprobs_to_pb(out.logprobs))
+        if response.logprobs and model is not None:
+            _name_tokens(response, model)
         if out.finished:
             response.finish_reason = FINISH_TO_PB[out.finish_reason]
             response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens,
                                              completion_tokens=out.num_output_tokens, ttft_seconds=ttft))
         return response
+
+
+def _checked_ids(ids: list[int], model: ServedModel) -> list[int]:
+    if len(ids) > MAX_TOKENIZE_IDS:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ids has {len(ids)} tokens; the limit is "
+                           f"{MAX_TOKENIZE_IDS}")
+    vocab = model.tokenizer.backend.get_vocab_size()
+    if any(t >= vocab for t in ids):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ids must be below {model.id}'s vocabulary "
+                           f"size {vocab}")
+    return ids
+
+
+def _name_tokens(response: pb.GenerateResponse, model: ServedModel) -> None:
+    """Each log-probability's token text, so clients show tokens without the model's tokenizer."""
+    decode = model.tokenizer.decode
+    for token_id, entry in zip(response.token_ids, response.logprobs, strict=False):
+        entry.token = decode([token_id])
+        for candidate in entry.top:
+            candidate.token = decode([candidate.token_id])

@@ -37,9 +37,9 @@ def request(stack, method: str, path: str, body: bytes | None = None, headers: d
         conn.close()
 
 
-def post(stack, path: str, payload) -> Reply:
-    return request(stack, "POST", path, json.dumps(payload).encode())
+def post(stack, path: str, payload, headers: dict | None = None) -> Reply:
+    return request(stack, "POST", path, json.dumps(payload).encode(), headers)
 
 
-def get(stack, path: str) -> Reply:
-    return request(stack, "GET", path)
+def get(stack, path: str, headers: dict | None = None) -> Reply:
+    return request(stack, "GET", path, headers=headers)

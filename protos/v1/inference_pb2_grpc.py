@@ -45,6 +45,16 @@ class InferenceStub:
                 request_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/tokenpool.v1.Inference/Tokenize',
+                request_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/tokenpool.v1.Inference/Detokenize',
+                request_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -66,6 +76,21 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize encodes text, or a conversation through the model's chat template, exactly as
+        Generate would: a front end prepares and counts prompts without the model's files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize decodes token ids to text as Generate's text is decoded (special tokens skipped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +103,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +170,60 @@ class Inference:
             '/tokenpool.v1.Inference/ListModels',
             tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             tokenpool_dot_protos_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.v1.Inference/Tokenize',
+            tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            tokenpool_dot_protos_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenpool.v1.Inference/Detokenize',
+            tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            tokenpool_dot_protos_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
