@@ -3,10 +3,12 @@ transformers would by default, plus incremental detokenization for streaming."""
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -47,16 +49,25 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied as transformers' apply_chat_template does."""
-        if not self.chat_template:
-            raise ModelFolderError("this model has no chat template; run without --chat")
+        special = {k: self.token_string(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return self._compiled_template().render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+    @functools.cached_property
+    def _template(self) -> Template:
+        # Compiled once: compiling SmolLM2's template took 5 ms, rendering it 0.2 ms, and the
+        # proxy renders every chat request's template on its one process.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        special = {k: self.token_string(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        return env.from_string(self.chat_template)
+
+    def _compiled_template(self) -> Template:
+        if not self.chat_template:
+            raise ModelFolderError("this model has no chat template; run without --chat")
+        return self._template
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template already holds every special token, as in transformers.
