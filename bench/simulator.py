@@ -329,7 +329,7 @@ class SimDecodeRunner:
             self.arrivals.pop(seq.request_id, None)
             self.landing.pop(seq.request_id, None)
             self.on_finish(seq)
-        return len(batch)
+        return len(ready)
 
 
 class SimHostPool:

@@ -4,19 +4,34 @@ The work list is the instance's same-model batches in the order they joined; rou
 rotate over it. A turn:
 
     plan quotas for every batch now in the list (QuotaPlan)  ->  activate the model (switch;
-    its KV swaps in)  ->  prefetch the next model in the rotation  ->  step until the quota
-    is spent (the switch is not charged)  ->  rotate
+    its KV swaps in)  ->  prefetch the next model in the rotation  ->  step until the KV has
+    landed and the quota is spent (neither the switch nor the swap-in is charged)  ->  rotate
 
 The outgoing batch's KV is swapped out by the next switch, so a lone batch is never
 swapped. A model that gets work joins the list at the end and runs at its next turn, not
 at the next round. A lone batch runs until another model has work.
 
+The switch time c the quotas are planned with is what the turns of a round really pay
+beyond their steps: for each turn, the switch itself (the weights not already in the free
+slot, or the outgoing batch's KV swap-out, which the switch waits for: whichever is longer)
+and the incoming batch's KV swap-in. The swap-in runs after the switch, beside the turn's
+first steps, which serve only the sequences already landed; so the quota's clock starts
+once the batch's predicted swap-in is over. Were the swap-in charged to the quota and left
+out of c, a quota shorter than the swap-in would end the turn before the batch's last
+sequences landed: they would get no token at all, turn after turn (with KV limits in the
+GPU simulation, 16 models at 0.5 req/s: quotas of 3 ms, under one 9 ms step, shorter than the
+batch's swap-in in 60% of turns; a step served a median 7% of its batch; some sequences
+waited 160 s for a token).
+
 Predicted step times come from profiles measured without the serving around them (gRPC
 streams, the proxy, other processes on the machine); each turn measures the real mean step
 and keeps a per-model correction (an exponential average of measured / predicted), so the
 quotas, and the mean time between tokens they promise, hold on the machine as it is.
-Switch times likewise: the prediction (weight bytes over copy bandwidth) stands until a
-switch to the model has been measured (which also pays the KV swaps the bytes leave out).
+Switch times likewise: the prediction (weight bytes over copy bandwidth, or the outgoing
+batch's KV over the swap rate if longer) stands until a switch to the model has been
+measured. KV swap-ins are predicted from the batch's tokens, its model's KV block bytes and
+the swapper's measured rate (Predictor.kv_swap_seconds; 0 without a measurement: KV moves
+in no time, as before).
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ class TurnRecord:
 
     model: str
     quota_s: float
+    landing_s: float  # the predicted KV swap-in before the quota's clock started (0: no switch)
     steps: int
     tokens: int
     elapsed_s: float  # from the first step to the end of the last (switch excluded)
@@ -48,11 +64,16 @@ class TurnRecord:
 
 
 class Predictor:
-    """Predicted step and switch times per model (from profiles on an instance, or a simulator)."""
+    """Predicted step, switch and KV swap times (from profiles on an instance, or a simulator).
+    step_seconds(batch): one decode step; switch_seconds(model): copying its weights;
+    kv_swap_seconds(batch, direction): moving the batch's KV 'out' to the host pool or 'in'
+    (None: KV moves in no time)."""
 
-    def __init__(self, step_seconds: Callable[[BatchInfo], float], switch_seconds: Callable[[str], float]):
+    def __init__(self, step_seconds: Callable[[BatchInfo], float], switch_seconds: Callable[[str], float],
+                 kv_swap_seconds: Callable[[BatchInfo, str], float] | None = None):
         self.step_seconds = step_seconds
         self.switch_seconds = switch_seconds
+        self.kv_swap_seconds = kv_swap_seconds or (lambda batch, direction: 0.0)
 
 
 class DecodeScheduler(TurnPolicy):
@@ -70,8 +91,10 @@ class DecodeScheduler(TurnPolicy):
         upcoming = self._refresh(runner.models_with_work())
         if upcoming is None:
             return None
-        steps = [self._predict(runner, m) for m in self.work_list]
-        switch = sum(map(self._switch_seconds, self.work_list)) if len(self.work_list) > 1 else 0.0
+        batches = [runner.batch(m) for m in self.work_list]
+        steps = [self._predict(b) for b in batches]
+        rotating = len(batches) > 1
+        switch = sum(self._turn_overhead(batches, k) for k in range(len(batches))) if rotating else 0.0
         return compute_quotas(steps, switch, self.config), upcoming
 
     def run_turn(self, runner: TurnRunner) -> bool:
@@ -89,21 +112,31 @@ class DecodeScheduler(TurnPolicy):
             self._average(self.switch_measured, model, runner.now() - started)
         if len(models) > 1:
             runner.prefetch(models[(index + 1) % len(models)])
-        predicted = self.predictor.step_seconds(runner.batch(model))
-        self.last = self._serve(runner, model, plan.quotas[index], plan, models)
+        batch = runner.batch(model)
+        landing = self.predictor.kv_swap_seconds(batch, "in") if previous != model else 0.0
+        predicted = self.predictor.step_seconds(batch)
+        self.last = self._serve(runner, model, plan.quotas[index], landing, plan, models)
         self._calibrate(model, predicted, self.last)
         return True
 
-    def _switch_seconds(self, model: str) -> float:
-        return self.switch_measured.get(model, self.predictor.switch_seconds(model))
+    def _turn_overhead(self, batches: list[BatchInfo], k: int) -> float:
+        """What batch k's turn pays beyond its steps: the switch to it (measured, else the longer
+        of its weights' copy and the swap-out of the batch before it in the rotation, which the
+        switch waits for) and its own KV's swap-in."""
+        model, outgoing = batches[k].model, batches[k - 1]
+        switch = self.switch_measured.get(model)
+        if switch is None:
+            out = self.predictor.kv_swap_seconds(outgoing, "out")
+            switch = max(self.predictor.switch_seconds(model), out)
+        return switch + self.predictor.kv_swap_seconds(batches[k], "in")
 
     @staticmethod
     def _average(averages: dict[str, float], model: str, value: float) -> None:
         old = averages.get(model, value)
         averages[model] = old + CORRECTION_WEIGHT * (value - old)
 
-    def _predict(self, runner: TurnRunner, model: str) -> float:
-        return self.predictor.step_seconds(runner.batch(model)) * self.correction.get(model, 1.0)
+    def _predict(self, batch: BatchInfo) -> float:
+        return self.predictor.step_seconds(batch) * self.correction.get(batch.model, 1.0)
 
     def _calibrate(self, model: str, predicted: float, record: TurnRecord) -> None:
         if record.steps < CALIBRATION_MIN_STEPS or not predicted > 0:
@@ -112,17 +145,21 @@ class DecodeScheduler(TurnPolicy):
         ratio = min(max(record.elapsed_s / record.steps / predicted, low), high)
         self._average(self.correction, model, ratio)
 
-    def _serve(self, runner: TurnRunner, model: str, quota: float, plan: QuotaPlan,
+    def _serve(self, runner: TurnRunner, model: str, quota: float, landing: float, plan: QuotaPlan,
                models: tuple[str, ...]) -> TurnRecord:
+        """Step until `landing` (the batch's KV swap-in, which c pays for) and then `quota` are spent,
+        and at least one step began after the landing: steps while KV lands serve only the landed
+        sequences, so one that began before the last landed may have left some without a token."""
         start, steps, tokens = runner.now(), 0, 0
         while runner.has_work(model):
+            began = runner.now()
             tokens += runner.step(model)
             steps += 1
-            if runner.now() - start >= quota:
+            if began - start >= landing and runner.now() - start >= landing + quota:
                 break
             if math.isinf(quota) and len(runner.models_with_work()) > 1:
                 break  # a lone batch yields as soon as another model has work
-        return TurnRecord(model, quota, steps, tokens, runner.now() - start, plan, models)
+        return TurnRecord(model, quota, landing, steps, tokens, runner.now() - start, plan, models)
 
     def _refresh(self, with_work: list[str]) -> str | None:
         """Drop batches without work, append new ones at the end -> the model whose turn is next:

@@ -11,6 +11,16 @@ bandwidth):
 Batch i emits q_i / t_i tokens per round of length c + sum q_i, so its mean time between
 tokens is alpha * d: the target holds on average while alpha <= 1. With alpha at its
 formula value, the smallest-n batch gets exactly QMAX.
+
+That holds only if c is everything a round spends not stepping and each quota is all
+stepping of the whole batch: the caller (DecodeScheduler) puts every turn's KV swaps in c
+and starts a quota's clock once the batch's KV has landed. Then the quotas' discontinuity
+at c = 0 is harmless. At the alpha floor, q_i = c / (n_i (alpha - S)) -> 0 as c -> 0+
+(rotation in turns of a step or so, each paying its small c), while c = 0 gets quotas of up
+to QMAX; both keep the mean time between tokens at or under alpha * d (with c = 0 every
+quota scale gives S * d), and a quota under one step still runs one: a round of one step
+per batch lasts c + S * d < alpha * d when every q_i < t_i. What broke at small c was a c
+that left out the swap-in (and a quota charged with it), not the formula.
 """
 
 from __future__ import annotations

@@ -157,3 +157,113 @@ def test_quotas_follow_the_measured_step_when_the_profile_is_off():
     for model, times in runner.token_times.items():
         later = times[start[model] - 1:]
         assert (later[-1] - later[0]) / (len(later) - 1) == pytest.approx(alpha * 0.1, rel=0.05), model
+
+
+class SwappingRunner(FakeRunner):
+    """Batches of several sequences whose KV swaps as the engine's does: a switch waits for the
+    outgoing batch's swap-out, then the incoming batch's sequences land one after another
+    (swap_s each) while its first steps run; a step serves only the landed sequences."""
+
+    def __init__(self, step_s: dict[str, float], seqs: int, swap_s: float) -> None:
+        super().__init__(step_s, switch_s=0.0, tokens=dict.fromkeys(step_s, 10**6))
+        self.seqs, self.swap_s = seqs, swap_s
+        self.landing: dict[str, list[float]] = {m: [0.0] * seqs for m in step_s}
+        self.seq_times: dict[tuple[str, int], list[float]] = {(m, i): [] for m in step_s for i in range(seqs)}
+
+    def batch(self, model):
+        return BatchInfo(model, self.seqs, 100 * self.seqs)
+
+    def activate(self, model):
+        if model != self.active:
+            if self.active is not None:
+                self.clock += self.seqs * self.swap_s  # the outgoing batch's swap-out
+            self.landing[model] = [self.clock + (i + 1) * self.swap_s for i in range(self.seqs)]
+            self.active = model
+            self.log.append(model)
+        return True
+
+    def step(self, model):
+        assert model == self.active
+        self.clock = max(self.clock, min(self.landing[model]))  # waits for the first to land
+        landed = [i for i, t in enumerate(self.landing[model]) if t <= self.clock]
+        self.clock += self.step_s[model]
+        for i in landed:
+            self.seq_times[(model, i)].append(self.clock)
+        self.token_times[model].append(self.clock)
+        return len(landed)
+
+
+def swapping_predictor(runner: SwappingRunner) -> Predictor:
+    return Predictor(lambda b: runner.step_s[b.model], lambda m: 0.0,
+                     lambda b, direction: b.num_seqs * runner.swap_s)
+
+
+def test_the_plan_pays_for_the_kv_swaps_of_every_turn():
+    """c = for each turn, the switch (before one is measured: the longer of the weights' copy and
+    the swap-out of the batch before it, which the switch waits for) plus the batch's swap-in."""
+    runner = SwappingRunner({"a": 0.009, "b": 0.009}, seqs=8, swap_s=0.001)
+    scheduler = DecodeScheduler(QuotaConfig(0.1), swapping_predictor(runner))
+    plan, model = scheduler.plan(runner)
+    assert model == "a" and plan.switch_s == pytest.approx(2 * (0.008 + 0.008))
+    weights = Predictor(lambda b: 0.009, lambda m: 0.5, lambda b, direction: 0.008)
+    plan = DecodeScheduler(QuotaConfig(0.1), weights).plan(runner)[0]
+    assert plan.switch_s == pytest.approx(2 * (0.5 + 0.008))
+
+
+def test_short_quotas_leave_no_sequence_without_tokens_while_kv_swaps_in():
+    """Two batches of 8 sequences, steps of 9 ms, each sequence's KV 1 ms to move: alpha is at its
+    0.5 floor and the quotas are under one step. Every sequence's mean time between tokens must
+    stay under the TBT target: had the swap-in been charged to the quota (and left out of c),
+    each turn would end after one step that only the first landed sequence took part in."""
+    runner = SwappingRunner({"a": 0.009, "b": 0.009}, seqs=8, swap_s=0.001)
+    scheduler = DecodeScheduler(QuotaConfig(0.1), swapping_predictor(runner))
+    for _ in range(2 * 10):  # until the switches are measured
+        scheduler.run_turn(runner)
+    before = {seq: len(times) for seq, times in runner.seq_times.items()}
+    for _ in range(2 * 50):
+        scheduler.run_turn(runner)
+    plan = scheduler.last.plan
+    assert plan.alpha == 0.5 and max(plan.quotas) <= 0.009 + 1e-9
+    assert scheduler.last.landing_s == pytest.approx(0.008)
+    for seq, times in runner.seq_times.items():
+        later = times[before[seq] - 1:]
+        assert len(later) > 50, seq  # a token every turn of its batch, at least
+        assert (later[-1] - later[0]) / (len(later) - 1) <= 0.1, seq
+
+
+def test_without_kv_predictions_a_turn_is_as_before():
+    """No swap predictor (KV moves in no time): c is the switches alone, the quota's clock starts
+    at the turn's first step, and a quota shorter than a step still gives one step."""
+    runner = FakeRunner({"a": 0.02, "b": 0.02}, switch_s=0.001, tokens=dict.fromkeys("ab", 10**6))
+    scheduler = DecodeScheduler(QuotaConfig(0.1), predictor(runner))
+    for _ in range(4):
+        scheduler.run_turn(runner)
+    assert scheduler.last.landing_s == 0.0 and scheduler.last.steps == 1
+    assert scheduler.last.plan.switch_s == pytest.approx(0.002)
+
+
+def test_a_turn_ends_only_after_a_step_that_began_once_its_kv_had_landed():
+    """The quota's clock starts after the predicted swap-in, and the turn's last step must have
+    begun after it: a step that began while KV was landing served only the landed sequences,
+    even if it ended after the landing and a tiny quota."""
+    runner = SwappingRunner({"a": 0.009, "b": 0.009}, seqs=8, swap_s=0.001)
+    fast = Predictor(lambda b: 0.001, lambda m: 0.0, lambda b, direction: b.num_seqs * runner.swap_s)
+    scheduler = DecodeScheduler(QuotaConfig(0.1), fast)  # n = 100: quotas well under a millisecond
+    scheduler.run_turn(runner)
+    assert scheduler.last.quota_s < 0.001 and scheduler.last.steps == 2
+    assert all(runner.seq_times[("a", i)] for i in range(8))
+
+
+def test_a_batchs_kv_swap_is_bounded_by_its_blocks_at_the_measured_rate():
+    """Sequences take whole blocks: 2 sequences of 20 tokens in 16-token blocks are at most
+    ceil((20 + 2 * 15) / 16) = 4 blocks (really 1 + 1 to 1 + 2); a model without measured swap
+    times moves its KV in no time."""
+    from types import SimpleNamespace
+
+    from tokenpool.decode_svc.decode_policy import batch_kv_swap_seconds
+    from tokenpool.engine.step_time_model import KVSwapTime
+
+    swap = batch_kv_swap_seconds(SimpleNamespace(kv_swap={"a": KVSwapTime(16, 1000, 1.0, 2.0)}))
+    assert swap(BatchInfo("a", 2, 20), "out") == pytest.approx(4 * 1000 / 1e9)
+    assert swap(BatchInfo("a", 2, 20), "in") == pytest.approx(4 * 1000 / 2e9)
+    assert swap(BatchInfo("a", 0, 0), "in") == 0.0 and swap(BatchInfo("b", 5, 500), "in") == 0.0
