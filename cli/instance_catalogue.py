@@ -138,22 +138,15 @@ def _evict(engine: MultiModelEngine, catalogue: ModelCatalogue, model_id: str) -
 
 
 def _vacate(engine: MultiModelEngine, model_id: str) -> None:
-    """Move model_id out of both arena slots: switch to another model, and prefetch a third into
-    the free slot if model_id is left there (models already in the host cache first)."""
-    others = sorted((m for m in engine.models if m != model_id), key=lambda m: not engine.cache.contains(m))
+    """Move model_id out of both arena slots: switch to another model if it is active, and empty
+    the free slot if it holds it."""
     if engine.active == model_id:
+        others = sorted((m for m in engine.models if m != model_id), key=lambda m: not engine.cache.contains(m))
         if not others:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"model {model_id!r} is the only model served; nothing can take its slot")
         engine.switch_to(others[0])
-    if engine.switcher.is_prefetched(model_id):
-        spare = [m for m in others if m != engine.active]
-        if not spare:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"model {model_id!r} is in an arena slot and no third model can take it")
-        if engine.tiers is not None and spare[0] in engine.tiers:
-            engine.tiers.ensure_cached(spare[0])
-        engine.switcher.prefetch(engine.models[spare[0]].profile).result()
+    engine.switcher.discard(model_id)
 
 
 def _to_pb(entry: CatalogueEntry) -> ipb.CatalogueModel:

@@ -158,6 +158,20 @@ class ModelSwitcher:
             self._active = 1 - self._active
         return self._slots[self._active].model
 
+    def discard(self, model_id: str) -> None:
+        """Empty the free slot if it holds model_id (waiting for a fill still writing it) and let
+        go of model_id's lease, so a model removed from the catalogue leaves no bytes pinned."""
+        if self.is_prefetched(model_id):
+            wait([self._slots[1 - self._active].ready])
+            self._slots[1 - self._active] = None
+        for key in [k for k, (bound, _) in self._bound.items() if bound == model_id]:
+            del self._bound[key]
+        for key in [k for k in self._copy_views if k[1] == model_id]:
+            del self._copy_views[key]
+        lease = self._leases.pop(model_id, None)
+        if lease is not None:
+            lease.close()
+
     def _claim_free_slot(self, profile: ModelProfile, start: Callable) -> Future:
         free = 1 - self._active
         slot = self._slots[free]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import cut_layers
 from tokenpool.engine.host_kv_pool import HostKVPool
-from tokenpool.engine.host_model_cache import HostModelCache
+from tokenpool.engine.host_model_cache import HostModelCache, ModelInUseError
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
 from tokenpool.engine.sampling_params import SamplingParams
@@ -148,5 +148,33 @@ def test_a_full_host_kv_pool_refuses_the_switch_and_keeps_the_active_model(five_
     assert seq.output_token_ids == expected
     engine.step("b")  # nothing of a's left to swap: b runs
     assert engine.active == "b"
+    engine.close()
+    pool.close()
+
+
+def test_discarding_the_prefetched_model_empties_its_slot_and_lets_go_of_it(five_models, tmp_path):
+    """What removing a model from the catalogue does to the slot it was prefetched into: the slot
+    is free, the host cache may drop the model, and the active model keeps its exact tokens."""
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = LLMEngine(five_models["tiny-llama"], EngineConfig(dtype="float32", linear_kernel="dense"))
+    expected = alone.generate([PROMPTS[3]], sampling)[0].output_token_ids
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
+    pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
+                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    engine.register("a", five_models["tiny-llama"])
+    engine.register("b", five_models["tiny-qwen2"])
+    seq = engine.add_request("a", PROMPTS[3], sampling)
+    engine.step("a")
+    engine.switcher.prefetch(engine.models["b"].profile).result()
+    assert engine.switcher.is_prefetched("b")
+    with pytest.raises(ModelInUseError):
+        cache.evict("b")  # the slot's fill holds a lease on it
+    engine.switcher.discard("b")
+    assert not engine.switcher.is_prefetched("b") and engine.active == "a"
+    cache.evict("b")
+    while not seq.is_finished:
+        engine.step("a")
+    assert seq.output_token_ids == expected
     engine.close()
     pool.close()
