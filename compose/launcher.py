@@ -329,21 +329,13 @@ class Stack:
 
     def _gateway_args(self, proxy: Service) -> list[str]:
         c = self.config
-        args = ["--listen", f"{c.host}:{c.gateway_port}", "--proxy", proxy.address, "--dtype", c.dtype,
-                *[f"--model={m}={f}" for m, f in self._all_models().items()]]
+        args = ["--listen", f"{c.host}:{c.gateway_port}", "--proxy", proxy.address]  # models: the proxy's
         if c.auth_token_file is not None:
             args += ["--auth-token-file", str(c.auth_token_file)]
         if c.tls_cert is not None:
             args += ["--tls-cert", str(c.tls_cert), "--tls-key", str(c.tls_key),
                      "--proxy-ca", str(c.tls_cert)]
         return args
-
-    def _all_models(self) -> dict[str, Path]:
-        """models and the catalogue's folders (the gateway knows the models served at start)."""
-        from tokenpool.engine.model_catalogue import scan_catalogue
-
-        catalogue = scan_catalogue(self.config.catalogue) if self.config.catalogue is not None else {}
-        return {**catalogue, **self.config.models}
 
     def _security_args(self) -> list[str]:
         """The proxy's TLS and token flags (it checks the files and refuses to start on bad ones)."""

@@ -29,9 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpool.gateway", description=__doc__.splitlines()[0])
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port (port 0 picks one)")
     p.add_argument("--proxy", required=True, metavar="HOST:PORT", help="the proxy's public gRPC address")
-    p.add_argument("--model", action="append", default=[], metavar="ID[=FOLDER]",
-                   help="ignored, accepted so older launch lines work: the models are the proxy's")
-    p.add_argument("--dtype", default="auto", help="ignored, as --model (the proxy reports weight sizes)")
     p.add_argument("--catalogue-refresh-s", type=float, default=2.0,
                    help="seconds between reads of the proxy's models (an unknown id reads them at once)")
     p.add_argument("--proxy-ca", type=Path, default=None, metavar="FILE",

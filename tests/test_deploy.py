@@ -107,7 +107,7 @@ def test_wiring_agrees_with_the_flag_parsers(tmp_path: Path, nodes: int) -> None
     gw_c = container(deployments["gateway"])
     gateway = gateway_parser().parse_args(gw_c["args"])
     assert gw_c["command"] == ["python3", "-m", "tokenpool.gateway"]
-    assert gateway.proxy == "proxy:50051" and gateway.model == proxy.model
+    assert gateway.proxy == "proxy:50051"
     assert service_port(services["gateway"], deployments["gateway"])[1] == port_of(gateway.listen)
 
 
@@ -205,10 +205,11 @@ def test_secrets_models_metrics_and_traces(tmp_path: Path, nodes: int) -> None:
         if "--metrics-port" in c["args"]:
             assert c["args"][c["args"].index("--metrics-port") + 1] == annotations["prometheus.io/port"]
         assert {"configMapRef": {"name": otel["metadata"]["name"]}} in c["envFrom"], name
+        if name == "gateway":  # tokenizes through the proxy: no models, no internal token
+            assert "volumeMounts" not in c
+            continue
         if w["kind"] != "DaemonSet":
             assert mounted(w, "/models")["persistentVolumeClaim"]["claimName"] == claim
-        if name == "gateway":
-            continue
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["TOKENPOOL_INTERNAL_TOKEN_FILE"] == TOKEN_FILE, name
         token = mounted(w, str(Path(TOKEN_FILE).parent))["secret"]
