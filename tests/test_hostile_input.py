@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import socket
+import threading
 import time
 
 import grpc
@@ -285,3 +286,26 @@ def test_a_burst_of_ten_times_the_table_is_refused_at_once_and_the_admitted_fini
     after = {s.name: rss_bytes(s.process.pid) for s in stack.services}
     assert all(after[n] - before[n] < RSS_GROWTH_BOUND for n in before), (before, after)
     wait_until_idle(stack)
+
+
+def test_a_long_text_prompt_is_encoded_off_the_proxys_event_loop(channel):
+    """A 2 MiB prompt text (the proxy's message limit is 4 MiB) takes the tokenizer seconds; the
+    proxy answers other calls meanwhile: a ListModels sent after it returns before its refusal."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    text = " ".join(f"w{i % 997}" for i in range(400_000))[: 2 << 20]
+    order: list[str] = []
+
+    def long_prompt() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            next(stub.Generate(pb.GenerateRequest(model=MODELS[0], text=text), timeout=120))
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE  # longer than the tiny context
+        order.append("long prompt refused")
+
+    worker = threading.Thread(target=long_prompt)
+    worker.start()
+    time.sleep(0.05)  # lets the Generate call reach the proxy first; the test is on the order below
+    stub.ListModels(pb.ListModelsRequest(), timeout=60)
+    order.append("ListModels")
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert order == ["ListModels", "long prompt refused"], order
