@@ -118,21 +118,22 @@ def announce_ready(ready_file: Path | None, name: str, address: str, **extra) ->
 
 
 def run_service(serve: Coroutine, name: str) -> int:
-    """Run a service's serve() coroutine on uvloop -> exit status: 0, or 1 with one line naming
-    why it could not serve (a port taken, a bad model folder, no room in /dev/shm...)."""
+    """Run a service's serve() coroutine on uvloop -> exit status: the int serve() returned (a
+    service that must be restarted says so), else 0; or 1 with one line naming why it could not
+    serve (a port taken, a bad model folder, no room in /dev/shm...)."""
     import uvloop
     from tokenpool.telemetry import tracing
 
     try:
         tracing.configure(name)  # from the OTEL_* variables; installs nothing when they ask for none
-        uvloop.run(serve)
+        status = uvloop.run(serve)
     except (OSError, ValueError, MemoryError, RuntimeError) as exc:
         serve.close()  # not started if tracing's settings were refused
         print(f"tokenpool: {name}: cannot serve: {exc}", file=sys.stderr)
         return 1
     finally:
         tracing.shutdown()  # flush the last spans (bounded)
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 async def wait_for_signal() -> None:

@@ -6,13 +6,16 @@
 
 Creates the node's request table (instances attach it by name), serves tokenpool.v1.Inference
 with health and reflection, and removes the table on SIGINT/SIGTERM. A table left by a proxy
-that died is adopted, and its rows reclaimed (proxy/table_recovery.py).
+that died is adopted, and its rows reclaimed (proxy/table_recovery.py). A proxy fenced by a
+shared table (its heartbeat lapsed: it can never write again) stops serving and exits with
+EXIT_FENCED, for its supervisor to start a fresh one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,10 +25,15 @@ from tokenpool.cli.service_process import add_metrics_arg
 from tokenpool.cli.table_args import add_table_backend_args
 from tokenpool.engine.turn_policy import POLICIES
 
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 5.0  # streams in flight get this long once the port closes
+FENCE_POLL_S = 0.5  # table.fenced is a flag: polling it costs nothing
+FENCED_NOTICE_S = 2.0  # fenced: NOT_SERVING, new calls refused naming the fence, then the port closes
+EXIT_FENCED = 3  # the exit status of a fenced proxy: Kubernetes (or any supervisor) starts a fresh one
 TTFT_PER_TBT = 100.0  # the paper's SLO: 10 s TTFT over 100 ms TBT
 DEFAULT_TBT_S = 0.1
 SLO_POLL_S = 1.0
+
+log = logging.getLogger("tokenpool.proxy")
 
 
 def _named_address(text: str) -> tuple[str, str]:
@@ -79,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int | None:
+    """Serve until SIGINT/SIGTERM (-> None, exit 0) or until the table fences this proxy (-> EXIT_FENCED)."""
     from prometheus_client import CollectorRegistry
     from tokenpool.cli.admin_token import AdminGuard, read_admin_token
     from tokenpool.cli.instance_setup import catalogue_models, parse_models
@@ -125,6 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, sorted(models))
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))
+    fence = asyncio.create_task(_wait_fenced(table))
     try:
         servicer = InferenceServicer(backend, models, table, metrics)
         admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype)
@@ -136,10 +146,22 @@ async def serve(args: argparse.Namespace) -> None:
                                          security=security)
         announce_ready(args.ready_file, "proxy", server.address, table=args.table, models=sorted(models),
                        metrics=server.metrics_address)
-        await stop
+        await asyncio.wait([stop, fence], return_when=asyncio.FIRST_COMPLETED)
+        if fence.done():
+            log.error("request table %r fenced this proxy: its heartbeat key lapsed (Redis restarted empty, "
+                      "or this proxy was cut off from Redis for longer than the heartbeat TTL), so it can "
+                      "never write to the table again. Health is NOT_SERVING, new requests get UNAVAILABLE "
+                      "(clients retry another proxy); exiting with status %d within %g s for the "
+                      "supervisor to start a fresh proxy", args.table, EXIT_FENCED,
+                      FENCED_NOTICE_S + STOP_GRACE_S)
+            await _stop_serving(server, FENCED_NOTICE_S)
+            return EXIT_FENCED
         print("tokenpool: proxy shutting down", file=sys.stderr, flush=True)
-        await server.grpc.stop(STOP_GRACE_S)
+        await _stop_serving(server, 0.0)
+        return None
     finally:
+        stop.cancel()
+        fence.cancel()
         slo.cancel()
         if reclaimer is not None:
             reclaimer.cancel()
@@ -147,6 +169,22 @@ async def serve(args: argparse.Namespace) -> None:
         table.close()
         if args.table_backend == "shm":  # a Redis table outlives any one proxy
             table.unlink()
+
+
+async def _wait_fenced(table) -> None:
+    """Return once the table has fenced this proxy; never on a table without fencing (shm)."""
+    while not table.fenced:
+        await asyncio.sleep(FENCE_POLL_S)
+
+
+async def _stop_serving(server, notice_s: float) -> None:
+    """The one way the proxy stops (SIGTERM or fenced): health NOT_SERVING for "" and every service
+    at once (load balancers and health-checking clients send nothing new), notice_s during which new
+    calls still get the servicer's own answer, then the port closes and streams in flight get
+    STOP_GRACE_S to end."""
+    await server.health.enter_graceful_shutdown()
+    await asyncio.sleep(notice_s)
+    await server.grpc.stop(STOP_GRACE_S)
 
 
 async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:
@@ -166,8 +204,6 @@ async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import logging
-
     from tokenpool.cli.service_process import run_service
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s proxy %(levelname)s: %(message)s")

@@ -174,6 +174,11 @@ class RedisRequestTable(RequestTable):
         """False for a reporter (attach())."""
         return bool(self.owner)
 
+    @property
+    def fenced(self) -> bool:
+        """Set by the heartbeat thread when it finds its key gone, or by a write the scripts refused."""
+        return self._fenced
+
     # ---- RequestTable ---------------------------------------------------------------------------
 
     def insert(self, record: RequestRecord) -> int:
@@ -289,7 +294,8 @@ class RedisRequestTable(RequestTable):
             self._fenced = True
             raise TableFencedError(f"{what} refused: this proxy's heartbeat in table {self.name!r} lapsed "
                                    f"(owner {self.owner!r}, ttl {self.ttl_s:g} s), so its rows may have "
-                                   f"been reclaimed; restart the proxy")
+                                   f"been reclaimed; the proxy stops, to be restarted: retry on another "
+                                   f"proxy")
 
     def _check_meta(self, meta: list) -> None:
         capacity, version = (int(v) for v in meta)

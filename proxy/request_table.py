@@ -163,6 +163,13 @@ class RequestTable(ABC):
     def close(self) -> None:
         """Let go of the table (idempotent; the data stays for other processes)."""
 
+    @property
+    def fenced(self) -> bool:
+        """True once a shared table has taken this client for dead (its heartbeat lapsed): from then
+        on its writes are refused (TableFencedError) for good, so its proxy stops and is restarted.
+        Cheap (a flag, no round trip): a proxy polls it. Always False without heartbeats (shm)."""
+        return False
+
     def owner_alive(self, slot: int, record: RequestRecord) -> bool | None:
         """Whether the proxy that admitted the slot's record still runs, for a backend that tracks
         owners itself (Redis: a heartbeat key per proxy); None: judge by record.proxy_pid on this host."""

@@ -228,6 +228,32 @@ def test_a_lapsed_client_is_fenced_and_its_rows_reclaimed(redis_url: str, name: 
     survivor.close()
 
 
+def test_fenced_is_false_on_shm_and_set_once_a_redis_heartbeat_lapses(table) -> None:
+    assert table.fenced is False
+    if isinstance(table, ShmRequestTable):
+        return  # no heartbeat: never fenced
+    table._redis.delete(table._alive_key(table.owner))  # as a Redis restarted empty would
+    deadline = time.monotonic() + table.ttl_s + 5  # the next beat finds its key gone
+    while not table.fenced:
+        assert time.monotonic() < deadline, "the heartbeat never noticed its key was gone"
+        time.sleep(0.05)
+    with pytest.raises(TableFencedError, match="retry on another proxy"):
+        table.insert(rec("after-the-fence"))
+
+
+def test_a_write_refused_by_the_fence_sets_fenced_too(redis_url: str, name: str) -> None:
+    t = redis_table(redis_url, name, ttl_s=60)  # no beat comes before the write
+    try:
+        t._redis.delete(t._alive_key(t.owner))
+        assert t.fenced is False
+        with pytest.raises(TableFencedError):
+            t.insert(rec("late"))
+        assert t.fenced is True
+    finally:
+        t.unlink()
+        t.close()
+
+
 OWNER = """
 import sys, time
 from tokenpool.proxy.request_table import RequestRecord, make_request_table

@@ -1,6 +1,7 @@
 """Two proxies share one request table in Redis in front of the same instances: kill -9 of one
 mid-stream; its clients reconnect to the other and every request completes there, and the
-survivor reclaims the dead proxy's rows (and their hand-off KV) once its heartbeat lapses."""
+survivor reclaims the dead proxy's rows (and their hand-off KV) once its heartbeat lapses.
+A proxy fenced by a Redis restarted empty turns NOT_SERVING, refuses, and exits to be restarted."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_server import redis_server
 from stack_helpers import service, start_tiny_stack, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
-from tokenpool.proxy.redis_request_table import DEFAULT_TTL_S, RedisRequestTable
+from tokenpool.proxy.__main__ import EXIT_FENCED, FENCE_POLL_S, FENCED_NOTICE_S, STOP_GRACE_S
+from tokenpool.proxy.redis_request_table import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, RedisRequestTable
 from tokenpool.proxy.table_recovery import RECLAIM_EVERY_S
 
 MODELS = ("tiny-llama", "tiny-qwen3")
@@ -117,3 +121,41 @@ def wait_for_reclaim(table: RedisRequestTable) -> None:
     while table.usage().used:
         assert time.monotonic() < deadline, f"rows left: {table.records()}"
         time.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+def test_a_fenced_proxy_stops_serving_and_exits_to_be_restarted(stack, tmp_path):
+    with redis_server(tmp_path) as url:
+        proxy, address = start_proxy(stack, tmp_path, "proxy-f", url)
+        try:
+            with grpc.insecure_channel(address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == SERVING
+                redis.Redis.from_url(url).flushall()  # a Redis restarted empty: every heartbeat is gone
+                wait_for_not_serving(health)
+                request = pb.GenerateRequest(model=MODELS[0], text="hi")
+                with pytest.raises(grpc.RpcError) as refused:
+                    next(inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert "heartbeat" in refused.value.details() and "lapsed" in refused.value.details()
+            deadline_s = FENCED_NOTICE_S + STOP_GRACE_S + 30  # generous: a loaded machine
+            assert proxy.wait(deadline_s) == EXIT_FENCED
+            log = (tmp_path / "proxy-f.log").read_text()
+            assert "ERROR: request table 'shared' fenced this proxy" in log and f"status {EXIT_FENCED}" in log
+        finally:
+            proxy.kill()
+            proxy.wait(30)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_for_not_serving(health) -> None:
+    """"" and each service turn NOT_SERVING once the next heartbeat finds its key gone."""
+    deadline = time.monotonic() + DEFAULT_TTL_S / HEARTBEATS_PER_TTL + FENCE_POLL_S + 20
+    while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != NOT_SERVING:
+        assert time.monotonic() < deadline, "a fenced proxy still answers SERVING"
+        time.sleep(0.05)
+    for name in ("tokenpool.v1.Inference", "tokenpool.v1.Admin"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == NOT_SERVING
