@@ -16,7 +16,9 @@ beyond their steps: for each turn, the switch itself (the weights not already in
 slot, or the outgoing batch's KV swap-out, which the switch waits for: whichever is longer)
 and the incoming batch's KV swap-in. The swap-in runs after the switch, beside the turn's
 first steps, which serve only the sequences already landed; so the quota's clock starts
-once the batch's predicted swap-in is over. Were the swap-in charged to the quota and left
+once the batch's predicted swap-in is over, and the turn's last step must have begun after
+it (a step begun earlier may have served the first sequence alone, the others landing one
+after another on the swapper however fast it is). Were the swap-in charged to the quota and left
 out of c, a quota shorter than the swap-in would end the turn before the batch's last
 sequences landed: they would get no token at all, turn after turn (with KV limits in the
 GPU simulation, 16 models at 0.5 req/s: quotas of 3 ms, under one 9 ms step, shorter than the
@@ -31,7 +33,8 @@ Switch times likewise: the prediction (weight bytes over copy bandwidth, or the 
 batch's KV over the swap rate if longer) stands until a switch to the model has been
 measured. KV swap-ins are predicted from the batch's tokens, its model's KV block bytes and
 the swapper's measured rate (Predictor.kv_swap_seconds; 0 without a measurement: KV moves
-in no time, as before).
+in no time, as before; live instances have one only from a profile measured with
+`tokenpool profile --live-clock`, as InstanceTimings.measure takes no swap times).
 """
 
 from __future__ import annotations
