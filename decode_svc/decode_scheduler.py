@@ -33,8 +33,8 @@ Switch times likewise: the prediction (weight bytes over copy bandwidth, or the 
 batch's KV over the swap rate if longer) stands until a switch to the model has been
 measured. KV swap-ins are predicted from the batch's tokens, its model's KV block bytes and
 the swapper's measured rate (Predictor.kv_swap_seconds; 0 without a measurement: KV moves
-in no time, as before; live instances have one only from a profile measured with
-`tokenpool profile --live-clock`, as InstanceTimings.measure takes no swap times).
+in no time, as before: live instances, whose InstanceTimings.measure takes no swap times
+yet, and the simulator without KV limits).
 """
 
 from __future__ import annotations
