@@ -192,12 +192,14 @@ class _Client:
             ttfts.append(times[0] - start)
         return statistics.median(ttfts)
 
-    async def first_tokens_beside_decode(self, model: str, text: str, count: int, decode_tokens: int
-                                         ) -> float:
+    async def first_tokens_beside_decode(self, model: str, text: str, count: int, decode_tokens: int,
+                                         decode_limit: int) -> float:
         """Median seconds to the first token of `count` requests sent one after another, each
         answered wholly while BACKGROUND_CLIENTS streams of `model` decode (requests of
         `decode_tokens`, cancelled after); a background that ends sooner is replaced, and its
-        last prefill not counted."""
+        last prefill not counted. A background that ended before one prefill was timed (its
+        steps faster, or the prefill slower, than the sizing assumed: a busy core) doubles the
+        streams' length for the next, up to decode_limit; one that fails at that length ends it."""
         ttfts = []
         while len(ttfts) < count:
             timed = len(ttfts)
@@ -207,8 +209,10 @@ class _Client:
                     if decoding():
                         ttfts.append(ttft)
             if len(ttfts) == timed:
-                raise RuntimeError(f"serving overhead: {model}'s background decode of {decode_tokens} tokens "
-                                   "ended before one prefill beside it was timed")
+                if decode_tokens >= decode_limit:
+                    raise RuntimeError(f"serving overhead: {model}'s background decode of {decode_tokens} "
+                                       "tokens ended before one prefill beside it was timed")
+                decode_tokens = min(2 * decode_tokens, decode_limit)
         return statistics.median(ttfts)
 
     async def batch_step(self, model: str, prompt_tokens: int, batch: int, corun: bool, step,
@@ -270,7 +274,8 @@ class _Client:
             # the background decodes BACKGROUND_CLIENTS streams, about LARGE_BATCH's step)
             busy_s = BACKGROUND_MARGIN * PREFILL_REPEATS * alone
             decode_tokens = min(int(busy_s / large_steps[0].step_s) + OUTPUT_TOKENS, decode_limit)
-            corun = await self.first_tokens_beside_decode(large, long_prompt, PREFILL_REPEATS, decode_tokens)
+            corun = await self.first_tokens_beside_decode(large, long_prompt, PREFILL_REPEATS, decode_tokens,
+                                                           decode_limit)
             progress(f"serving overhead: {large}'s prefill of {LONG_PROMPT_REPEATS}x the prompt: "
                      f"{alone * 1e3:.0f} ms, {corun * 1e3:.0f} ms while its decode runs")
         return ttfts, samples, (alone, corun), tuple(s.step_s for s in large_steps)

@@ -22,7 +22,7 @@ import grpc
 from tokenpool.engine.cold_loader import LoadTicket
 from tokenpool.engine.model_catalogue import CatalogueEntry, CatalogueError, ModelCatalogue, check_model_id
 from tokenpool.engine.multi_model_engine import MultiModelEngine
-from tokenpool.engine.step_profiler import InstanceTimings, cached_profile
+from tokenpool.engine.step_profiler import InstanceTimings, cached_profile, kv_swap_for
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 
 ACTIONS = ("add", "remove", "evict", "preload", "list")
@@ -88,6 +88,9 @@ class InstanceCatalogue:
         if self.timings is not None:
             try:  # a shape seen before: the cached profile; a new one: measured now, once
                 self.timings.profiles[model_id] = t = cached_profile(engine, model_id)
+                if self.timings.kv_swap:  # a decode instance's: the measured rate, this model's blocks
+                    rates = next(iter(self.timings.kv_swap.values()))
+                    self.timings.kv_swap[model_id] = kv_swap_for(rates, engine, model_id)
             except Exception as exc:  # noqa: BLE001 - reported as the refusal; nothing stays registered
                 _vacate(engine, model_id)
                 catalogue.remove(model_id)
@@ -110,6 +113,7 @@ class InstanceCatalogue:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if self.timings is not None:
             self.timings.profiles.pop(model_id, None)
+            self.timings.kv_swap.pop(model_id, None)
 
     def _preload(self, catalogue: ModelCatalogue, model_id: str) -> None:
         ticket = catalogue.preload(model_id)

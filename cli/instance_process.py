@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from tokenpool.decode_svc.quota import DEFAULT_QMAX_S
-from tokenpool.engine.step_profiler import InstanceTimings
+from tokenpool.engine.step_profiler import InstanceTimings, measure_kv_swaps
 from tokenpool.engine.turn_policy import POLICIES
 from tokenpool.prefill_svc.prefill_scheduler import MAX_GROUP_SIZE
 
@@ -81,6 +81,8 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     engine = build_engine(args, parse_models(args.model))
     try:
         timings = InstanceTimings.measure(engine)
+        if role == "decode":  # its round-robin plans each turn's KV swap-in (decode_svc/decode_scheduler.py)
+            timings.kv_swap.update(measure_kv_swaps(engine))
         policy = _decode_policy(args, timings) if role == "decode" else None  # bad settings fail here
         transport = make_transport("node-local", args.kvtransfer)
     except BaseException:

@@ -32,9 +32,9 @@ quotas, and the mean time between tokens they promise, hold on the machine as it
 Switch times likewise: the prediction (weight bytes over copy bandwidth, or the outgoing
 batch's KV over the swap rate if longer) stands until a switch to the model has been
 measured. KV swap-ins are predicted from the batch's tokens, its model's KV block bytes and
-the swapper's measured rate (Predictor.kv_swap_seconds; 0 without a measurement: KV moves
-in no time, as before: live instances, whose InstanceTimings.measure takes no swap times
-yet, and the simulator without KV limits).
+the swapper's measured rate (Predictor.kv_swap_seconds: a live decode instance measures its
+swapper once at start-up, step_profiler.measure_kv_swaps; 0 without a measurement, where KV
+moves in no time: the simulator without KV limits).
 """
 
 from __future__ import annotations

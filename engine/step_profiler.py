@@ -125,7 +125,10 @@ def measure_kv_swap(engine: MultiModelEngine, model_id: str) -> KVSwapTime:
     engine.switch_to(model_id)
     shape = engine.models[model_id].shape
     kv = engine.runner.kv_cache.kv
-    blocks = list(range(min(KV_SWAP_BLOCKS, engine.runner.kv_cache.num_blocks)))
+    room = min(KV_SWAP_BLOCKS, engine.runner.kv_cache.num_blocks, engine.pool.free_blocks(shape))
+    if room < 1:
+        raise MemoryError(f"no room to time a KV swap of {model_id}: the host KV pool has no free block")
+    blocks = list(range(room))
     out_s, in_s = [], []
     for _ in range(KV_SWAP_ROUNDS):
         start = time.perf_counter()
@@ -138,6 +141,25 @@ def measure_kv_swap(engine: MultiModelEngine, model_id: str) -> KVSwapTime:
     nbytes = len(blocks) * shape.nbytes
     return KVSwapTime(engine.config.engine.block_size, shape.nbytes,
                       nbytes / statistics.median(out_s) / 1e9, nbytes / statistics.median(in_s) / 1e9)
+
+
+def measure_kv_swaps(engine: MultiModelEngine) -> dict[str, KVSwapTime]:
+    """KV swap times for every registered model from one measurement (measure_kv_swap) on the
+    active model, or the first registered: the swapper's rate is the instance's, a model only sets
+    the bytes its blocks hold. One measurement, not one per model: a catalogue's models are loaded
+    only when used."""
+    probe = engine.active or next(iter(engine.models))
+    try:
+        rates = measure_kv_swap(engine, probe)
+    except MemoryError as exc:  # a pool too small to time: plan as if KV moved in no time
+        log.warning("KV swaps not timed (%s); decode turns plan no swap-in time", exc)
+        return {}
+    return {m: kv_swap_for(rates, engine, m) for m in engine.models}
+
+
+def kv_swap_for(rates: KVSwapTime, engine: MultiModelEngine, model_id: str) -> KVSwapTime:
+    """rates (one model's measured KVSwapTime) for model_id's blocks."""
+    return msgspec.structs.replace(rates, block_bytes=engine.models[model_id].shape.nbytes)
 
 
 def measure_prefetch_factor(engine: MultiModelEngine, copy_gbps: float) -> float:

@@ -173,7 +173,9 @@ def test_sigterm_drains_a_decode_instance_and_its_streams_finish(two_decode, tin
             time.sleep(0.05)
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert victim.process.wait(30) == 0  # a clean exit within the grace period
+    # A clean exit: the 5 s drain, then its streams handed on and the engine closed; the bound is
+    # generous because a loaded machine (the suite beside other work) once took over 30 s.
+    assert victim.process.wait(120) == 0
     results = streams.results()
     check_exact(jobs, results, expected)
     wait_until_idle(two_decode, ["prefill-0", "decode-1"])

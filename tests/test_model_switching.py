@@ -178,3 +178,29 @@ def test_discarding_the_prefetched_model_empties_its_slot_and_lets_go_of_it(five
     assert seq.output_token_ids == expected
     engine.close()
     pool.close()
+
+
+def test_a_decode_instance_measures_its_kv_swaps_once_for_every_model(five_models, tmp_path):
+    """The round-robin plans each turn's swap-in from these (decode_svc/decode_scheduler.py): one
+    measurement of the swapper, scaled to each model's block bytes."""
+    from tokenpool.engine.step_profiler import kv_swap_for, measure_kv_swaps
+
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
+    pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
+                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    for name in ("tiny-llama", "tiny-qwen2", "tiny-mistral-2l"):
+        engine.register(name, five_models[name])
+    swaps = measure_kv_swaps(engine)
+    assert set(swaps) == set(engine.models)
+    rates = {(t.out_gbps, t.in_gbps, t.block_size) for t in swaps.values()}
+    assert len(rates) == 1 and all(r > 0 for r in next(iter(rates))[:2])
+    for name, times in swaps.items():
+        assert times.block_bytes == engine.models[name].shape.nbytes
+        assert times.seconds(33, "in") == pytest.approx(3 * times.seconds(16, "in")) and times.seconds(1, "in") > 0
+    engine.register("late", five_models["tiny-qwen3"])
+    late = kv_swap_for(swaps["tiny-llama"], engine, "late")
+    assert late.block_bytes == engine.models["late"].shape.nbytes and late.in_gbps == swaps["tiny-llama"].in_gbps
+    assert pool.stats().used_bytes == 0  # the measurement gave its blocks back
+    engine.close()
+    pool.close()
