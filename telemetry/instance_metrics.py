@@ -67,7 +67,9 @@ class InstanceMetrics(WorkerObserver):
         for model in models:
             for outcome in OUTCOMES[role]:
                 self.requests.labels(model, outcome)
-            self.switches.labels(model)
+            self.switches.labels(model)  # every series from the start, at 0: an instance that never
+            self.switch_seconds.labels(model)  # switches to a model still reports it (and its count
+            self.switch_bytes.labels(model)  # agrees with the switches counter)
         self._state = _StateCollector()
         registry.register(self._state)
 
