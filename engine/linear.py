@@ -7,6 +7,7 @@ library wants), so every step is one library call per projection.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,11 @@ class LinearKernel(ABC):
     name: str
 
     @abstractmethod
-    def prepare(self, weight: torch.Tensor) -> torch.Tensor: ...
+    def prepare(self, weight: torch.Tensor) -> Any:
+        """-> what apply() takes: a tensor, or a kernel's own holder of several."""
 
     @abstractmethod
-    def apply(self, x: torch.Tensor, prepared: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def apply(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class DenseLinear(LinearKernel):
@@ -61,13 +63,28 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return True
 
 
-def make_linear_kernel(name: str, device: torch.device, dtype: torch.dtype) -> LinearKernel:
-    """Factory: 'dense', 'onednn', or 'auto' (oneDNN on a CPU that supports dtype)."""
+def make_linear_kernel(name: str, device: torch.device, dtype: torch.dtype,
+                       weight_dtype: torch.dtype | None = None) -> LinearKernel:
+    """Factory: 'dense', 'onednn', 'bf16_gemv' or 'auto'.
+
+    dtype: what the model computes in; weight_dtype: what its weights were rounded to
+    (default dtype). 'auto' picks bf16_gemv for bf16 weights computed in float32 on the CPU
+    (see bf16_linear.py), else oneDNN on a CPU that supports dtype, else dense.
+    """
+    from .bf16_linear import Bf16GemvLinear, bf16_gemv_supports
+
+    weight_dtype = weight_dtype or dtype
     if name == "auto":
-        name = "onednn" if device.type == "cpu" and onednn_supports(dtype) else "dense"
-    kernels = {"dense": DenseLinear, "onednn": OneDnnLinear}
+        if bf16_gemv_supports(device, dtype, weight_dtype):
+            name = "bf16_gemv"
+        else:
+            name = "onednn" if device.type == "cpu" and onednn_supports(dtype) else "dense"
+    kernels = {"dense": DenseLinear, "onednn": OneDnnLinear, "bf16_gemv": Bf16GemvLinear}
     if name not in kernels:
         raise ValueError(f"unknown linear kernel {name!r}; choose from auto, {', '.join(kernels)}")
     if name == "onednn" and (device.type != "cpu" or not onednn_supports(dtype)):
         raise ValueError(f"linear kernel 'onednn' cannot run {dtype} on {device}")
+    if name == "bf16_gemv" and not bf16_gemv_supports(device, dtype, weight_dtype):
+        raise ValueError(f"linear kernel 'bf16_gemv' needs bfloat16 weights computed in float32 on a "
+                         f"CPU with the C++ kernels; got {weight_dtype} weights in {dtype} on {device}")
     return kernels[name]()

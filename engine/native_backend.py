@@ -48,7 +48,7 @@ class NativeBackend(ModelBackend):
 
     def load(self, folder: Path, round_to: torch.dtype | None) -> None:
         spec = self.spec
-        kernel = make_linear_kernel(spec.linear_kernel, torch.device(spec.device), spec.dtype)
+        kernel = make_linear_kernel(spec.linear_kernel, torch.device(spec.device), spec.dtype, round_to)
         self.model = self.model.to_empty(device=spec.device)
         with torch.no_grad():
             load_weights(self.model, folder, round_to)

@@ -13,6 +13,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
 void rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+// bf16_linear.cpp
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // logits.cpp
 void refine_logits(at::Tensor& logits, const at::Tensor& hidden, const at::Tensor& weight);
 
@@ -26,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "RoPE on q and k in place", py::arg("q"), py::arg("k"), py::arg("cos"),
         py::arg("sin"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate_up"));
+  m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ bf16 weight [N, K].T + bias, in float32",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("refine_logits", &refine_logits, "float32 dot products for each row's near-maximum logits",
         py::arg("logits"), py::arg("hidden"), py::arg("weight"));
 }
