@@ -36,7 +36,8 @@ class EngineConfig:
       describe() says what it chose.
     kv_cache_bytes: memory for the paged KV cache (its block count is derived).
     max_model_len: context limit; None takes the model's max_position_embeddings.
-    linear_kernel: 'auto', 'dense' or 'onednn'; attention_backend: 'auto', 'sdpa' or 'cpu_paged'.
+    linear_kernel: 'auto', 'dense', 'onednn' or 'bf16_gemv' (bf16 weights computed in float32).
+    attention_backend: 'auto', 'sdpa' or 'cpu_paged'.
     num_threads: torch intra-op threads; None leaves torch's default.
     engine: which model backend computes: 'native' (tokenpool's model code and kernels, the
       CPU default) or 'vllm' (vLLM's model classes and attention kernels; the tokenpool[vllm]
