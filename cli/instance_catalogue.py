@@ -145,7 +145,8 @@ def _vacate(engine: MultiModelEngine, model_id: str) -> None:
     """Move model_id out of both arena slots: switch to another model if it is active, and empty
     the free slot if it holds it."""
     if engine.active == model_id:
-        others = sorted((m for m in engine.models if m != model_id), key=lambda m: not engine.cache.contains(m))
+        others = sorted((m for m in engine.models if m != model_id),
+                        key=lambda m: not engine.cache.contains(m))  # cached first: no disk read
         if not others:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"model {model_id!r} is the only model served; nothing can take its slot")

@@ -14,7 +14,6 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import ModelFolderError
 
-
 # The tokenizers library holds the GIL through encode() and decode() but releases it in their batch
 # forms, so a long text encoded on a worker thread stalls the caller's event loop unless it goes
 # through the batch call (a tiny model's tokenizer: 4.8 s for 2.4 MB, the loop ran 3 times meanwhile).

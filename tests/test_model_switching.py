@@ -197,10 +197,12 @@ def test_a_decode_instance_measures_its_kv_swaps_once_for_every_model(five_model
     assert len(rates) == 1 and all(r > 0 for r in next(iter(rates))[:2])
     for name, times in swaps.items():
         assert times.block_bytes == engine.models[name].shape.nbytes
-        assert times.seconds(33, "in") == pytest.approx(3 * times.seconds(16, "in")) and times.seconds(1, "in") > 0
+        assert times.seconds(33, "in") == pytest.approx(3 * times.seconds(16, "in"))  # whole blocks
+        assert times.seconds(1, "in") > 0
     engine.register("late", five_models["tiny-qwen3"])
     late = kv_swap_for(swaps["tiny-llama"], engine, "late")
-    assert late.block_bytes == engine.models["late"].shape.nbytes and late.in_gbps == swaps["tiny-llama"].in_gbps
+    assert late.block_bytes == engine.models["late"].shape.nbytes
+    assert late.in_gbps == swaps["tiny-llama"].in_gbps
     assert pool.stats().used_bytes == 0  # the measurement gave its blocks back
     engine.close()
     pool.close()
