@@ -141,16 +141,17 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
     tokenizers = {m: Tokenizer.from_folder(folders[m]) for m in {small, large}}
     tokens = {m: len(tokenizer.encode(PROMPT)) for m, tokenizer in tokenizers.items()}
     long_tokens = len(tokenizers[large].encode(PROMPT * LONG_PROMPT_REPEATS))
-    large_context = ModelConfig.from_folder(folders[large]).max_position_embeddings
+    # the longest completion each model's context holds after PROMPT (a stream asked for more ends short)
+    room = {m: ModelConfig.from_folder(folders[m]).max_position_embeddings - tokens[m] - 1 for m in tokens}
     step = step or (lambda model, sum_len, batch: profiles[model].decode.predict(sum_len, batch))
     config = StackConfig(models=folders, prefill=1, decode=1, port=0, policy="aegaeon", threads=threads)
     with tempfile.TemporaryDirectory(prefix="tokenpool-serving-") as logs, Stack(config, Path(logs)) as stack:
         progress(f"serving overhead: starting a stack with {len(folders)} models")
         stack.start(progress=lambda line: None)
-        client = _Client(stack.address)
+        client = _Client(stack.address, room)
         ttfts, samples, prefill_s, large_steps = asyncio.run(client.run(
             small, tokens[small], lambda sum_len, batch: step(small, sum_len, batch), large, tokens[large],
-            lambda sum_len, batch: step(large, sum_len, batch), large_context - tokens[large] - 1, progress))
+            lambda sum_len, batch: step(large, sum_len, batch), room[large], progress))
     ttft = statistics.median(ttfts)
     predicted_prefill = profiles[small].prefill.predict(tokens[small])
     request_s = max(0.0, ttft - predicted_prefill)
@@ -164,8 +165,10 @@ def measure(folders: dict[str, Path], profiles: dict[str, TimingProfile], thread
 class _Client:
     """Requests to the stack's proxy, timed token by token."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, room: dict[str, int]) -> None:
+        """room: model -> the most tokens a completion of PROMPT may ask for (its context's)."""
         self.address = address
+        self.room = room
         self.counter = iter(range(1 << 30))
 
     async def stream(self, model: str, text: str, max_tokens: int,
@@ -223,7 +226,8 @@ class _Client:
         doubles the streams' length for the next, up to MAX_OUTPUT_GROWTH times; one that fails
         at that length ends the measurement. The predicted step uses the mean length of the
         batches counted."""
-        steps, lengths, longest = [], [], output_tokens * MAX_OUTPUT_GROWTH
+        longest = min(output_tokens * MAX_OUTPUT_GROWTH, self.room[model])
+        steps, lengths, output_tokens = [], [], min(output_tokens, longest)
         while len(lengths) < repeats:
             streams = await asyncio.gather(*(self.stream(model, PROMPT, output_tokens) for _ in range(batch)))
             window = batch_window_steps(streams)

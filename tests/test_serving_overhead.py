@@ -202,6 +202,7 @@ def test_a_batch_whose_streams_never_overlap_is_measured_again_with_longer_strea
 
     class Fake:
         calls: list[int] = []
+        room = {"m": 10_000}
 
         async def stream(self, model, text, max_tokens):
             first = 1.0 if len(self.calls) % 2 else 0.0
@@ -223,11 +224,21 @@ def test_a_batch_that_never_overlaps_at_any_length_is_an_error():
 
     class Apart:
         calls = 0
+        room = {"m": 10_000}
+        asked: list[int] = []
 
         async def stream(self, model, text, max_tokens):
             self.calls += 1
+            self.asked.append(max_tokens)
             return 0.0, [1e6 * (self.calls % 2) + 0.01 * i for i in range(max_tokens)]
 
     with pytest.raises(RuntimeError, match=f"streams of up to {MAX_OUTPUT_GROWTH * OUTPUT_TOKENS}"):
         asyncio.run(_Client.batch_step(Apart(), "m", 10, 2, False, lambda c, b: 0.0, repeats=5))
+    # A model whose context holds fewer tokens: the streams grow only to what it holds (a stream asked
+    # for more would end short of max_tokens, which the measurement refuses).
+    small = Apart()
+    small.room, small.asked = {"m": 3 * OUTPUT_TOKENS}, []
+    with pytest.raises(RuntimeError, match=f"streams of up to {3 * OUTPUT_TOKENS}"):
+        asyncio.run(_Client.batch_step(small, "m", 10, 2, False, lambda c, b: 0.0, repeats=5))
+    assert max(small.asked) == 3 * OUTPUT_TOKENS
 
