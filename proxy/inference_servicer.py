@@ -20,6 +20,7 @@ import jinja2
 import msgspec
 from google.protobuf import unknown_fields
 from tokenpool.engine.errors import InvalidRequestError, ModelFolderError
+from tokenpool.engine.tokenizer import LONG_TEXT_CHARS
 from tokenpool.protos.convert import FINISH_TO_PB, logprobs_to_pb, sampling_from_pb
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
@@ -39,9 +40,6 @@ from .served_model import ServedModel
 
 RETRY_AFTER_MS = 1000  # the hint a refused-for-load request gets (trailing metadata "retry-after-ms")
 RETRY_HINT = (("retry-after-ms", str(RETRY_AFTER_MS)),)
-# Longer text prompts are encoded on a worker thread: a tiny test model's tokenizer took 70 ms for
-# 4 KiB and 40 s for 1 MiB (the body limit) on a loaded core, every stream of the proxy stalled meanwhile.
-OFF_LOOP_PROMPT_CHARS = 1024
 MAX_TOKENIZE_IDS = 1 << 18  # ids a Tokenize answer or a Detokenize request holds at most (~1.3 MB)
 
 
@@ -125,7 +123,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         start = time.perf_counter()
         try:
-            if len(request.text) > OFF_LOOP_PROMPT_CHARS:  # long texts: encoded off the loop
+            # Long texts go to a worker thread: the tokenizer lets go of the GIL only for them (a
+            # tiny model's took 40 s for 1 MiB on a loaded core, every stream stalled meanwhile).
+            if len(request.text) > LONG_TEXT_CHARS:
                 sub = await asyncio.to_thread(self._submission, request, context.time_remaining())
             else:
                 sub = self._submission(request, context.time_remaining())
