@@ -1,7 +1,10 @@
 """`tokenpool bench engine`: prefill and decode throughput of the engine against
 transformers' generate (in this process) and vLLM's `LLM` (in its own virtual environment,
 through bench/vllm_runner.py; build it with `bash bench/vllm_venv.sh`) on the same model,
-dtype, thread count and token-id prompts, in one run."""
+dtype, thread count and token-id prompts, in one run. Baselines `instance` and `instance-dense`
+run the model as the prefill and decode services do: in a switching instance (MultiModelEngine,
+weights copied into an arena slot and applied as they lie), held as it serves (bf16 matrices
+where it computes a bf16 model in float32) or as float32 copies under F.linear."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from tokenpool.engine.scheduler import SchedulerConfig
 
 @dataclass(frozen=True)
 class Row:
-    engine: str  # tokenpool | tokenpool-float32 | transformers | vllm
+    engine: str  # tokenpool | a baseline (BASELINES)
     phase: str  # prefill | decode
     batch: int
     tokens_per_s: float
@@ -57,14 +60,16 @@ def add_parser(commands) -> None:
     p.add_argument("--against", default="transformers", type=against_engines,
                    help="comma-separated baselines from transformers, vllm (vLLM's own LLM engine), "
                         "tokenpool-float32 (tokenpool computing in float32 from the rounded weights), "
-                        "tokenpool-native (the native backend, beside --engine vllm); or none")
+                        "tokenpool-native (the native backend, beside --engine vllm), instance "
+                        "(a switching instance, as the services serve the model), instance-dense "
+                        "(one holding float32 copies under F.linear); or none")
     p.add_argument("--vllm-python", type=Path, default=default_vllm_python(),
                    help="python of the vLLM venv (env TOKENPOOL_VLLM_PYTHON; default %(default)s)")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
     p.set_defaults(run=run)
 
 
-BASELINES = ("transformers", "vllm", "tokenpool-float32", "tokenpool-native")
+BASELINES = ("transformers", "vllm", "tokenpool-float32", "tokenpool-native", "instance", "instance-dense")
 
 
 def against_engines(text: str) -> tuple[str, ...]:
@@ -112,6 +117,9 @@ def run(args: argparse.Namespace) -> None:
         rows += bench_tokenpool(folder, work, "float32", "tokenpool-float32", args.engine)[1]
     if "tokenpool-native" in args.against:
         rows += bench_tokenpool(folder, work, args.compute_dtype, "tokenpool-native")[1]
+    for name in ("instance", "instance-dense"):
+        if name in args.against:
+            rows += bench_instance(folder, work, args, name)
     if "transformers" in args.against:
         rows += bench_transformers(folder, work)
     if "vllm" in args.against:
@@ -138,7 +146,12 @@ def bench_tokenpool(folder: Path, work: Workload, compute: str = "auto", name: s
                           engine=backend)
     engine = LLMEngine(folder, _with_kv_tokens(config, folder, tokens))
     _log(f"{name}: {engine.describe()}")
-    _tokenpool_once(engine, Workload((2,), 8, 4, work.dtype), 2)  # warm-up
+    return engine, _timed_rows(engine, work, name)
+
+
+def _timed_rows(engine, work: Workload, name: str) -> list[Row]:
+    """A warm-up, then prefill and decode tokens/s of each batch (see _tokenpool_once)."""
+    _tokenpool_once(engine, Workload((2,), 8, 4, work.dtype), 2)
     rows = []
     for batch in work.batches:
         prefill_s, decode_s = _tokenpool_once(engine, work, batch)
@@ -146,7 +159,58 @@ def bench_tokenpool(folder: Path, work: Workload, compute: str = "auto", name: s
                  Row(name, "decode", batch, batch * (work.new_tokens - 1) / decode_s)]
         _log(f"  {name} batch {batch}: prefill {rows[-2].tokens_per_s:.0f} tok/s, "
              f"decode {rows[-1].tokens_per_s:.1f} tok/s")
-    return engine, rows
+    return rows
+
+
+class _OneModelInstance:
+    """A switching instance serving one model, with the surface of LLMEngine _tokenpool_once uses."""
+
+    def __init__(self, instance, model_id: str) -> None:
+        self.instance, self.model_id = instance, model_id
+        self.model_config = instance.models[model_id].profile.config
+
+    def add_request(self, prompt, sampling) -> None:
+        self.instance.add_request(self.model_id, prompt, sampling)
+
+    def step(self) -> None:
+        self.instance.step(self.model_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.instance.has_unfinished(self.model_id)
+
+
+def bench_instance(folder: Path, work: Workload, args: argparse.Namespace, name: str) -> list[Row]:
+    """The model in a MultiModelEngine, as the services run it; instance-dense holds float32
+    copies applied by F.linear (what every switching instance did before bf16 slots)."""
+    import tempfile
+    from dataclasses import replace
+
+    from tokenpool.engine.host_kv_pool import HostKVPool
+    from tokenpool.engine.host_model_cache import HostModelCache
+    from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
+    from tokenpool.engine.private_shm import private_dir, shm_root
+
+    most = max(work.batches)
+    scheduler = SchedulerConfig(max_num_seqs=most, max_num_batched_tokens=most * work.prompt_len)
+    config = _with_kv_tokens(EngineConfig(dtype=work.dtype, compute_dtype=args.compute_dtype,
+                                          scheduler=scheduler, engine=args.engine,
+                                          linear_kernel="dense" if name == "instance-dense" else "auto"),
+                             folder, most * (work.prompt_len + work.new_tokens + 16))
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as tmp:
+        cache = HostModelCache(Path(tmp) / "cache", capacity_bytes=64 << 30, progress=False)
+        pool = HostKVPool(64 << 20, shm_dir=Path(tmp))
+        instance = MultiModelEngine(InstanceConfig(config.kv_cache_bytes, slot_bytes_for([folder], config),
+                                                   replace(config, kv_cache_bytes=1)), cache, pool)
+        try:
+            profile = instance.register("m", folder)
+            instance.switch_to("m")
+            _log(f"{name}: matrices held in {str(profile.dtype).removeprefix('torch.')}, "
+                 f"{instance.runner.describe()}")
+            return _timed_rows(_OneModelInstance(instance, "m"), work, name)
+        finally:
+            instance.close()
+            pool.close()
 
 
 def _with_kv_tokens(config: EngineConfig, folder: Path, tokens: int) -> EngineConfig:

@@ -203,7 +203,8 @@ class CausalLM(nn.Module):
 
         on_layer(i) runs after layer i has written its KV (streaming it out overlaps the layers after).
         """
-        x, residual = F.embedding(input_ids, self.embed), None
+        # .to: a no-op unless the embedding is held narrower than the model computes (a bf16 slot)
+        x, residual = F.embedding(input_ids, self.embed).to(self.dtype), None
         cos, sin = self.rotary.lookup(positions, self.dtype)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, kv_cache.layer(i), meta, backend)

@@ -33,10 +33,13 @@ class BackendSpec:
     """What a backend is built for: one model shape on one device.
 
     folder: the model's checkpoint folder (vLLM reads its config.json to pick a model class).
-    dtype: the dtype weights are bound and computed in.
+    dtype: the dtype the model computes in (and weights are bound in, unless weight_dtype).
     max_positions: the longest context a step may reach (RoPE tables are sized to it).
     block_size: tokens per KV block. linear_kernel / attention: the native engine's choices
-    (linear_kernel applies to load(); weights bound from a slot are applied as they are).
+    (linear_kernel applies to load(); weights bound from a slot are applied as they are:
+    F.linear, or bf16_linear.Bf16SlotLinear for bf16 matrices computed in float32).
+    weight_dtype: the dtype matrices are bound in, where it differs from dtype (the native
+    engine's bf16 slots on a CPU without bf16 instructions); None: dtype.
     """
 
     folder: Path
@@ -47,6 +50,7 @@ class BackendSpec:
     block_size: int = 16
     linear_kernel: str = "dense"
     attention: str = "auto"
+    weight_dtype: torch.dtype | None = None
 
 
 class ModelBackend(ABC):
@@ -98,6 +102,19 @@ def make_model_backend(engine: str, spec: BackendSpec) -> ModelBackend:
     from .native_backend import NativeBackend
 
     return NativeBackend(spec)
+
+
+def slot_weight_dtype(engine: str, device: str, weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype an instance holds a model's matrices in (host cache, arena slot): the compute
+    dtype, except where the native engine computes bf16 weights in float32 on a CPU: it keeps them
+    bf16 (half the bytes to cache, to copy on a switch and to read every step) and applies them
+    with bf16_linear.Bf16SlotLinear."""
+    from .bf16_linear import bf16_slot_supports
+
+    check_engine(engine)
+    if engine == "native" and bf16_slot_supports(torch.device(device), compute, weights):
+        return weights
+    return compute
 
 
 def kv_layout_for(engine: str, device: str) -> str:

@@ -43,9 +43,10 @@ class ModelProfile:
     folder: Path
     config: ModelConfig
     tokenizer: Tokenizer
-    dtype: torch.dtype  # the dtype weights are held and computed in
+    dtype: torch.dtype  # the dtype the weight matrices are held in (host cache, arena slot)
     specs: tuple[TensorSpec, ...]
     slot_bytes: int  # arena slot bytes the model takes (its page-aligned cached segment)
+    compute_dtype: torch.dtype  # the dtype the model computes in (and its vectors are held in)
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -60,11 +61,15 @@ class SlotContents:
     after: object = None  # CUDA: an event on the compute stream; the copy waits for it
 
 
-def model_specs(config: ModelConfig, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
-    """The tensors a model keeps in the host cache: its CausalLM parameters, fused."""
+def model_specs(config: ModelConfig, dtype: torch.dtype,
+                compute: torch.dtype | None = None) -> tuple[TensorSpec, ...]:
+    """The tensors a model keeps in the host cache: its CausalLM parameters, fused; matrices
+    (projections, embedding) in dtype, vectors (norms, biases) in compute (default dtype)."""
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in CausalLM(config, dtype, 1).named_parameters()}
-    return tuple(TensorSpec(name, dtype, shapes[name]) for name in WeightLayout(config).sources)
+    vectors = compute or dtype
+    return tuple(TensorSpec(name, dtype if len(shapes[name]) > 1 else vectors, shapes[name])
+                 for name in WeightLayout(config).sources)
 
 
 def slot_bytes_needed(specs: tuple[TensorSpec, ...]) -> int:
@@ -73,29 +78,31 @@ def slot_bytes_needed(specs: tuple[TensorSpec, ...]) -> int:
 
 
 def register_model(cache: HostModelCache, model_id: str, folder: Path, dtype: torch.dtype,
-                   round_to: torch.dtype | None = None, max_bytes: int | None = None) -> ModelProfile:
-    """Read a model folder once into the host cache in the engine's fused layout.
+                   round_to: torch.dtype | None = None, max_bytes: int | None = None,
+                   compute: torch.dtype | None = None) -> ModelProfile:
+    """Read a model folder once into the host cache in the engine's fused layout (matrices in
+    dtype, the rest in compute: see model_specs).
 
     Raises (leaving the cache untouched) on a bad checkpoint, or when the weights
     exceed max_bytes (an arena model slot)."""
-    profile = model_profile(model_id, folder, dtype, max_bytes)
+    profile = model_profile(model_id, folder, dtype, max_bytes, compute)
     cache.register(model_id, profile.specs, checkpoint_filler(profile, round_to),
                    metadata=cache_metadata(profile))
     return profile
 
 
-def model_profile(model_id: str, folder: Path, dtype: torch.dtype,
-                  max_bytes: int | None = None) -> ModelProfile:
+def model_profile(model_id: str, folder: Path, dtype: torch.dtype, max_bytes: int | None = None,
+                  compute: torch.dtype | None = None) -> ModelProfile:
     """A model's profile from its folder's config and tokenizer, without reading its weights;
     MemoryError when they exceed max_bytes (an arena model slot)."""
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    specs = model_specs(config, dtype)
+    specs = model_specs(config, dtype, compute)
     padded = slot_bytes_needed(specs)
     if max_bytes is not None and padded > max_bytes:
         raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
                           f"an arena model slot holds {max_bytes}")
-    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded)
+    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded, compute or dtype)
 
 
 def checkpoint_filler(profile: ModelProfile,
@@ -109,7 +116,8 @@ def checkpoint_filler(profile: ModelProfile,
 
 
 def cache_metadata(profile: ModelProfile) -> dict[str, str]:
-    return {"folder": str(profile.folder), "dtype": str(profile.dtype)}
+    return {"folder": str(profile.folder), "dtype": str(profile.dtype),
+            "compute_dtype": str(profile.compute_dtype)}
 
 
 class ModelSwitcher:
@@ -122,8 +130,8 @@ class ModelSwitcher:
         self.engine, self.block_size, self.attention = engine, block_size, attention
         # One backend per (config, slot): the slot being filled is bound in the background
         # while the other slot's backend computes, so a prefetched switch re-binds nothing.
-        self._modules: dict[tuple[ModelConfig, torch.dtype, int], ModelBackend] = {}
-        self._bound: dict[tuple[ModelConfig, torch.dtype, int], tuple[str, int]] = {}
+        self._modules: dict[tuple[ModelConfig, torch.dtype, torch.dtype, int], ModelBackend] = {}
+        self._bound: dict[tuple[ModelConfig, torch.dtype, torch.dtype, int], tuple[str, int]] = {}
         self._leases: dict[str, CachedModel] = {}
         # Leases pin models in the host cache. With a catalogue larger than the cache, models not
         # being copied must be evictable: leases close after each fill (re-attached on return).
@@ -238,18 +246,18 @@ class ModelSwitcher:
             self._backend(profile, slot)
 
     def _backend(self, profile: ModelProfile, slot: int) -> ModelBackend:
-        key = (profile.config, profile.dtype, slot)
+        key = (profile.config, profile.dtype, profile.compute_dtype, slot)
         backend = self._modules.get(key)
-        if backend is None:  # weights in a slot are applied as they lie: the dense kernel
+        if backend is None:  # weights in a slot are applied as they lie (see BackendSpec)
             backend = self._modules[key] = make_model_backend(self.engine, BackendSpec(
-                profile.folder, profile.config, profile.dtype, self.max_positions, str(self.arena.device),
-                self.block_size, "dense", self.attention))
+                profile.folder, profile.config, profile.compute_dtype, self.max_positions,
+                str(self.arena.device), self.block_size, "dense", self.attention, profile.dtype))
         return backend
 
     def _bind(self, profile: ModelProfile, cached: CachedModel, slot: int, base: int) -> ModelBackend:
         """The backend for (config, slot), pointed at the model's weights at base; a backend
         already bound to exactly those bytes is returned as it is."""
-        key = (profile.config, profile.dtype, slot)
+        key = (profile.config, profile.dtype, profile.compute_dtype, slot)
         backend = self._backend(profile, slot)
         if self._bound.get(key) == (profile.model_id, base):
             return backend

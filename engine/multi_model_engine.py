@@ -24,11 +24,11 @@ import torch
 from .block_manager import BlockManager
 from .device_arena import DeviceArena
 from .host_kv_pool import HostKVPool
-from .host_model_cache import HostModelCache
+from .host_model_cache import HostModelCache, TensorSpec
 from .kv_cache import PagedKVCache
 from .kv_swapper import KVSwapper, SwapHandle
 from .llm_engine import EngineConfig, resolve_dtypes
-from .model_backend import ModelBackend, kv_layout_for
+from .model_backend import ModelBackend, kv_layout_for, slot_weight_dtype
 from .model_config import ModelConfig
 from .model_switcher import (
     ModelProfile,
@@ -54,13 +54,26 @@ log = logging.getLogger(__name__)
 KVSink = Callable[[int, int, torch.Tensor, list[int]], None]
 
 
-def slot_bytes_for(folders: Iterable[Path], engine: EngineConfig) -> int:
-    """The arena slot the largest of these models needs, in the dtype `engine` computes it in."""
-    def needed(folder: Path) -> int:
-        config = ModelConfig.from_folder(folder)
-        return slot_bytes_needed(model_specs(config, resolve_dtypes(engine, config)[1]))
+def slot_dtypes(engine: EngineConfig, config: ModelConfig) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """-> (checkpoint dtype, dtype a switching instance holds the model's matrices in, dtype it
+    computes in). Held = computed, except bf16 models computed in float32 on a CPU, held bf16
+    (model_backend.slot_weight_dtype) unless engine.linear_kernel is 'dense': float32 copies
+    and F.linear, the comparison `bench switch --against dense` makes."""
+    weights, compute = resolve_dtypes(engine, config)
+    if engine.linear_kernel == "dense":
+        return weights, compute, compute
+    return weights, slot_weight_dtype(engine.engine, engine.device, weights, compute), compute
 
-    return max(map(needed, folders))
+
+def instance_specs(engine: EngineConfig, config: ModelConfig) -> tuple[TensorSpec, ...]:
+    """The tensors a switching instance caches and copies into a slot for this model."""
+    _, held, compute = slot_dtypes(engine, config)
+    return model_specs(config, held, compute)
+
+
+def slot_bytes_for(folders: Iterable[Path], engine: EngineConfig) -> int:
+    """The arena slot the largest of these models needs, held as `engine` holds it."""
+    return max(slot_bytes_needed(instance_specs(engine, ModelConfig.from_folder(f))) for f in folders)
 
 
 @dataclass(frozen=True)
@@ -70,8 +83,9 @@ class InstanceConfig:
     kv_bytes: the arena's KV region (blocks of whichever model is active).
     slot_bytes: each of the two model slots; the largest registered model must fit.
     engine: dtype, block size, scheduler limits and context as for a single-model engine
-      (its kv_cache_bytes and linear_kernel are not used: weights live in the arena
-      and are applied with the dense kernel, since packed layouts cannot be copied).
+      (its kv_cache_bytes is not used; weights live in the arena as bytes copied from the host
+      cache, applied as they lie, since packed layouts cannot be copied: see slot_dtypes for
+      what linear_kernel still chooses).
     """
 
     kv_bytes: int = 256 << 20
@@ -138,14 +152,14 @@ class MultiModelEngine:
         if model_id in self.models:
             return self.models[model_id].profile
         ec = self.config.engine
-        weight_dtype, compute = resolve_dtypes(ec, ModelConfig.from_folder(folder))
-        round_to = weight_dtype if weight_dtype != compute else None
+        weight_dtype, held, compute = slot_dtypes(ec, ModelConfig.from_folder(folder))
+        round_to = weight_dtype if weight_dtype != compute else None  # vectors too, held in compute
         if lazy:  # checked now; the tiers track it only once every check passed
-            profile = model_profile(model_id, Path(folder), compute, max_bytes=self.config.slot_bytes)
+            profile = model_profile(model_id, Path(folder), held, self.config.slot_bytes, compute)
             fill = self.lazy_tiers().check(profile, round_to)
         else:
-            profile = register_model(self.cache, model_id, Path(folder), compute, round_to,
-                                     max_bytes=self.config.slot_bytes)
+            profile = register_model(self.cache, model_id, Path(folder), held, round_to,
+                                     max_bytes=self.config.slot_bytes, compute=compute)
         config = profile.config
         max_len = min(ec.max_model_len or 1 << 62, config.max_position_embeddings, self.max_positions)
         num_blocks = self.config.kv_bytes // PagedKVCache.bytes_per_block(config, ec.block_size, compute)
@@ -160,9 +174,9 @@ class MultiModelEngine:
         if lazy:
             self.tiers.add(profile, fill)
             self.switcher.release_idle_leases = True  # catalogue models must stay evictable
-        log.info("registered %s: %s weights, computing in %s (compute_dtype %s), %d KV blocks, engine %s",
-                 model_id, str(weight_dtype).removeprefix("torch."), str(compute).removeprefix("torch."),
-                 ec.compute_dtype, num_blocks, ec.engine)
+        log.info("registered %s: %s weights held in %s, computing in %s (compute_dtype %s), %d KV "
+                 "blocks, engine %s", model_id, *(str(d).removeprefix("torch.") for d in (
+                     weight_dtype, held, compute)), ec.compute_dtype, num_blocks, ec.engine)
         return profile
 
     def lazy_tiers(self) -> ModelTiers:
@@ -321,7 +335,7 @@ class MultiModelEngine:
         """The arena's KV region seen in model's block shape (built once per model)."""
         if model.kv is None:
             model.kv = PagedKVCache(model.profile.config, model.book.scheduler.blocks.num_blocks,
-                                    self.config.engine.block_size, model.profile.dtype,
+                                    self.config.engine.block_size, model.profile.compute_dtype,
                                     storage=self.arena.buffer[:self.config.kv_bytes], layout=self.kv_layout)
         return model.kv
 

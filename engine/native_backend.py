@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import make_attention_backend
+from .bf16_linear import Bf16SlotLinear
 from .kv_cache import PagedKVCache
 from .linear import DenseLinear, make_linear_kernel
 from .model import CausalLM
@@ -31,7 +32,11 @@ class NativeBackend(ModelBackend):
         with torch.device("meta"):
             self.model = CausalLM(spec.config, spec.dtype, spec.max_positions)
         self.attention = make_attention_backend(spec.attention, spec.device)
-        self.linear_kernel = "dense"
+        # Weights bound from a slot are applied as they lie: bf16 matrices computed in float32
+        # by the bf16 kernel, anything else by F.linear.
+        narrow = spec.weight_dtype not in (None, spec.dtype)
+        self._slot_kernel = Bf16SlotLinear() if narrow else DenseLinear()
+        self.linear_kernel = self._slot_kernel.name
         self._sampler = Sampler()
         self._runners: dict[int, ModelRunner] = {}  # id(PagedKVCache) -> its runner
         self._runner: ModelRunner | None = None
@@ -40,11 +45,11 @@ class NativeBackend(ModelBackend):
         model = self.model
         if model.rotary is None:  # once per module
             model.lm_head.weight = None  # tied heads use embed; untied ones are bound below
-            model.prepare(DenseLinear(), self.spec.device)  # RoPE tables
+            model.prepare(DenseLinear(), self.spec.device)  # RoPE tables (the weights are meta)
         for name, view in tensors.items():
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, nn.Parameter(view, requires_grad=False))
-        model.prepare_linears(DenseLinear())
+        model.prepare_linears(self._slot_kernel)
 
     def load(self, folder: Path, round_to: torch.dtype | None) -> None:
         spec = self.spec

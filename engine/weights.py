@@ -163,7 +163,7 @@ class Checkpoint:
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelFolderError(f"{path}: tensor {src.hf_name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(target.shape)}")
-            if round_to is None and _readable_into(target, tensor):
+            if (round_to is None or tensor.dtype == round_to) and _readable_into(target, tensor):
                 _read_into(target, path, self.offsets[src.hf_name])
             else:
                 target.copy_(tensor if round_to is None else tensor.to(round_to))

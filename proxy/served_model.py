@@ -34,12 +34,11 @@ def served_models(engine) -> dict[str, ServedModel]:
 
 def served_model_from_folder(model_id: str, folder: Path, dtype: str = "auto") -> ServedModel:
     """The same description without loading weights (the proxy of a disaggregated stack)."""
-    from tokenpool.engine.llm_engine import EngineConfig, resolve_dtypes
-    from tokenpool.engine.model_switcher import model_specs
+    from tokenpool.engine.llm_engine import EngineConfig
+    from tokenpool.engine.multi_model_engine import instance_specs
 
     config = ModelConfig.from_folder(folder)
-    compute = resolve_dtypes(EngineConfig(dtype=dtype), config)[1]
-    nbytes = sum(spec.nbytes for spec in model_specs(config, compute))
+    nbytes = sum(spec.nbytes for spec in instance_specs(EngineConfig(dtype=dtype), config))
     return ServedModel(model_id, config.architecture,
                        min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT), nbytes,
                        Tokenizer.from_folder(folder))
