@@ -265,7 +265,9 @@ class HostModelCache:
             raise ModelConflictError(
                 f"model {model_id!r} is already registered with {old.total_bytes} bytes in "
                 f"{len(old.tensors)} tensors; this registration has {total} bytes in {len(entries)} "
-                f"tensors with a different layout: evict it first")
+                f"tensors with a different layout (another dtype, or an older tokenpool's): evict it "
+                f"first (`tokenpool models evict {model_id} --server PROXY`, or with no instance running "
+                f"on this node, remove {self.root})")
 
     # ---- capacity -------------------------------------------------------------------------------
 

@@ -241,11 +241,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if not request.chat.messages:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty: give at "
                                    "least one message")
-            turns = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            try:
-                ids = model.tokenizer.encode_chat(turns)
-            except (ModelFolderError, ValueError, jinja2.TemplateError) as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat: {model.id}: {exc}") from None
+            ids = _chat_ids(model, [{"role": m.role, "content": m.content} for m in request.chat.messages])
         else:
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids = model.tokenizer.encode(request.text, add_special_tokens=special)
@@ -260,7 +256,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
         elif request.chat:
-            ids = model.tokenizer.encode_chat([{"role": "user", "content": request.text}])
+            ids = _chat_ids(model, [{"role": "user", "content": request.text}])
         else:
             ids = model.tokenizer.encode(request.text) if request.text else []
         if not ids:
@@ -279,6 +275,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens,
                                              completion_tokens=out.num_output_tokens, ttft_seconds=ttft))
         return response
+
+
+def _chat_ids(model: ServedModel, turns: list[dict]) -> list[int]:
+    """The model's chat template over turns, encoded; a template that cannot render them (none in
+    the folder, or one that raises on these roles) is the caller's INVALID_ARGUMENT."""
+    try:
+        return model.tokenizer.encode_chat(turns)
+    except (ModelFolderError, ValueError, jinja2.TemplateError) as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat: {model.id}: {exc}") from None
 
 
 def _checked_ids(ids: list[int], model: ServedModel) -> list[int]:

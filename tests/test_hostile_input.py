@@ -309,3 +309,31 @@ def test_a_long_text_prompt_is_encoded_off_the_proxys_event_loop(channel):
     worker.join(timeout=120)
     assert not worker.is_alive()
     assert order == ["ListModels", "long prompt refused"], order
+
+
+@pytest.mark.parametrize("template", [None, "{{ raise_exception('only system turns, please') }}",
+                                      "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"])
+def test_a_chat_generate_the_models_template_cannot_render_is_invalid_argument(tiny_dir, tmp_path, template):
+    """Generate(chat=true) encodes through the template as Tokenize's chat does: a folder without
+    one, or a template that raises, is the client's INVALID_ARGUMENT, not an unhandled UNKNOWN."""
+    import json
+    import shutil
+
+    from tokenpool.proxy.inference_servicer import InferenceServicer, RequestError
+    from tokenpool.proxy.served_model import served_model_from_folder
+
+    folder = shutil.copytree(tiny_dir / "tiny-llama", tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model = served_model_from_folder("m", folder)
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+    generate = pb.GenerateRequest(model="m", text="hi", chat=True)
+    for encode, request in ((InferenceServicer._prompt_ids, generate),
+                            (InferenceServicer._tokenize, pb.TokenizeRequest(model="m", chat=chat))):
+        with pytest.raises(RequestError) as caught:
+            encode(request, model)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "chat: m:" in str(caught.value)
+    assert InferenceServicer._prompt_ids(pb.GenerateRequest(model="m", text="hi"), model)  # plain text: fine
