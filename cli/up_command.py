@@ -9,6 +9,10 @@ Counts and the model catalogue come from flags or a TOML file (flags win):
     [models]
     smollm2-135m-instruct = ""          # "" : the model store's copy (imported if missing)
     my-model = "/path/to/hf/folder"
+
+A proxy or gateway that exits is started again on its address (RESTARTS times in
+RESTART_WINDOW_S at most: a proxy fenced off a Redis table exits 3 for exactly this); any
+other service's exit, or one restart too many, stops the stack.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections import deque
 from pathlib import Path
 
 from .serve_command import catalogue
@@ -30,6 +35,7 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib",
                "admin_token_file")
 WATCH_INTERVAL_S = 0.5
+RESTARTS, RESTART_WINDOW_S = 3, 300.0  # per service: more than this many in the window stops the stack
 
 
 def add_parser(commands) -> None:
@@ -161,13 +167,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _watch(stack, stopping: list) -> int:
-    """Until Ctrl-C (0) or a service dies (1)."""
+    """Until Ctrl-C (0) or a service dies that cannot be restarted, or too often (1)."""
+    from tokenpool.compose.launcher import StackStartError
+
+    restarts: dict[str, deque[float]] = {}
     while not stopping:
-        dead = stack.dead()
-        if dead:
-            for service in dead:
-                print(f"tokenpool: {service.name} exited with code {service.process.returncode}; "
-                      f"see {service.log}", file=sys.stderr)
-            return 1
+        for service in stack.dead():
+            print(f"tokenpool: {service.name} exited with code {service.process.returncode}; "
+                  f"see {service.log}", file=sys.stderr, flush=True)
+            recent = restarts.setdefault(service.name, deque())
+            while recent and recent[0] < time.monotonic() - RESTART_WINDOW_S:
+                recent.popleft()
+            if not service.restartable or len(recent) >= RESTARTS:
+                if service.restartable:
+                    print(f"tokenpool: {service.name} already restarted {len(recent)} times in "
+                          f"{RESTART_WINDOW_S:.0f} s; stopping", file=sys.stderr)
+                return 1
+            recent.append(time.monotonic())
+            try:
+                stack.restart(service, progress=lambda line: print(line, flush=True))
+            except StackStartError as exc:
+                print(f"tokenpool: error: restarting {service.name}: {exc}", file=sys.stderr)
+                return 1
         time.sleep(WATCH_INTERVAL_S)
     return 0

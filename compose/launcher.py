@@ -169,6 +169,15 @@ class Service:
     log: Path
     ready_file: Path
     info: dict = field(default_factory=dict)  # the ready file's contents
+    role: str = ""
+    args: list[str] = field(default_factory=list)  # its command line, for a restart
+
+    @property
+    def restartable(self) -> bool:
+        """Whether restart() may start it again: the proxy (its request table outlives it: the new
+        one adopts it and reclaims the dead one's rows) and the gateway (stateless). An instance's
+        sequences and KV die with it, and the proxy is wired to its address."""
+        return self.role in ("proxy", "gateway")
 
     @property
     def address(self) -> str:
@@ -238,6 +247,25 @@ class Stack:
         """Services whose process has exited."""
         return [s for s in self.services if s.process.poll() is not None]
 
+    def restart(self, service: Service, progress=print) -> Service:
+        """Start a restartable service that exited again, with its flags and on the address it had
+        (clients and the gateway reconnect there); -> the new Service once it serves, in the old
+        one's place. StackStartError (the new process stopped) if it does not come up."""
+        if not service.restartable or service.process.poll() is None:
+            raise ValueError(f"{service.name} is running or not restartable")
+        args = list(service.args)
+        args[args.index("--listen") + 1] = service.address  # port 0 picked one: keep it
+        new = self._spawn(service.name, service.role, args, mode="a")  # the log keeps the crash
+        self.services[self.services.index(service)] = new
+        try:
+            self._wait_ready(new)
+        except StackStartError:
+            stop_process(new.process, STOP_TIMEOUT_S)
+            raise
+        progress(f"tokenpool: {new.name} restarted on {new.address}")
+        self._write_stack_file()
+        return new
+
     def __enter__(self) -> Stack:
         return self
 
@@ -260,21 +288,24 @@ class Stack:
 
     def _launch(self, name: str, role: str, agent: str | None = None,
                 instances: list[Service] | None = None, proxy: Service | None = None) -> Service:
+        if role == "gateway":  # its /metrics is on its own HTTP port
+            args = self._gateway_args(proxy)
+        else:
+            args = ["--metrics-port", "0", *self._args(name, role, agent, instances or [])]
+        service = self._spawn(name, role, args)
+        self.services.append(service)
+        return service
+
+    def _spawn(self, name: str, role: str, args: list[str], mode: str = "w") -> Service:
         ready = self.log_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.log_dir / f"{name}.log"
-        args = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready)]
-        if role == "gateway":  # its /metrics is on its own HTTP port
-            args += self._gateway_args(proxy)
-        else:
-            args += ["--metrics-port", "0", *self._args(name, role, agent, instances or [])]
-        with open(log, "w") as out:
+        command = [sys.executable, "-m", f"tokenpool.{_MODULES[role]}", "--ready-file", str(ready), *args]
+        with open(log, mode) as out:
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops services in order.
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, env=self._env(name))
-        service = Service(name, process, log, ready)
-        self.services.append(service)
-        return service
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=self._env(name))
+        return Service(name, process, log, ready, role=role, args=args)
 
     def _args(self, name: str, role: str, agent: str | None, instances: list[Service]) -> list[str]:
         c = self.config
