@@ -18,7 +18,10 @@ Fencing: each client holds a heartbeat key it refreshes every ttl_s / HEARTBEATS
 A client whose key lapsed (hung, partitioned, dead) is taken for dead: any client may then
 reclaim its rows (table_recovery), and the lapsed client's own writes are refused
 (TableFencedError) because the scripts check its key, so it can never write into a slot
-that was reclaimed and handed to another request. A lapse is final for that client: its
+that was reclaimed and handed to another request. A client that cannot reach Redis fences
+itself: once ttl_s has passed since it sent the last renewal that succeeded, its key may
+have lapsed (Redis set the expiry no earlier than that send), and the others may be
+reclaiming its rows while its streams go on. A lapse is final for that client: its
 proxy should be restarted. A live client's row is released only by that client.
 
 Reporters (attach(): instances, `tokenpool status`) own no rows: no heartbeat, no insert or
@@ -37,6 +40,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +147,7 @@ class RedisRequestTable(RequestTable):
         if not owner:  # attach(): the table exists and capacity came from it
             return
         self._check_meta(self._scripts["init"](args=[self.prefix, capacity, FORMAT_VERSION]))
+        self._created = time.monotonic()  # before the key is made: it expires no earlier than ttl_s on
         if not self._redis.set(self._alive_key(self.owner), "1", px=self._ttl_ms, nx=True):
             raise RuntimeError(f"owner id {self.owner!r} is already in use in table {name!r}")
         self._heartbeat = threading.Thread(target=self._beat, name=f"reqtable-heartbeat-{name}", daemon=True)
@@ -307,15 +312,25 @@ class RedisRequestTable(RequestTable):
                              f"capacity {self.capacity} (every proxy needs the same --table-slots)")
 
     def _beat(self) -> None:
-        """Refresh the heartbeat; XX: a key that already lapsed is never revived (fenced for good)."""
+        """Refresh the heartbeat; XX: a key that already lapsed is never revived (fenced for good).
+        Renewals that fail (Redis unreachable, or too slow for the socket timeout) fence this client
+        once ttl_s has passed since the send of the last one that succeeded."""
         interval = self.ttl_s / HEARTBEATS_PER_TTL
-        while not self._stop.wait(interval):
+        renewed = self._created
+        while not self._stop.wait(max(0.0, min(interval, renewed + self.ttl_s - time.monotonic()))):
+            sent = time.monotonic()
+            if sent >= renewed + self.ttl_s:
+                self._fenced = True
+                log.error("request table %r: no heartbeat of %s got through for %.1f s (the ttl); it "
+                          "may have lapsed, so this proxy is fenced", self.name, self.owner, sent - renewed)
+                return
             try:
                 if not self._redis.set(self._alive_key(self.owner), "1", px=self._ttl_ms, xx=True):
                     self._fenced = True
                     log.error("request table %r: heartbeat of %s lapsed; this proxy is fenced",
                               self.name, self.owner)
                     return
+                renewed = sent
             except Exception as e:  # noqa: BLE001 -- a blip: the next beat may get through before the ttl
                 log.warning("request table %r: heartbeat failed: %s", self.name, e)
 

@@ -254,6 +254,41 @@ def test_a_write_refused_by_the_fence_sets_fenced_too(redis_url: str, name: str)
         t.close()
 
 
+def test_a_client_cut_off_from_redis_fences_itself_once_its_key_may_have_lapsed(tmp_path, name: str) -> None:
+    """Redis frozen (SIGSTOP: calls get no reply, so no beat can find its key gone): a pause shorter
+    than the ttl is ridden out; a longer one fences the client once ttl_s has passed since its last
+    renewal got through, before the others could see its key expire and reclaim its rows."""
+    import os
+
+    import redis
+    from tokenpool.proxy.redis_request_table import HEARTBEATS_PER_TTL, SOCKET_TIMEOUT_S
+
+    with redis_server(tmp_path) as url:
+        pid = redis.Redis.from_url(url).info()["process_id"]
+        t = redis_table(url, name, ttl_s=4.0)
+        interval = t.ttl_s / HEARTBEATS_PER_TTL
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(3 * interval)
+            assert t.fenced is False, "a pause shorter than the ttl fenced the client"
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            while not t.fenced:
+                assert time.monotonic() < stopped + t.ttl_s + SOCKET_TIMEOUT_S + 3, "never fenced itself"
+                time.sleep(0.05)
+            # Not on the first failed beat: only once the last renewal (at most one interval before
+            # the stop) is ttl_s old.
+            assert time.monotonic() - stopped >= t.ttl_s - interval - 0.05
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with pytest.raises(TableFencedError):
+            t.insert(rec("after-the-fence"))
+        t.unlink()
+        t.close()
+
+
 OWNER = """
 import sys, time
 from tokenpool.proxy.request_table import RequestRecord, make_request_table
