@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_switching import five_models  # noqa: F401 - the fixture
+from logit_recorder import LogitRecorder
 from tokenpool.engine import cpu_extension
 from tokenpool.engine.bf16_linear import MAX_SLOT_ROWS, Bf16SlotLinear
 from tokenpool.engine.host_kv_pool import HostKVPool
@@ -23,7 +23,6 @@ from tokenpool.engine.multi_model_engine import (
     slot_bytes_for,
     slot_dtypes,
 )
-from tokenpool.engine.sampler import Sampler
 from tokenpool.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not cpu_extension.available(),
@@ -72,15 +71,6 @@ def test_a_bf16_model_is_held_in_bf16_and_computed_in_float32(tiny_dir):
     assert narrow < 0.56 * wide, (narrow, wide)
 
 
-class _Recorder(Sampler):
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def sample(self, logits, seqs):
-        self.logits.append(logits.detach().float().clone())
-        return super().sample(logits, seqs)
-
-
 @pytest.fixture
 def make_instance(shm_path):
     """make(engine, folders) -> a MultiModelEngine with every folder registered; closed after."""
@@ -103,19 +93,19 @@ def make_instance(shm_path):
         pool.close()
 
 
-def test_bf16_slots_give_the_logits_of_float32_copies(five_models, make_instance):  # noqa: F811
+def test_bf16_slots_give_the_logits_of_float32_copies(six_models, make_instance):
     """One long prompt per model through prefill and 24 decode steps: the bf16-held instance
     and one holding float32 copies (F.linear) compute the same float32 math up to summation
     order."""
-    instances = [make_instance(engine, five_models) for engine in (BF16_ON_FLOAT32, FLOAT32_COPIES)]
+    instances = [make_instance(engine, six_models) for engine in (BF16_ON_FLOAT32, FLOAT32_COPIES)]
     assert [i.models["tiny-llama"].profile.dtype for i in instances] == [torch.bfloat16, torch.float32]
     kernels = []
-    for name in sorted(five_models):
+    for name in sorted(six_models):
         logits = []
         for instance in instances:
             instance.add_request(name, LONG, SamplingParams(max_tokens=24, ignore_eos=True))
             instance.switch_to(name)
-            instance.runner.sampler = recorder = _Recorder()
+            instance.runner.sampler = recorder = LogitRecorder()
             while instance.has_unfinished(name):
                 instance.step(name)
             kernels.append(instance.runner.describe())
@@ -127,16 +117,16 @@ def test_bf16_slots_give_the_logits_of_float32_copies(five_models, make_instance
 
 
 def test_random_switching_over_bf16_slots_gives_each_sequence_its_single_engine_tokens(
-        five_models, make_instance):  # noqa: F811
+        six_models, make_instance):
     expected = {}
-    for name, folder in five_models.items():
+    for name, folder in six_models.items():
         engine = LLMEngine(folder, FLOAT32_COPIES)
         for p, prompt in enumerate(PROMPTS):
             for n in MAX_TOKENS:
                 seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
                 expected[name, p, n] = seq.output_token_ids
-    instance = make_instance(BF16_ON_FLOAT32, five_models)
-    rng, names = random.Random(7), sorted(five_models)
+    instance = make_instance(BF16_ON_FLOAT32, six_models)
+    rng, names = random.Random(7), sorted(six_models)
     live = []
     for _ in range(200):
         name = rng.choice(names)

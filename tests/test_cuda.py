@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logit_recorder import LogitRecorder
 from tokenpool.engine.host_kv_pool import HostKVPool
 from tokenpool.engine.host_model_cache import HostModelCache
 from tokenpool.engine.kv_swapper import KVSwapper
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.model_switcher import _STAGING_BYTES, CudaSlotCopier, register_model
-from tokenpool.engine.sampler import Sampler
 from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.engine.slab_allocator import BlockShape
 
@@ -20,21 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (run on a GPU machine)")
 
 
-class _Recorder(Sampler):
-    """Greedy sampling that keeps every step's logits."""
-
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def sample(self, logits, seqs):
-        self.logits.append(logits.detach().float().cpu())
-        return super().sample(logits, seqs)
-
-
 def _first_logits(folder, device: str) -> tuple[list[int], torch.Tensor]:
     engine = LLMEngine(folder, EngineConfig(dtype="float32", linear_kernel="dense",
                                             attention_backend="sdpa", device=device))
-    engine.runner.sampler = recorder = _Recorder()
+    engine.runner.sampler = recorder = LogitRecorder()
     seq = engine.generate(["The quick brown fox jumps over the lazy dog"],
                           SamplingParams(max_tokens=8, ignore_eos=True))[0]
     return seq.output_token_ids, torch.cat(recorder.logits)
