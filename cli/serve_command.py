@@ -77,6 +77,7 @@ async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     print("tokenpool: shutting down", file=sys.stderr, flush=True)
     await server.grpc.stop(grace=5)
     await backend.close()
+    servicer.close()
     engine.close()
     table.close()
     table.unlink()

@@ -135,8 +135,8 @@ async def serve(args: argparse.Namespace) -> int | None:
     metrics = ProxyMetrics(registry, sorted(models))
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))
     fence = asyncio.create_task(_wait_fenced(table))
+    servicer = InferenceServicer(backend, models, table, metrics, registry)
     try:
-        servicer = InferenceServicer(backend, models, table, metrics)
         admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype)
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
                                                         servicer),
@@ -166,6 +166,7 @@ async def serve(args: argparse.Namespace) -> int | None:
         if reclaimer is not None:
             reclaimer.cancel()
         await backend.close()
+        servicer.close()
         table.close()
         if args.table_backend == "shm":  # a Redis table outlives any one proxy
             table.unlink()

@@ -27,6 +27,7 @@ from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.telemetry import tracing
 
 from .backend import Backend, BackendFullError, Submission
+from .progress_reporter import ProgressReporter
 from .request_table import (
     MAX_REQUEST_ID_CHARS,
     DuplicateRequestError,
@@ -90,12 +91,22 @@ def model_state(model: str, statuses: list) -> dict:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, backend: Backend, models: dict[str, ServedModel], table: RequestTable,
-                 metrics=None) -> None:
-        """metrics: a telemetry.proxy_metrics.ProxyMetrics to count requests in, or None."""
+                 metrics=None, registry=None) -> None:
+        """metrics: a telemetry.proxy_metrics.ProxyMetrics to count requests in, or None; registry:
+        where the progress writer counts its writes (tokenpool_table_reports_total), or None.
+
+        A row is taken and released on the event loop (admission must know at once); the tokens a
+        stream has so far go through a ProgressReporter, off the loop and merged per request: a
+        Redis table would otherwise cost a round trip on the loop for every chunk of every stream."""
         self.backend = backend
         self.models = models
         self.table = table
         self.metrics = metrics
+        self.progress = ProgressReporter(lambda: table, registry, name="proxy", close_table=False)
+
+    def close(self) -> None:
+        """Stop the progress writer (after what is pending, briefly); the table stays open."""
+        self.progress.close()
 
     async def ListModels(self, request, context):
         statuses = [s for s in await self.backend.statuses() if "unreachable" not in s.role]
@@ -198,7 +209,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             first = first or time.perf_counter()
             if timer is not None:
                 timer.tokens(len(item.new_token_ids))
-            self._set(sub.table_slot, state=RequestState.DECODING, num_output_tokens=item.num_output_tokens)
+            self.progress.report(sub.table_slot, sub.request_id, state=RequestState.DECODING,
+                                 num_output_tokens=item.num_output_tokens)
             yield self._response(item, sub.request_id, len(sub.prompt), first - start,
                                  self.models.get(sub.model))
             if item.finished:

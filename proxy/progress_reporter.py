@@ -1,8 +1,9 @@
-"""ProgressReporter: an instance's progress in the proxies' request table, written off its event loop.
+"""ProgressReporter: progress in the proxies' request table, written off the event loop.
 
-The servicers report each stage of a request (prefilling on X, transferring, decoding on Y,
-tokens so far) with report(), which never blocks and never raises: it merges the changes into
-the request's pending write and wakes one writer thread. That thread attaches the table (it
+The instances' servicers report each stage of a request (prefilling on X, transferring, decoding
+on Y, tokens so far), and the proxy its streams' tokens so far, with report(), which never blocks
+and never raises: it merges the changes into the request's pending write and wakes one writer
+thread. That thread attaches the table (it
 retries until a proxy has made it: instances start first), then applies the pending writes
 with touch_record, in the order they were first reported.
 
@@ -40,10 +41,14 @@ Key = tuple[int, str]  # (slot, request id as dispatched)
 class ProgressReporter:
     """Writes instances' progress into the table that `attach()` returns (called on the writer thread)."""
 
-    def __init__(self, attach: Callable[[], RequestTable], registry=None, name: str = "table") -> None:
+    def __init__(self, attach: Callable[[], RequestTable], registry=None, name: str = "table",
+                 close_table: bool = True) -> None:
+        """close_table: close the attached table when the writer stops (False: its owner closes it,
+        as the proxy does its own table)."""
         self.name = name
         self.table: RequestTable | None = None
         self._attach = attach
+        self._close_table = close_table
         self._pending: dict[Key, dict[str, Any]] = {}
         self._busy = False  # the writer holds a batch
         self._cond = threading.Condition()
@@ -104,7 +109,7 @@ class ProgressReporter:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
-            if self.table is not None:
+            if self.table is not None and self._close_table:
                 self.table.close()
 
     def _wait_attached(self) -> None:
