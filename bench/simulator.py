@@ -234,6 +234,9 @@ class SimDecodeRunner:
     def has_work(self, model: str) -> bool:
         return bool(self.batches.get(model) or self.incoming.get(model))
 
+    def ready(self, model: str) -> bool:
+        return True  # every model's weights are in the simulated host cache
+
     def activate(self, model: str) -> bool:
         """As MultiModelEngine.switch_to: the outgoing batch's KV is swapped out while the weights
         are copied (unless prefetched), the switch waits for both, then the incoming batch's KV

@@ -90,8 +90,12 @@ class DecodeScheduler(TurnPolicy):
         self.switch_measured: dict[str, float] = {}  # model -> running mean of measured switches
 
     def plan(self, runner: TurnRunner) -> tuple[QuotaPlan, str] | None:
-        """Quotas for the current work list (refreshed from the runner) and whose turn is next."""
-        upcoming = self._refresh(runner.models_with_work())
+        """Quotas for the current work list (refreshed from the runner) and whose turn is next.
+        A model whose weights are still coming from disk stays out of the rotation while they
+        load (its turn would hold the engine for the read); only when every model with work is
+        loading does the next one's switch wait for its load."""
+        with_work = runner.models_with_work()
+        upcoming = self._refresh([m for m in with_work if runner.ready(m)] or with_work)
         if upcoming is None:
             return None
         batches = [runner.batch(m) for m in self.work_list]

@@ -112,6 +112,9 @@ class EngineWorker:
     def has_work(self, model: str) -> bool:
         return self.engine.has_unfinished(model)
 
+    def ready(self, model: str) -> bool:
+        return self.engine.weights_ready(model)
+
     def activate(self, model: str) -> bool:
         switches = self.engine.switches if self.observers else 0
         try:

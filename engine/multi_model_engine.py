@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .block_manager import BlockManager
+from .cold_loader import LoadTicket
 from .device_arena import DeviceArena
 from .host_kv_pool import HostKVPool
 from .host_model_cache import HostModelCache, TensorSpec
@@ -143,6 +144,7 @@ class MultiModelEngine:
         self.switches = 0
         self.last_switch: SwitchRecord | None = None
         self.tiers: ModelTiers | None = None  # made by the first lazy registration
+        self._loading: dict[str, LoadTicket] = {}  # weights_ready(): disk loads it started
 
     # -- registration and requests --------------------------------------------
 
@@ -194,6 +196,7 @@ class MultiModelEngine:
         if model_id == self.active or self.switcher.is_prefetched(model_id):
             raise ValueError(f"model {model_id!r} is in an arena slot; switch to another model first")
         del self.models[model_id]
+        self._drop_load(model_id)
         if self.tiers is not None:
             self.tiers.remove(model_id)
 
@@ -303,6 +306,34 @@ class MultiModelEngine:
             self.tiers.fetch(model_id)  # from disk in the background; the slot copy waits for the switch
             return None
         return self.switcher.prefetch(self._model(model_id).profile)
+
+    def weights_ready(self, model_id: str) -> bool:
+        """Whether switch_to(model_id) would find its weights without reading the disk: active,
+        prefetched, not a catalogue model, or in the host cache. Else its load from disk starts in
+        the background (once) and this is False until the load has ended, so a scheduler can serve
+        models in memory meanwhile instead of holding the engine thread for the read. A load that
+        failed -> True: the switch then reads again and reports the error to the model's requests."""
+        if (self.tiers is None or model_id not in self.tiers or model_id == self.active
+                or self.switcher.is_prefetched(model_id)):
+            return True
+        ticket = self._loading.get(model_id)
+        if ticket is None:
+            if self.cache.contains(model_id):
+                return True
+            self.tiers.activity.expect(model_id)  # not a victim while it loads
+            ticket = self.tiers.fetch(model_id)
+            if ticket is None:  # cached meanwhile
+                return True
+            self._loading[model_id] = ticket
+        if not ticket.done():
+            return False
+        self._drop_load(model_id)
+        return True
+
+    def _drop_load(self, model_id: str) -> None:
+        ticket = self._loading.pop(model_id, None)
+        if ticket is not None:
+            ticket.cancel()  # this claim only: a load others still wait for goes on
 
     def switch_to(self, model_id: str) -> None:
         """Make model_id the active model; its sequences keep their progress."""
@@ -458,6 +489,8 @@ class MultiModelEngine:
             self.swapper.release(offsets)
 
     def close(self) -> None:
+        for model_id in list(self._loading):
+            self._drop_load(model_id)
         if self.tiers is not None:
             self.tiers.close()
         self.switcher.close()

@@ -32,6 +32,10 @@ class TurnRunner(Protocol):
     def batch(self, model: str) -> BatchInfo: ...
     def has_work(self, model: str) -> bool: ...
 
+    def ready(self, model: str) -> bool:
+        """Whether activate(model) would not wait for its weights from disk; if it would, their
+        load starts in the background (MultiModelEngine.weights_ready)."""
+
     def activate(self, model: str) -> bool:
         """Make model the active one (a switch if needed); False if it cannot be now."""
 

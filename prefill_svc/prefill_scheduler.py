@@ -89,6 +89,16 @@ class PrefillQueue:
             self.remove(nxt[0])
         return nxt
 
+    def pop_first(self, eligible: Callable[[str], bool]) -> tuple[str, str] | None:
+        """Take the head of the first group whose model is eligible: (request_id, model); None if
+        no group's is. eligible is asked once per group, in queue order, until one answers True."""
+        group = next((g for g in self._groups if eligible(g.model)), None)
+        if group is None:
+            return None
+        head = group.request_ids[0], group.model
+        self.remove(head[0])
+        return head
+
     def next_other_model(self, model: str) -> str | None:
         """The model of the first group whose model differs from `model`: what to prefetch."""
         return next((g.model for g in self._groups if g.model != model), None)

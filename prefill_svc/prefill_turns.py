@@ -5,6 +5,11 @@ the head of the first group starts (the servicer hands it to the engine); its mo
 activated and the model of the next group that differs is prefetched; the turn steps until
 the request's first token is out and its KV handed on. With max_group_size 1 the queue is
 plain FCFS (the `request` and `static` baselines).
+
+A group whose model is only on disk keeps its place while its load runs in the background:
+the first group whose model needs no disk read starts instead, so a cold model does not hold
+up the models in memory behind it. When every queued model is loading, the head starts and
+its switch waits for its load.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class GroupedFcfsTurns(TurnPolicy):
         if busy:  # the request in flight (or several, if a caller batched) goes on
             model = busy[0]
         else:
-            model = self._start_next()
+            model = self._start_next(runner)
             if model is None:
                 return False
         if not runner.activate(model):
@@ -42,8 +47,8 @@ class GroupedFcfsTurns(TurnPolicy):
     def has_waiting(self) -> bool:
         return len(self.queue) > 0
 
-    def _start_next(self) -> str | None:
-        while (head := self.queue.pop_next()) is not None:
+    def _start_next(self, runner: TurnRunner) -> str | None:
+        while (head := self.queue.pop_first(runner.ready) or self.queue.pop_next()) is not None:
             request_id, model = head
             if self.start(request_id):
                 return model

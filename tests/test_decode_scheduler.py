@@ -63,6 +63,7 @@ class FakeRunner:
         self.arrivals: dict[str, str] = {}
         self.token_times: dict[str, list[float]] = {m: [] for m in step_s}
         self.log: list[str] = []
+        self.loading: set[str] = set()  # models whose weights are still coming from disk
 
     def now(self) -> float:
         return self.clock
@@ -75,6 +76,9 @@ class FakeRunner:
 
     def has_work(self, model):
         return self.left.get(model, 0) > 0
+
+    def ready(self, model):
+        return model not in self.loading
 
     def activate(self, model):
         if model != self.active:
@@ -267,3 +271,20 @@ def test_a_batchs_kv_swap_is_bounded_by_its_blocks_at_the_measured_rate():
     assert swap(BatchInfo("a", 2, 20), "out") == pytest.approx(4 * 1000 / 1e9)
     assert swap(BatchInfo("a", 2, 20), "in") == pytest.approx(4 * 1000 / 2e9)
     assert swap(BatchInfo("a", 0, 0), "in") == 0.0 and swap(BatchInfo("b", 5, 500), "in") == 0.0
+
+
+def test_a_model_loading_from_disk_sits_out_the_rotation_until_its_weights_are_in():
+    runner = FakeRunner({"a": 0.01, "b": 0.01, "cold": 0.01}, switch_s=0.01, tokens=dict.fromkeys(
+        ("a", "b", "cold"), 10**6))
+    runner.loading = {"cold"}
+    scheduler = DecodeScheduler(QuotaConfig(0.1, qmax_s=0.05), predictor(runner))
+    for _ in range(4):
+        scheduler.run_turn(runner)
+    assert runner.log == ["a", "b", "a", "b"] and "cold" not in scheduler.work_list
+    runner.loading.clear()  # its load ended: it joins at the end of the list, after b: next
+    for _ in range(3):
+        scheduler.run_turn(runner)
+    assert runner.log[4:] == ["cold", "a", "b"]
+    runner.loading = {"a", "b", "cold"}  # every model loading: the rotation goes on (the switch waits)
+    scheduler.run_turn(runner)
+    assert runner.log[7:] == ["cold"]  # after b, as the rotation has it

@@ -147,3 +147,49 @@ def test_a_prefill_instance_reports_its_queue_as_waiting_work():
     assert turns.has_waiting()
     queue.pop_next()
     assert not turns.has_waiting()
+
+
+class LoadingRunner(FakeRunner):
+    """Models in `loading` are on disk: not ready (their load is started) until taken out."""
+
+    def __init__(self, engine, loading) -> None:
+        super().__init__(engine)
+        self.loading = set(loading)
+        self.asked: list[str] = []
+
+    def ready(self, model):
+        self.asked.append(model)
+        return model not in self.loading
+
+    def prefetch(self, model):
+        pass
+
+
+def test_grouped_fcfs_starts_a_model_in_memory_while_the_head_groups_model_loads():
+    from tokenpool.prefill_svc.prefill_scheduler import PrefillQueue
+    from tokenpool.prefill_svc.prefill_turns import GroupedFcfsTurns
+
+    engine = FakeEngine({"cold": 0, "warm": 0})
+    started = []
+
+    def start(request_id):
+        started.append(request_id)
+        engine.work[request_id.split("-")[0]] += 1  # one prefill step each
+        return True
+
+    queue = PrefillQueue()
+    for request_id in ("cold-1", "warm-1", "cold-2", "warm-2"):
+        queue.add(request_id, request_id.split("-")[0], 0.01)
+    runner, turns = LoadingRunner(engine, {"cold"}), GroupedFcfsTurns(queue, start)
+    turns.run_turn(runner)
+    turns.run_turn(runner)
+    assert started == ["warm-1", "warm-2"] and "cold" in runner.asked  # its load was started
+    runner.loading.clear()
+    while turns.run_turn(runner):
+        pass
+    assert started == ["warm-1", "warm-2", "cold-1", "cold-2"]
+    # Nothing in memory: the head goes, and its switch waits for the load.
+    queue.add("cold-3", "cold", 0.01)
+    runner.loading = {"cold"}
+    turns.run_turn(runner)
+    assert started[-1] == "cold-3" and engine.steps[-1] == "cold"

@@ -4,6 +4,7 @@ eviction, run-time add/remove/evict/preload and their bad inputs (engine level, 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from conftest import cut_layers
@@ -223,5 +224,52 @@ def test_add_remove_evict_preload_while_requests_run(shapes, shm_path):
     assert "tiny-llama-2l" not in engine.models
     stats = pool.stats()
     assert stats.used_bytes == 0
+    engine.close()
+    pool.close()
+
+
+def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(shapes, shm_path):
+    """What the schedulers ask before a turn: a catalogue model on disk is not ready while its load
+    runs (on the loader's thread, not the caller's), ready once it is in the host cache; a load that
+    failed is 'ready' so the switch reports its error to the model's requests."""
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    catalogue.add("gated", shapes["tiny-llama"])
+    catalogue.add("broken", shapes["tiny-qwen2"])
+    engine.register("warm", shapes["tiny-qwen3"])  # not a catalogue model: read into the cache now
+    gate = threading.Event()
+    open_fill = engine.tiers._fills["gated"]
+
+    def gated_fill():
+        fill = open_fill()
+
+        def slow(name, dest):
+            assert gate.wait(30), "the test never opened the gate"
+            fill(name, dest)
+        return slow
+
+    def broken_fill():
+        def fail(name, dest):
+            raise OSError("disk read failed")
+        return fail
+
+    engine.tiers._fills["gated"], engine.tiers._fills["broken"] = gated_fill, broken_fill
+    assert engine.weights_ready("gated") is False  # its load started, held at the gate
+    assert engine.weights_ready("gated") is False and engine.tiers.loader.loading("gated")
+    engine.switch_to("warm")  # a model in memory switches in meanwhile
+    assert engine.weights_ready("warm") is True
+    gate.set()
+    deadline = time.monotonic() + 30
+    while not engine.weights_ready("gated"):
+        assert time.monotonic() < deadline, "the load never ended"
+        time.sleep(0.01)
+    assert engine.cache.contains("gated") and not engine._loading
+    engine.switch_to("gated")  # no disk read now
+    assert engine.active == "gated"
+    while not engine.weights_ready("broken"):
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="disk read failed"):
+        engine.switch_to("broken")
+    assert engine.tiers.loader.completed == 1 and not engine._loading  # gated's
     engine.close()
     pool.close()
