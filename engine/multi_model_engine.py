@@ -266,6 +266,8 @@ class MultiModelEngine:
             landing[0].wait()
             self.swapper.release(landing[1])
         model.book.abort(request_id)
+        if not self.has_unfinished(model_id):
+            self._drop_load(model_id)  # nobody here waits for its weights any more
 
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
@@ -302,8 +304,7 @@ class MultiModelEngine:
         if model_id == self.active:
             return None
         if self.tiers is not None and model_id in self.tiers and not self.tiers.pin(model_id):
-            self.tiers.activity.expect(model_id)
-            self.tiers.fetch(model_id)  # from disk in the background; the slot copy waits for the switch
+            self._start_load(model_id)  # from disk in the background; the slot copy waits for the switch
             return None
         return self.switcher.prefetch(self._model(model_id).profile)
 
@@ -316,19 +317,25 @@ class MultiModelEngine:
         if (self.tiers is None or model_id not in self.tiers or model_id == self.active
                 or self.switcher.is_prefetched(model_id)):
             return True
-        ticket = self._loading.get(model_id)
-        if ticket is None:
-            if self.cache.contains(model_id):
-                return True
-            self.tiers.activity.expect(model_id)  # not a victim while it loads
-            ticket = self.tiers.fetch(model_id)
-            if ticket is None:  # cached meanwhile
-                return True
-            self._loading[model_id] = ticket
-        if not ticket.done():
+        if model_id not in self._loading and self.cache.contains(model_id):
+            return True
+        ticket = self._start_load(model_id)
+        if ticket is not None and not ticket.done():
             return False
         self._drop_load(model_id)
         return True
+
+    def _start_load(self, model_id: str) -> LoadTicket | None:
+        """This engine's one claim on model_id's disk load (started unless running; None: cached).
+        The claim goes when the model is ready or has no requests left (abort), so a load every
+        waiter gave up on is abandoned (cold_loader.py)."""
+        ticket = self._loading.get(model_id)
+        if ticket is None:
+            self.tiers.activity.expect(model_id)  # not a victim while it loads
+            ticket = self.tiers.fetch(model_id)
+            if ticket is not None:
+                self._loading[model_id] = ticket
+        return ticket
 
     def _drop_load(self, model_id: str) -> None:
         ticket = self._loading.pop(model_id, None)

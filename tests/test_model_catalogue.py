@@ -231,29 +231,34 @@ def test_add_remove_evict_preload_while_requests_run(shapes, shm_path):
 def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(shapes, shm_path):
     """What the schedulers ask before a turn: a catalogue model on disk is not ready while its load
     runs (on the loader's thread, not the caller's), ready once it is in the host cache; a load that
-    failed is 'ready' so the switch reports its error to the model's requests."""
+    failed is 'ready' so the switch reports its error to the model's requests; a load whose model's
+    requests were all aborted meanwhile is abandoned, its partial segment removed."""
     engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
     catalogue = ModelCatalogue(engine)
     catalogue.add("gated", shapes["tiny-llama"])
     catalogue.add("broken", shapes["tiny-qwen2"])
+    catalogue.add("dropped", shapes["tiny-mistral"])
     engine.register("warm", shapes["tiny-qwen3"])  # not a catalogue model: read into the cache now
     gate = threading.Event()
-    open_fill = engine.tiers._fills["gated"]
 
-    def gated_fill():
-        fill = open_fill()
+    def gated(open_fill):
+        def gated_fill():
+            fill = open_fill()
 
-        def slow(name, dest):
-            assert gate.wait(30), "the test never opened the gate"
-            fill(name, dest)
-        return slow
+            def slow(name, dest):
+                assert gate.wait(30), "the test never opened the gate"
+                fill(name, dest)
+            return slow
+        return gated_fill
 
     def broken_fill():
         def fail(name, dest):
             raise OSError("disk read failed")
         return fail
 
-    engine.tiers._fills["gated"], engine.tiers._fills["broken"] = gated_fill, broken_fill
+    fills = engine.tiers._fills
+    fills["gated"], fills["dropped"] = gated(fills["gated"]), gated(fills["dropped"])
+    fills["broken"] = broken_fill
     assert engine.weights_ready("gated") is False  # its load started, held at the gate
     assert engine.weights_ready("gated") is False and engine.tiers.loader.loading("gated")
     engine.switch_to("warm")  # a model in memory switches in meanwhile
@@ -271,5 +276,14 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
     with pytest.raises(OSError, match="disk read failed"):
         engine.switch_to("broken")
     assert engine.tiers.loader.completed == 1 and not engine._loading  # gated's
+    gate.clear()
+    seq = engine.add_request("dropped", PROMPT, SamplingParams(max_tokens=4))
+    assert engine.weights_ready("dropped") is False
+    engine.abort("dropped", seq.request_id)  # its only request goes: nobody waits for the load
+    gate.set()
+    while engine.tiers.loader.loading("dropped"):
+        time.sleep(0.01)
+    assert engine.tiers.loader.abandoned == 1 and not engine.cache.contains("dropped")
+    assert not list(engine.cache.root.glob("dropped*")), "the partial segment must be removed"
     engine.close()
     pool.close()
