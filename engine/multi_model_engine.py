@@ -353,6 +353,7 @@ class MultiModelEngine:
         if self.tiers is not None and model_id in self.tiers and not prefetched:
             self.tiers.ensure_cached(model_id)
         model = self.switcher.activate(incoming.profile)
+        self._drop_load(model_id)  # a claim a prefetch or weights_ready left: the weights are in
         if self.tiers is not None:
             self.tiers.activity.settled(model_id)
         for handle in pending_out:  # the KV region is about to take the new shape
