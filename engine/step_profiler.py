@@ -74,6 +74,7 @@ def profile_key(engine: MultiModelEngine, model_id: str) -> str:
     return ProfileCache.key(arch=c.architecture, layers=c.num_layers, hidden=c.hidden_size,
                             heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                             ffn=c.intermediate_size, vocab=c.vocab_size, dtype=str(model.profile.dtype),
+                            compute=str(model.profile.compute_dtype), engine=ec.engine,
                             block=ec.block_size, threads=torch.get_num_threads(), device=ec.device,
                             backend=ec.attention_backend, torch=torch.__version__,
                             method=PROFILE_METHOD)

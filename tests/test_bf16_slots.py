@@ -143,3 +143,15 @@ def test_random_switching_over_bf16_slots_gives_each_sequence_its_single_engine_
     assert instance.switches > 50 and len(live) > 20
     for name, p, n, seq in live:
         assert seq.output_token_ids == expected[name, p, n], (name, p, n)
+
+
+def test_timing_profiles_are_keyed_by_the_compute_dtype_as_well_as_the_held_one(six_models, make_instance):
+    """Profiles are cached per model shape: a bf16-held model computed in float32 and one computed
+    in bf16 step at different speeds, so they must not share one."""
+    from tokenpool.engine.step_profiler import profile_key
+
+    folders = {"m": six_models["tiny-llama"]}
+    native = EngineConfig(dtype="bfloat16", compute_dtype="native")
+    held = [make_instance(engine, folders) for engine in (BF16_ON_FLOAT32, native, FLOAT32_COPIES)]
+    assert [i.models["m"].profile.dtype for i in held] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert len({profile_key(i, "m") for i in held}) == 3
