@@ -3,6 +3,11 @@
 Seeded sampling draws each token from a generator seeded by (seed, token index),
 so a request's tokens depend only on its own logits and seed — not on the batch
 it shares, on preemption, or on which instance computes the step.
+
+Presence and frequency penalties (OpenAI's) lower the logits of the tokens the request has
+generated so far before a token is picked, greedy or sampled; a request dispatched again after
+a failure counts the tokens it streamed before (the end of its new prompt: seed_offset of them),
+so its tokens are the undisturbed run's. Log-probabilities stay those of the raw logits.
 """
 
 from __future__ import annotations
@@ -20,6 +25,29 @@ def token_seed(seed: int, index: int) -> int:
     return (seed * _MIX + index + 1) % (2**63)
 
 
+def generated_tokens(seq: Sequence) -> list[int]:
+    """Every token the request generated: before a re-dispatch (its prompt's last seed_offset) and since."""
+    offset = seq.sampling.seed_offset
+    return (seq.prompt_token_ids[-offset:] if offset else []) + seq.output_token_ids
+
+
+def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits with each penalized row lowered (a copy; logits itself when no row is penalized)."""
+    rows = [i for i, s in enumerate(seqs) if s.sampling.penalized]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in rows:
+        generated = generated_tokens(seqs[i])
+        if not generated:
+            continue
+        counts = torch.bincount(torch.tensor(generated), minlength=vocab)[:vocab].to(logits.dtype)
+        sampling = seqs[i].sampling
+        logits[i] -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
+    return logits
+
+
 @dataclass(frozen=True)
 class TokenLogprobs:
     """A sampled token's log-probability and the most likely tokens' (id, logprob), best first,
@@ -32,7 +60,7 @@ class TokenLogprobs:
 class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [n, vocab] float32, one row per sequence -> n token ids."""
-        logits = logits.cpu()  # seeded draws use CPU generators: the same tokens on any device
+        logits = _penalized(logits.cpu(), seqs)  # seeded draws use CPU generators: any device alike
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if sampled_rows:

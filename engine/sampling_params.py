@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class SamplingParams:
     seed_offset: int = 0
     # Report each sampled token's log-probability and the `logprobs` most likely (0-20); None: none.
     logprobs: int | None = None
+    # OpenAI's penalties on the tokens generated so far (sampler.py): each token's logit loses
+    # presence_penalty if it was generated at all and frequency_penalty for every time it was.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -53,9 +58,18 @@ class SamplingParams:
                                               and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], "
                                       f"got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # False for NaN too
+                raise InvalidRequestError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], "
+                                          f"got {value!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)

@@ -60,9 +60,6 @@ def check_limits(body: Sampling, config: GatewayConfig) -> None:
         raise bad_field("stop", f"{len(stops)} stop strings exceed the limit of {config.max_stop}")
     if any(not s for s in stops):
         raise bad_field("stop", "stop strings must not be empty")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise bad_field(name, f"{name} is not supported (only 0)")
 
 
 def prompt_list(prompt) -> list[str | list[int]]:
@@ -85,7 +82,9 @@ def _request(body: Sampling, prompt: str | list[int], index: int, max_tokens: in
                                  ignore_eos=body.ignore_eos)
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
-                        ("top_p", body.top_p), ("logprobs", logprobs)):
+                        ("top_p", body.top_p), ("logprobs", logprobs),
+                        ("presence_penalty", body.presence_penalty or None),
+                        ("frequency_penalty", body.frequency_penalty or None)):
         if value is not None:
             setattr(sampling, name, value)
     if body.seed is not None:

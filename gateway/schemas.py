@@ -2,7 +2,7 @@
 ranges and names the field of the first bad value ("... - at `$.temperature`").
 
 Fields OpenAI defines that tokenpool does not act on (tools, response_format, logit_bias...)
-are ignored as vLLM ignores them; penalties other than 0 are refused (see limits.py)."""
+are ignored as vLLM ignores them."""
 
 from __future__ import annotations
 

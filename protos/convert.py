@@ -35,7 +35,8 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int, seed_offset: int 
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
-        seed_offset=seed_offset, logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+        seed_offset=seed_offset, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty)
 
 
 def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
@@ -46,6 +47,10 @@ def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         msg.seed = sp.seed
     if sp.logprobs is not None:
         msg.logprobs = sp.logprobs
+    if sp.presence_penalty:
+        msg.presence_penalty = sp.presence_penalty
+    if sp.frequency_penalty:
+        msg.frequency_penalty = sp.frequency_penalty
     return msg
 
 

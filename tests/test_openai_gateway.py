@@ -146,3 +146,17 @@ def test_models_health_and_metrics(client, stack):
         assert re.search(rf'^{name}{{.*model_name="tiny-llama".*}} ', metrics, re.M), name
     assert re.search(r'^vllm:generation_tokens_total{model_name="tiny-llama"} [1-9]', metrics, re.M)
     wait_until_idle(stack)
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(client, stub):
+    """The OpenAI fields map onto the gRPC API's: the gateway's text is the gRPC stream's with the
+    same penalties, and not the unpenalized one (the engine's arithmetic: tests/test_sampling.py)."""
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 2.0}
+    request = pb.GenerateRequest(model="tiny-llama", text="a b a b a b", sampling=pb.SamplingParams(
+        max_tokens=24, temperature=0, ignore_eos=True, **penalties))
+    expected = "".join(r.text for r in stub.Generate(request, timeout=240))
+    plain, _ = grpc_text(stub, "tiny-llama", 24, text="a b a b a b")
+    assert expected != plain
+    whole = client.completions.create(model="tiny-llama", prompt="a b a b a b", max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True}, **penalties)
+    assert whole.choices[0].text == expected

@@ -49,7 +49,8 @@ BAD = [  # (body, status, param)
     (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     (chat(messages=[]), 400, "messages"),
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role"),
-    (chat(presence_penalty=1.0), 400, "presence_penalty"),
+    (chat(presence_penalty=2.5), 400, "presence_penalty"),
+    (chat(frequency_penalty=-3), 400, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": MODEL, "prompt": [1.5, 2]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x" * 50_000, "max_tokens": 1}, 400, None),  # prompt past the context

@@ -106,6 +106,8 @@ def test_eos_from_the_model_config_stops(engine, tiny_dir, tmp_path):
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
     ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"seed": -3}, "seed"), ({"stop": ("",)}, "stop"), ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
 ])
 def test_out_of_range_values_are_named(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):
@@ -117,3 +119,43 @@ def test_prompt_longer_than_context_is_rejected(engine):
     with pytest.raises(InvalidRequestError, match="context"):
         engine.add_request(too_long)
     assert not engine.has_unfinished
+
+
+def test_penalties_lower_the_logits_of_generated_tokens_before_each_pick(engine):
+    """Each penalized greedy token is the argmax of that step's raw logits minus frequency x count
+    minus presence x (count > 0) over the tokens generated before it; without penalties the
+    tiny model repeats itself, with them it does not follow the same path."""
+    from logit_recorder import LogitRecorder
+
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5}
+    plain = engine.generate(["a b a b a b"], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    engine.runner.sampler = recorder = LogitRecorder()
+    try:
+        seq = engine.generate(["a b a b a b"], SamplingParams(max_tokens=24, ignore_eos=True, **penalties))[0]
+    finally:
+        engine.runner.sampler = Sampler()
+    tokens = seq.output_token_ids
+    raw = torch.cat(recorder.logits)
+    assert raw.shape[0] == len(tokens) == 24
+    for t, token in enumerate(tokens):
+        counts = torch.bincount(torch.tensor(tokens[:t], dtype=torch.long), minlength=raw.shape[1]).float()
+        expected = raw[t] - 1.5 * counts - 0.5 * (counts > 0).float()
+        assert token == int(expected.argmax()), t
+    assert tokens != plain.output_token_ids
+    assert len(set(tokens)) > len(set(plain.output_token_ids))  # fewer repeats
+
+
+def test_a_penalized_request_resumed_from_its_streamed_tokens_counts_them(tiny_dir):
+    """After a re-dispatch the streamed tokens are part of the prompt (seed_offset of them): the
+    penalties still count them, so the resumed stream is the undisturbed one, greedy or seeded.
+    (Seeded on this prompt, tiny-llama draws tokens it drew before the offset again: a resumed
+    stream that forgot them would differ at every k here.)"""
+    engine = LLMEngine(tiny_dir / "tiny-llama", EngineConfig(dtype="float32"))
+    for extra in ({}, {"temperature": 1.0, "seed": 7}):
+        sampling = {"ignore_eos": True, "presence_penalty": 1.0, "frequency_penalty": 0.7, **extra}
+        full = engine.generate(["a b a b a b"], SamplingParams(max_tokens=20, **sampling))[0]
+        for k in (3, 6, 12):
+            prompt = full.prompt_token_ids + full.output_token_ids[:k]
+            again = SamplingParams(max_tokens=20 - k, seed_offset=k, **sampling)
+            resumed = engine.generate([prompt], again)[0]
+            assert resumed.output_token_ids == full.output_token_ids[k:], (extra, k)
