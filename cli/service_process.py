@@ -138,20 +138,34 @@ def run_service(serve: Coroutine, name: str) -> int:
 
 async def wait_for_signal() -> None:
     """Return on SIGINT or SIGTERM (the launcher's and Ctrl-C's way to stop a service), or, when
-    the launcher set TOKENPOOL_EXIT_WITH_PARENT=1, once the launcher is gone (even SIGKILLed)."""
+    the launcher set TOKENPOOL_EXIT_WITH_PARENT to its pid, once the launcher is gone (even
+    SIGKILLed, and even before this service got here: the pid is the launcher's, not whatever
+    parent the service has by now)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: all stacks to stderr
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watch = None
-    if os.environ.get(EXIT_WITH_PARENT) == "1":
-        watch = asyncio.create_task(_watch_parent(os.getppid(), stop))
+    parent = launcher_pid()
+    if parent is not None:
+        watch = asyncio.create_task(_watch_parent(parent, stop))
     try:
         await stop.wait()
     finally:
         if watch is not None:
             watch.cancel()
+
+
+def launcher_pid() -> int | None:
+    """The pid in TOKENPOOL_EXIT_WITH_PARENT (None when unset), taken out of the environment so
+    processes this one starts do not watch this one's launcher."""
+    value = os.environ.pop(EXIT_WITH_PARENT, None)
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{EXIT_WITH_PARENT} must be the launching process's pid, got {value!r}")
+    return int(value)
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:

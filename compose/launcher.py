@@ -390,7 +390,7 @@ class Stack:
         return nodes + [f"--node-agent=node-{i}={a}" for i, a in enumerate(self.agents)]
 
     def _env(self, name: str) -> dict[str, str]:
-        env = {**os.environ, EXIT_WITH_PARENT: "1", "OTEL_SERVICE_NAME": name}
+        env = {**os.environ, EXIT_WITH_PARENT: str(os.getpid()), "OTEL_SERVICE_NAME": name}
         if self.token_file is not None:
             env[INTERNAL_TOKEN_ENV] = str(self.token_file)
         if self.config.trace_endpoint:

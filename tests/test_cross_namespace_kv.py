@@ -75,7 +75,7 @@ class Host:
     def env(self, token: Path) -> dict[str, str]:
         """UCX over TCP on this host's veth only, the internal token, gone with the test."""
         return {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": self.device, TOKEN_ENV: str(token),
-                EXIT_WITH_PARENT: "1"}
+                EXIT_WITH_PARENT: str(os.getpid())}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,8 @@ class Service:
         self.ready = tmp / f"{name}.ready.json"
         self.name, self.host, self.log = name, host, tmp / f"{name}.log"
         argv = [sys.executable, "-m", f"tokenpool.{module}", *args, "--ready-file", str(self.ready)]
-        env = host.env(token) if host else {**os.environ, TOKEN_ENV: str(token), EXIT_WITH_PARENT: "1"}
+        env = host.env(token) if host else {**os.environ, TOKEN_ENV: str(token),
+                                            EXIT_WITH_PARENT: str(os.getpid())}
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(host.command(*argv) if host else argv, stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

@@ -41,7 +41,7 @@ class Agent:
                  "--pool-mib", "16", "--slab-mib", "1", "--nixl", "--allow-peer", peer,
                  "--stall-s", str(STALL_S), "--ready-file", str(ready)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, EXIT_WITH_PARENT: "1"})  # gone with this process, however it ends
+                env={**os.environ, EXIT_WITH_PARENT: str(os.getpid())})  # gone with this process
         deadline = time.monotonic() + 60
         while not ready.exists():
             assert self.process.poll() is None, self.log.read_text()
