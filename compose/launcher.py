@@ -262,8 +262,8 @@ class Stack:
         except StackStartError:
             stop_process(new.process, STOP_TIMEOUT_S)
             raise
+        self._write_stack_file()  # before the news: whoever reads it then finds the new process
         progress(f"tokenpool: {new.name} restarted on {new.address}")
-        self._write_stack_file()
         return new
 
     def __enter__(self) -> Stack:
