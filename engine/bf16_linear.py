@@ -51,9 +51,7 @@ class Bf16GemvLinear(LinearKernel):
 
     def __init__(self) -> None:
         self._onednn = OneDnnLinear()
-        self._kernels = cpu_extension.module()
-        if self._kernels is None:
-            raise RuntimeError(f"bf16_gemv needs the C++ CPU kernels: {cpu_extension.unavailable_reason()}")
+        self._kernels = _cpu_kernels(self.name)
 
     def prepare(self, weight):
         bf16 = weight.to(torch.bfloat16).contiguous()
@@ -73,9 +71,7 @@ class Bf16SlotLinear(LinearKernel):
     name = "bf16_slot"
 
     def __init__(self) -> None:
-        self._kernels = cpu_extension.module()
-        if self._kernels is None:
-            raise RuntimeError(f"bf16_slot needs the C++ CPU kernels: {cpu_extension.unavailable_reason()}")
+        self._kernels = _cpu_kernels(self.name)
 
     def prepare(self, weight):
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
@@ -87,6 +83,14 @@ class Bf16SlotLinear(LinearKernel):
         if _rows(x) > MAX_SLOT_ROWS:
             return F.linear(x, prepared.to(x.dtype), bias)
         return _bf16_kernel(self._kernels, x, prepared, bias)
+
+
+def _cpu_kernels(kernel: str):
+    """The C++ CPU kernels' module; RuntimeError naming why for `kernel` when they cannot load."""
+    kernels = cpu_extension.module()
+    if kernels is None:
+        raise RuntimeError(f"{kernel} needs the C++ CPU kernels: {cpu_extension.unavailable_reason()}")
+    return kernels
 
 
 def _rows(x: torch.Tensor) -> int:

@@ -59,7 +59,7 @@ def slot_dtypes(engine: EngineConfig, config: ModelConfig) -> tuple[torch.dtype,
     """-> (checkpoint dtype, dtype a switching instance holds the model's matrices in, dtype it
     computes in). Held = computed, except bf16 models computed in float32 on a CPU, held bf16
     (model_backend.slot_weight_dtype) unless engine.linear_kernel is 'dense': float32 copies
-    and F.linear, the comparison `bench switch --against dense` makes."""
+    and F.linear, what `bench engine --against instance-dense` measures."""
     weights, compute = resolve_dtypes(engine, config)
     if engine.linear_kernel == "dense":
         return weights, compute, compute
