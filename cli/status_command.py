@@ -96,6 +96,7 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
     lines.append(_models_line(s))
     if s.loads or s.cold_loads:
         loads = ", ".join(f"{x.model} {x.loaded_bytes / 2**20:.1f}/{x.total_bytes / 2**20:.1f} MiB"
+                          + (" (waiting for host-cache room)" if x.waiting_for_room else "")
                           for x in s.loads) or "none now"
         lines.append(f"disk loads: {s.cold_loads} done; loading: {loads}")
     return ("\n" + " " * 40).join(lines)  # under the description column

@@ -76,6 +76,11 @@ class ModelActivity:
         with self._lock:
             self._expected.add(model_id)
 
+    def unexpect(self, model_id: str) -> None:
+        """The model is no longer wanted next (its requests went before it was switched to)."""
+        with self._lock:
+            self._expected.discard(model_id)
+
     def settled(self, model_id: str) -> None:
         """The expected model is resident now (its lease protects it from here on)."""
         with self._lock:

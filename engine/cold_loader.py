@@ -5,20 +5,28 @@ for the same model share one load (single flight). A ticket that no longer needs
 model cancels; when every ticket of a load has cancelled the load is abandoned between
 two tensors, and HostModelCache.register removes its partial segment. Loads run on the
 loader's own threads, never on an engine thread; progress() reports bytes read so far.
+
+A load that finds the host cache full of models it may not evict (attached, or kept by the
+schedulers for their queued work) waits for room instead of failing: that work ends and frees
+it. It retries with backoff until the room is there, every waiter has cancelled, or
+room_wait_s has passed (then its waiters get the CacheBusyError naming what holds the room).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from .host_model_cache import HostModelCache, TensorSpec
+from .host_model_cache import CacheBusyError, HostModelCache, TensorSpec
 
 Fill = Callable[[str, torch.Tensor], None]
+ROOM_WAIT_S = 120.0  # how long a load waits for host-cache room before its waiters get the error
+ROOM_POLL_S = (0.01, 0.2)  # first and longest pause between tries for room
 
 
 class LoadAbandonedError(RuntimeError):
@@ -31,6 +39,7 @@ class LoadProgress:
     loaded_bytes: int
     total_bytes: int
     waiters: int
+    waiting_for_room: bool = False
 
 
 @dataclass
@@ -40,6 +49,7 @@ class _Load:
     future: Future = field(default_factory=Future)
     waiters: int = 1
     loaded_bytes: int = 0
+    waiting_for_room: bool = False
     abandoned: threading.Event = field(default_factory=threading.Event)
 
 
@@ -70,10 +80,13 @@ class LoadTicket:
 
 
 class ColdLoader:
-    def __init__(self, cache: HostModelCache, workers: int = 1) -> None:
+    def __init__(self, cache: HostModelCache, workers: int = 1, room_wait_s: float = ROOM_WAIT_S) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if not room_wait_s >= 0:
+            raise ValueError(f"room_wait_s must be non-negative, got {room_wait_s}")
         self.cache = cache
+        self.room_wait_s = room_wait_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cold-load")
         self._lock = threading.Lock()
         self._loads: dict[str, _Load] = {}
@@ -95,8 +108,8 @@ class ColdLoader:
 
     def progress(self) -> list[LoadProgress]:
         with self._lock:
-            return [LoadProgress(ld.model_id, ld.loaded_bytes, ld.total_bytes, ld.waiters)
-                    for ld in self._loads.values()]
+            return [LoadProgress(ld.model_id, ld.loaded_bytes, ld.total_bytes, ld.waiters,
+                                 ld.waiting_for_room) for ld in self._loads.values()]
 
     def loading(self, model_id: str) -> bool:
         with self._lock:
@@ -114,15 +127,35 @@ class ColdLoader:
             if load.abandoned.is_set():
                 raise LoadAbandonedError(f"load of model {load.model_id!r} abandoned: every request "
                                          f"waiting for it was cancelled")
+            load.waiting_for_room = False  # the room is claimed: reading now
             fill(name, dest)
             load.loaded_bytes += dest.nbytes
 
         try:
-            self.cache.register(load.model_id, specs, counted, metadata)
+            self._register_when_room(load, specs, counted, metadata)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             self._finish(load, exc)
         else:
             self._finish(load, None)
+
+    def _register_when_room(self, load: _Load, specs: Sequence[TensorSpec], fill: Fill,
+                            metadata: dict[str, str] | None) -> None:
+        """register(), tried again while the cache's room is held (CacheBusyError) and someone
+        still waits, for at most room_wait_s."""
+        give_up = time.monotonic() + self.room_wait_s
+        pause = ROOM_POLL_S[0]
+        while True:
+            try:
+                self.cache.register(load.model_id, specs, fill, metadata)
+                return
+            except CacheBusyError as exc:
+                if time.monotonic() >= give_up:
+                    raise CacheBusyError(f"{exc} (waited {self.room_wait_s:g} s for room)") from exc
+                load.waiting_for_room = True
+            if load.abandoned.wait(pause):
+                raise LoadAbandonedError(f"load of model {load.model_id!r} abandoned while waiting for "
+                                         f"host-cache room: every request waiting for it was cancelled")
+            pause = min(2 * pause, ROOM_POLL_S[1])
 
     def _finish(self, load: _Load, exc: BaseException | None) -> None:
         with self._lock:

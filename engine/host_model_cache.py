@@ -57,6 +57,12 @@ class CacheFullError(MemoryError):
     """A model does not fit in the cache even after evicting every unused model."""
 
 
+class CacheBusyError(CacheFullError):
+    """A model fits the cache's capacity, but the room is held now: by models attached by some
+    process, kept by the schedulers (queued or expected work), or reserved by registrations in
+    progress. It may free up as that work ends (cold_loader.py waits for it)."""
+
+
 class CacheMissError(KeyError):
     """The model is not registered (or is still being registered)."""
 
@@ -182,7 +188,8 @@ class HostModelCache:
 
         Idempotent for an id already registered with the same layout (ModelConflictError if it
         differs). Waits for another process registering the same id. Evicts least-recently
-        used unattached models to make room, else raises CacheFullError and changes nothing.
+        used unattached models to make room, else raises CacheBusyError (the room is held for now)
+        or CacheFullError (more than the capacity) and changes nothing.
         If fill raises, nothing is left behind.
         """
         entries, total = _plan_layout(specs)
@@ -282,7 +289,7 @@ class HostModelCache:
         victims, in_use = self._lock_victims(shortfall)
         try:
             if sum(v.nbytes for v, _ in victims) < shortfall:
-                raise CacheFullError(self._full_message(model_id, need, in_use))
+                raise CacheBusyError(self._full_message(model_id, need, in_use))
             for victim, _ in victims:
                 self._remove_files(victim.key)
                 self.counters.evictions += 1
@@ -315,12 +322,16 @@ class HostModelCache:
         return [by_id[c.model_id] for c in ordered if c.model_id in by_id]
 
     def _full_message(self, model_id: str, need: int, in_use: list[_Entry]) -> str:
-        ready = sum(e.nbytes for e in self._catalog())
+        catalog = self._catalog()
+        ready = sum(e.nbytes for e in catalog)
         pending = self.used_bytes - ready
         held = ", ".join(f"{e.model_id!r} ({e.nbytes} bytes)" for e in in_use) or "none"
+        offered = {e.key for e in self._victim_candidates()}
+        kept = ", ".join(f"{e.model_id!r} ({e.nbytes} bytes)" for e in catalog if e.key not in offered)
         return (f"cache full: model {model_id!r} needs {need} bytes; capacity {self._capacity}, "
                 f"used {self.used_bytes} ({pending} by registrations in progress); "
-                f"models in use, which cannot be evicted: {held}")
+                f"models in use, which cannot be evicted: {held}"
+                + (f"; kept by the schedulers for queued or expected work: {kept}" if kept else ""))
 
     # ---- attach / list / evict ------------------------------------------------------------------
 

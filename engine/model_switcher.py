@@ -219,13 +219,13 @@ class ModelSwitcher:
         else:
             _chunked_copy(*views)
         contents.model = self._bind(profile, cached, index, base)
-        if self.release_idle_leases:
-            self._release_leases(keep=profile.model_id)
+        if self.release_idle_leases:  # a CUDA copy may still be reading this lease's mapping (DMA)
+            self._release_leases(keep=profile.model_id if self.cuda_copier is not None else None)
 
-    def _release_leases(self, keep: str) -> None:
-        """Close every lease but the model just copied, so the host cache may evict the others: the
-        slots hold their own copies, and a later fill attaches again. Fills never overlap, so no copy
-        reads these leases now."""
+    def _release_leases(self, keep: str | None) -> None:
+        """Close every lease but keep's, so the host cache may evict those models: the slots hold
+        their own copies, and a later fill attaches again. Fills never overlap, so no copy reads
+        these leases now (on the CPU the copy just made has ended)."""
         for model_id in [m for m in self._leases if m != keep]:
             for key in [k for k in self._copy_views if k[1] == model_id]:
                 del self._copy_views[key]

@@ -268,6 +268,8 @@ class MultiModelEngine:
         model.book.abort(request_id)
         if not self.has_unfinished(model_id):
             self._drop_load(model_id)  # nobody here waits for its weights any more
+            if self.tiers is not None and model_id in self.tiers:
+                self.tiers.activity.unexpect(model_id)  # nor keeps it in the host cache
 
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
@@ -349,10 +351,15 @@ class MultiModelEngine:
         incoming = self._model(model_id)
         start, started_ns, outgoing = time.perf_counter(), time.time_ns(), self.active
         prefetched = self.switcher.is_prefetched(model_id)
-        pending_out = self._swap_out_active()
         if self.tiers is not None and model_id in self.tiers and not prefetched:
-            self.tiers.ensure_cached(model_id)
-        model = self.switcher.activate(incoming.profile)
+            self.tiers.ensure_cached(model_id)  # before anything moves: a failed read changes nothing
+        pending_out = self._swap_out_active()
+        try:
+            model = self.switcher.activate(incoming.profile)
+        except BaseException:
+            if outgoing is not None:  # the active model runs on: its sequences' KV goes back in
+                self._swap_in(self.models[outgoing])
+            raise
         self._drop_load(model_id)  # a claim a prefetch or weights_ready left: the weights are in
         if self.tiers is not None:
             self.tiers.activity.settled(model_id)

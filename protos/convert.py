@@ -77,7 +77,8 @@ def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int,
         host_cached=sorted(m for m in engine.models if engine.cache.contains(m)), kv_usage=_kv_usage(engine))
     if engine.tiers is not None:  # catalogue models: disk loads in progress, and those done
         status.loads.extend(ipb.ModelLoad(model=p.model_id, loaded_bytes=p.loaded_bytes,
-                                          total_bytes=p.total_bytes) for p in engine.tiers.progress())
+                                          total_bytes=p.total_bytes, waiting_for_room=p.waiting_for_room)
+                            for p in engine.tiers.progress())
         status.cold_loads = engine.tiers.loader.completed
     for model, t in sorted(timings.profiles.items() if timings else ()):
         status.timings.add(model=model, prefill_a=t.prefill.a, prefill_b=t.prefill.b, step_a=t.decode.a,

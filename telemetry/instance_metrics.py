@@ -24,6 +24,7 @@ nobody scrapes):
     tokenpool_decode_alpha, tokenpool_decode_quota_seconds{model}   (aegaeon decode)
     tokenpool_model_cold_loads_total, _abandoned_total   catalogue models read from disk
     tokenpool_model_cold_load_bytes{model}        bytes read so far by a disk load in progress
+    tokenpool_model_cold_load_waiting_for_room{model}   1 while that load waits for host-cache room
     tokenpool_catalogue_models{tier}              catalogue models on disk / host / resident
 """
 
@@ -185,8 +186,11 @@ def _tiers(engine: MultiModelEngine) -> list:
         return []
     loading = GaugeMetricFamily("tokenpool_model_cold_load_bytes", "Bytes read so far by a disk load "
                                 "in progress", labels=["model"])
+    waiting = GaugeMetricFamily("tokenpool_model_cold_load_waiting_for_room", "1 while a disk load waits "
+                                "for host-cache room held by models in use or with work", labels=["model"])
     for p in tiers.progress():
         loading.add_metric([p.model_id], p.loaded_bytes)
+        waiting.add_metric([p.model_id], int(p.waiting_for_room))
     resident = {m for m in (engine.active, engine.switcher.active_model) if m}
     counts = dict.fromkeys(("disk", "host", "resident"), 0)
     for model_id in engine.models:
@@ -199,4 +203,4 @@ def _tiers(engine: MultiModelEngine) -> list:
                                 "host cache", value=tiers.loader.completed),
             CounterMetricFamily("tokenpool_model_cold_loads_abandoned", "Disk loads dropped because every "
                                 "request waiting for them was cancelled", value=tiers.loader.abandoned),
-            loading, by_tier]
+            loading, waiting, by_tier]

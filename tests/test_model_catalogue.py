@@ -11,7 +11,7 @@ from conftest import cut_layers
 from tokenpool.engine.cache_eviction import EvictionCandidate, ModelActivity
 from tokenpool.engine.cold_loader import ColdLoader, LoadAbandonedError
 from tokenpool.engine.host_kv_pool import HostKVPool
-from tokenpool.engine.host_model_cache import HostModelCache, TensorSpec
+from tokenpool.engine.host_model_cache import CacheBusyError, CacheFullError, HostModelCache, TensorSpec
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.model_catalogue import CatalogueError, ModelCatalogue, scan_catalogue
 from tokenpool.engine.model_tiers import Tier
@@ -89,6 +89,43 @@ def test_concurrent_requests_share_one_load_and_a_cancelled_load_leaves_nothing(
     loader.close()
 
 
+def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_path):
+    """A cache full of a model in use: the load waits (progress says so) and proceeds once the
+    lease goes; with nobody letting go it fails after room_wait_s naming what holds the room, and
+    a load whose waiters all cancel while it waits is abandoned; nothing is left behind."""
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=6 * 4096, progress=False)
+    cache.register("held", _specs(4), lambda name, dest: dest.fill_(1.0))
+    lease = cache.attach("held")
+    loader = ColdLoader(cache, room_wait_s=60)
+    ticket = loader.load("next", _specs(4), lambda name, dest: dest.fill_(2.0))
+    deadline = time.monotonic() + 30
+    while not any(p.waiting_for_room for p in loader.progress()):
+        assert time.monotonic() < deadline and not ticket.done(), "the load never waited for room"
+        time.sleep(0.01)
+    lease.close()  # the room frees: the load evicts "held" and goes on
+    ticket.wait(30)
+    assert cache.contains("next") and not cache.contains("held") and loader.completed == 1
+    ticket.cancel()
+
+    lease = cache.attach("next")
+    impatient = ColdLoader(cache, room_wait_s=0.3)
+    with pytest.raises(CacheBusyError, match=r"'next' \(16384 bytes\).*waited 0.3 s for room"):
+        impatient.load("late", _specs(4), lambda name, dest: dest.fill_(3.0)).wait(30)
+    with pytest.raises(CacheFullError, match="more than the cache's whole capacity"):
+        impatient.load("huge", _specs(8), lambda name, dest: None).wait(30)  # never fits: no wait
+    dropped = loader.load("dropped", _specs(4), lambda name, dest: dest.fill_(4.0))
+    while not any(p.waiting_for_room for p in loader.progress()):
+        time.sleep(0.01)
+    dropped.cancel()
+    with pytest.raises(LoadAbandonedError, match="while waiting for host-cache room"):
+        dropped.wait(30)
+    assert [m.model_id for m in cache.list()] == ["next"] and cache.used_bytes == 4 * 4096
+    assert loader.abandoned == 1 and not loader.progress()
+    lease.close()
+    loader.close()
+    impatient.close()
+
+
 @pytest.fixture(scope="module")
 def shapes(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
@@ -144,6 +181,33 @@ def test_a_200_model_catalogue_in_a_small_host_cache_serves_every_model_exactly(
     assert engine.tiers.loader.completed >= 205 and not engine.tiers.progress()
     engine.close()
     pool.close()
+
+
+def test_a_burst_over_more_busy_models_than_the_cache_holds_completes_exactly(shapes, shm_path):
+    """Requests for eight models at once, the host cache holding about two: loads for models whose
+    room is kept by queued work wait for it instead of failing those requests; the engine serves
+    the models in memory meanwhile, as the schedulers do (models whose weights are ready first,
+    else the oldest, blocking on its load)."""
+    expected = _expected(shapes)
+    ids = {f"b{i}-{name}": name for i, name in enumerate(list(shapes) * 2)}
+    engine, pool = _engine(shm_path, capacity=6 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    for model_id, name in ids.items():
+        catalogue.add(model_id, shapes[name])
+    seqs = {m: engine.add_request(m, PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+            for m in ids}
+    used, waited = [], 0
+    while (with_work := [m for m in ids if engine.has_unfinished(m)]):
+        waited += any(p.waiting_for_room for p in engine.tiers.progress())
+        model = next((m for m in with_work if engine.weights_ready(m)), with_work[0])
+        engine.step(model)
+        used.append(engine.cache.used_bytes)
+    assert {m: s.output_token_ids for m, s in seqs.items()} == {m: expected[n] for m, n in ids.items()}
+    assert max(used) <= engine.cache.capacity_bytes and waited > 0, "no load had to wait for room"
+    assert all(e.unfinished == 0 for e in catalogue.entries()) and not engine.tiers.progress()
+    engine.close()
+    pool.close()
+    assert pool.stats().used_bytes == 0
 
 
 def test_smollm2_under_three_ids_with_room_for_two(smollm2_dir, shm_path):

@@ -152,6 +152,47 @@ def test_a_full_host_kv_pool_refuses_the_switch_and_keeps_the_active_model(five_
     pool.close()
 
 
+@pytest.mark.parametrize("failure", ["disk read", "slot fill"])
+def test_a_failed_switch_leaves_the_active_model_exact(five_models, tmp_path, failure):
+    """A switch that fails (the incoming model's weights cannot be read from disk, or its slot
+    cannot be filled after the active model's KV went to the host pool) raises to its caller;
+    the active model's sequences go on with exactly their tokens."""
+    from tokenpool.engine.model_catalogue import ModelCatalogue
+
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = LLMEngine(five_models["tiny-llama"], EngineConfig(dtype="float32", linear_kernel="dense"))
+    expected = alone.generate([PROMPTS[3]], sampling)[0].output_token_ids
+    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
+    pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
+    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
+                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    catalogue = ModelCatalogue(engine)
+    catalogue.add("a", five_models["tiny-llama"])
+    catalogue.add("b", five_models["tiny-qwen2"])
+    seq = engine.add_request("a", PROMPTS[3], sampling)
+    for _ in range(3):
+        engine.step("a")
+    if failure == "disk read":
+        def broken():
+            def fail(name, dest):
+                raise OSError("disk read failed")
+            return fail
+        engine.tiers._fills["b"] = broken
+    else:
+        def refuse(profile):
+            raise MemoryError("slot fill failed")
+        engine.switcher.activate = refuse
+    with pytest.raises((OSError, MemoryError), match=f"{failure} failed"):
+        engine.switch_to("b")
+    assert engine.active == "a"
+    while not seq.is_finished:
+        engine.step("a")
+    assert seq.output_token_ids == expected
+    engine.close()
+    pool.close()
+    assert pool.stats().used_bytes == 0
+
+
 def test_discarding_the_prefetched_model_empties_its_slot_and_lets_go_of_it(five_models, tmp_path):
     """What removing a model from the catalogue does to the slot it was prefetched into: the slot
     is free, the host cache may drop the model, and the active model keeps its exact tokens."""

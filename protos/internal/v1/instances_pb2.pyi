@@ -284,14 +284,16 @@ class InstanceStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., cold_loads: _Optional[int] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("model", "loaded_bytes", "total_bytes")
+    __slots__ = ("model", "loaded_bytes", "total_bytes", "waiting_for_room")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_ROOM_FIELD_NUMBER: _ClassVar[int]
     model: str
     loaded_bytes: int
     total_bytes: int
-    def __init__(self, model: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    waiting_for_room: bool
+    def __init__(self, model: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., waiting_for_room: _Optional[bool] = ...) -> None: ...
 
 class CatalogueRequest(_message.Message):
     __slots__ = ("action", "model", "folder")
