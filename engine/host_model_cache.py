@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import math
 import mmap
 import os
@@ -41,6 +42,8 @@ from tqdm import tqdm
 
 from .cache_eviction import EvictionCandidate
 from .private_shm import private_dir, reserve, shm_root
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
 FORMAT_VERSION = 1
@@ -168,6 +171,9 @@ class HostModelCache:
         # None: least recently used first. Else (engine/cache_eviction.py) the schedulers' order,
         # which may leave out models it wants kept; unlisted models are never evicted for room.
         self.victim_order = victim_order
+        # Given an entry's metadata, whether a registration of another layout may replace it (when
+        # no process has it attached): model_switcher.stale_layout. None: never (ModelConflictError).
+        self.replaces: Callable[[dict[str, str]], bool] | None = None
         with self._registry_lock():
             self._sweep_crashed()
 
@@ -186,10 +192,11 @@ class HostModelCache:
                  metadata: dict[str, str] | None = None) -> None:
         """Cache a model: fill(name, dest) copies each tensor into `dest`, a view into shared memory.
 
-        Idempotent for an id already registered with the same layout (ModelConflictError if it
-        differs). Waits for another process registering the same id. Evicts least-recently
-        used unattached models to make room, else raises CacheBusyError (the room is held for now)
-        or CacheFullError (more than the capacity) and changes nothing.
+        Idempotent for an id already registered with the same layout; one of another layout is
+        replaced if `replaces` says it is stale and nobody has it attached, else ModelConflictError.
+        Waits for another process registering the same id. Evicts least-recently used unattached
+        models to make room, else raises CacheBusyError (the room is held for now) or
+        CacheFullError (more than the capacity) and changes nothing.
         If fill raises, nothing is left behind.
         """
         entries, total = _plan_layout(specs)
@@ -213,9 +220,11 @@ class HostModelCache:
             with self._registry_lock():
                 self._sweep_crashed()
                 if self._manifest(key).exists():
-                    self._check_same_layout(model_id, entries, total)
-                    self.counters.hits += 1
-                    return None
+                    old = self._read_manifest(model_id)
+                    if old.total_bytes == total and _layout(old.tensors) == _layout(entries):
+                        self.counters.hits += 1
+                        return None
+                    self._replace_stale(old, key, entries, total)
                 busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
                 if busy is None:
                     self._make_room(model_id, total)
@@ -266,15 +275,28 @@ class HostModelCache:
                 path.unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)  # wakes a process waiting to register the same id
 
-    def _check_same_layout(self, model_id: str, entries: list[TensorEntry], total: int) -> None:
-        old = self._read_manifest(model_id)
-        if old.total_bytes != total or _layout(old.tensors) != _layout(entries):
-            raise ModelConflictError(
-                f"model {model_id!r} is already registered with {old.total_bytes} bytes in "
-                f"{len(old.tensors)} tensors; this registration has {total} bytes in {len(entries)} "
-                f"tensors with a different layout (another dtype, or an older tokenpool's): evict it "
-                f"first (`tokenpool models evict {model_id} --server PROXY`, or with no instance running "
-                f"on this node, remove {self.root})")
+    def _replace_stale(self, old: Manifest, key: str, entries: list[TensorEntry], total: int) -> None:
+        """Remove an entry of another layout that `replaces` accepts as stale (an older tokenpool's)
+        and no process has attached, so it is registered anew; else ModelConflictError. Registry
+        lock held."""
+        model_id = old.model_id
+        conflict = (f"model {model_id!r} is already registered with {old.total_bytes} bytes in "
+                    f"{len(old.tensors)} tensors; this registration has {total} bytes in {len(entries)} "
+                    f"tensors with a different layout")
+        remedy = (f"evict it first (`tokenpool models evict {model_id} --server PROXY`, or with no "
+                  f"instance running on this node, remove {self.root})")
+        if self.replaces is None or not self.replaces(old.metadata):
+            raise ModelConflictError(f"{conflict} (another dtype?): {remedy}")
+        fd = _try_lock_exclusive(self._segment(key))
+        if fd is None:
+            raise ModelConflictError(f"{conflict}, an older tokenpool's, still attached by a running "
+                                     f"process: stop it, or {remedy}")
+        try:
+            self._remove_files(key)
+        finally:
+            os.close(fd)
+        self.counters.evictions += 1
+        log.warning("host cache: replacing model %r, cached in an older tokenpool's layout", model_id)
 
     # ---- capacity -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .device_arena import BumpRegion, DeviceArena
-from .host_model_cache import ALIGN, CachedModel, HostModelCache, TensorSpec
+from .host_model_cache import ALIGN, CachedModel, HostModelCache, ModelConflictError, TensorSpec
 from .model import CausalLM
 from .model_backend import BackendSpec, ModelBackend, make_model_backend
 from .model_config import ModelConfig
@@ -115,9 +115,32 @@ def checkpoint_filler(profile: ModelProfile,
     return lambda name, dest: checkpoint.fill(layout, name, dest, round_to)
 
 
+# The host-cache layout this code writes: bump it when the tensors a model caches change for the
+# same settings (as bf16 slots did: float32 copies before), so a newer tokenpool replaces the
+# entries an older one left in /dev/shm instead of refusing them.
+LAYOUT_VERSION = "2"
+
+
 def cache_metadata(profile: ModelProfile) -> dict[str, str]:
     return {"folder": str(profile.folder), "dtype": str(profile.dtype),
-            "compute_dtype": str(profile.compute_dtype)}
+            "compute_dtype": str(profile.compute_dtype), "layout": LAYOUT_VERSION}
+
+
+def stale_layout(metadata: dict[str, str]) -> bool:
+    """A cached entry written by another tokenpool's layout (HostModelCache.replaces)."""
+    return metadata.get("layout") != LAYOUT_VERSION
+
+
+def check_layout(profile: ModelProfile, cached: CachedModel) -> None:
+    """ModelConflictError unless the cached tensors are exactly the ones profile expects (another
+    process may have registered the id in another layout since this one did)."""
+    want = [(s.name, s.dtype, s.shape) for s in profile.specs]
+    have = [(name, t.dtype, tuple(t.shape)) for name, t in cached.tensors.items()]
+    if want != have:
+        raise ModelConflictError(f"model {profile.model_id!r} in the host cache is in another layout "
+                                 f"({cached.metadata.get('dtype', '?')} weights, layout "
+                                 f"{cached.metadata.get('layout', 'of an older tokenpool')}) than this "
+                                 f"instance computes with ({profile.dtype}, layout {LAYOUT_VERSION})")
 
 
 class ModelSwitcher:
@@ -208,7 +231,7 @@ class ModelSwitcher:
         point the slot's module at it."""
         region: BumpRegion = self.arena.slots[index]
         region.reset()
-        cached = self._lease(profile.model_id)
+        cached = self._lease(profile)
         base = region.alloc(cached.raw.numel())
         views = self._copy_views.get((index, profile.model_id, base))
         if views is None:
@@ -231,9 +254,16 @@ class ModelSwitcher:
                 del self._copy_views[key]
             self._leases.pop(model_id).close()
 
-    def _lease(self, model_id: str) -> CachedModel:
+    def _lease(self, profile: ModelProfile) -> CachedModel:
+        model_id = profile.model_id
         if model_id not in self._leases:
-            lease = self._leases[model_id] = self.cache.attach(model_id)
+            lease = self.cache.attach(model_id)
+            try:
+                check_layout(profile, lease)
+            except ModelConflictError:
+                lease.close()
+                raise
+            self._leases[model_id] = lease
             if self.cuda_copier is not None:
                 self.cuda_copier.pin(lease)
         return self._leases[model_id]

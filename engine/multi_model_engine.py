@@ -38,6 +38,7 @@ from .model_switcher import (
     model_specs,
     register_model,
     slot_bytes_needed,
+    stale_layout,
 )
 from .model_tiers import ModelTiers
 from .request_book import RequestBook, RequestOutput
@@ -131,6 +132,7 @@ class MultiModelEngine:
         if ec.num_threads:
             torch.set_num_threads(ec.num_threads)
         self.cache = cache
+        cache.replaces = stale_layout  # an older tokenpool's entries are re-read, not refused
         self.arena = DeviceArena(config.kv_bytes, config.slot_bytes, ec.device)
         self.max_positions = ec.max_model_len or 1 << 15
         self.switcher = ModelSwitcher(cache, self.arena, self.max_positions, ec.engine, ec.block_size,

@@ -13,7 +13,7 @@ from logit_recorder import LogitRecorder
 from tokenpool.engine import cpu_extension
 from tokenpool.engine.bf16_linear import MAX_SLOT_ROWS, Bf16SlotLinear
 from tokenpool.engine.host_kv_pool import HostKVPool
-from tokenpool.engine.host_model_cache import HostModelCache
+from tokenpool.engine.host_model_cache import HostModelCache, ModelConflictError
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.model_config import ModelConfig
 from tokenpool.engine.multi_model_engine import (
@@ -69,6 +69,49 @@ def test_a_bf16_model_is_held_in_bf16_and_computed_in_float32(tiny_dir):
     assert {s.dtype for s in specs if len(s.shape) == 1} == {torch.float32}  # norms, biases
     narrow, wide = slot_bytes_for([folder], BF16_ON_FLOAT32), slot_bytes_for([folder], FLOAT32_COPIES)
     assert narrow < 0.56 * wide, (narrow, wide)
+
+
+def test_the_float32_copies_an_older_tokenpool_cached_are_replaced_and_a_changed_entry_refused(
+        tiny_dir, shm_path):
+    """An upgrade: /dev/shm still holds a model as tokenpool cached it before bf16 slots (float32
+    copies, no layout in its metadata). The instance re-reads it once nobody has it attached; and
+    an entry some other process put in another layout after registration is refused at the switch,
+    never bound."""
+    folder = tiny_dir / "tiny-llama"
+    old_specs = instance_specs(FLOAT32_COPIES, ModelConfig.from_folder(folder))
+    old_metadata = {"folder": str(folder), "dtype": "torch.float32"}
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=64 << 20, progress=False)
+    cache.register("m", old_specs, lambda name, dest: dest.zero_(), old_metadata)
+    pool = HostKVPool(16 << 20, slab_bytes=1 << 20, shm_dir=shm_path)
+    config = InstanceConfig(kv_bytes=4 << 20, slot_bytes=slot_bytes_for([folder], FLOAT32_COPIES),
+                            engine=BF16_ON_FLOAT32)
+    instance = MultiModelEngine(config, cache, pool)
+    lease = cache.attach("m")  # an old instance still running on the node
+    with pytest.raises(ModelConflictError, match="an older tokenpool's, still attached by a running process"):
+        instance.register("m", folder)
+    assert not instance.models and cache.list()[0].nbytes == lease.nbytes
+    lease.close()
+    instance.register("m", folder)
+    assert cache.counters.evictions == 1 and cache.list()[0].nbytes < 0.56 * lease.nbytes
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = LLMEngine(folder, FLOAT32_COPIES).generate([PROMPTS[0]], sampling)[0].output_token_ids
+    seq = instance.add_request("m", PROMPTS[0], sampling)
+    while instance.has_unfinished("m"):
+        instance.step("m")
+    assert seq.output_token_ids == expected
+
+    instance.register("n", folder)  # registered, not yet copied into a slot: nothing attached
+    cache.evict("n")
+    cache.register("n", old_specs, lambda name, dest: dest.zero_(), {**old_metadata, "layout": "2"})
+    instance.add_request("n", PROMPTS[0], sampling)
+    with pytest.raises(ModelConflictError, match="'n' in the host cache is in another layout"):
+        instance.step("n")
+    assert instance.active == "m"
+    new_specs = instance_specs(BF16_ON_FLOAT32, ModelConfig.from_folder(folder))
+    with pytest.raises(ModelConflictError, match=r"different layout \(another dtype\?\)"):
+        cache.register("n", new_specs, lambda name, dest: None, {"layout": "2"})  # current: not stale
+    instance.close()
+    pool.close()
 
 
 @pytest.fixture
