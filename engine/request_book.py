@@ -45,6 +45,7 @@ class RequestBook:
         sampling = sampling or SamplingParams()
         ids = self._encode(prompt, chat)
         self.check_prompt(ids)
+        self.check_sampling(sampling)
         seq = Sequence(ids, sampling, **({"request_id": request_id} if request_id else {}))
         if seq.request_id in self._seqs:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
@@ -62,6 +63,7 @@ class RequestBook:
         it into the scheduler once its KV is in place. Raises InvalidRequestError like add_request.
         """
         self.check_prompt(prompt_ids)
+        self.check_sampling(sampling)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})")
@@ -87,6 +89,12 @@ class RequestBook:
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size})")
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        bad = [t for t, _ in sampling.logit_bias if t >= self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})")
 
     def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:

@@ -4,10 +4,12 @@ Seeded sampling draws each token from a generator seeded by (seed, token index),
 so a request's tokens depend only on its own logits and seed — not on the batch
 it shares, on preemption, or on which instance computes the step.
 
-Presence and frequency penalties (OpenAI's) lower the logits of the tokens the request has
-generated so far before a token is picked, greedy or sampled; a request dispatched again after
-a failure counts the tokens it streamed before (the end of its new prompt: seed_offset of them),
-so its tokens are the undisturbed run's. Log-probabilities stay those of the raw logits.
+Before a token is picked, greedy or sampled, a request's logits are adjusted in vLLM's order:
+its logit_bias added (OpenAI's), then the repetition penalty applied to the tokens of its prompt
+and output (vLLM's), then the presence and frequency penalties (OpenAI's) subtracted for the
+tokens it has generated so far. A request dispatched again after a failure counts the tokens it
+streamed before (the end of its new prompt: seed_offset of them) as generated, so its tokens are
+the undisturbed run's. Log-probabilities stay those of the raw logits.
 """
 
 from __future__ import annotations
@@ -31,20 +33,28 @@ def generated_tokens(seq: Sequence) -> list[int]:
     return (seq.prompt_token_ids[-offset:] if offset else []) + seq.output_token_ids
 
 
-def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits with each penalized row lowered (a copy; logits itself when no row is penalized)."""
-    rows = [i for i, s in enumerate(seqs) if s.sampling.penalized]
+def _adjusted(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits with each adjusted row changed (a copy; logits itself when no row is)."""
+    rows = [i for i, s in enumerate(seqs) if s.sampling.adjusts_logits]
     if not rows:
         return logits
     logits = logits.clone()
     vocab = logits.shape[1]
     for i in rows:
-        generated = generated_tokens(seqs[i])
-        if not generated:
-            continue
-        counts = torch.bincount(torch.tensor(generated), minlength=vocab)[:vocab].to(logits.dtype)
-        sampling = seqs[i].sampling
-        logits[i] -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
+        seq, row = seqs[i], logits[i]
+        sampling = seq.sampling
+        if sampling.logit_bias:
+            ids, biases = zip(*sampling.logit_bias, strict=True)
+            row[torch.tensor(ids)] += torch.tensor(biases, dtype=row.dtype)
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)))
+            values = row[seen]
+            p = sampling.repetition_penalty
+            row[seen] = torch.where(values > 0, values / p, values * p)
+        generated = generated_tokens(seq)
+        if (sampling.frequency_penalty or sampling.presence_penalty) and generated:
+            counts = torch.bincount(torch.tensor(generated), minlength=vocab)[:vocab].to(row.dtype)
+            row -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
     return logits
 
 
@@ -60,7 +70,7 @@ class TokenLogprobs:
 class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [n, vocab] float32, one row per sequence -> n token ids."""
-        logits = _penalized(logits.cpu(), seqs)  # seeded draws use CPU generators: any device alike
+        logits = _adjusted(logits.cpu(), seqs)  # seeded draws use CPU generators: any device alike
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if sampled_rows:

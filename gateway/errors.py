@@ -9,6 +9,8 @@ client library retries it), UNAVAILABLE 503, UNAUTHENTICATED 401, DEADLINE_EXCEE
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from starlette.responses import JSONResponse
 
@@ -56,7 +58,14 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, retry_after_s: int) -> APIError:
         return APIError(404, message, param="model", code="model_not_found")
     if status == 429:
         return APIError(429, message, code="table_full", retry_after_s=_retry_after(exc, retry_after_s))
-    return APIError(status, message, code=exc.code().name.lower())
+    return APIError(status, message, param=_sampling_field(message) if status == 400 else None,
+                    code=exc.code().name.lower())
+
+
+def _sampling_field(message: str) -> str | None:
+    """The OpenAI field a proxy refusal names ('sampling.max_tokens=5000 exceeds ...': max_tokens)."""
+    match = re.match(r"sampling\.([a-z_]+)\b", message)
+    return match.group(1) if match else None
 
 
 def _retry_after(exc: grpc.aio.AioRpcError, default_s: int) -> int:

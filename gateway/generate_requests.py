@@ -9,6 +9,7 @@ each is reproducible.
 
 from __future__ import annotations
 
+from tokenpool.engine.sampling_params import MAX_LOGIT_BIAS_TOKENS
 from tokenpool.protos.v1 import inference_pb2 as pb
 
 from .config import GatewayConfig
@@ -60,6 +61,20 @@ def check_limits(body: Sampling, config: GatewayConfig) -> None:
         raise bad_field("stop", f"{len(stops)} stop strings exceed the limit of {config.max_stop}")
     if any(not s for s in stops):
         raise bad_field("stop", "stop strings must not be empty")
+    logit_bias(body)
+
+
+def logit_bias(body: Sampling) -> dict[int, float]:
+    """The body's logit_bias with integer keys; 400 naming `logit_bias` for a key that is not a
+    token id, or too many of them (the proxy checks them against the model's vocabulary)."""
+    bias = body.logit_bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise bad_field("logit_bias", f"logit_bias has {len(bias)} tokens; the limit is "
+                                      f"{MAX_LOGIT_BIAS_TOKENS}")
+    bad = [k for k in bias if not (k.isascii() and k.isdigit() and int(k) < 2**32)]
+    if bad:
+        raise bad_field("logit_bias", f"logit_bias keys must be token ids, got {bad[0]!r}")
+    return {int(k): v for k, v in bias.items()}
 
 
 def prompt_list(prompt) -> list[str | list[int]]:
@@ -87,6 +102,9 @@ def _request(body: Sampling, prompt: str | list[int], index: int, max_tokens: in
                         ("frequency_penalty", body.frequency_penalty or None)):
         if value is not None:
             setattr(sampling, name, value)
+    sampling.logit_bias.update(logit_bias(body))
+    if body.repetition_penalty is not None:
+        sampling.repetition_penalty = body.repetition_penalty
     if body.seed is not None:
         sampling.seed = (body.seed + index) % 2**63
     if isinstance(prompt, str):

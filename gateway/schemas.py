@@ -1,8 +1,8 @@
 """The request bodies the gateway accepts, as msgspec Structs: decoding checks types and
 ranges and names the field of the first bad value ("... - at `$.temperature`").
 
-Fields OpenAI defines that tokenpool does not act on (tools, response_format, logit_bias...)
-are ignored as vLLM ignores them."""
+Fields OpenAI defines that tokenpool does not act on (tools, response_format...) are ignored as
+vLLM ignores them."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ TopK = Annotated[int, Meta(ge=-1)]  # -1 and 0: no top-k (vLLM's -1)
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 
 
 class StreamOptions(Struct, frozen=True):
@@ -56,6 +58,8 @@ class Sampling(Struct, frozen=True, kw_only=True):
     user: str | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Bias] | None = None  # token id (as a JSON key: a string) -> bias
+    repetition_penalty: RepetitionPenalty | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension: benchmarks fix the output length with it
 
     @property
@@ -124,8 +128,8 @@ def decode(body: bytes, kind: type[Struct]) -> Struct:
 
 def _field(message: str) -> str | None:
     """'... - at `$.messages[0].role`' -> 'messages[0].role'; a missing field's own name."""
-    if "- at `$." in message:
-        return message.rsplit("- at `$.", 1)[1].rstrip("`")
+    if "- at `$." in message:  # a dict's values are at `$.logit_bias[...]`: the field is logit_bias
+        return message.rsplit("- at `$.", 1)[1].rstrip("`").replace("[...]", "")
     if message.startswith("Object missing required field `"):
         return message.split("`")[1]
     return None

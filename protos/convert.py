@@ -36,7 +36,9 @@ def sampling_from_pb(msg: pb.SamplingParams, max_context: int, seed_offset: int 
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
         seed_offset=seed_offset, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty)
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        logit_bias=dict(msg.logit_bias),
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0)
 
 
 def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
@@ -51,6 +53,9 @@ def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         msg.presence_penalty = sp.presence_penalty
     if sp.frequency_penalty:
         msg.frequency_penalty = sp.frequency_penalty
+    msg.logit_bias.update(dict(sp.logit_bias))
+    if sp.repetition_penalty != 1.0:
+        msg.repetition_penalty = sp.repetition_penalty
     return msg
 
 

@@ -232,6 +232,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"prompt has {len(ids)} tokens; the context of {model.id} is "
                                f"{model.max_context} and at least one token must be left to generate")
         sampling = sampling_from_pb(request.sampling, model.max_context)
+        vocab = model.tokenizer.backend.get_vocab_size()
+        if any(t >= vocab for t, _ in sampling.logit_bias):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.logit_bias: token ids must be "
+                               f"below {model.id}'s vocabulary size {vocab}")
         return Submission(request_id, model.id, ids, sampling, timeout_s=timeout_s)
 
     def _model(self, request) -> ServedModel:

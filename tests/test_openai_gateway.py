@@ -160,3 +160,22 @@ def test_presence_and_frequency_penalties_reach_the_engine(client, stub):
     whole = client.completions.create(model="tiny-llama", prompt="a b a b a b", max_tokens=24, temperature=0,
                                       extra_body={"ignore_eos": True}, **penalties)
     assert whole.choices[0].text == expected
+
+
+def test_logit_bias_and_repetition_penalty_reach_the_engine(client, stub):
+    """OpenAI's logit_bias (string keys) and vLLM's repetition_penalty (extra_body) give the gRPC
+    stream's text with the same fields, not the plain one; +100 on one token makes it every pick."""
+    plain, responses = grpc_text(stub, "tiny-llama", 12, text="a b a b a b")
+    forced = client.completions.create(model="tiny-llama", prompt="a b a b a b", max_tokens=6, temperature=0,
+                                       logit_bias={"100": 100}, extra_body={"ignore_eos": True})
+    six = stub.Detokenize(pb.DetokenizeRequest(model="tiny-llama", ids=[100] * 6)).text
+    assert six and forced.choices[0].text == six
+    sampling = pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.8)
+    sampling.logit_bias[9] = 0.5
+    request = pb.GenerateRequest(model="tiny-llama", text="a b a b a b", sampling=sampling)
+    expected = "".join(r.text for r in stub.Generate(request, timeout=240))
+    assert expected != plain
+    adjusted = client.completions.create(model="tiny-llama", prompt="a b a b a b", max_tokens=12,
+                                         temperature=0, logit_bias={"9": 0.5},
+                                         extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+    assert adjusted.choices[0].text == expected

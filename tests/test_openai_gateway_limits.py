@@ -41,7 +41,7 @@ BAD = [  # (body, status, param)
     (chat(temperature=2.5), 400, "temperature"),
     (chat(top_p=0), 400, "top_p"),
     (chat(max_tokens=0), 400, "max_tokens"),
-    (chat(max_tokens=10**6), 400, None),  # past the model's context: the proxy's INVALID_ARGUMENT
+    (chat(max_tokens=10**6), 400, "max_tokens"),  # past the model's context: the proxy's INVALID_ARGUMENT
     (chat(n=0), 400, "n"),
     (chat(n=100), 400, "n"),
     (chat(seed=-1), 400, "seed"),
@@ -51,6 +51,11 @@ BAD = [  # (body, status, param)
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role"),
     (chat(presence_penalty=2.5), 400, "presence_penalty"),
     (chat(frequency_penalty=-3), 400, "frequency_penalty"),
+    (chat(logit_bias={"abc": 1}), 400, "logit_bias"),
+    (chat(logit_bias={"5": 101}), 400, "logit_bias"),
+    (chat(logit_bias={str(t): 1 for t in range(301)}), 400, "logit_bias"),
+    (chat(logit_bias={"100000": 1}), 400, "logit_bias"),  # past the vocabulary: the proxy's INVALID_ARGUMENT
+    (chat(repetition_penalty=0), 400, "repetition_penalty"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": MODEL, "prompt": [1.5, 2]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x" * 50_000, "max_tokens": 1}, 400, None),  # prompt past the context

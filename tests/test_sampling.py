@@ -108,6 +108,10 @@ def test_eos_from_the_model_config_stops(engine, tiny_dir, tmp_path):
     ({"seed": -3}, "seed"), ({"stop": ("",)}, "stop"), ({"stop_token_ids": (-1,)}, "stop_token_ids"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.01}, "frequency_penalty"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"logit_bias": {5: 100.5}}, "logit_bias"), ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {t: 1.0 for t in range(301)}}, "logit_bias"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"repetition_penalty": 10.5}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
 ])
 def test_out_of_range_values_are_named(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):
@@ -143,6 +147,40 @@ def test_penalties_lower_the_logits_of_generated_tokens_before_each_pick(engine)
         assert token == int(expected.argmax()), t
     assert tokens != plain.output_token_ids
     assert len(set(tokens)) > len(set(plain.output_token_ids))  # fewer repeats
+
+
+def test_logit_bias_and_the_repetition_penalty_adjust_each_pick(engine):
+    """A +100 bias makes its token every greedy pick, a -100 one keeps the unbiased run's first
+    token out; with a repetition penalty each greedy token is the argmax of that step's raw logits
+    with the prompt's and generated tokens' positive logits divided by it and negative ones
+    multiplied, bias added first; a bias past the vocabulary is refused before anything queues."""
+    from logit_recorder import LogitRecorder
+
+    prompt = "a b a b a b"
+    plain = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].output_token_ids
+    forced = engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                      logit_bias={7: 100.0}))[0]
+    assert forced.output_token_ids == [7] * 6
+    banned = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True,
+                                                      logit_bias={plain[0]: -100.0}))[0].output_token_ids
+    assert plain[0] not in banned
+    sampling = SamplingParams(max_tokens=16, ignore_eos=True, repetition_penalty=1.8, logit_bias={9: 0.5})
+    engine.runner.sampler = recorder = LogitRecorder()
+    try:
+        seq = engine.generate([prompt], sampling)[0]
+    finally:
+        engine.runner.sampler = Sampler()
+    raw = torch.cat(recorder.logits)
+    for t, token in enumerate(seq.output_token_ids):
+        row = raw[t].clone()
+        row[9] += 0.5
+        seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids[:t])))
+        row[seen] = torch.where(row[seen] > 0, row[seen] / 1.8, row[seen] * 1.8)
+        assert token == int(row.argmax()), t
+    assert seq.output_token_ids != plain + plain[:4]
+    with pytest.raises(InvalidRequestError, match="logit_bias token id .* outside the vocabulary"):
+        engine.add_request(prompt, SamplingParams(logit_bias={engine.model_config.vocab_size: 1.0}))
+    assert not engine.has_unfinished
 
 
 def test_a_penalized_request_resumed_from_its_streamed_tokens_counts_them(tiny_dir):

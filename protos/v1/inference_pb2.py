@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenpool/protos/v1/inference.proto\x12\x0ctokenpool.v1\"\xf3\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"X\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.tokenpool.v1.TokenLogprob\x12\r\n\x05token\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.tokenpool.v1.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\xcd\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.tokenpool.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.tokenpool.v1.TokenLogprobs\"\x13\n\x11ListModelsRequest\"\xa6\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x13\n\x0bresident_on\x18\x06 \x03(\t\x12\x10\n\x08requests\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x02\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenpool.v1.ModelInfo\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenpool.v1.ChatMessage\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tokenpool.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"/\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc5\x02\n\tInference\x12K\n\x08Generate\x12\x1d.tokenpool.v1.GenerateRequest\x1a\x1e.tokenpool.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenpool.v1.ListModelsRequest\x1a .tokenpool.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.tokenpool.v1.TokenizeRequest\x1a\x1e.tokenpool.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.tokenpool.v1.DetokenizeRequest\x1a .tokenpool.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenpool/protos/v1/inference.proto\x12\x0ctokenpool.v1\"\x9e\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12?\n\nlogit_bias\x18\x0c \x03(\x0b\x32+.tokenpool.v1.SamplingParams.LogitBiasEntry\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"X\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.tokenpool.v1.TokenLogprob\x12\r\n\x05token\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.tokenpool.v1.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenpool.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\xcd\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.tokenpool.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.tokenpool.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.tokenpool.v1.TokenLogprobs\"\x13\n\x11ListModelsRequest\"\xa6\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x13\n\x0bresident_on\x18\x06 \x03(\t\x12\x10\n\x08requests\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x02\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenpool.v1.ModelInfo\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenpool.v1.ChatMessage\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tokenpool.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"/\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc5\x02\n\tInference\x12K\n\x08Generate\x12\x1d.tokenpool.v1.GenerateRequest\x1a\x1e.tokenpool.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenpool.v1.ListModelsRequest\x1a .tokenpool.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.tokenpool.v1.TokenizeRequest\x1a\x1e.tokenpool.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.tokenpool.v1.DetokenizeRequest\x1a .tokenpool.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenpool.protos.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1744
-  _globals['_FINISHREASON']._serialized_end=1864
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1915
+  _globals['_FINISHREASON']._serialized_end=2035
   _globals['_SAMPLINGPARAMS']._serialized_start=54
-  _globals['_SAMPLINGPARAMS']._serialized_end=425
-  _globals['_TOKENLOGPROB']._serialized_start=427
-  _globals['_TOKENLOGPROB']._serialized_end=491
-  _globals['_TOKENLOGPROBS']._serialized_start=493
-  _globals['_TOKENLOGPROBS']._serialized_end=581
-  _globals['_TOKENIDS']._serialized_start=583
-  _globals['_TOKENIDS']._serialized_end=606
-  _globals['_GENERATEREQUEST']._serialized_start=609
-  _globals['_GENERATEREQUEST']._serialized_end=794
-  _globals['_USAGE']._serialized_start=796
-  _globals['_USAGE']._serialized_end=875
-  _globals['_GENERATERESPONSE']._serialized_start=878
-  _globals['_GENERATERESPONSE']._serialized_end=1083
-  _globals['_LISTMODELSREQUEST']._serialized_start=1085
-  _globals['_LISTMODELSREQUEST']._serialized_end=1104
-  _globals['_MODELINFO']._serialized_start=1107
-  _globals['_MODELINFO']._serialized_end=1273
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1275
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1336
-  _globals['_CHATMESSAGE']._serialized_start=1338
-  _globals['_CHATMESSAGE']._serialized_end=1382
-  _globals['_CHATMESSAGES']._serialized_start=1384
-  _globals['_CHATMESSAGES']._serialized_end=1443
-  _globals['_TOKENIZEREQUEST']._serialized_start=1446
-  _globals['_TOKENIZEREQUEST']._serialized_end=1603
-  _globals['_TOKENIZERESPONSE']._serialized_start=1605
-  _globals['_TOKENIZERESPONSE']._serialized_end=1657
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1659
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1706
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1708
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1742
-  _globals['_INFERENCE']._serialized_start=1867
-  _globals['_INFERENCE']._serialized_end=2192
+  _globals['_SAMPLINGPARAMS']._serialized_end=596
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=419
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=467
+  _globals['_TOKENLOGPROB']._serialized_start=598
+  _globals['_TOKENLOGPROB']._serialized_end=662
+  _globals['_TOKENLOGPROBS']._serialized_start=664
+  _globals['_TOKENLOGPROBS']._serialized_end=752
+  _globals['_TOKENIDS']._serialized_start=754
+  _globals['_TOKENIDS']._serialized_end=777
+  _globals['_GENERATEREQUEST']._serialized_start=780
+  _globals['_GENERATEREQUEST']._serialized_end=965
+  _globals['_USAGE']._serialized_start=967
+  _globals['_USAGE']._serialized_end=1046
+  _globals['_GENERATERESPONSE']._serialized_start=1049
+  _globals['_GENERATERESPONSE']._serialized_end=1254
+  _globals['_LISTMODELSREQUEST']._serialized_start=1256
+  _globals['_LISTMODELSREQUEST']._serialized_end=1275
+  _globals['_MODELINFO']._serialized_start=1278
+  _globals['_MODELINFO']._serialized_end=1444
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1446
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1507
+  _globals['_CHATMESSAGE']._serialized_start=1509
+  _globals['_CHATMESSAGE']._serialized_end=1553
+  _globals['_CHATMESSAGES']._serialized_start=1555
+  _globals['_CHATMESSAGES']._serialized_end=1614
+  _globals['_TOKENIZEREQUEST']._serialized_start=1617
+  _globals['_TOKENIZEREQUEST']._serialized_end=1774
+  _globals['_TOKENIZERESPONSE']._serialized_start=1776
+  _globals['_TOKENIZERESPONSE']._serialized_end=1828
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1830
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1877
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1879
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1913
+  _globals['_INFERENCE']._serialized_start=2038
+  _globals['_INFERENCE']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)
