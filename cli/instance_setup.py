@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser, kv_mib: int = 256, host_kv_mib: 
                    help="the node's host model cache capacity, MiB (default 8192)")
     p.add_argument("--host-cache-dir", type=Path, default=None, metavar="DIR",
                    help="the node's host model cache folder (default /dev/shm/tokenpool-<uid>/models)")
+    p.add_argument("--load-wait-s", type=float, default=None, metavar="S",
+                   help="how long a catalogue model's disk load waits for host-cache room held by models "
+                        "in use or with work before its requests fail RESOURCE_EXHAUSTED (default 120)")
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
@@ -91,9 +94,13 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
     catalogue = catalogue_models(args, folders)
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, device=args.device, engine=args.engine)
     slot = max(slot_bytes_for([*folders.values(), *catalogue.values()], config), _mib(args, "slot_mib") << 20)
-    engine = MultiModelEngine(InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config),
-                              host_model_cache(args), HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20,
-                                                                 pin=args.device == "cuda"))
+    wait = getattr(args, "load_wait_s", None)
+    if wait is not None and not wait >= 0:
+        raise ValueError(f"--load-wait-s must be >= 0, got {wait}")
+    memory = InstanceConfig(kv_bytes=args.kv_mib << 20, slot_bytes=slot, engine=config,
+                            **({"load_wait_s": wait} if wait is not None else {}))
+    pool = HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20, pin=args.device == "cuda")
+    engine = MultiModelEngine(memory, host_model_cache(args), pool)
     for model_id, folder in folders.items():
         engine.register(model_id, folder)
     for model_id, folder in catalogue.items():

@@ -32,7 +32,7 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
-               "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib",
+               "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib", "load_wait_s",
                "admin_token_file")
 WATCH_INTERVAL_S = 0.5
 RESTARTS, RESTART_WINDOW_S = 3, 300.0  # per service: more than this many in the window stops the stack
@@ -94,6 +94,9 @@ def add_parser(commands) -> None:
                    "those too; alone: only the catalogue)")
     p.add_argument("--host-cache-mib", type=int, default=None,
                    help="the node's host model cache, MiB (default 8192); a catalogue may exceed it")
+    p.add_argument("--load-wait-s", type=float, default=None, metavar="S",
+                   help="how long a catalogue model's disk load waits for host-cache room held by busy "
+                   "models before its requests fail RESOURCE_EXHAUSTED (default 120)")
     p.add_argument("--slot-mib", type=int, default=None,
                    help="each instance's arena model slots, MiB (default: the largest model at start; larger "
                    "models cannot be added later)")

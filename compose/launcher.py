@@ -71,7 +71,8 @@ class StackConfig:
     catalogue, host_cache_mib, host_cache_dir: serve every model folder under catalogue (weights
       read from disk on first use, engine/model_tiers.py) beside `models`, with a host model cache
       of host_cache_mib (it may hold a fraction of the catalogue) in host_cache_dir; slot_mib sizes
-      the arena's model slots (default: the largest model at start) so larger ones can be added.
+      the arena's model slots (default: the largest model at start) so larger ones can be added;
+      load_wait_s bounds a disk load's wait for host-cache room held by busy models.
     admin_token_file: the proxy's admin service (tokenpool.v1.Admin) takes calls with this token;
       without it the catalogue cannot change while the stack runs.
     gateway, gateway_port: start the OpenAI-compatible HTTP gateway (gateway/) on host:gateway_port
@@ -115,6 +116,7 @@ class StackConfig:
     slot_mib: int | None = None  # each arena model slot (None: the largest model at start)
     host_cache_dir: Path | None = None  # the host model cache's folder (None: the node's shared one)
     admin_token_file: Path | None = None  # opens the proxy's admin service (cli/admin_token.py)
+    load_wait_s: float | None = None  # a disk load's wait for host-cache room (None: the instances' 120 s)
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -134,6 +136,8 @@ class StackConfig:
         for name in ("host_cache_mib", "slot_mib"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.load_wait_s is not None and not self.load_wait_s >= 0:
+            raise ValueError(f"load_wait_s must be >= 0, got {self.load_wait_s!r}")
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -356,6 +360,7 @@ class Stack:
             return args + (["--admin-token-file", str(c.admin_token_file)] if c.admin_token_file else [])
         args += ["--host-cache-mib", str(c.host_cache_mib)] if c.host_cache_mib is not None else []
         args += ["--slot-mib", str(c.slot_mib)] if c.slot_mib is not None else []
+        args += ["--load-wait-s", str(c.load_wait_s)] if c.load_wait_s is not None else []
         return args + (["--host-cache-dir", str(c.host_cache_dir)] if c.host_cache_dir is not None else [])
 
     def _gateway_args(self, proxy: Service) -> list[str]:

@@ -22,6 +22,7 @@ import grpc
 from tokenpool.cli.instance_catalogue import InstanceCatalogue
 from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.host_model_cache import CacheFullError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
@@ -183,6 +184,8 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         while not stream.outputs.empty() and not getattr(items[-1], "finished", True):
             items.append(stream.outputs.get_nowait())
         for item in items:
+            if isinstance(item, CacheFullError):  # its model's room in the host cache stayed held
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode failed: {item}")
             if isinstance(item, Exception):
                 await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {item}")
         return items

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .cache_eviction import ModelActivity
-from .cold_loader import ColdLoader, LoadProgress, LoadTicket
+from .cold_loader import ROOM_WAIT_S, ColdLoader, LoadProgress, LoadTicket
 from .host_model_cache import CachedModel, CacheMissError, HostModelCache
 from .model_switcher import ModelProfile, cache_metadata, checkpoint_filler
 
@@ -36,12 +36,12 @@ class Tier(enum.Enum):
 
 class ModelTiers:
     def __init__(self, cache: HostModelCache, has_work: Callable[[str], bool],
-                 reload_bytes_per_s: float = 1 << 30) -> None:
+                 reload_bytes_per_s: float = 1 << 30, room_wait_s: float = ROOM_WAIT_S) -> None:
         self.cache = cache
         self.activity = ModelActivity(reload_bytes_per_s, has_work=has_work)
         cache.victim_order = self.activity.victim_order
         self.activity.on_settled = self._unpin  # resident: the switcher's own lease holds it now
-        self.loader = ColdLoader(cache)
+        self.loader = ColdLoader(cache, room_wait_s=room_wait_s)
         self._fills: dict[str, OpenFill] = {}  # how to open each model's fill from disk
         self._profiles: dict[str, ModelProfile] = {}
         self._pins: dict[str, CachedModel] = {}  # oldest first; engine thread only

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .block_manager import BlockManager
-from .cold_loader import LoadTicket
+from .cold_loader import ROOM_WAIT_S, LoadTicket
 from .device_arena import DeviceArena
 from .host_kv_pool import HostKVPool
 from .host_model_cache import HostModelCache, TensorSpec
@@ -88,16 +88,21 @@ class InstanceConfig:
       (its kv_cache_bytes is not used; weights live in the arena as bytes copied from the host
       cache, applied as they lie, since packed layouts cannot be copied: see slot_dtypes for
       what linear_kernel still chooses).
+    load_wait_s: how long a catalogue model's disk load waits for host-cache room held by
+      models in use or with work before its requests fail (cold_loader.py).
     """
 
     kv_bytes: int = 256 << 20
     slot_bytes: int = 1 << 30
     engine: EngineConfig = field(default_factory=EngineConfig)
+    load_wait_s: float = ROOM_WAIT_S
 
     def __post_init__(self) -> None:
         if self.kv_bytes < 1 or self.slot_bytes < 1:
             raise ValueError(f"kv_bytes and slot_bytes must be positive, got {self.kv_bytes}, "
                              f"{self.slot_bytes}")
+        if not self.load_wait_s >= 0:
+            raise ValueError(f"load_wait_s must be >= 0, got {self.load_wait_s}")
 
 
 class SwitchRecord(NamedTuple):  # a tuple: built on every switch, where a frozen dataclass costs µs
@@ -185,7 +190,8 @@ class MultiModelEngine:
 
     def lazy_tiers(self) -> ModelTiers:
         if self.tiers is None:
-            self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m))
+            self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m),
+                                    room_wait_s=self.config.load_wait_s)
         return self.tiers
 
     def unregister(self, model_id: str) -> None:

@@ -25,6 +25,7 @@ import grpc
 from tokenpool.cli.instance_catalogue import InstanceCatalogue
 from tokenpool.engine.engine_worker import EngineWorker
 from tokenpool.engine.errors import InvalidRequestError
+from tokenpool.engine.host_model_cache import CacheFullError
 from tokenpool.engine.multi_model_engine import MultiModelEngine
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.engine.slab_allocator import KVPoolFullError
@@ -124,7 +125,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         except asyncio.CancelledError:
             self._cancel(request.request_id, pending)
             raise
-        except KVPoolFullError as exc:
+        except (KVPoolFullError, CacheFullError) as exc:  # the host cache: its room held past --load-wait-s
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {exc}")
         except KVTransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name}: KV hand-off failed: {exc}")

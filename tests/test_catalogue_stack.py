@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -397,8 +399,43 @@ def test_up_takes_a_catalogue_and_hands_it_to_every_service(catalogue, tmp_path)
     instance = launcher._catalogue_args("decode")
     proxy = launcher._catalogue_args("proxy")
     assert instance == ["--catalogue", str(catalogue[0]), "--host-cache-mib", "64", "--slot-mib", "8"]
+    args = build_parser().parse_args(["up", "--catalogue", str(catalogue[0]), "--load-wait-s", "30"])
+    waiting = Stack(stack_config(args), tmp_path / "logs")._catalogue_args("prefill")
+    assert waiting[-2:] == ["--load-wait-s", "30.0"]
     assert proxy == ["--catalogue", str(catalogue[0]), "--admin-token-file", str(token)]
     with pytest.raises(ValueError, match="host_cache_mib must be >= 1"):
         StackConfig(models={}, catalogue=catalogue[0], host_cache_mib=0)
     with pytest.raises(ValueError, match="at least one model"):
         StackConfig(models={})
+
+
+def test_a_load_whose_room_stays_held_fails_resource_exhausted_and_serves_once_it_frees(
+        tiny_dir, tmp_path_factory):
+    """A host cache with room for one model, held by a lease (as an instance's would be): a request
+    for another model waits --load-wait-s for room, then fails RESOURCE_EXHAUSTED naming the model
+    that holds it; once the lease goes, the same request gets the single-model engine's tokens."""
+    from tokenpool.engine.host_model_cache import HostModelCache
+    from tokenpool.engine.private_shm import private_dir, shm_root
+
+    root = tmp_path_factory.mktemp("two-ids")
+    for model_id in ("held", "cold"):
+        (root / model_id).symlink_to(tiny_dir / "tiny-qwen3")  # 2.0 MiB each in float32
+    expected = LLMEngine(tiny_dir / "tiny-qwen3", EngineConfig(dtype="float32")).generate(
+        [PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0].output_token_ids
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as cache_dir:
+        config = StackConfig(models={}, catalogue=root, host_cache_mib=3, host_cache_dir=cache_dir,
+                             load_wait_s=1.0, **{**SMALL_STACK, "decode": 1, "prefill": 1})
+        with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+            stack.start(progress=lambda line: None)
+            with grpc.insecure_channel(stack.address) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                assert _greedy(stub, "held") == expected
+                lease = HostModelCache(Path(cache_dir), capacity_bytes=3 << 20, progress=False).attach("held")
+                with pytest.raises(grpc.RpcError) as refused:
+                    _greedy(stub, "cold")
+                why = refused.value.details()
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, why
+                assert "'held'" in why and "waited 1 s for room" in why, why
+                lease.close()
+                assert _greedy(stub, "cold") == expected
+                wait_until_idle(stack, timeout=WAIT_S)
