@@ -152,13 +152,9 @@ def test_a_full_host_kv_pool_refuses_the_switch_and_keeps_the_active_model(five_
     pool.close()
 
 
-@pytest.mark.parametrize("failure", ["disk read", "slot fill"])
-def test_a_failed_switch_leaves_the_active_model_exact(five_models, tmp_path, failure):
-    """A switch that fails (the incoming model's weights cannot be read from disk, or its slot
-    cannot be filled after the active model's KV went to the host pool) raises to its caller;
-    the active model's sequences go on with exactly their tokens."""
-    from tokenpool.engine.model_catalogue import ModelCatalogue
-
+def _instance_and_llama_tokens(five_models, tmp_path):
+    """An empty instance (64 MiB host cache, 8 MiB host KV pool) and what a single-model engine
+    generates for tiny-llama on the long prompt with the sampling returned."""
     sampling = SamplingParams(max_tokens=12, ignore_eos=True)
     alone = LLMEngine(five_models["tiny-llama"], EngineConfig(dtype="float32", linear_kernel="dense"))
     expected = alone.generate([PROMPTS[3]], sampling)[0].output_token_ids
@@ -166,6 +162,17 @@ def test_a_failed_switch_leaves_the_active_model_exact(five_models, tmp_path, fa
     pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
     engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
                                              engine=EngineConfig(dtype="float32")), cache, pool)
+    return engine, pool, cache, sampling, expected
+
+
+@pytest.mark.parametrize("failure", ["disk read", "slot fill"])
+def test_a_failed_switch_leaves_the_active_model_exact(five_models, tmp_path, failure):
+    """A switch that fails (the incoming model's weights cannot be read from disk, or its slot
+    cannot be filled after the active model's KV went to the host pool) raises to its caller;
+    the active model's sequences go on with exactly their tokens."""
+    from tokenpool.engine.model_catalogue import ModelCatalogue
+
+    engine, pool, cache, sampling, expected = _instance_and_llama_tokens(five_models, tmp_path)
     catalogue = ModelCatalogue(engine)
     catalogue.add("a", five_models["tiny-llama"])
     catalogue.add("b", five_models["tiny-qwen2"])
@@ -196,13 +203,7 @@ def test_a_failed_switch_leaves_the_active_model_exact(five_models, tmp_path, fa
 def test_discarding_the_prefetched_model_empties_its_slot_and_lets_go_of_it(five_models, tmp_path):
     """What removing a model from the catalogue does to the slot it was prefetched into: the slot
     is free, the host cache may drop the model, and the active model keeps its exact tokens."""
-    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
-    alone = LLMEngine(five_models["tiny-llama"], EngineConfig(dtype="float32", linear_kernel="dense"))
-    expected = alone.generate([PROMPTS[3]], sampling)[0].output_token_ids
-    cache = HostModelCache(tmp_path / "cache", capacity_bytes=64 << 20, progress=False)
-    pool = HostKVPool(8 << 20, slab_bytes=1 << 20, shm_dir=tmp_path)
-    engine = MultiModelEngine(InstanceConfig(kv_bytes=1 << 20, slot_bytes=8 << 20,
-                                             engine=EngineConfig(dtype="float32")), cache, pool)
+    engine, pool, cache, sampling, expected = _instance_and_llama_tokens(five_models, tmp_path)
     engine.register("a", five_models["tiny-llama"])
     engine.register("b", five_models["tiny-qwen2"])
     seq = engine.add_request("a", PROMPTS[3], sampling)
