@@ -27,6 +27,7 @@ from .turn_policy import BatchInfo, TurnPolicy
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
+LOAD_POLL_S = 0.02  # a turn waiting for a disk load looks again this often, running posted calls
 
 
 class WorkerObserver:
@@ -116,6 +117,12 @@ class EngineWorker:
         return self.engine.weights_ready(model)
 
     def activate(self, model: str) -> bool:
+        # Its weights still on their way from disk (or waiting for host-cache room): posted calls
+        # (arrivals, cancellations, status) run meanwhile; a model whose requests all went is given up.
+        while not self.engine.weights_ready(model):
+            if self._stop.is_set() or not self.engine.has_unfinished(model):
+                return False
+            self._run_posted(block=True, timeout=LOAD_POLL_S)
         switches = self.engine.switches if self.observers else 0
         try:
             self.engine.switch_to(model)
@@ -174,9 +181,9 @@ class EngineWorker:
             for observer in self.observers:
                 observer.turn_ended()
 
-    def _run_posted(self, block: bool) -> None:
+    def _run_posted(self, block: bool, timeout: float = IDLE_WAIT_S) -> None:
         try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
             while True:
                 if item is not None:
                     self._execute(*item)

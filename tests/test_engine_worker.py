@@ -18,6 +18,10 @@ class FakeEngine:
         self.work = dict(work)
         self.steps: list[str] = []
         self.active = None
+        self.loading: set[str] = set()  # models whose weights are still on their way from disk
+
+    def weights_ready(self, model: str) -> bool:
+        return model not in self.loading
 
     def has_unfinished(self, model: str | None = None) -> bool:
         return any(self.work[m] > 0 for m in ([model] if model else self.work))
@@ -147,6 +151,28 @@ def test_a_prefill_instance_reports_its_queue_as_waiting_work():
     assert turns.has_waiting()
     queue.pop_next()
     assert not turns.has_waiting()
+
+
+def test_a_turn_waiting_for_a_disk_load_runs_posted_calls_and_gives_up_a_model_left_without_work():
+    """The only model with work is still loading: its turn waits for the load without holding
+    posted calls (status, arrivals, cancellations) back; a model whose requests all went is
+    given up; once loaded, it is stepped."""
+    engine = FakeEngine({"cold": 2})
+    engine.loading.add("cold")
+    outputs = []
+    worker = EngineWorker(engine, RoundRobinTurns(), lambda m, o: outputs.append(o), lambda m, e: None)
+    try:
+        for _ in range(3):  # each answered while the turn waits
+            assert worker.call(lambda e: sorted(e.loading), timeout=5) == ["cold"]
+        worker.call(lambda e: e.work.update(cold=0), timeout=5)  # its requests cancelled
+        assert worker.call(lambda e: (e.active, e.steps), timeout=5) == (None, [])  # never switched to
+        worker.call(lambda e: (e.work.update(cold=2), e.loading.clear()), timeout=5)
+        deadline = time.monotonic() + 5
+        while not outputs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.steps == ["cold", "cold"] and outputs
+    finally:
+        worker.close()
 
 
 class LoadingRunner(FakeRunner):
