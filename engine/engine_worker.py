@@ -118,9 +118,12 @@ class EngineWorker:
 
     def activate(self, model: str) -> bool:
         # Its weights still on their way from disk (or waiting for host-cache room): posted calls
-        # (arrivals, cancellations, status) run meanwhile; a model whose requests all went is given up.
+        # (arrivals, cancellations, status) run meanwhile. The turn is given up when the model's
+        # requests all went, or when another model with work is in memory now (an arrival): its work
+        # goes first, and may be what frees the room this load waits for.
         while not self.engine.weights_ready(model):
-            if self._stop.is_set() or not self.engine.has_unfinished(model):
+            if self._stop.is_set() or not self.engine.has_unfinished(model) or any(
+                    self.engine.weights_ready(m) for m in self.models_with_work() if m != model):
                 return False
             self._run_posted(block=True, timeout=LOAD_POLL_S)
         switches = self.engine.switches if self.observers else 0

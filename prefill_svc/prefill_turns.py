@@ -29,8 +29,8 @@ class GroupedFcfsTurns(TurnPolicy):
 
     def run_turn(self, runner: TurnRunner) -> bool:
         busy = runner.models_with_work()
-        if busy:  # the request in flight (or several, if a caller batched) goes on
-            model = busy[0]
+        if busy:  # the request in flight (or several, if a caller batched) goes on, in memory first
+            model = next((m for m in busy if runner.ready(m)), busy[0])
         else:
             model = self._start_next(runner)
             if model is None:

@@ -156,21 +156,29 @@ def test_a_prefill_instance_reports_its_queue_as_waiting_work():
 def test_a_turn_waiting_for_a_disk_load_runs_posted_calls_and_gives_up_a_model_left_without_work():
     """The only model with work is still loading: its turn waits for the load without holding
     posted calls (status, arrivals, cancellations) back; a model whose requests all went is
-    given up; once loaded, it is stepped."""
-    engine = FakeEngine({"cold": 2})
+    given up, and so is the wait when work arrives for a model in memory (served first); once
+    loaded, the model is stepped."""
+    engine = FakeEngine({"cold": 2, "warm": 0})
     engine.loading.add("cold")
     outputs = []
     worker = EngineWorker(engine, RoundRobinTurns(), lambda m, o: outputs.append(o), lambda m, e: None)
+
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 5
+        while not worker.call(condition, timeout=5):
+            assert time.monotonic() < deadline, "not reached"
+            time.sleep(0.01)
+
     try:
         for _ in range(3):  # each answered while the turn waits
             assert worker.call(lambda e: sorted(e.loading), timeout=5) == ["cold"]
         worker.call(lambda e: e.work.update(cold=0), timeout=5)  # its requests cancelled
         assert worker.call(lambda e: (e.active, e.steps), timeout=5) == (None, [])  # never switched to
-        worker.call(lambda e: (e.work.update(cold=2), e.loading.clear()), timeout=5)
-        deadline = time.monotonic() + 5
-        while not outputs and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.steps == ["cold", "cold"] and outputs
+        worker.call(lambda e: e.work.update(cold=2, warm=1), timeout=5)  # cold again, and warm arrives
+        wait_for(lambda e: e.steps == ["warm"])
+        worker.call(lambda e: e.loading.clear(), timeout=5)
+        wait_for(lambda e: e.steps == ["warm", "cold", "cold"])
+        assert len(outputs) == 2
     finally:
         worker.close()
 
