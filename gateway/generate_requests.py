@@ -54,6 +54,7 @@ def completion_requests(body: CompletionRequest, config: GatewayConfig) -> list:
 
 
 def check_limits(body: Sampling, config: GatewayConfig) -> None:
+    unsupported(body)
     if body.n > config.max_n:
         raise bad_field("n", f"n={body.n} exceeds the limit of {config.max_n} choices")
     stops = body.stop_list
@@ -62,6 +63,23 @@ def check_limits(body: Sampling, config: GatewayConfig) -> None:
     if any(not s for s in stops):
         raise bad_field("stop", "stop strings must not be empty")
     logit_bias(body)
+
+
+def unsupported(body: Sampling) -> None:
+    """400 naming a field whose request tokenpool cannot honour, rather than an answer that
+    silently ignores it: structured output (response_format other than text) and tool calls."""
+    kind = (body.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise bad_field("response_format", f"response_format {kind!r} is not supported: tokenpool has no "
+                                           f"guided decoding; ask for JSON in the prompt instead")
+    choice = getattr(body, "tool_choice", None)
+    if getattr(body, "tools", None) and choice != "none":
+        raise bad_field("tool_choice", f"tool calls are not supported (tools given with tool_choice "
+                                       f"{choice or 'auto'!r}): tokenpool has no tool-call parser; send "
+                                       f"tool_choice \"none\" or no tools")
+    if choice not in (None, "none", "auto") and not getattr(body, "tools", None):
+        raise bad_field("tool_choice", f"tool_choice {choice!r} needs tools (and tool calls are not "
+                                       f"supported)")
 
 
 def logit_bias(body: Sampling) -> dict[int, float]:

@@ -1,8 +1,10 @@
 """The request bodies the gateway accepts, as msgspec Structs: decoding checks types and
 ranges and names the field of the first bad value ("... - at `$.temperature`").
 
-Fields OpenAI defines that tokenpool does not act on (tools, response_format...) are ignored as
-vLLM ignores them."""
+Fields OpenAI defines that tokenpool does not act on (metadata, store, parallel_tool_calls...)
+are ignored as vLLM ignores them; those that would change what a client gets back and that
+tokenpool cannot honour (a JSON response_format, tools to call) are refused in
+generate_requests.py, as vLLM refuses tools without its tool-call parser."""
 
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class Sampling(Struct, frozen=True, kw_only=True):
     logit_bias: dict[str, Bias] | None = None  # token id (as a JSON key: a string) -> bias
     repetition_penalty: RepetitionPenalty | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension: benchmarks fix the output length with it
+    response_format: dict | None = None  # only {"type": "text"}: no guided decoding here
 
     @property
     def stop_list(self) -> list[str]:
@@ -73,6 +76,8 @@ class Sampling(Struct, frozen=True, kw_only=True):
 
 class ChatCompletionRequest(Sampling, frozen=True, kw_only=True):
     messages: list[ChatMessage]
+    tools: list | None = None  # accepted only with tool_choice "none": no tool-call parser here
+    tool_choice: str | dict | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None

@@ -35,6 +35,7 @@ def chat(**fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **fields}
 
 
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
 BAD = [  # (body, status, param)
     (chat(model="no-such-model"), 404, "model"),
     (chat(temperature="hot"), 400, "temperature"),
@@ -56,6 +57,10 @@ BAD = [  # (body, status, param)
     (chat(logit_bias={str(t): 1 for t in range(301)}), 400, "logit_bias"),
     (chat(logit_bias={"100000": 1}), 400, "logit_bias"),  # past the vocabulary: the proxy's INVALID_ARGUMENT
     (chat(repetition_penalty=0), 400, "repetition_penalty"),
+    (chat(response_format={"type": "json_object"}), 400, "response_format"),
+    (chat(tools=TOOLS), 400, "tool_choice"),
+    (chat(tools=TOOLS, tool_choice="required"), 400, "tool_choice"),
+    (chat(tool_choice="required"), 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": MODEL, "prompt": [1.5, 2]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x" * 50_000, "max_tokens": 1}, 400, None),  # prompt past the context
@@ -79,7 +84,8 @@ def test_malformed_and_oversized_bodies_and_the_stack_stays_up(stack):
     big = json.dumps(chat(messages=[{"role": "user", "content": "x" * (2 << 20)}])).encode()
     reply = request(stack, "POST", "/v1/chat/completions", big)
     assert reply.status == 413 and reply.json()["error"]["code"] == "body_too_large"
-    ok = post(stack, "/v1/chat/completions", chat(temperature=0))
+    honoured = {"response_format": {"type": "text"}, "tools": TOOLS, "tool_choice": "none"}
+    ok = post(stack, "/v1/chat/completions", chat(temperature=0, **honoured))
     assert ok.status == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
     assert get(stack, "/health").status == 200
     assert not stack.dead()
