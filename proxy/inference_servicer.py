@@ -17,7 +17,6 @@ import uuid
 
 import grpc
 import jinja2
-import msgspec
 from google.protobuf import unknown_fields
 from tokenpool.engine.errors import InvalidRequestError, ModelFolderError
 from tokenpool.engine.tokenizer import LONG_TEXT_CHARS
@@ -27,6 +26,7 @@ from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.telemetry import tracing
 
 from .backend import Backend, BackendFullError, Submission
+from .deferred_releases import DeferredReleases
 from .progress_reporter import ProgressReporter
 from .request_table import (
     MAX_REQUEST_ID_CHARS,
@@ -36,6 +36,7 @@ from .request_table import (
     RequestTable,
     TableFencedError,
     TableFullError,
+    TableLockTimeout,
 )
 from .served_model import ServedModel
 
@@ -103,10 +104,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.table = table
         self.metrics = metrics
         self.progress = ProgressReporter(lambda: table, registry, name="proxy", close_table=False)
+        self.releases = DeferredReleases(table)  # rows a stalled instance holds locked at the end
 
     def close(self) -> None:
         """Stop the progress writer (after what is pending, briefly); the table stays open."""
         self.progress.close()
+        self.releases.close()
 
     async def ListModels(self, request, context):
         statuses = [s for s in await self.backend.statuses() if "unreachable" not in s.role]
@@ -162,8 +165,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if submitted and state is not RequestState.FINISHED:
                 self.backend.cancel(sub)  # client gone, deadline passed or failed: free the KV
-            self._set(sub.table_slot, state=state)
-            self.table.release(sub.table_slot)
+            self.releases.end(sub.table_slot, state)
             if timer is not None:
                 timer.ended(outcome)
             tracing.annotate(outcome=outcome)
@@ -185,8 +187,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except DuplicateRequestError:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {sub.request_id!r} is already in flight") from None
-        except TableFencedError as exc:  # a shared table took this proxy for dead: another proxy serves
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        except (TableFencedError, TableLockTimeout) as exc:  # fenced by a shared table, or locked by a
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None  # stalled process: retry
 
     async def _submit(self, sub: Submission, context) -> None:
         try:
@@ -215,9 +217,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                  self.models.get(sub.model))
             if item.finished:
                 return
-
-    def _set(self, slot: int, **changes) -> None:
-        self.table.update(slot, lambda r: msgspec.structs.replace(r, updated_ns=time.time_ns(), **changes))
 
     def _submission(self, request, timeout_s: float | None) -> Submission:
         _check_schema(request)

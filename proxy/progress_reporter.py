@@ -13,8 +13,10 @@ meanwhile, and are retried with a growing pause, so an outage leaves one write p
 behind, never a backlog, and nothing waits on it but this thread. Metrics (with a registry):
 
     tokenpool_table_reports_total{outcome}   written | gone (the row was released or holds
-                                             another request) | failed (retried) | dropped
-                                             (more than MAX_PENDING requests waiting)
+                                             another request) | failed (retried) | locked (the
+                                             row held by a stalled process: retried, the other
+                                             rows written meanwhile) | dropped (more than
+                                             MAX_PENDING requests waiting)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tokenpool.proxy.request_table import RequestTable, touch_record
+from tokenpool.proxy.request_table import RequestTable, TableLockTimeout, touch_record
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +140,24 @@ class ProgressReporter:
 
     def _write(self, batch: dict[Key, dict[str, Any]]) -> None:
         items = list(batch.items())
+        locked = []
         for done, ((slot, request_id), changes) in enumerate(items):
             try:
                 written = touch_record(self.table, slot, request_id, **changes)
+            except TableLockTimeout:  # a stalled process holds this row: the others go on
+                locked.append(((slot, request_id), changes))
+                self._count("locked")
+                continue
             except Exception as exc:  # noqa: BLE001 -- the table is unreachable: retry these later
-                self._requeue(items[done:])
+                self._requeue(locked + items[done:])
                 self._failed(exc, "writing")
                 self._pause(min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(self._failures, 16)))
                 return
             self._count("written" if written else "gone")
             self._recovered()
+        if locked:  # tried again after a pause, merged with what is reported meanwhile
+            self._requeue(locked)
+            self._pause(RETRY_MIN_S)
 
     def _requeue(self, items: list[tuple[Key, dict[str, Any]]]) -> None:
         """Put failed writes back before what was reported meanwhile (newer changes win)."""

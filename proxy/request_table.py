@@ -79,6 +79,12 @@ class SlotFreeError(LookupError):
         return str(self.args[0])
 
 
+class TableLockTimeout(TimeoutError):
+    """A row (or the table's slot allocation) stayed locked by a process that does not let go of
+    it (stopped, or hung) for longer than a live writer ever holds it; nothing was changed. Retry
+    later: the lock frees when that process runs again or dies."""
+
+
 class TableFencedError(RuntimeError):
     """This client was taken for dead by a shared table (its heartbeat lapsed): its rows may have
     been reclaimed, so it may not write any more. Its proxy should stop admitting and be restarted."""

@@ -18,6 +18,10 @@ mapping, the kernel's byte-range locks and a seqlock per slot are the whole prot
 Locks (fcntl.lockf on byte ranges; the kernel drops a dead process's):
     header range   insert and release (slot allocation, the duplicate check)
     slot range     every write of that slot; taken after the header range, never before
+A live holder keeps a range for microseconds, but a stopped or hung one (SIGSTOP, a debugger, a
+swap storm) keeps it as long as it is stopped: every lock is taken without blocking, tried again
+for LOCK_TIMEOUT_S, then TableLockTimeout, so no caller (the proxy's event loop least of all)
+waits on another process's stall for longer than that.
 Readers take no lock: they retry while seq is odd or moves, then read once under the slot
 lock. Under the lock an odd seq means a writer died mid-copy: CorruptSlotError until
 release() clears the slot. Integers are native-endian: the file never leaves the node.
@@ -38,6 +42,7 @@ import re
 import secrets
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +57,7 @@ from tokenpool.proxy.request_table import (
     RequestTable,
     SlotFreeError,
     TableFullError,
+    TableLockTimeout,
     TableUsage,
     decode_record,
     encode_record,
@@ -70,6 +76,8 @@ FREE, USED = 0, 1
 MAX_CAPACITY = 1 << 20
 MAX_SLOT_BYTES = 1 << 16
 SPIN_READS = 16  # lock-free attempts before a reader waits on the slot lock
+LOCK_TIMEOUT_S = 0.5  # how long a lock is tried for before TableLockTimeout
+LOCK_PAUSE_S = (0.0002, 0.01)  # first and longest pause between tries
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -164,7 +172,7 @@ class ShmRequestTable(RequestTable):
                 slot = ids.index(target, slot + 1)  # C-level scan: a few thousand slots in microseconds
             except ValueError:
                 return None
-            with contextlib.suppress(SlotFreeError, CorruptSlotError):
+            with contextlib.suppress(SlotFreeError, CorruptSlotError, TableLockTimeout):
                 if self.get(slot).request_id == request_id:
                     return slot
 
@@ -194,11 +202,12 @@ class ShmRequestTable(RequestTable):
         return TableUsage(self.capacity, self.capacity - self._column(STATE_AT // 4).count(FREE))
 
     def records(self) -> list[tuple[int, RequestRecord]]:
-        """CorruptSlotError (naming the slot) if a used slot does not decode."""
+        """CorruptSlotError (naming the slot) if a used slot does not decode; a slot a stalled
+        writer holds mid-copy is left out."""
         out = []
         for slot, state in enumerate(self._column(STATE_AT // 4)):
             if state != FREE:
-                with contextlib.suppress(SlotFreeError):
+                with contextlib.suppress(SlotFreeError, TableLockTimeout):
                     out.append((slot, self.get(slot)))
         return out
 
@@ -309,13 +318,37 @@ class ShmRequestTable(RequestTable):
 
     @contextlib.contextmanager
     def _locked(self, start: int, length: int) -> Iterator[None]:
-        """Exclusive over [start, start+length) against other processes and this one's threads."""
-        with self._lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, length, start, os.SEEK_SET)
+        """Exclusive over [start, start+length) against other processes and this one's threads;
+        TableLockTimeout when it stays held for LOCK_TIMEOUT_S. This process's lock is held only
+        while the range is, never while waiting for another process to let go of it."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        pause = LOCK_PAUSE_S[0]
+        while True:
+            if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise self._timeout(start, length, "by another thread of this process")
             try:
-                yield
-            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+                break
+            except OSError as e:
+                self._lock.release()
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+            if time.monotonic() >= deadline:
+                raise self._timeout(start, length, "by another process (stopped or hung?)")
+            time.sleep(pause)
+            pause = min(2 * pause, LOCK_PAUSE_S[1])
+        try:
+            yield
+        finally:
+            try:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+            finally:
+                self._lock.release()
+
+    def _timeout(self, start: int, length: int, held: str) -> TableLockTimeout:
+        what = "slot allocation" if start == 0 else f"slot {(start - HEADER_BYTES) // self.slot_bytes}"
+        return TableLockTimeout(f"request table {self.path}: {what} stayed locked {held} for "
+                                f"{LOCK_TIMEOUT_S:g} s")
 
     def _check_header(self, fd: int) -> None:
         size = os.fstat(fd).st_size

@@ -20,7 +20,14 @@ from pathlib import Path
 import grpc
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 
-from .request_table import ATTEMPT_MARK, CorruptSlotError, RequestRecord, RequestTable, SlotFreeError
+from .request_table import (
+    ATTEMPT_MARK,
+    CorruptSlotError,
+    RequestRecord,
+    RequestTable,
+    SlotFreeError,
+    TableLockTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ def orphans(table: RequestTable) -> list[tuple[int, RequestRecord | None]]:
     for slot in range(table.usage().capacity):
         try:
             record = table.get(slot)
-        except SlotFreeError:
+        except (SlotFreeError, TableLockTimeout):  # free, or mid-write by a stalled process: alive
             continue
         except CorruptSlotError:
             found.append((slot, None))
@@ -78,7 +85,7 @@ async def reclaim_orphans(table: RequestTable, agents: list, attempts: int) -> i
             for request_id in ids:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await agent.ReleaseAll(ipb.RequestRef(request_id=request_id), timeout=RELEASE_TIMEOUT_S)
-        with contextlib.suppress(SlotFreeError):
+        with contextlib.suppress(SlotFreeError, TableLockTimeout):  # locked by a stalled process: next round
             table.release(slot)
             reclaimed += 1
     if reclaimed:

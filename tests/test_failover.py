@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from stack_helpers import (
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.fleet_backend import HEALTH_PROBE_S, HEALTH_TIMEOUT_S, LOST_AFTER
+from tokenpool.proxy.shm_request_table import HEADER_BYTES, ShmRequestTable
 
 MODELS = ("tiny-llama", "tiny-qwen3")
 PROMPTS = ("The quick brown fox", "Numbers 12345 and more", "A longer prompt, with commas.")
@@ -213,3 +216,44 @@ def test_with_no_decode_instance_left_a_request_fails_unavailable_at_once(two_de
             stream(stub, MODELS[0], "anyone there?", 4, timeout=60)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
         assert time.monotonic() - start < 5
+
+
+# What an instance stopped while writing a row's progress leaves behind: the row's lock held.
+STALLED_IN_A_ROW = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[3]), int(sys.argv[2]))
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_ends_after_it(
+        two_decode, tiny_dir):
+    """The shared-memory table's row locks are the kernel's: a process stopped while it holds one
+    (an instance SIGSTOPped mid-report) keeps it. Every stream still completes exactly, the
+    proxy's loop never waits on that lock, and the row is released once the process is gone."""
+    jobs = jobs_of(8, 120)
+    expected = expected_streams(tiny_dir, jobs)
+    streams = Streams(two_decode, jobs)
+    streams.wait_for_tokens(50)
+    with ShmRequestTable.attach(two_decode.name) as table:
+        slot = table.records()[0][0]
+        holder = subprocess.Popen([sys.executable, "-c", STALLED_IN_A_ROW, str(table.path),
+                                   str(HEADER_BYTES + slot * table.slot_bytes), str(table.slot_bytes)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            check_exact(jobs, streams.results(), expected)
+            assert table.usage().used == 1  # the locked row: its end waits for the lock
+            more = jobs_of(4, 8)
+            with grpc.insecure_channel(two_decode.address) as ch:
+                stub = inference_pb2_grpc.InferenceStub(ch)
+                with ThreadPoolExecutor(4) as p:
+                    check_exact(more, [(r, None) for r in p.map(lambda j: stream(stub, *j), more)],
+                                expected_streams(tiny_dir, more))
+        finally:
+            holder.kill()
+            holder.wait(timeout=10)
+    wait_until_idle(two_decode)  # the row released once its lock went
+    assert "stayed locked by another process" in (two_decode.log_dir / "proxy.log").read_text()

@@ -17,9 +17,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from tokenpool.proxy.deferred_releases import DeferredReleases
+from tokenpool.proxy.progress_reporter import ProgressReporter
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
     RequestRecord,
+    RequestState,
+    TableLockTimeout,
     TableUsage,
     make_request_table,
 )
@@ -263,6 +267,54 @@ def test_killed_lock_holder_does_not_wedge_the_table(root: Path) -> None:
         holder.kill()
         holder.communicate()
     assert table.update(0, bump).num_output_tokens == 1
+    table.close()
+
+
+def wait_for(condition, bound_s: float = 30.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, "not reached"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)  # a wedged lock fails here instead of hanging the suite
+def test_a_stalled_lock_holder_costs_a_timeout_not_a_wedge_and_its_row_ends_after_it(root: Path) -> None:
+    """A process stopped inside a row's lock (as an instance SIGSTOPped while reporting progress):
+    that row's writes raise TableLockTimeout instead of blocking; other rows, allocation and reads
+    go on; progress for other rows is written; the row's end waits in DeferredReleases and is
+    written once the holder dies."""
+    table = ShmRequestTable("t", 4, create=True, root=root)
+    slot, other = table.insert(rec()), table.insert(rec("req-2"))
+    holder = spawn(HOLDER, 4, root)
+    reporter = releases = None
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGSTOP)  # stalled inside slot 0's lock
+        with pytest.raises(TableLockTimeout, match="slot 0 stayed locked by another process"):
+            table.update(slot, bump)
+        with pytest.raises(TableLockTimeout):
+            table.release(slot)
+        assert table.update(other, bump).num_output_tokens == 1
+        third = table.insert(rec("req-3"))
+        assert table.get(slot) == rec() and [s for s, _ in table.records()] == [0, 1, 2]
+        reporter = ProgressReporter(lambda: table, close_table=False)
+        reporter.report(slot, "req-1", num_output_tokens=7)
+        reporter.report(other, "req-2", num_output_tokens=9)
+        wait_for(lambda: table.get(other).num_output_tokens == 9)  # not held up behind slot 0
+        releases = DeferredReleases(table)
+        releases.end(third, RequestState.FINISHED)  # not locked: at once
+        releases.end(slot, RequestState.FINISHED)
+        assert releases.pending() == 1 and table.usage().used == 2
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        wait_for(lambda: releases.pending() == 0)
+        assert table.usage().used == 1 and table.find("req-1") is None
+    finally:
+        holder.kill()
+        holder.communicate()
+        for closer in (reporter, releases):
+            if closer is not None:
+                closer.close()
     table.close()
 
 
