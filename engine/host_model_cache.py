@@ -16,7 +16,10 @@ Files in the root folder (0700; files 0600):
 Locks on <key>.seg: a writer holds EX while registering; every lease (CachedModel)
 holds SH; eviction needs EX without waiting. The kernel drops a dead process's flocks,
 so a crashed writer leaves an unlocked segment without manifest (swept by the next
-HostModelCache), and a killed reader never pins a model.
+HostModelCache), and a killed reader never pins a model. A stopped one (SIGSTOP, a
+debugger) keeps its locks, though: the registry lock is tried without blocking for
+lock_timeout_s (a live holder keeps it for milliseconds), then CacheLockTimeout, so an
+engine thread attaching a model fails its switch instead of hanging behind that process.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from .private_shm import private_dir, reserve, shm_root
 
 log = logging.getLogger(__name__)
 
+REGISTRY_LOCK_TIMEOUT_S = 10.0  # then CacheLockTimeout
+LOCK_PAUSE_S = (0.0005, 0.02)  # first and longest pause between tries of the registry lock
 ALIGN = 4096  # tensor offsets and segment sizes: page-aligned, so DMA and vector loads never straddle
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20
@@ -79,6 +84,11 @@ class ModelInUseError(RuntimeError):
 
 class CorruptManifestError(ValueError):
     """A manifest (or its segment) in shared memory is malformed; nothing was mapped."""
+
+
+class CacheLockTimeout(TimeoutError):
+    """The registry lock stayed held far longer than a live holder keeps it: a process stopped or
+    hung inside it. Nothing was changed; it frees when that process runs again or dies."""
 
 
 class ModelConflictError(ValueError):
@@ -174,6 +184,7 @@ class HostModelCache:
         # Given an entry's metadata, whether a registration of another layout may replace it (when
         # no process has it attached): model_switcher.stale_layout. None: never (ModelConflictError).
         self.replaces: Callable[[dict[str, str]], bool] | None = None
+        self.lock_timeout_s = REGISTRY_LOCK_TIMEOUT_S
         with self._registry_lock():
             self._sweep_crashed()
 
@@ -423,7 +434,19 @@ class HostModelCache:
     def _registry_lock(self) -> Iterator[None]:
         fd = os.open(self.root / ".registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline, pause = time.monotonic() + self.lock_timeout_s, LOCK_PAUSE_S[0]
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CacheLockTimeout(
+                            f"host model cache {self.root}: its registry lock stayed held for "
+                            f"{self.lock_timeout_s:g} s by a process that does not let go of it (stopped "
+                            f"or hung?); nothing was changed") from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, LOCK_PAUSE_S[1])
             yield
         finally:
             os.close(fd)

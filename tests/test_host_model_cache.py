@@ -16,6 +16,7 @@ import torch
 from tokenpool.engine.host_model_cache import (
     ALIGN,
     CacheFullError,
+    CacheLockTimeout,
     CacheMissError,
     CorruptManifestError,
     HostModelCache,
@@ -122,6 +123,38 @@ def test_lease_in_another_process_is_released_by_the_kernel_on_kill(root):
         assert checksum(m.tensors) == checksum(weights)
     cache.evict("m")
     assert cache.list() == [] and files(root) == []
+
+
+def test_a_process_stopped_inside_the_registry_lock_costs_a_timeout_not_a_hang(root):
+    """A registry lock holder stopped (SIGSTOP) keeps its flock: attach, register and evict give
+    up after lock_timeout_s with CacheLockTimeout, changing nothing; once the process is gone the
+    cache works on."""
+    cache = HostModelCache(root, progress=False)
+    register(cache, "m", make_weights())
+    child = start_child("""
+        import fcntl, os, signal
+        fd = os.open(os.path.join(sys.argv[1], ".registry.lock"), os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    """, str(root), "m")
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        cache.lock_timeout_s = 0.3
+        with pytest.raises(CacheLockTimeout, match="registry lock stayed held for 0.3 s"):
+            cache.attach("m")
+        with pytest.raises(CacheLockTimeout):
+            register(cache, "n", make_weights(seed=1))
+        with pytest.raises(CacheLockTimeout):
+            cache.evict("m")
+        assert cache.contains("m") and not cache.contains("n")  # lock-free, and nothing changed
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with cache.attach("m") as m:
+        assert checksum(m.tensors) == checksum(make_weights())
+    register(cache, "n", make_weights(seed=1))
+    assert sorted(x.model_id for x in cache.list()) == ["m", "n"]
 
 
 def test_crashed_writer_is_swept_but_a_live_one_is_not(root):
