@@ -289,6 +289,37 @@ def test_a_client_cut_off_from_redis_fences_itself_once_its_key_may_have_lapsed(
         t.close()
 
 
+def test_a_row_whose_end_finds_redis_frozen_is_ended_once_it_answers(tmp_path, name: str) -> None:
+    """The proxy ends a request (terminal state, release) on its event loop; with Redis frozen the
+    call fails after the socket timeout and the row goes to DeferredReleases instead of staying
+    used for good: it is released once Redis answers again."""
+    import os
+
+    import redis
+    from tokenpool.proxy.deferred_releases import DeferredReleases
+    from tokenpool.proxy.request_table import RequestState
+
+    with redis_server(tmp_path) as url:
+        pid = redis.Redis.from_url(url).info()["process_id"]
+        t = redis_table(url, name, ttl_s=30.0)
+        slot = t.insert(rec("ending"))
+        releases = DeferredReleases(t)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            releases.end(slot, RequestState.FINISHED)  # fails after the socket timeout: deferred
+            assert releases.pending() == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while releases.pending():
+            assert time.monotonic() < deadline, "the deferred row was never ended"
+            time.sleep(0.05)
+        assert t.usage().used == 0 and t.find("ending") is None
+        releases.close()
+        t.unlink()
+        t.close()
+
+
 OWNER = """
 import sys, time
 from tokenpool.proxy.request_table import RequestRecord, make_request_table
