@@ -526,6 +526,7 @@ class CachedModel:
         """Takes over `fd` (SH-locked) only on success; on error the caller still owns it."""
         self._fd = -1  # so __del__ of a half-built lease never closes the caller's fd
         self._pinned_ptr: int | None = None
+        self._mm: mmap.mmap | None = None
         self.model_id = manifest.model_id
         self.metadata = dict(manifest.metadata)
         self.nbytes = manifest.total_bytes
@@ -537,10 +538,22 @@ class CachedModel:
         # consumer that keeps the same layout moves a model with one copy.
         empty = torch.empty(0, dtype=torch.uint8)
         self.raw = torch.frombuffer(self._mm, dtype=torch.uint8) if size else empty
-        self.tensors: dict[str, torch.Tensor] = {
-            e.name: _view(self._mm, e, _DTYPES[e.dtype]) for e in manifest.tensors
+        # name -> (dtype, shape, byte offset in raw): what a consumer of raw needs, made cheaply;
+        # the tensors themselves (a view each: ~7 µs, 1.3 ms for SmolLM2) only when asked for.
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {
+            e.name: (_DTYPES[e.dtype], tuple(e.shape), e.offset) for e in manifest.tensors
         }
+        self._entries = manifest.tensors
+        self._tensors: dict[str, torch.Tensor] | None = None
         self._fd = fd
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """name -> a view of the tensor in the segment (made on first use; empty once closed)."""
+        if self._tensors is None:
+            self._tensors = {} if self._mm is None else {
+                e.name: _view(self._mm, e, _DTYPES[e.dtype]) for e in self._entries}
+        return self._tensors
 
     def pin_for_cuda(self) -> bool:
         """CUDA hook: page-lock this mapping so host-to-device copies DMA straight from it.
@@ -564,7 +577,7 @@ class CachedModel:
         fcntl.flock(self._fd, fcntl.LOCK_UN)  # explicit: the mmap's dup of the fd would keep the lock
         os.close(self._fd)
         self._fd = -1
-        self.tensors = {}
+        self._tensors = {}
         self.raw = torch.empty(0, dtype=torch.uint8)
         self._mm = None
 

@@ -135,7 +135,7 @@ def check_layout(profile: ModelProfile, cached: CachedModel) -> None:
     """ModelConflictError unless the cached tensors are exactly the ones profile expects (another
     process may have registered the id in another layout since this one did)."""
     want = [(s.name, s.dtype, s.shape) for s in profile.specs]
-    have = [(name, t.dtype, tuple(t.shape)) for name, t in cached.tensors.items()]
+    have = [(name, dtype, shape) for name, (dtype, shape, _) in cached.layout.items()]
     if want != have:
         raise ModelConflictError(f"model {profile.model_id!r} in the host cache is in another layout "
                                  f"({cached.metadata.get('dtype', '?')} weights, layout "
@@ -291,9 +291,8 @@ class ModelSwitcher:
         backend = self._backend(profile, slot)
         if self._bound.get(key) == (profile.model_id, base):
             return backend
-        origin = cached.raw.data_ptr()
-        backend.bind_weights({name: self.arena.view(base + t.data_ptr() - origin, t.dtype, tuple(t.shape))
-                              for name, t in cached.tensors.items()})
+        backend.bind_weights({name: self.arena.view(base + offset, dtype, shape)
+                              for name, (dtype, shape, offset) in cached.layout.items()})
         self._bound[key] = (profile.model_id, base)
         return backend
 
