@@ -11,6 +11,7 @@ texts of log-probabilities come in GenerateResponse for the same reason (no call
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -39,6 +40,8 @@ from .request_table import (
     TableLockTimeout,
 )
 from .served_model import ServedModel
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_MS = 1000  # the hint a refused-for-load request gets (trailing metadata "retry-after-ms")
 RETRY_HINT = (("retry-after-ms", str(RETRY_AFTER_MS)),)
@@ -143,7 +146,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 sub = await asyncio.to_thread(self._submission, request, context.time_remaining())
             else:
                 sub = self._submission(request, context.time_remaining())
-            sub.table_slot = self._admit(sub)
+            # A remote table (Redis) is a round trip, seconds if its server stalls: not on the loop.
+            remote = self.table.remote
+            sub.table_slot = await asyncio.to_thread(self._admit, sub) if remote else self._admit(sub)
         except RequestError as exc:
             self._rejected(request.model)
             await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
@@ -189,6 +194,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"request_id {sub.request_id!r} is already in flight") from None
         except (TableFencedError, TableLockTimeout) as exc:  # fenced by a shared table, or locked by a
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None  # stalled process: retry
+        except ValueError as exc:  # a record past the table's limits
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request table: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 -- e.g. Redis not answering within its socket timeout
+            log.warning("request %s: the request table failed: %s", sub.request_id, exc)
+            self.releases.retract(record)  # the insert may still happen: its row must not stay
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the request table failed: {exc}; "
+                               f"retry later") from None
 
     async def _submit(self, sub: Submission, context) -> None:
         try:

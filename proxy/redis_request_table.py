@@ -65,7 +65,7 @@ FORMAT_VERSION = 1
 MAX_CAPACITY = 1 << 20
 MAX_RECORD_BYTES = 4096  # far above any record within RequestRecord's limits
 DEFAULT_TTL_S = 10.0
-SOCKET_TIMEOUT_S = 2.0  # calls run on the proxy's event loop: a server gone quiet must not hang it
+SOCKET_TIMEOUT_S = 2.0  # a server gone quiet fails a call after this (the proxy calls from threads)
 HEARTBEATS_PER_TTL = 5
 FREE, CHANGED, FENCED, FULL, DUPLICATE, LIVE_OWNER = -1, -2, -3, -4, -5, -6
 
@@ -128,9 +128,12 @@ class RedisRequestTable(RequestTable):
     The first client creates the table; later ones must give the same capacity (ValueError
     otherwise). Each client is an owner with a heartbeat (ttl_s); close() ends it, after
     which the client's remaining rows, if any, are orphans for the others to reclaim.
+    Calls are network round trips (remote): the proxy makes them off its event loop.
     attach() makes a reporter instead (see the module's docstring). Thread-safe; update()'s fn
     must not call the table.
     """
+
+    remote = True
 
     def __init__(self, url: str | None, name: str, capacity: int, *, ttl_s: float = DEFAULT_TTL_S,
                  client: Any = None, owner: bool = True) -> None:

@@ -130,6 +130,10 @@ def decode_record(payload: bytes) -> RequestRecord:
 class RequestTable(ABC):
     """Fixed-capacity table of RequestRecords addressed by slot number; safe across processes."""
 
+    # Calls go over the network and may take up to a socket timeout when the server is slow:
+    # an event loop makes them from a thread (the proxy's admissions and row ends).
+    remote = False
+
     @abstractmethod
     def insert(self, record: RequestRecord) -> int:
         """Store a new record and return its slot.

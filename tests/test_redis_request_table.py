@@ -290,13 +290,15 @@ def test_a_client_cut_off_from_redis_fences_itself_once_its_key_may_have_lapsed(
 
 
 def test_a_row_whose_end_finds_redis_frozen_is_ended_once_it_answers(tmp_path, name: str) -> None:
-    """The proxy ends a request (terminal state, release) on its event loop; with Redis frozen the
-    call fails after the socket timeout and the row goes to DeferredReleases instead of staying
-    used for good: it is released once Redis answers again."""
+    """The proxy ends a request (terminal state, release) through DeferredReleases, which makes a
+    remote table's calls from its thread (never the event loop's): with Redis frozen they fail
+    after the socket timeout and are tried again, and the row is released once Redis answers,
+    instead of staying used for good."""
     import os
 
     import redis
     from tokenpool.proxy.deferred_releases import DeferredReleases
+    from tokenpool.proxy.redis_request_table import SOCKET_TIMEOUT_S
     from tokenpool.proxy.request_table import RequestState
 
     with redis_server(tmp_path) as url:
@@ -306,8 +308,9 @@ def test_a_row_whose_end_finds_redis_frozen_is_ended_once_it_answers(tmp_path, n
         releases = DeferredReleases(t)
         try:
             os.kill(pid, signal.SIGSTOP)
-            releases.end(slot, RequestState.FINISHED)  # fails after the socket timeout: deferred
+            releases.end(slot, RequestState.FINISHED)  # at once: the thread calls
             assert releases.pending() == 1
+            time.sleep(SOCKET_TIMEOUT_S + 0.5)  # the thread's first call has failed meanwhile
         finally:
             os.kill(pid, signal.SIGCONT)
         deadline = time.monotonic() + 30

@@ -118,6 +118,50 @@ def test_a_second_proxys_requests_show_the_instances_progress_too(stack, table, 
     assert "prefill-0/decode-0" in line, out
 
 
+@pytest.mark.timeout(120)
+def test_redis_frozen_for_a_moment_refuses_admissions_unavailable_and_holds_up_no_stream(stack, table,
+                                                                                       redis_url):
+    """The proxy admits through Redis from a thread: with the server frozen (SIGSTOP) past its
+    socket timeout, a new request gets UNAVAILABLE while a stream in flight keeps receiving tokens
+    (the event loop never waits on Redis); afterwards requests are admitted and every row ends."""
+    import os
+    import signal
+    import threading
+
+    import redis
+
+    pid = redis.Redis.from_url(redis_url).info()["process_id"]
+    call, channel = held_stream(stack.address, "held-through-a-freeze")
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(len(r.token_ids) for r in call), daemon=True)
+    reader.start()
+    try:
+        with grpc.insecure_channel(stack.address) as other:
+            stub = inference_pb2_grpc.InferenceStub(other)
+            request = pb.GenerateRequest(model=MODEL, text="admitted?",
+                                         sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                before = sum(received)
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(stub.Generate(request, timeout=60))
+                during = sum(received) - before
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert "request table" in refused.value.details()
+            assert during > 0, "the stream in flight got nothing while the admission waited on Redis"
+            assert sum(len(r.token_ids) for r in stub.Generate(request, timeout=60)) == 4
+    finally:
+        call.cancel()
+        channel.close()
+    wait_released(table, "held-through-a-freeze")
+    deadline = time.monotonic() + PROGRESS_S
+    while table.usage().used:
+        assert time.monotonic() < deadline, table.records()
+        time.sleep(0.05)
+
+
 def start_proxy(stack, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """Another proxy with the stack's flags (its table too: Redis, the same name) on a free port."""
     argv = [a.decode() for a in
