@@ -78,7 +78,8 @@ async def reclaim_orphans(table: RequestTable, agents: list, attempts: int) -> i
     """Free the hand-off KV of every orphaned row (the request and its re-dispatches, on each
     agent) and release the row -> how many rows were reclaimed."""
     reclaimed = 0
-    for slot, record in orphans(table):
+    remote = table.remote  # a Redis table: a round trip per slot, made off the event loop
+    for slot, record in await asyncio.to_thread(orphans, table) if remote else orphans(table):
         base = [record.request_id] if record is not None else []
         ids = base + [f"{r}{ATTEMPT_MARK}{n}" for r in base for n in range(1, attempts)]
         for agent in agents:
@@ -86,7 +87,7 @@ async def reclaim_orphans(table: RequestTable, agents: list, attempts: int) -> i
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await agent.ReleaseAll(ipb.RequestRef(request_id=request_id), timeout=RELEASE_TIMEOUT_S)
         with contextlib.suppress(SlotFreeError, TableLockTimeout):  # locked by a stalled process: next round
-            table.release(slot)
+            await asyncio.to_thread(table.release, slot) if remote else table.release(slot)
             reclaimed += 1
     if reclaimed:
         log.warning("reclaimed %d requests left in the table by a proxy that died", reclaimed)
