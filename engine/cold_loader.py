@@ -10,6 +10,7 @@ A load that finds the host cache full of models it may not evict (attached, or k
 schedulers for their queued work) waits for room instead of failing: that work ends and frees
 it. It retries with backoff until the room is there, every waiter has cancelled, or
 room_wait_s has passed (then its waiters get the CacheBusyError naming what holds the room).
+Two loads run at once, so one waiting for room does not hold up another that fits meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .host_model_cache import CacheBusyError, HostModelCache, TensorSpec
 Fill = Callable[[str, torch.Tensor], None]
 ROOM_WAIT_S = 120.0  # how long a load waits for host-cache room before its waiters get the error
 ROOM_POLL_S = (0.01, 0.2)  # first and longest pause between tries for room
+WORKERS = 2  # loads at once: one waiting for room does not hold up a smaller one that fits
 
 
 class LoadAbandonedError(RuntimeError):
@@ -80,7 +82,8 @@ class LoadTicket:
 
 
 class ColdLoader:
-    def __init__(self, cache: HostModelCache, workers: int = 1, room_wait_s: float = ROOM_WAIT_S) -> None:
+    def __init__(self, cache: HostModelCache, workers: int = WORKERS,
+                 room_wait_s: float = ROOM_WAIT_S) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if not room_wait_s >= 0:

@@ -91,8 +91,9 @@ def test_concurrent_requests_share_one_load_and_a_cancelled_load_leaves_nothing(
 
 def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_path):
     """A cache full of a model in use: the load waits (progress says so) and proceeds once the
-    lease goes; with nobody letting go it fails after room_wait_s naming what holds the room, and
-    a load whose waiters all cancel while it waits is abandoned; nothing is left behind."""
+    lease goes; a smaller load that fits meanwhile is not held up behind a waiting one; with
+    nobody letting go a load fails after room_wait_s naming what holds the room, and one whose
+    waiters all cancel while it waits is abandoned; nothing is left behind."""
     cache = HostModelCache(shm_path / "cache", capacity_bytes=6 * 4096, progress=False)
     cache.register("held", _specs(4), lambda name, dest: dest.fill_(1.0))
     lease = cache.attach("held")
@@ -108,6 +109,17 @@ def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_p
     ticket.cancel()
 
     lease = cache.attach("next")
+    waiting = loader.load("waiting", _specs(4), lambda name, dest: dest.fill_(6.0))  # does not fit
+    while not any(p.waiting_for_room for p in loader.progress()):
+        time.sleep(0.01)
+    small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(5.0))  # fits in what is free
+    small.wait(30)  # done while "waiting" waits: not held up behind it
+    assert cache.contains("small") and [p.model_id for p in loader.progress()] == ["waiting"]
+    waiting.cancel()
+    with pytest.raises(LoadAbandonedError):
+        waiting.wait(30)
+    small.cancel()
+    cache.evict("small")
     impatient = ColdLoader(cache, room_wait_s=0.3)
     with pytest.raises(CacheBusyError, match=r"'next' \(16384 bytes\).*waited 0.3 s for room"):
         impatient.load("late", _specs(4), lambda name, dest: dest.fill_(3.0)).wait(30)
@@ -120,7 +132,7 @@ def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_p
     with pytest.raises(LoadAbandonedError, match="while waiting for host-cache room"):
         dropped.wait(30)
     assert [m.model_id for m in cache.list()] == ["next"] and cache.used_bytes == 4 * 4096
-    assert loader.abandoned == 1 and not loader.progress()
+    assert loader.abandoned == 2 and not loader.progress()
     lease.close()
     loader.close()
     impatient.close()
