@@ -157,4 +157,5 @@ def _vacate(engine: MultiModelEngine, model_id: str) -> None:
 def _to_pb(entry: CatalogueEntry) -> ipb.CatalogueModel:
     return ipb.CatalogueModel(id=entry.model_id, folder=str(entry.folder), tier=entry.tier.value,
                               weight_bytes=entry.weight_bytes, requests=entry.unfinished,
-                              loaded_bytes=entry.loaded_bytes or 0, loading=entry.loaded_bytes is not None)
+                              loaded_bytes=entry.loaded_bytes or 0, loading=entry.loaded_bytes is not None,
+                              waiting_for_room=entry.waiting_for_room)

@@ -67,6 +67,7 @@ def run_list(args: argparse.Namespace) -> None:
     print(f"{len(reply.models)} models: " + ", ".join(f"{n} {t}" for t, n in tiers.items()))
     for m in reply.models:
         loading = f" loading {m.loaded_bytes / 2**20:.1f} MiB" if m.loading else ""
+        loading += " (waiting for host-cache room)" if m.waiting_for_room else ""
         where = f" on {','.join(m.resident_on)}" if m.resident_on else ""
         print(f"  {m.id:32} {m.tier:8} {m.weight_bytes / 2**20:9.1f} MiB {m.requests:4} requests"
               f"{where}{loading}  {m.folder}")

@@ -38,6 +38,7 @@ class CatalogueEntry:
     weight_bytes: int
     unfinished: int  # requests queued, running or swapped out on this instance
     loaded_bytes: int | None  # bytes read so far while a disk load runs, else None
+    waiting_for_room: bool = False  # that load waits for host-cache room (cold_loader.py)
 
 
 def check_model_id(model_id: str) -> str:
@@ -109,9 +110,10 @@ class ModelCatalogue:
         model = self._known(model_id)
         tiers = self.engine.lazy_tiers()
         resident = {m for m in (self.engine.active, self.engine.switcher.active_model) if m}
-        loading = {p.model_id: p.loaded_bytes for p in tiers.progress()}
+        load = next((p for p in tiers.progress() if p.model_id == model_id), None)
         return CatalogueEntry(model_id, model.profile.folder, tiers.tier(model_id, resident),
-                              model.profile.nbytes, self.engine.num_requests(model_id), loading.get(model_id))
+                              model.profile.nbytes, self.engine.num_requests(model_id),
+                              load.loaded_bytes if load else None, bool(load and load.waiting_for_room))
 
     def entries(self) -> list[CatalogueEntry]:
         return [self.entry(m) for m in sorted(self.engine.models)]

@@ -204,6 +204,7 @@ def _merge(model_id: str, replies: list[tuple[str, ipb.CatalogueReply]]) -> apb.
     entry.folder, entry.weight_bytes = views[0][1].folder, views[0][1].weight_bytes
     entry.requests = sum(m.requests for _, m in views)
     entry.loading = any(m.loading for _, m in views)
+    entry.waiting_for_room = any(m.waiting_for_room for _, m in views)
     entry.loaded_bytes = max(m.loaded_bytes for _, m in views)
     entry.resident_on.extend(sorted(name for name, m in views if m.tier == "resident"))
     return entry

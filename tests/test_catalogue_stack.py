@@ -431,8 +431,14 @@ def test_a_load_whose_room_stays_held_fails_resource_exhausted_and_serves_once_i
                 stub = inference_pb2_grpc.InferenceStub(channel)
                 assert _greedy(stub, "held") == expected
                 lease = HostModelCache(Path(cache_dir), capacity_bytes=3 << 20, progress=False).attach("held")
-                with pytest.raises(grpc.RpcError) as refused:
-                    _greedy(stub, "cold")
+                with ThreadPoolExecutor(1) as pool:
+                    cold = pool.submit(_greedy, stub, "cold")
+                    seen = False  # the wait shows in the instance's status while it lasts (1 s)
+                    while not cold.done() and not seen:
+                        seen = any(x.waiting_for_room for x in instance_status(stack, "prefill-0").loads)
+                    with pytest.raises(grpc.RpcError) as refused:
+                        cold.result()
+                assert seen, "the load's wait for room never showed in the instance's status"
                 why = refused.value.details()
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, why
                 assert "'held'" in why and "waited 1 s for room" in why, why

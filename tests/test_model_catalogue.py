@@ -210,7 +210,7 @@ def test_a_burst_over_more_busy_models_than_the_cache_holds_completes_exactly(sh
             for m in ids}
     used, waited = [], 0
     while (with_work := [m for m in ids if engine.has_unfinished(m)]):
-        waited += any(p.waiting_for_room for p in engine.tiers.progress())
+        waited += any(e.waiting_for_room for e in catalogue.entries())
         model = next((m for m in with_work if engine.weights_ready(m)), with_work[0])
         engine.step(model)
         used.append(engine.cache.used_bytes)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenpool/protos/v1/admin.proto\x12\x0ctokenpool.v1\"-\n\x0f\x41\x64\x64ModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\"\x16\n\x08ModelRef\x12\n\n\x02id\x18\x01 \x01(\t\"\x9e\x01\n\x0e\x43\x61talogueEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x10\n\x08requests\x18\x05 \x01(\r\x12\x14\n\x0cloaded_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07loading\x18\x07 \x01(\x08\x12\x13\n\x0bresident_on\x18\x08 \x03(\t\"J\n\nAdminReply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.tokenpool.v1.CatalogueEntry\"\x16\n\x14ListCatalogueRequest\"E\n\x15ListCatalogueResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tokenpool.v1.CatalogueEntry2\xe9\x02\n\x05\x41\x64min\x12\x43\n\x08\x41\x64\x64Model\x12\x1d.tokenpool.v1.AddModelRequest\x1a\x18.tokenpool.v1.AdminReply\x12?\n\x0bRemoveModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12>\n\nEvictModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12@\n\x0cPreloadModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12X\n\rListCatalogue\x12\".tokenpool.v1.ListCatalogueRequest\x1a#.tokenpool.v1.ListCatalogueResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenpool/protos/v1/admin.proto\x12\x0ctokenpool.v1\"-\n\x0f\x41\x64\x64ModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\"\x16\n\x08ModelRef\x12\n\n\x02id\x18\x01 \x01(\t\"\xb8\x01\n\x0e\x43\x61talogueEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x10\n\x08requests\x18\x05 \x01(\r\x12\x14\n\x0cloaded_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07loading\x18\x07 \x01(\x08\x12\x13\n\x0bresident_on\x18\x08 \x03(\t\x12\x18\n\x10waiting_for_room\x18\t \x01(\x08\"J\n\nAdminReply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.tokenpool.v1.CatalogueEntry\"\x16\n\x14ListCatalogueRequest\"E\n\x15ListCatalogueResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tokenpool.v1.CatalogueEntry2\xe9\x02\n\x05\x41\x64min\x12\x43\n\x08\x41\x64\x64Model\x12\x1d.tokenpool.v1.AddModelRequest\x1a\x18.tokenpool.v1.AdminReply\x12?\n\x0bRemoveModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12>\n\nEvictModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12@\n\x0cPreloadModel\x12\x16.tokenpool.v1.ModelRef\x1a\x18.tokenpool.v1.AdminReply\x12X\n\rListCatalogue\x12\".tokenpool.v1.ListCatalogueRequest\x1a#.tokenpool.v1.ListCatalogueResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_start=96
   _globals['_MODELREF']._serialized_end=118
   _globals['_CATALOGUEENTRY']._serialized_start=121
-  _globals['_CATALOGUEENTRY']._serialized_end=279
-  _globals['_ADMINREPLY']._serialized_start=281
-  _globals['_ADMINREPLY']._serialized_end=355
-  _globals['_LISTCATALOGUEREQUEST']._serialized_start=357
-  _globals['_LISTCATALOGUEREQUEST']._serialized_end=379
-  _globals['_LISTCATALOGUERESPONSE']._serialized_start=381
-  _globals['_LISTCATALOGUERESPONSE']._serialized_end=450
-  _globals['_ADMIN']._serialized_start=453
-  _globals['_ADMIN']._serialized_end=814
+  _globals['_CATALOGUEENTRY']._serialized_end=305
+  _globals['_ADMINREPLY']._serialized_start=307
+  _globals['_ADMINREPLY']._serialized_end=381
+  _globals['_LISTCATALOGUEREQUEST']._serialized_start=383
+  _globals['_LISTCATALOGUEREQUEST']._serialized_end=405
+  _globals['_LISTCATALOGUERESPONSE']._serialized_start=407
+  _globals['_LISTCATALOGUERESPONSE']._serialized_end=476
+  _globals['_ADMIN']._serialized_start=479
+  _globals['_ADMIN']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class ModelRef(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class CatalogueEntry(_message.Message):
-    __slots__ = ("id", "folder", "tier", "weight_bytes", "requests", "loaded_bytes", "loading", "resident_on")
+    __slots__ = ("id", "folder", "tier", "weight_bytes", "requests", "loaded_bytes", "loading", "resident_on", "waiting_for_room")
     ID_FIELD_NUMBER: _ClassVar[int]
     FOLDER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class CatalogueEntry(_message.Message):
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADING_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_ROOM_FIELD_NUMBER: _ClassVar[int]
     id: str
     folder: str
     tier: str
@@ -38,7 +39,8 @@ class CatalogueEntry(_message.Message):
     loaded_bytes: int
     loading: bool
     resident_on: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., folder: _Optional[str] = ..., tier: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., requests: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., loading: _Optional[bool] = ..., resident_on: _Optional[_Iterable[str]] = ...) -> None: ...
+    waiting_for_room: bool
+    def __init__(self, id: _Optional[str] = ..., folder: _Optional[str] = ..., tier: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., requests: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., loading: _Optional[bool] = ..., resident_on: _Optional[_Iterable[str]] = ..., waiting_for_room: _Optional[bool] = ...) -> None: ...
 
 class AdminReply(_message.Message):
     __slots__ = ("message", "model")
