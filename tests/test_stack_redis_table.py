@@ -124,6 +124,7 @@ def test_redis_frozen_for_a_moment_refuses_admissions_unavailable_and_holds_up_n
     """The proxy admits through Redis from a thread: with the server frozen (SIGSTOP) past its
     socket timeout, a new request gets UNAVAILABLE while a stream in flight keeps receiving tokens
     (the event loop never waits on Redis); afterwards requests are admitted and every row ends."""
+    import contextlib
     import os
     import signal
     import threading
@@ -133,7 +134,13 @@ def test_redis_frozen_for_a_moment_refuses_admissions_unavailable_and_holds_up_n
     pid = redis.Redis.from_url(redis_url).info()["process_id"]
     call, channel = held_stream(stack.address, "held-through-a-freeze")
     received = []
-    reader = threading.Thread(target=lambda: received.extend(len(r.token_ids) for r in call), daemon=True)
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for response in call:
+                received.append(len(response.token_ids))
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         with grpc.insecure_channel(stack.address) as other:
@@ -154,6 +161,7 @@ def test_redis_frozen_for_a_moment_refuses_admissions_unavailable_and_holds_up_n
             assert sum(len(r.token_ids) for r in stub.Generate(request, timeout=60)) == 4
     finally:
         call.cancel()
+        reader.join(30)
         channel.close()
     wait_released(table, "held-through-a-freeze")
     deadline = time.monotonic() + PROGRESS_S
