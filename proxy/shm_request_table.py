@@ -21,7 +21,10 @@ Locks (fcntl.lockf on byte ranges; the kernel drops a dead process's):
 A live holder keeps a range for microseconds, but a stopped or hung one (SIGSTOP, a debugger, a
 swap storm) keeps it as long as it is stopped: every lock is taken without blocking, tried again
 for LOCK_TIMEOUT_S, then TableLockTimeout, so no caller (the proxy's event loop least of all)
-waits on another process's stall for longer than that.
+waits on another process's stall for longer than that. The ranges an operation needs are taken
+all at once or not at all, so nothing is held while waiting (release does not sit on the
+allocation lock while a stalled process holds its slot), and insert passes over a free slot
+whose lock is held.
 Readers take no lock: they retry while seq is odd or moves, then read once under the slot
 lock. Under the lock an odd seq means a writer died mid-copy: CorruptSlotError until
 release() clears the slot. Integers are native-endian: the file never leaves the node.
@@ -145,14 +148,19 @@ class ShmRequestTable(RequestTable):
 
     def insert(self, record: RequestRecord) -> int:
         payload = self._fitting(encode_record(record))
-        with self._locked(0, HEADER_BYTES):
+        with self._locked((0, HEADER_BYTES)):
             if self.find(record.request_id) is not None:
                 raise DuplicateRequestError(f"request {record.request_id!r} is already in {self.path}")
-            slot = self._first_free()
-            off = self._offset(slot)
-            with self._locked(off, self.slot_bytes):
-                self._write(off, payload, owner=(USED, _id_crc(record.request_id)))
-        return slot
+            for slot in self._free_slots():
+                off = self._offset(slot)
+                if self._try_range(off, self.slot_bytes):  # else a stalled process holds it: the next
+                    try:
+                        self._write(off, payload, owner=(USED, _id_crc(record.request_id)))
+                    finally:
+                        self._unlock(((off, self.slot_bytes),))
+                    return slot
+        raise TableLockTimeout(f"request table {self.path}: every free slot is locked by another process "
+                               f"(stopped or hung?)")
 
     def get(self, slot: int) -> RequestRecord:
         off = self._offset(slot)
@@ -161,7 +169,7 @@ class ShmRequestTable(RequestTable):
             if fields is not None and self._intact(fields):
                 return self._decode(slot, fields)
             os.sched_yield()  # a writer is mid-copy: let it finish
-        with self._locked(off, self.slot_bytes):  # no live writer is mid-copy now
+        with self._locked((off, self.slot_bytes)):  # no live writer is mid-copy now
             return self._decode(slot, self._read(off))
 
     def find(self, request_id: str) -> int | None:
@@ -178,7 +186,7 @@ class ShmRequestTable(RequestTable):
 
     def update(self, slot: int, fn: Callable[[RequestRecord], RequestRecord]) -> RequestRecord:
         off = self._offset(slot)
-        with self._locked(off, self.slot_bytes):
+        with self._locked((off, self.slot_bytes)):
             fields = self._read(off)
             old = self._decode(slot, fields)
             new = fn(old)
@@ -191,7 +199,7 @@ class ShmRequestTable(RequestTable):
 
     def release(self, slot: int) -> None:
         off = self._offset(slot)
-        with self._locked(0, HEADER_BYTES), self._locked(off, self.slot_bytes):
+        with self._locked((0, HEADER_BYTES), (off, self.slot_bytes)):
             fields = self._read(off)
             if fields.state == FREE and fields.seq % 2 == 0:
                 raise SlotFreeError(f"request table {self.path}: slot {slot} is already free")
@@ -300,13 +308,13 @@ class ShmRequestTable(RequestTable):
                              f"shorten its strings or create the table with a larger slot_bytes")
         return payload
 
-    def _first_free(self) -> int:
-        """Header lock held."""
-        try:
-            return self._column(STATE_AT // 4).index(FREE)
-        except ValueError:
+    def _free_slots(self) -> list[int]:
+        """Header lock held; TableFullError when there is none."""
+        free = [slot for slot, state in enumerate(self._column(STATE_AT // 4)) if state == FREE]
+        if not free:
             raise TableFullError(f"request table {self.path} is full: all {self.capacity} slots "
-                                 f"are in use") from None
+                                 f"are in use")
+        return free
 
     def _column(self, word: int) -> list[int]:
         """The u32 at index `word` of every slot header, in slot order (one C-level strided copy)."""
@@ -317,33 +325,49 @@ class ShmRequestTable(RequestTable):
             return words[HEADER_BYTES // 4 + word::step].tolist()
 
     @contextlib.contextmanager
-    def _locked(self, start: int, length: int) -> Iterator[None]:
-        """Exclusive over [start, start+length) against other processes and this one's threads;
-        TableLockTimeout when it stays held for LOCK_TIMEOUT_S. This process's lock is held only
-        while the range is, never while waiting for another process to let go of it."""
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        pause = LOCK_PAUSE_S[0]
-        while True:
-            if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise self._timeout(start, length, "by another thread of this process")
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
-                break
-            except OSError as e:
-                self._lock.release()
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
+    def _locked(self, *ranges: tuple[int, int]) -> Iterator[None]:
+        """Exclusive over every (start, length) byte range against other processes and this one's
+        threads, all taken at once or none (never held while waiting); TableLockTimeout when they
+        cannot all be had within LOCK_TIMEOUT_S."""
+        deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, LOCK_PAUSE_S[0]
+        while (busy := self._try_all(ranges)) is not None:
             if time.monotonic() >= deadline:
-                raise self._timeout(start, length, "by another process (stopped or hung?)")
+                raise self._timeout(*busy)
             time.sleep(pause)
             pause = min(2 * pause, LOCK_PAUSE_S[1])
         try:
             yield
         finally:
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
-            finally:
+            self._unlock(ranges)
+            self._lock.release()
+
+    def _try_all(self, ranges: tuple[tuple[int, int], ...]) -> tuple[int, int, str] | None:
+        """This process's lock and every range, without waiting -> None; else what was busy (the
+        range, and by whom), holding nothing."""
+        if not self._lock.acquire(blocking=False):  # held by another thread only while it holds ranges
+            return (*ranges[0], "by another thread of this process")
+        taken: list[tuple[int, int]] = []
+        for start, length in ranges:
+            if not self._try_range(start, length):
+                self._unlock(taken)
                 self._lock.release()
+                return start, length, "by another process (stopped or hung?)"
+            taken.append((start, length))
+        return None
+
+    def _try_range(self, start: int, length: int) -> bool:
+        """lockf without waiting (this process's lock held) -> whether it was had."""
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return False
+
+    def _unlock(self, ranges) -> None:
+        for start, length in reversed(ranges):
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
 
     def _timeout(self, start: int, length: int, held: str) -> TableLockTimeout:
         what = "slot allocation" if start == 0 else f"slot {(start - HEADER_BYTES) // self.slot_bytes}"

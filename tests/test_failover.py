@@ -218,11 +218,13 @@ def test_with_no_decode_instance_left_a_request_fails_unavailable_at_once(two_de
         assert time.monotonic() - start < 5
 
 
-# What an instance stopped while writing a row's progress leaves behind: the row's lock held.
+# What an instance stopped while writing a row's progress leaves behind: the row's lock held. The
+# process is started first and told which range to lock, so the lock lands while the row is live.
 STALLED_IN_A_ROW = """
 import fcntl, os, signal, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
-fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[3]), int(sys.argv[2]))
+start, length = map(int, sys.stdin.readline().split())
+fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
 print("locked", flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
 """
@@ -233,19 +235,25 @@ def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_end
     """The shared-memory table's row locks are the kernel's: a process stopped while it holds one
     (an instance SIGSTOPped mid-report) keeps it. Every stream still completes exactly, the
     proxy's loop never waits on that lock, and the row is released once the process is gone."""
-    jobs = jobs_of(8, 120)
+    jobs = jobs_of(8, 200)
     expected = expected_streams(tiny_dir, jobs)
-    streams = Streams(two_decode, jobs)
-    streams.wait_for_tokens(50)
     with ShmRequestTable.attach(two_decode.name) as table:
-        slot = table.records()[0][0]
-        holder = subprocess.Popen([sys.executable, "-c", STALLED_IN_A_ROW, str(table.path),
-                                   str(HEADER_BYTES + slot * table.slot_bytes), str(table.slot_bytes)],
-                                  stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen([sys.executable, "-c", STALLED_IN_A_ROW, str(table.path)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
+            streams = Streams(two_decode, jobs)
+            streams.wait_for_tokens(50)
+            slot, record = table.records()[0]
+            holder.stdin.write(f"{HEADER_BYTES + slot * table.slot_bytes} {table.slot_bytes}\n")
+            holder.stdin.flush()
             assert holder.stdout.readline().strip() == "locked"
+            assert table.get(slot).request_id == record.request_id  # still streaming when locked
             check_exact(jobs, streams.results(), expected)
-            assert table.usage().used == 1  # the locked row: its end waits for the lock
+            deadline = time.monotonic() + 60  # the other rows end just after their streams do
+            while table.usage().used > 1:
+                assert time.monotonic() < deadline, table.records()
+                time.sleep(0.05)
+            assert table.find(record.request_id) == slot  # the locked row: its end waits for the lock
             more = jobs_of(4, 8)
             with grpc.insecure_channel(two_decode.address) as ch:
                 stub = inference_pb2_grpc.InferenceStub(ch)
@@ -256,4 +264,4 @@ def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_end
             holder.kill()
             holder.wait(timeout=10)
     wait_until_idle(two_decode)  # the row released once its lock went
-    assert "stayed locked by another process" in (two_decode.log_dir / "proxy.log").read_text()
+    assert f"slot {slot} stayed locked" in (two_decode.log_dir / "proxy.log").read_text()

@@ -318,6 +318,51 @@ def test_a_stalled_lock_holder_costs_a_timeout_not_a_wedge_and_its_row_ends_afte
     table.close()
 
 
+LOCKER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[3]), int(sys.argv[2]))
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_release_waiting_on_a_stalled_slot_holds_up_no_admission_and_admissions_pass_a_locked_free_slot(
+        root: Path) -> None:
+    """Nothing is held while waiting: a release of a row whose lock a stopped process holds gives up
+    after the timeout changing nothing, admissions go on beside it from another thread, and an
+    admission passes over a free slot whose lock a stopped process holds."""
+    table = ShmRequestTable("t", 4, create=True, root=root)
+    stuck = table.insert(rec("stuck"))
+    lockers = [spawn(LOCKER, table.path, slot_at(table, slot), table.slot_bytes) for slot in (stuck, 1)]
+    try:
+        assert [p.stdout.readline().strip() for p in lockers] == ["locked", "locked"]
+        failed = []
+
+        def release() -> None:
+            try:
+                table.release(stuck)
+            except TableLockTimeout as exc:
+                failed.append(exc)
+
+        releasing = threading.Thread(target=release)
+        releasing.start()
+        admitted = [table.insert(rec(f"meanwhile-{i}")) for i in range(2)]  # never slot 1: locked
+        releasing.join()
+        assert failed and sorted(admitted) == [2, 3]
+        assert table.get(stuck).request_id == "stuck"  # nothing changed
+        with pytest.raises(TableLockTimeout, match="every free slot is locked"):
+            table.insert(rec("no-slot-to-take"))  # slot 1, the only free one, is held
+    finally:
+        for p in lockers:
+            p.kill()
+            p.communicate()
+    table.release(stuck)
+    assert table.insert(rec("after")) in (0, 1)
+    table.close()
+
+
 def slot_lock_is_held(table: ShmRequestTable, slot: int) -> bool:
     """Probe through a separate descriptor (this process holds no lock on the file right now)."""
     fd = os.open(table.path, os.O_RDWR)
