@@ -61,16 +61,9 @@ class DeferredReleases:
     def end(self, slot: int, state: RequestState) -> None:
         """end_row now, or (it failed for a reason that may pass) from the thread, retried. A
         remote table's rows are ended from the thread only: the caller is an event loop."""
-        if not self.table.remote:
-            try:
-                end_row(self.table, slot, state)
-                return
-            except DONE:
-                return
-            except Exception as exc:  # noqa: BLE001 -- a stalled lock holder
-                log.warning("request-table slot %d: ending its row failed (%s); trying again until it "
-                            "works", slot, exc)
-        self._add(("end", slot), _Ending(self.table, slot, state))
+        job = _Ending(self.table, slot, state)
+        if self.table.remote or not job():
+            self._add(("end", slot), job)
 
     def retract(self, record: RequestRecord) -> None:
         """An insert of `record` failed without saying whether it happened: release its row if it
@@ -126,13 +119,18 @@ class _Ending:
 
     def __init__(self, table: RequestTable, slot: int, state: RequestState) -> None:
         self.table, self.slot, self.state, self.since = table, slot, state, time.monotonic()
+        self.failed = False
 
     def __call__(self) -> bool:
         try:
             end_row(self.table, self.slot, self.state)
         except DONE:
             pass
-        except Exception as exc:  # noqa: BLE001 -- still locked, or the server still away
+        except Exception as exc:  # noqa: BLE001 -- a stalled lock holder, a table server gone quiet
+            if not self.failed:
+                self.failed = True
+                log.warning("request-table slot %d: ending its row failed (%s); trying again until it "
+                            "works", self.slot, exc)
             if time.monotonic() - self.since < GIVE_UP_S:
                 return False
             log.warning("request-table slot %d: its row could not be ended for %g s (%s); left to the "
