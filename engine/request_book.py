@@ -64,9 +64,7 @@ class RequestBook:
         """
         self.check_prompt(prompt_ids)
         self.check_sampling(sampling)
-        if not 0 <= first_token < self.model_config.vocab_size:
-            raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary "
-                                      f"[0, {self.model_config.vocab_size})")
+        self._check_in_vocabulary([first_token], "first")
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(prompt_ids, sampling, request_id=request_id)
@@ -86,15 +84,15 @@ class RequestBook:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
                 "tokens and at least one must be left to generate")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.model_config.vocab_size})")
+        self._check_in_vocabulary(ids, "prompt")
 
     def check_sampling(self, sampling: SamplingParams) -> None:
-        bad = [t for t, _ in sampling.logit_bias if t >= self.model_config.vocab_size]
+        self._check_in_vocabulary([t for t, _ in sampling.logit_bias], "logit_bias")
+
+    def _check_in_vocabulary(self, ids: list[int], what: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+            raise InvalidRequestError(f"{what} token id {bad[0]} is outside the vocabulary "
                                       f"[0, {self.model_config.vocab_size})")
 
     def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:

@@ -243,10 +243,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                f"prompt has {len(ids)} tokens; the context of {model.id} is "
                                f"{model.max_context} and at least one token must be left to generate")
         sampling = sampling_from_pb(request.sampling, model.max_context)
-        vocab = model.tokenizer.backend.get_vocab_size()
-        if any(t >= vocab for t, _ in sampling.logit_bias):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.logit_bias: token ids must be "
-                               f"below {model.id}'s vocabulary size {vocab}")
+        _check_in_vocabulary([t for t, _ in sampling.logit_bias], model, "sampling.logit_bias: token ids")
         return Submission(request_id, model.id, ids, sampling, timeout_s=timeout_s)
 
     def _model(self, request) -> ServedModel:
@@ -317,11 +314,15 @@ def _checked_ids(ids: list[int], model: ServedModel) -> list[int]:
     if len(ids) > MAX_TOKENIZE_IDS:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ids has {len(ids)} tokens; the limit is "
                            f"{MAX_TOKENIZE_IDS}")
+    _check_in_vocabulary(ids, model, "ids")
+    return ids
+
+
+def _check_in_vocabulary(ids: list[int], model: ServedModel, what: str) -> None:
     vocab = model.tokenizer.backend.get_vocab_size()
     if any(t >= vocab for t in ids):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ids must be below {model.id}'s vocabulary "
-                           f"size {vocab}")
-    return ids
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be below {model.id}'s "
+                           f"vocabulary size {vocab}")
 
 
 def _name_tokens(response: pb.GenerateResponse, model: ServedModel) -> None:
