@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from .cache_eviction import EvictionCandidate
+from .polling import poll
 from .private_shm import private_dir, reserve, shm_root
 
 log = logging.getLogger(__name__)
@@ -434,19 +435,11 @@ class HostModelCache:
     def _registry_lock(self) -> Iterator[None]:
         fd = os.open(self.root / ".registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            deadline, pause = time.monotonic() + self.lock_timeout_s, LOCK_PAUSE_S[0]
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CacheLockTimeout(
-                            f"host model cache {self.root}: its registry lock stayed held for "
-                            f"{self.lock_timeout_s:g} s by a process that does not let go of it (stopped "
-                            f"or hung?); nothing was changed") from None
-                    time.sleep(pause)
-                    pause = min(2 * pause, LOCK_PAUSE_S[1])
+            if not poll(lambda: _flock_now(fd), self.lock_timeout_s, LOCK_PAUSE_S):
+                raise CacheLockTimeout(
+                    f"host model cache {self.root}: its registry lock stayed held for "
+                    f"{self.lock_timeout_s:g} s by a process that does not let go of it (stopped "
+                    f"or hung?); nothing was changed")
             yield
         finally:
             os.close(fd)
@@ -695,12 +688,19 @@ def _try_lock_exclusive(path: Path) -> int | None:
     FileNotFoundError if it is gone.
     """
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if _flock_now(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _flock_now(fd: int) -> bool:
+    """EX on fd without waiting -> whether it was had."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
+        return True
     except BlockingIOError:
-        os.close(fd)
-        return None
+        return False
 
 
 def _wait_for_writer(fd: int) -> None:

@@ -45,13 +45,13 @@ import re
 import secrets
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
+from tokenpool.engine.polling import poll
 from tokenpool.engine.private_shm import private_dir, reserve, shm_root
 from tokenpool.proxy.request_table import (
     CorruptSlotError,
@@ -329,12 +329,15 @@ class ShmRequestTable(RequestTable):
         """Exclusive over every (start, length) byte range against other processes and this one's
         threads, all taken at once or none (never held while waiting); TableLockTimeout when they
         cannot all be had within LOCK_TIMEOUT_S."""
-        deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, LOCK_PAUSE_S[0]
-        while (busy := self._try_all(ranges)) is not None:
-            if time.monotonic() >= deadline:
-                raise self._timeout(*busy)
-            time.sleep(pause)
-            pause = min(2 * pause, LOCK_PAUSE_S[1])
+        busy = None
+
+        def attempt() -> bool:
+            nonlocal busy
+            busy = self._try_all(ranges)
+            return busy is None
+
+        if not poll(attempt, LOCK_TIMEOUT_S, LOCK_PAUSE_S):
+            raise self._timeout(*busy)
         try:
             yield
         finally:
