@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from stack_helpers import (
     stream,
     wait_until_idle,
 )
+from stalled_lock import StalledLockHolder
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.fleet_backend import HEALTH_PROBE_S, HEALTH_TIMEOUT_S, LOST_AFTER
@@ -218,18 +217,6 @@ def test_with_no_decode_instance_left_a_request_fails_unavailable_at_once(two_de
         assert time.monotonic() - start < 5
 
 
-# What an instance stopped while writing a row's progress leaves behind: the row's lock held. The
-# process is started first and told which range to lock, so the lock lands while the row is live.
-STALLED_IN_A_ROW = """
-import fcntl, os, signal, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-start, length = map(int, sys.stdin.readline().split())
-fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
-print("locked", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_ends_after_it(
         two_decode, tiny_dir):
     """The shared-memory table's row locks are the kernel's: a process stopped while it holds one
@@ -238,15 +225,12 @@ def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_end
     jobs = jobs_of(8, 200)
     expected = expected_streams(tiny_dir, jobs)
     with ShmRequestTable.attach(two_decode.name) as table:
-        holder = subprocess.Popen([sys.executable, "-c", STALLED_IN_A_ROW, str(table.path)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holder = StalledLockHolder(table.path)  # started first: the lock lands while the row is live
         try:
             streams = Streams(two_decode, jobs)
             streams.wait_for_tokens(50)
             slot, record = table.records()[0]
-            holder.stdin.write(f"{HEADER_BYTES + slot * table.slot_bytes} {table.slot_bytes}\n")
-            holder.stdin.flush()
-            assert holder.stdout.readline().strip() == "locked"
+            holder.lock(HEADER_BYTES + slot * table.slot_bytes, table.slot_bytes)
             assert table.get(slot).request_id == record.request_id  # still streaming when locked
             check_exact(jobs, streams.results(), expected)
             deadline = time.monotonic() + 60  # the other rows end just after their streams do
@@ -262,6 +246,5 @@ def test_a_process_stalled_inside_a_rows_lock_holds_up_no_stream_and_the_row_end
                                 expected_streams(tiny_dir, more))
         finally:
             holder.kill()
-            holder.wait(timeout=10)
     wait_until_idle(two_decode)  # the row released once its lock went
     assert f"slot {slot} stayed locked" in (two_decode.log_dir / "proxy.log").read_text()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from stalled_lock import StalledLockHolder
 from tokenpool.proxy.deferred_releases import DeferredReleases
 from tokenpool.proxy.progress_reporter import ProgressReporter
 from tokenpool.proxy.request_table import (
@@ -318,15 +319,6 @@ def test_a_stalled_lock_holder_costs_a_timeout_not_a_wedge_and_its_row_ends_afte
     table.close()
 
 
-LOCKER = """
-import fcntl, os, signal, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[3]), int(sys.argv[2]))
-print("locked", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 @pytest.mark.timeout(60)
 def test_a_release_waiting_on_a_stalled_slot_holds_up_no_admission_and_admissions_pass_a_locked_free_slot(
         root: Path) -> None:
@@ -335,9 +327,10 @@ def test_a_release_waiting_on_a_stalled_slot_holds_up_no_admission_and_admission
     admission passes over a free slot whose lock a stopped process holds."""
     table = ShmRequestTable("t", 4, create=True, root=root)
     stuck = table.insert(rec("stuck"))
-    lockers = [spawn(LOCKER, table.path, slot_at(table, slot), table.slot_bytes) for slot in (stuck, 1)]
+    lockers = [StalledLockHolder(table.path) for _ in range(2)]
     try:
-        assert [p.stdout.readline().strip() for p in lockers] == ["locked", "locked"]
+        for locker, slot in zip(lockers, (stuck, 1), strict=True):
+            locker.lock(slot_at(table, slot), table.slot_bytes)
         failed = []
 
         def release() -> None:
@@ -355,9 +348,8 @@ def test_a_release_waiting_on_a_stalled_slot_holds_up_no_admission_and_admission
         with pytest.raises(TableLockTimeout, match="every free slot is locked"):
             table.insert(rec("no-slot-to-take"))  # slot 1, the only free one, is held
     finally:
-        for p in lockers:
-            p.kill()
-            p.communicate()
+        for locker in lockers:
+            locker.kill()
     table.release(stuck)
     assert table.insert(rec("after")) in (0, 1)
     table.close()
