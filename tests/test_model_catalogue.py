@@ -196,10 +196,11 @@ def test_a_200_model_catalogue_in_a_small_host_cache_serves_every_model_exactly(
 
 
 def test_a_burst_over_more_busy_models_than_the_cache_holds_completes_exactly(shapes, shm_path):
-    """Requests for eight models at once, the host cache holding about two: loads for models whose
-    room is kept by queued work wait for it instead of failing those requests; the engine serves
-    the models in memory meanwhile, as an instance's engine worker does (a model whose weights are
-    ready, else nothing until one is: EngineWorker.activate waits without switching)."""
+    """Requests for ten models at once (five shapes, 0.5-2.4 MiB) through a 6 MiB host cache: loads
+    for models whose room is kept by queued work wait for it instead of failing those requests;
+    the engine serves the models in memory meanwhile, as an instance's engine worker does (a model
+    whose weights are ready, else nothing until one is: EngineWorker.activate waits without
+    switching)."""
     expected = _expected(shapes)
     ids = {f"b{i}-{name}": name for i, name in enumerate(list(shapes) * 2)}
     engine, pool = _engine(shm_path, capacity=6 << 20, slot_bytes=3 << 20)
