@@ -70,6 +70,10 @@ class LoadTicket:
     def done(self) -> bool:
         return self._load.future.done()
 
+    def error(self) -> BaseException | None:
+        """Why the load failed; None while it runs or when it succeeded."""
+        return self._load.future.exception() if self._load.future.done() else None
+
     def wait(self, timeout: float | None = None) -> None:
         """Block until the model is in the host cache; re-raises the load's error."""
         self._load.future.result(timeout)

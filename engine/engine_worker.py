@@ -128,7 +128,8 @@ class EngineWorker:
             self._run_posted(block=True, timeout=LOAD_POLL_S)
         switches = self.engine.switches if self.observers else 0
         try:
-            self.engine.switch_to(model)
+            if not self.engine.switch_to(model, read_disk=False):
+                return False  # its weights left the host cache meanwhile: their load runs now
         except KVPoolFullError:
             return False
         except Exception as exc:  # noqa: BLE001 - fail this model's requests, keep serving

@@ -152,6 +152,7 @@ class MultiModelEngine:
         self.last_switch: SwitchRecord | None = None
         self.tiers: ModelTiers | None = None  # made by the first lazy registration
         self._loading: dict[str, LoadTicket] = {}  # weights_ready(): disk loads it started
+        self._failed_loads: dict[str, BaseException] = {}  # seen by weights_ready(), raised by switch_to
 
     # -- registration and requests --------------------------------------------
 
@@ -205,6 +206,7 @@ class MultiModelEngine:
             raise ValueError(f"model {model_id!r} is in an arena slot; switch to another model first")
         del self.models[model_id]
         self._drop_load(model_id)
+        self._failed_loads.pop(model_id, None)
         if self.tiers is not None:
             self.tiers.remove(model_id)
 
@@ -323,7 +325,8 @@ class MultiModelEngine:
         prefetched, not a catalogue model, or in the host cache. Else its load from disk starts in
         the background (once) and this is False until the load has ended, so a scheduler can serve
         models in memory meanwhile instead of holding the engine thread for the read. A load that
-        failed -> True: the switch then reads again and reports the error to the model's requests."""
+        failed -> True: the switch then reports its error to the model's requests (read_disk=False)
+        or reads again."""
         if (self.tiers is None or model_id not in self.tiers or model_id == self.active
                 or self.switcher.is_prefetched(model_id)):
             return True
@@ -332,6 +335,8 @@ class MultiModelEngine:
         ticket = self._start_load(model_id)
         if ticket is not None and not ticket.done():
             return False
+        if ticket is not None and ticket.error() is not None:
+            self._failed_loads[model_id] = ticket.error()
         self._drop_load(model_id)
         return True
 
@@ -352,15 +357,26 @@ class MultiModelEngine:
         if ticket is not None:
             ticket.cancel()  # this claim only: a load others still wait for goes on
 
-    def switch_to(self, model_id: str) -> None:
-        """Make model_id the active model; its sequences keep their progress."""
+    def switch_to(self, model_id: str, read_disk: bool = True) -> bool:
+        """Make model_id the active model; its sequences keep their progress. A catalogue model
+        whose weights are only on disk is read first, on the loader's thread while this one waits;
+        with read_disk=False this one does not wait: the load starts in the background and the
+        call returns False with nothing moved (the model left the host cache after weights_ready()
+        said it was there: another process evicted it). True once model_id is active."""
         if model_id == self.active:
-            return
+            return True
         incoming = self._model(model_id)
         start, started_ns, outgoing = time.perf_counter(), time.time_ns(), self.active
         prefetched = self.switcher.is_prefetched(model_id)
+        failed_load = self._failed_loads.pop(model_id, None)
         if self.tiers is not None and model_id in self.tiers and not prefetched:
-            self.tiers.ensure_cached(model_id)  # before anything moves: a failed read changes nothing
+            if read_disk:
+                self.tiers.ensure_cached(model_id)  # before anything moves: a failed read changes nothing
+            elif not self.tiers.pin(model_id):
+                if failed_load is not None:
+                    raise failed_load
+                self._start_load(model_id)
+                return False
         pending_out = self._swap_out_active()
         try:
             model = self.switcher.activate(incoming.profile)
@@ -384,6 +400,7 @@ class MultiModelEngine:
             log.info("switch %s -> %s: %d weight bytes%s, %d sequences' KV out, %.2f ms", outgoing, model_id,
                      incoming.profile.nbytes, " (prefetched)" if prefetched else "", len(pending_out),
                      self.last_switch.seconds * 1e3)
+        return True
 
     def _kv_view(self, model: _Model) -> PagedKVCache:
         """The arena's KV region seen in model's block shape (built once per model)."""

@@ -99,9 +99,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """metrics: a telemetry.proxy_metrics.ProxyMetrics to count requests in, or None; registry:
         where the progress writer counts its writes (tokenpool_table_reports_total), or None.
 
-        A row is taken and released on the event loop (admission must know at once); the tokens a
-        stream has so far go through a ProgressReporter, off the loop and merged per request: a
-        Redis table would otherwise cost a round trip on the loop for every chunk of every stream."""
+        A row is taken before the request goes on (admission must know at once): on the event loop
+        for the shared-memory table, on a worker thread for a remote one (Redis), whose round trip
+        may stall; it is ended through DeferredReleases (a remote table's from its thread). The
+        tokens a stream has so far go through a ProgressReporter, off the loop and merged per
+        request: a Redis table would otherwise cost a round trip for every chunk of every stream."""
         self.backend = backend
         self.models = models
         self.table = table

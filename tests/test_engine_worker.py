@@ -26,8 +26,9 @@ class FakeEngine:
     def has_unfinished(self, model: str | None = None) -> bool:
         return any(self.work[m] > 0 for m in ([model] if model else self.work))
 
-    def switch_to(self, model: str) -> None:
+    def switch_to(self, model: str, read_disk: bool = True) -> bool:
         self.active = model
+        return True
 
     def step(self, model: str) -> list[RequestOutput]:
         assert model == self.active

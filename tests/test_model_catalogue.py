@@ -353,7 +353,10 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
     assert engine.active == "gated"
     while not engine.weights_ready("broken"):
         time.sleep(0.01)
-    with pytest.raises(OSError, match="disk read failed"):
+    with pytest.raises(OSError, match="disk read failed"):  # the failed load's error, not read again
+        engine.switch_to("broken", read_disk=False)
+    assert not engine.tiers.loader.loading("broken")
+    with pytest.raises(OSError, match="disk read failed"):  # a blocking switch reads again
         engine.switch_to("broken")
     assert engine.tiers.loader.completed == 1 and not engine._loading  # gated's
     gate.clear()
@@ -365,5 +368,48 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
         time.sleep(0.01)
     assert engine.tiers.loader.abandoned == 1 and not engine.cache.contains("dropped")
     assert not list(engine.cache.root.glob("dropped*")), "the partial segment must be removed"
+    engine.close()
+    pool.close()
+
+
+def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wait(shapes, shm_path):
+    """Another process may evict a model between weights_ready() and the switch. The engine worker's
+    switch (read_disk=False) then starts the load and returns False at once, nothing moved, so the
+    engine thread serves other models meanwhile; the next turn finds the weights and switches."""
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    catalogue.add("cold", shapes["tiny-llama"])
+    engine.register("warm", shapes["tiny-qwen3"])
+    engine.switch_to("warm")
+    gate = threading.Event()
+    open_fill = engine.tiers._fills["cold"]
+
+    def gated_fill():
+        fill = open_fill()
+
+        def slow(name, dest):
+            assert gate.wait(30), "the test never opened the gate"
+            fill(name, dest)
+        return slow
+
+    catalogue.preload("cold").wait(30)  # read before the gate goes in
+    engine.tiers._fills["cold"] = gated_fill
+    assert engine.weights_ready("cold") is True
+    catalogue.evict("cold")  # as another process's eviction would
+    started = time.monotonic()
+    assert engine.switch_to("cold", read_disk=False) is False
+    assert time.monotonic() - started < 10, "the switch waited for the disk read"
+    assert engine.active == "warm" and engine.tiers.loader.loading("cold")
+    assert engine.weights_ready("cold") is False
+    gate.set()
+    deadline = time.monotonic() + 30
+    while not engine.weights_ready("cold"):
+        assert time.monotonic() < deadline, "the load never ended"
+        time.sleep(0.01)
+    assert engine.switch_to("cold", read_disk=False) is True and engine.active == "cold"
+    seq = engine.add_request("cold", PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    while engine.has_unfinished("cold"):
+        engine.step("cold")
+    assert seq.output_token_ids == _expected({"cold": shapes["tiny-llama"]})["cold"]
     engine.close()
     pool.close()
