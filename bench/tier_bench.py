@@ -132,7 +132,7 @@ def _load_seconds(engine, catalogue, files, drop: bool) -> float:
     """Seconds the ColdLoader takes to read the model from disk into the host cache."""
     _place(engine, catalogue, Tier.DISK, files, drop)
     start = time.perf_counter()
-    engine.lazy_tiers().ensure_cached(MEASURED)
+    engine.model_tiers().ensure_cached(MEASURED)
     return time.perf_counter() - start
 
 

@@ -104,11 +104,11 @@ class ModelCatalogue:
     def preload(self, model_id: str) -> LoadTicket | None:
         """A ticket on its disk load (cancel it when no longer wanted); None when already cached."""
         self._known(model_id)
-        return self.engine.lazy_tiers().fetch(model_id)
+        return self.engine.model_tiers().fetch(model_id)
 
     def entry(self, model_id: str) -> CatalogueEntry:
         model = self._known(model_id)
-        tiers = self.engine.lazy_tiers()
+        tiers = self.engine.model_tiers()
         resident = {m for m in (self.engine.active, self.engine.switcher.active_model) if m}
         load = next((p for p in tiers.progress() if p.model_id == model_id), None)
         return CatalogueEntry(model_id, model.profile.folder, tiers.tier(model_id, resident),

@@ -6,7 +6,8 @@ An instance registers catalogue models lazily: only the config and tokenizer are
 and the checkpoint's header is checked. The weights reach the host cache on demand: when
 the model is switched to, or earlier when a scheduler knows it is next (fetch). Host-cache
 room is made by the schedulers' order (cache_eviction.ModelActivity): never a model with
-unfinished work on this instance, nor one expected next.
+unfinished work on this instance, nor one expected next. Models registered eagerly
+(read at start-up) are tracked too, so one evicted later is read again from its folder.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ModelTiers:
         return lambda: checkpoint_filler(profile, round_to)
 
     def add(self, profile: ModelProfile, open_fill: OpenFill) -> None:
-        """Track a lazily registered model, its weights read through `open_fill()` when needed."""
+        """Track a registered model, its weights read through `open_fill()` when needed."""
         self._fills[profile.model_id] = open_fill
         self._profiles[profile.model_id] = profile
 

@@ -150,7 +150,7 @@ class MultiModelEngine:
         self.runner: ModelBackend | None = None  # the active model's backend
         self.switches = 0
         self.last_switch: SwitchRecord | None = None
-        self.tiers: ModelTiers | None = None  # made by the first lazy registration
+        self.tiers: ModelTiers | None = None  # made by the first registration
         self._loading: dict[str, LoadTicket] = {}  # weights_ready(): disk loads it started
         self._failed_loads: dict[str, BaseException] = {}  # seen by weights_ready(), raised by switch_to
 
@@ -166,10 +166,10 @@ class MultiModelEngine:
         round_to = weight_dtype if weight_dtype != compute else None  # vectors too, held in compute
         if lazy:  # checked now; the tiers track it only once every check passed
             profile = model_profile(model_id, Path(folder), held, self.config.slot_bytes, compute)
-            fill = self.lazy_tiers().check(profile, round_to)
         else:
             profile = register_model(self.cache, model_id, Path(folder), held, round_to,
                                      max_bytes=self.config.slot_bytes, compute=compute)
+        fill = ModelTiers.check(profile, round_to)  # read now or not, it can come back from disk
         config = profile.config
         max_len = min(ec.max_model_len or 1 << 62, config.max_position_embeddings, self.max_positions)
         num_blocks = self.config.kv_bytes // PagedKVCache.bytes_per_block(config, ec.block_size, compute)
@@ -181,15 +181,15 @@ class MultiModelEngine:
         shape = BlockShape.of(config, ec.block_size, compute)
         self.switcher.prepare(profile)  # backends for this shape, built here, not on the copier thread
         self.models[model_id] = _Model(profile, book, shape)
+        self.model_tiers().add(profile, fill)  # evicted later (admin, or room for a load): read again
         if lazy:
-            self.tiers.add(profile, fill)
             self.switcher.release_idle_leases = True  # catalogue models must stay evictable
         log.info("registered %s: %s weights held in %s, computing in %s (compute_dtype %s), %d KV "
                  "blocks, engine %s", model_id, *(str(d).removeprefix("torch.") for d in (
                      weight_dtype, held, compute)), ec.compute_dtype, num_blocks, ec.engine)
         return profile
 
-    def lazy_tiers(self) -> ModelTiers:
+    def model_tiers(self) -> ModelTiers:
         if self.tiers is None:
             self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m),
                                     room_wait_s=self.config.load_wait_s)

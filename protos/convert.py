@@ -80,7 +80,7 @@ def instance_status(engine: MultiModelEngine, name: str, role: str, queued: int,
         host_kv_used_bytes=engine.pool.stats().used_bytes, switches=engine.switches, policy=policy,
         requests_by_model={m: n for m in engine.models if (n := engine.num_requests(m))},
         host_cached=sorted(m for m in engine.models if engine.cache.contains(m)), kv_usage=_kv_usage(engine))
-    if engine.tiers is not None:  # catalogue models: disk loads in progress, and those done
+    if engine.tiers is not None:  # disk loads in progress, and those done
         status.loads.extend(ipb.ModelLoad(model=p.model_id, loaded_bytes=p.loaded_bytes,
                                           total_bytes=p.total_bytes, waiting_for_room=p.waiting_for_room)
                             for p in engine.tiers.progress())

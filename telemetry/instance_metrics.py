@@ -180,7 +180,7 @@ def _cache(engine: MultiModelEngine) -> list:
 
 
 def _tiers(engine: MultiModelEngine) -> list:
-    """The catalogue's disk loads and tiers (nothing while no model is registered lazily)."""
+    """The models' disk loads and tiers (nothing before the first registration)."""
     tiers = engine.tiers
     if tiers is None:
         return []

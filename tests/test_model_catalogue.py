@@ -413,3 +413,23 @@ def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wai
     assert seq.output_token_ids == _expected({"cold": shapes["tiny-llama"]})["cold"]
     engine.close()
     pool.close()
+
+
+def test_a_model_registered_at_start_up_and_evicted_is_read_again(shapes, shm_path):
+    """A model registered eagerly (--model, not the catalogue) is tracked by the tiers too: an
+    admin eviction or room made for a catalogue load does not lose it."""
+    folders = {"eager": shapes["tiny-qwen2"]}
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    engine.register("warm", shapes["tiny-llama"])
+    engine.register("eager", folders["eager"])
+    assert catalogue.entry("eager").tier is Tier.HOST
+    engine.switch_to("warm")
+    catalogue.evict("eager")
+    assert catalogue.entry("eager").tier is Tier.DISK
+    catalogue.preload("eager").wait(30)
+    assert catalogue.entry("eager").tier is Tier.HOST
+    catalogue.evict("eager")
+    assert _serve(engine, "eager", []) == _expected(folders)["eager"]  # switch reads it from disk
+    engine.close()
+    pool.close()
