@@ -58,8 +58,8 @@ class StackConfig:
     trace_endpoint: an OTLP gRPC endpoint (http://host:4317) every service sends its spans to;
       None: the services trace only if the environment's OTEL_* variables say so.
     nodes: 1, or 2 to exercise the cross-node path on one machine: two "nodes", each its own
-      kvtransfer agent and pool (NIXL data plane between them), prefill instances on node 0,
-      decode instances on node 1.
+      kvtransfer agent and pool (NIXL data plane between them) and host model cache (node 1's
+      beside node 0's, suffixed -node-1), prefill instances on node 0, decode instances on node 1.
     kv_streaming: prefill instances stream each layer's KV out while later layers compute.
     kv_stall_s: (nodes 2) a cross-node transfer without progress this long is failed and freed.
     kv_lease_s: a handed-off KV handle whose receiver stops renewing it is freed after this long.
@@ -331,7 +331,7 @@ class Stack:
         return ["--name", name, "--listen", f"{c.host}:0", "--kvtransfer", agent, *self._table_args(),
                 "--dtype", c.dtype, "--kv-mib", str(c.kv_mib), "--host-kv-mib", str(c.host_kv_mib),
                 "--threads", str(c.threads_per_instance), "--device", c.device, "--engine", c.engine,
-                "--policy", c.policy, *models, *self._catalogue_args(role),
+                "--policy", c.policy, *models, *self._catalogue_args(role, self._node_of(name)),
                 *(quotas if role == "decode" else [])]
 
     def _table_args(self) -> list[str]:
@@ -352,8 +352,9 @@ class Stack:
             finally:
                 table.close()
 
-    def _catalogue_args(self, role: str) -> list[str]:
-        """The catalogue folder (proxy and instances), host-cache size (instances), admin token (proxy)."""
+    def _catalogue_args(self, role: str, node: int = 0) -> list[str]:
+        """The catalogue folder (proxy and instances), host-cache size and folder (instances: node 1
+        of two has a cache of its own, as another machine would), admin token (proxy)."""
         c = self.config
         args = ["--catalogue", str(c.catalogue)] if c.catalogue is not None else []
         if role == "proxy":
@@ -361,7 +362,13 @@ class Stack:
         args += ["--host-cache-mib", str(c.host_cache_mib)] if c.host_cache_mib is not None else []
         args += ["--slot-mib", str(c.slot_mib)] if c.slot_mib is not None else []
         args += ["--load-wait-s", str(c.load_wait_s)] if c.load_wait_s is not None else []
-        return args + (["--host-cache-dir", str(c.host_cache_dir)] if c.host_cache_dir is not None else [])
+        cache_dir = c.host_cache_dir
+        if node:
+            from tokenpool.engine.host_model_cache import default_root  # torch: only when needed
+
+            root = c.host_cache_dir or default_root()
+            cache_dir = root.with_name(f"{root.name}-node-{node}")
+        return args + (["--host-cache-dir", str(cache_dir)] if cache_dir is not None else [])
 
     def _gateway_args(self, proxy: Service) -> list[str]:
         c = self.config
@@ -387,11 +394,15 @@ class Stack:
         peer = "kvtransfer-1" if name == "kvtransfer-0" else "kvtransfer-0"
         return ["--nixl", "--allow-peer", peer, "--stall-s", str(self.config.kv_stall_s)]
 
+    def _node_of(self, name: str) -> int:
+        """Two nodes: prefill instances on node 0, decode instances on node 1."""
+        return 1 if self.config.nodes == 2 and name.startswith("decode") else 0
+
     def _node_args(self, instances: list[Service]) -> list[str]:
         """Two nodes: where each instance runs and each node's agent, for the proxy's routing."""
         if self.config.nodes == 1:
             return []
-        nodes = [f"--node={s.name}=node-{1 if s.name.startswith('decode') else 0}" for s in instances]
+        nodes = [f"--node={s.name}=node-{self._node_of(s.name)}" for s in instances]
         return nodes + [f"--node-agent=node-{i}={a}" for i, a in enumerate(self.agents)]
 
     def _env(self, name: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ Every call is checked against the admin token first (cli/admin_token.py). Change
 every prefill and decode instance through their internal Catalogue RPC and take effect at the
 proxy (served models, dispatch timings, metrics series) only once every instance agreed; an
 instance that refuses rolls the others back, so no model is left half-registered. Host-cache
-operations (evict, preload) go to one instance: the cache is the node's.
+operations (evict, preload) go to one instance per node (--node): the cache is the node's.
 
 Removal refuses while requests for the model are in flight (FAILED_PRECONDITION naming the
 count): it does not drain. The model stops being served at the proxy for the duration of the
@@ -136,12 +136,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return apb.AdminReply(message=f"removed {model_id} from {len(self._instances())} instances")
 
     async def _on_cache(self, action: str, model_id: str) -> apb.AdminReply:
+        """evict or preload on every node's host cache, through one instance of each."""
         self._known(model_id)
-        name, instance = self._names()[0], self._instances()[0]
-        reply = await self._one(instance, ipb.CatalogueRequest(action=action, model=model_id), CALL_TIMEOUT_S)
-        entry = _merge(model_id, [(name, reply)])
-        done = {"evict": f"evicted {model_id} from the host cache (tier {entry.tier})",
-                "preload": f"preloading {model_id}: tier {entry.tier}"
+        per_node = self._one_per_node()
+        request = ipb.CatalogueRequest(action=action, model=model_id)
+        results = await asyncio.gather(*(self._one(i, request, CALL_TIMEOUT_S) for i in per_node.values()),
+                                       return_exceptions=True)
+        done = [n for n, r in zip(per_node, results, strict=True) if not isinstance(r, BaseException)]
+        for node, result in zip(per_node, results, strict=True):
+            if isinstance(result, AdminRefusal):
+                where = f"node {node}: " if len(per_node) > 1 else ""
+                also = f" ({action} done on {', '.join(map(str, done))})" if done else ""
+                raise AdminRefusal(result.code, f"{where}{result}{also}")
+            if isinstance(result, BaseException):
+                raise AdminRefusal(grpc.StatusCode.INTERNAL, f"{action} {model_id}: {result}")
+        entry = _merge(model_id, [(i.name, r) for i, r in zip(per_node.values(), results, strict=True)])
+        nodes = f" on {len(per_node)} nodes" if len(per_node) > 1 else ""
+        done = {"evict": f"evicted {model_id} from the host cache{nodes} (tier {entry.tier})",
+                "preload": f"preloading {model_id}{nodes}: tier {entry.tier}"
                            + (f", {entry.loaded_bytes / 2**20:.1f}/{entry.weight_bytes / 2**20:.1f} MiB read"
                               if entry.loading else "")}
         return apb.AdminReply(message=done[action], model=entry)
@@ -155,6 +167,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def _instances(self) -> list:
         return [*self.backend.prefill, *self.backend.decode]
+
+    def _one_per_node(self) -> dict[str, object]:
+        """node -> one of its instances, a live one if any: the host cache is the node's (one node: "")"""
+        per_node: dict[str, object] = {}
+        for instance in sorted(self._instances(), key=lambda i: i.lost.is_set()):
+            per_node.setdefault(self.backend.nodes.get(instance.name, ""), instance)
+        return per_node
 
     def _names(self) -> list[str]:
         return [i.name for i in self._instances()]
