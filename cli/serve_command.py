@@ -61,6 +61,7 @@ async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     from tokenpool.proxy.local_backend import LocalBackend
     from tokenpool.proxy.request_table import make_request_table
     from tokenpool.proxy.served_model import served_models
+    from tokenpool.proxy.stop_serving import stop_serving
 
     from .service_process import start_grpc_server, wait_for_signal
 
@@ -75,7 +76,7 @@ async def _serve(args: argparse.Namespace, folders: dict[str, Path]) -> None:
           f"(tokenpool.v1.Inference; health and reflection on)", flush=True)
     await wait_for_signal()
     print("tokenpool: shutting down", file=sys.stderr, flush=True)
-    await server.grpc.stop(grace=5)
+    await stop_serving(server, servicer, 0.0, "the server is shutting down")
     await backend.close()
     servicer.close()
     engine.close()

@@ -25,7 +25,8 @@ from tokenpool.cli.service_process import add_metrics_arg
 from tokenpool.cli.table_args import add_table_backend_args
 from tokenpool.engine.turn_policy import POLICIES
 
-STOP_GRACE_S = 5.0  # streams in flight get this long once the port closes
+from .stop_serving import STOP_GRACE_S, stop_serving
+
 FENCE_POLL_S = 0.5  # table.fenced is a flag: polling it costs nothing
 FENCED_NOTICE_S = 2.0  # fenced: NOT_SERVING, new calls refused naming the fence, then the port closes
 EXIT_FENCED = 3  # the exit status of a fenced proxy: Kubernetes (or any supervisor) starts a fresh one
@@ -154,10 +155,11 @@ async def serve(args: argparse.Namespace) -> int | None:
                       "(clients retry another proxy); exiting with status %d within %g s for the "
                       "supervisor to start a fresh proxy", args.table, EXIT_FENCED,
                       FENCED_NOTICE_S + STOP_GRACE_S)
-            await _stop_serving(server, FENCED_NOTICE_S)
+            await stop_serving(server, servicer, FENCED_NOTICE_S, f"this proxy was fenced by request table "
+                               f"{args.table!r} (its heartbeat lapsed)")
             return EXIT_FENCED
         print("tokenpool: proxy shutting down", file=sys.stderr, flush=True)
-        await _stop_serving(server, 0.0)
+        await stop_serving(server, servicer, 0.0, "the proxy is shutting down")
         return None
     finally:
         stop.cancel()
@@ -176,16 +178,6 @@ async def _wait_fenced(table) -> None:
     """Return once the table has fenced this proxy; never on a table without fencing (shm)."""
     while not table.fenced:
         await asyncio.sleep(FENCE_POLL_S)
-
-
-async def _stop_serving(server, notice_s: float) -> None:
-    """The one way the proxy stops (SIGTERM or fenced): health NOT_SERVING for "" and every service
-    at once (load balancers and health-checking clients send nothing new), notice_s during which new
-    calls still get the servicer's own answer, then the port closes and streams in flight get
-    STOP_GRACE_S to end."""
-    await server.health.enter_graceful_shutdown()
-    await asyncio.sleep(notice_s)
-    await server.grpc.stop(STOP_GRACE_S)
 
 
 async def _learn_slo(args: argparse.Namespace, backend, metrics) -> None:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_MS = 1000  # the hint a refused-for-load request gets (trailing metadata "retry-after-ms")
 RETRY_HINT = (("retry-after-ms", str(RETRY_AFTER_MS)),)
+DRAIN_POLL_S = 0.05  # drained(): how often it looks
 MAX_TOKENIZE_IDS = 1 << 18  # ids a Tokenize answer or a Detokenize request holds at most (~1.3 MB)
 
 
@@ -110,11 +111,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.metrics = metrics
         self.progress = ProgressReporter(lambda: table, registry, name="proxy", close_table=False)
         self.releases = DeferredReleases(table)  # rows a stalled instance holds locked at the end
+        self._streaming: dict[int, Submission] = {}  # submitted, not ended (by id): end_streams' reach
 
     def close(self) -> None:
         """Stop the progress writer (after what is pending, briefly); the table stays open."""
         self.progress.close()
         self.releases.close()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for every stream in flight to end -> whether they all did."""
+        deadline = time.monotonic() + timeout_s
+        while self._streaming and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return not self._streaming
+
+    def end_streams(self, code: grpc.StatusCode, message: str) -> int:
+        """End every stream in flight with this status (after the tokens already queued for it) and
+        cancel its request -> how many. Loop thread only."""
+        for sub in self._streaming.values():
+            sub.outputs.put_nowait(RequestError(code, message))
+        return len(self._streaming)
 
     async def ListModels(self, request, context):
         statuses = [s for s in await self.backend.statuses() if "unreachable" not in s.role]
@@ -163,6 +179,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             await self._submit(sub, context)
             submitted, state, outcome = True, RequestState.CANCELLED, "failed"
+            self._streaming[id(sub)] = sub
             async for response in self._stream(sub, start, context, timer):
                 yield response
             state, outcome = RequestState.FINISHED, "finished"
@@ -170,6 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             outcome = "cancelled"
             raise
         finally:
+            self._streaming.pop(id(sub), None)
             if submitted and state is not RequestState.FINISHED:
                 self.backend.cancel(sub)  # client gone, deadline passed or failed: free the KV
             self.releases.end(sub.table_slot, state)

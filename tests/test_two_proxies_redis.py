@@ -21,8 +21,9 @@ from redis_server import redis_server
 from stack_helpers import service, start_tiny_stack, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
-from tokenpool.proxy.__main__ import EXIT_FENCED, FENCE_POLL_S, FENCED_NOTICE_S, STOP_GRACE_S
+from tokenpool.proxy.__main__ import EXIT_FENCED, FENCE_POLL_S, FENCED_NOTICE_S
 from tokenpool.proxy.redis_request_table import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, RedisRequestTable
+from tokenpool.proxy.stop_serving import STOP_GRACE_S
 from tokenpool.proxy.table_recovery import RECLAIM_EVERY_S
 
 MODELS = ("tiny-llama", "tiny-qwen3")
