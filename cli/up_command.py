@@ -32,7 +32,8 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
-               "gateway", "gateway_port", "catalogue", "host_cache_mib", "slot_mib", "load_wait_s",
+               "gateway", "gateway_port", "catalogue", "host_cache_mib", "host_cache_dir", "slot_mib",
+               "load_wait_s",
                "admin_token_file")
 WATCH_INTERVAL_S = 0.5
 RESTARTS, RESTART_WINDOW_S = 3, 300.0  # per service: more than this many in the window stops the stack
@@ -93,7 +94,11 @@ def add_parser(commands) -> None:
                    help="serve every model folder under DIR, loaded from disk on demand (with --model: "
                    "those too; alone: only the catalogue)")
     p.add_argument("--host-cache-mib", type=int, default=None,
-                   help="the node's host model cache, MiB (default 8192); a catalogue may exceed it")
+                   help="the node's host model cache, MiB (default 8192); a catalogue may exceed it. One "
+                   "size per cache: one already in use by other processes keeps theirs (a warning says so)")
+    p.add_argument("--host-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="the host model cache's folder (default /dev/shm/tokenpool-<uid>/models, shared "
+                   "by the node's stacks)")
     p.add_argument("--load-wait-s", type=float, default=None, metavar="S",
                    help="how long a catalogue model's disk load waits for host-cache room held by busy "
                    "models before its requests fail RESOURCE_EXHAUSTED (default 120)")
@@ -115,7 +120,7 @@ def stack_config(args: argparse.Namespace):
     values.update({k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None})
     values.setdefault("gateway", True)  # on for `tokenpool up`; StackConfig's default (tests) is off
     specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
-    for key in ("catalogue", "admin_token_file"):
+    for key in ("catalogue", "admin_token_file", "host_cache_dir"):
         if key in values:  # absolute: every service is given the same path
             values[key] = Path(values[key]).expanduser().resolve()
     # With a catalogue folder, no --model means only the catalogue (not the built-in models).

@@ -366,7 +366,7 @@ class Stack:
         if node:
             from tokenpool.engine.host_model_cache import default_root  # torch: only when needed
 
-            root = c.host_cache_dir or default_root()
+            root = Path(c.host_cache_dir) if c.host_cache_dir is not None else default_root()
             cache_dir = root.with_name(f"{root.name}-node-{node}")
         return args + (["--host-cache-dir", str(cache_dir)] if cache_dir is not None else [])
 

@@ -43,6 +43,7 @@ import msgspec
 import torch
 from tqdm import tqdm
 
+from .cache_capacity import join_capacity
 from .cache_eviction import EvictionCandidate
 from .polling import poll
 from .private_shm import private_dir, reserve, shm_root
@@ -166,7 +167,8 @@ class HostModelCache:
     """Models' weights in shared memory, bounded by capacity_bytes, evicted when unused
     (least recently used first, or in victim_order's order).
 
-    Any number of processes may construct one over the same root and use it at once.
+    Any number of processes may construct one over the same root and use it at once; they share
+    one capacity (engine/cache_capacity.py: the first user's, while any user remains).
     """
 
     def __init__(self, root: Path | None = None, capacity_bytes: int = 8 << 30,
@@ -176,7 +178,7 @@ class HostModelCache:
         if root is None:
             private_dir(default_root().parent)
         self.root = private_dir(Path(root) if root is not None else default_root())
-        self._capacity = capacity_bytes
+        self._user_fd = -1  # so __del__ of a half-built cache closes nothing
         self.progress = progress
         self.counters = CacheCounters()
         # None: least recently used first. Else (engine/cache_eviction.py) the schedulers' order,
@@ -188,6 +190,17 @@ class HostModelCache:
         self.lock_timeout_s = REGISTRY_LOCK_TIMEOUT_S
         with self._registry_lock():
             self._sweep_crashed()
+            # The folder's, agreed by its users (engine/cache_capacity.py); held until close().
+            self._capacity, self._user_fd = join_capacity(self.root, capacity_bytes)
+
+    def close(self) -> None:
+        """Stop being one of the cache's users (what is cached stays); idempotent."""
+        fd, self._user_fd = getattr(self, "_user_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def capacity_bytes(self) -> int:

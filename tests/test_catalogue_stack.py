@@ -402,6 +402,12 @@ def test_up_takes_a_catalogue_and_hands_it_to_every_service(catalogue, tmp_path)
     args = build_parser().parse_args(["up", "--catalogue", str(catalogue[0]), "--load-wait-s", "30"])
     waiting = Stack(stack_config(args), tmp_path / "logs")._catalogue_args("prefill")
     assert waiting[-2:] == ["--load-wait-s", "30.0"]
+    args = build_parser().parse_args(["up", "--catalogue", str(catalogue[0]), "--host-cache-dir", "cache",
+                                      "--nodes", "2"])
+    two_nodes = Stack(stack_config(args), tmp_path / "logs")
+    here = Path("cache").resolve()  # resolved once: every service gets the same folder
+    assert two_nodes._catalogue_args("prefill", 0)[-2:] == ["--host-cache-dir", str(here)]
+    assert two_nodes._catalogue_args("decode", 1)[-2:] == ["--host-cache-dir", f"{here}-node-1"]
     assert proxy == ["--catalogue", str(catalogue[0]), "--admin-token-file", str(token)]
     with pytest.raises(ValueError, match="host_cache_mib must be >= 1"):
         StackConfig(models={}, catalogue=catalogue[0], host_cache_mib=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import stat
@@ -67,7 +68,7 @@ def start_child(script: str, *args: str) -> subprocess.Popen:
 
 
 def files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name != ".registry.lock")
+    return sorted(p.name for p in root.iterdir() if p.name not in (".registry.lock", ".capacity"))
 
 
 @pytest.fixture
@@ -283,3 +284,46 @@ def test_default_root_is_per_user_shared_memory():
     root = default_root()
     assert root.name == "models" and root.parent.name == f"tokenpool-{os.getuid()}"
     assert root.parts[:3] == ("/", "dev", "shm") or not Path("/dev/shm").is_dir()
+
+
+def test_processes_sharing_a_cache_share_the_first_users_capacity(root, caplog):
+    """A second user asking for another capacity takes the first's (with a warning naming both), so
+    no process evicts for a smaller capacity than the others keep; once every user has gone, even by
+    SIGKILL, the next one sets its own."""
+    child = start_child("""
+        print(cache.capacity_bytes, flush=True)
+        time.sleep(60)
+    """, str(root), "unused")
+    try:
+        assert int(child.stdout.readline()) == 8 << 30  # the default, recorded: the first user
+        with caplog.at_level(logging.WARNING, logger="tokenpool.engine.cache_capacity"):
+            small = HostModelCache(root, capacity_bytes=3 * ALIGN, progress=False)
+        assert small.capacity_bytes == 8 << 30
+        assert "capacity of 8192 MiB; this one asked for 0.01172 MiB and uses theirs" in caplog.text
+        assert "--host-cache-dir" in caplog.text
+        small.close()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    small = HostModelCache(root, capacity_bytes=3 * ALIGN, progress=False)  # alone now: its own
+    assert small.capacity_bytes == 3 * ALIGN
+    same = HostModelCache(root, capacity_bytes=5 * ALIGN, progress=False)
+    assert same.capacity_bytes == 3 * ALIGN  # one capacity per cache, in one process as across them
+    for model_id in "abcd":
+        one_block_model(same, model_id)
+    assert small.used_bytes == 3 * ALIGN  # both evicted for the shared capacity
+    small.close()
+    same.close()
+
+
+def test_an_unreadable_capacity_file_is_rewritten_by_the_next_user(root, caplog):
+    HostModelCache(root, capacity_bytes=2 * ALIGN, progress=False).close()
+    (root / ".capacity").write_bytes(b"\xc1" * 10_000)  # not msgpack, and past the size bound
+    first = HostModelCache(root, capacity_bytes=4 * ALIGN, progress=False)  # alone: no read at all
+    assert first.capacity_bytes == 4 * ALIGN
+    (root / ".capacity").write_bytes(b"\x81\xa1x\x01")  # {"x": 1}: a record of another schema
+    with caplog.at_level(logging.WARNING, logger="tokenpool.engine.cache_capacity"):
+        second = HostModelCache(root, capacity_bytes=6 * ALIGN, progress=False)
+    assert second.capacity_bytes == 6 * ALIGN and "unreadable" in caplog.text
+    first.close()
+    second.close()
