@@ -10,7 +10,10 @@ A load that finds the host cache full of models it may not evict (attached, or k
 schedulers for their queued work) waits for room instead of failing: that work ends and frees
 it. It retries with backoff until the room is there, every waiter has cancelled, or
 room_wait_s has passed (then its waiters get the CacheBusyError naming what holds the room).
-Two loads run at once, so one waiting for room does not hold up another that fits meanwhile.
+A waiting load takes a place in the cache's line (engine/room_queue.py), across processes: a
+later load, here or in another instance, gets room only beside what the earlier ones need, so a
+large model is not starved by smaller ones taking each bit of room that frees. Two loads run at
+once, so one waiting for room does not hold up another that fits beside its reservation.
 """
 
 from __future__ import annotations
@@ -151,18 +154,24 @@ class ColdLoader:
         still waits, for at most room_wait_s."""
         give_up = time.monotonic() + self.room_wait_s
         pause = ROOM_POLL_S[0]
-        while True:
-            try:
-                self.cache.register(load.model_id, specs, fill, metadata)
-                return
-            except CacheBusyError as exc:
-                if time.monotonic() >= give_up:
-                    raise CacheBusyError(f"{exc} (waited {self.room_wait_s:g} s for room)") from exc
-                load.waiting_for_room = True
-            if load.abandoned.wait(pause):
-                raise LoadAbandonedError(f"load of model {load.model_id!r} abandoned while waiting for "
-                                         f"host-cache room: every request waiting for it was cancelled")
-            pause = min(2 * pause, ROOM_POLL_S[1])
+        place = None  # in line for room (engine/room_queue.py) from the first refusal on
+        try:
+            while True:
+                try:
+                    self.cache.register(load.model_id, specs, fill, metadata, place=place)
+                    return
+                except CacheBusyError as exc:
+                    if time.monotonic() >= give_up:
+                        raise CacheBusyError(f"{exc} (waited {self.room_wait_s:g} s for room)") from exc
+                    load.waiting_for_room = True
+                    place = place or self.cache.wait_in_line(load.model_id, specs)
+                if load.abandoned.wait(pause):
+                    raise LoadAbandonedError(f"load of model {load.model_id!r} abandoned while waiting for "
+                                             f"host-cache room: every request waiting for it was cancelled")
+                pause = min(2 * pause, ROOM_POLL_S[1])
+        finally:
+            if place is not None:
+                place.leave()
 
     def _finish(self, load: _Load, exc: BaseException | None) -> None:
         with self._lock:

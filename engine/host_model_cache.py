@@ -47,6 +47,7 @@ from .cache_capacity import join_capacity
 from .cache_eviction import EvictionCandidate
 from .polling import poll
 from .private_shm import private_dir, reserve, shm_root
+from .room_queue import Place, RoomQueue, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class HostModelCache:
             private_dir(default_root().parent)
         self.root = private_dir(Path(root) if root is not None else default_root())
         self._user_fd = -1  # so __del__ of a half-built cache closes nothing
+        self.room_queue = RoomQueue(self.root)  # loads waiting for room, first come first served
         self.progress = progress
         self.counters = CacheCounters()
         # None: least recently used first. Else (engine/cache_eviction.py) the schedulers' order,
@@ -214,19 +216,21 @@ class HostModelCache:
     # ---- register -------------------------------------------------------------------------------
 
     def register(self, model_id: str, specs: Sequence[TensorSpec], fill: Callable[[str, torch.Tensor], None],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, place: Place | None = None) -> None:
         """Cache a model: fill(name, dest) copies each tensor into `dest`, a view into shared memory.
 
         Idempotent for an id already registered with the same layout; one of another layout is
         replaced if `replaces` says it is stale and nobody has it attached, else ModelConflictError.
         Waits for another process registering the same id. Evicts least-recently used unattached
         models to make room, else raises CacheBusyError (the room is held for now) or
-        CacheFullError (more than the capacity) and changes nothing.
+        CacheFullError (more than the capacity) and changes nothing. The room counted as free
+        leaves out what loads waiting in line before this one need (engine/room_queue.py); place:
+        this registration's own place in that line (wait_in_line), left once its room is claimed.
         If fill raises, nothing is left behind.
         """
         entries, total = _plan_layout(specs)
         metadata = _check_metadata(metadata or {})
-        fd = self._claim(model_id, entries, total)
+        fd = self._claim(model_id, entries, total, place)
         if fd is None:
             return
         try:
@@ -238,7 +242,14 @@ class HostModelCache:
         finally:
             os.close(fd)
 
-    def _claim(self, model_id: str, entries: list[TensorEntry], total: int) -> int | None:
+    def wait_in_line(self, model_id: str, specs: Sequence[TensorSpec]) -> Place:
+        """A place in line for room, for a registration refused CacheBusyError that will try again:
+        later registrations leave it room. Leave it when done (register leaves it on success)."""
+        with self._registry_lock():
+            return self.room_queue.join(model_id, _plan_layout(specs)[1])
+
+    def _claim(self, model_id: str, entries: list[TensorEntry], total: int,
+               place: Place | None) -> int | None:
         """None if already registered; else the new segment's fd, EX-locked, its room reserved."""
         key = _file_key(model_id)
         while True:
@@ -252,9 +263,12 @@ class HostModelCache:
                     self._replace_stale(old, key, entries, total)
                 busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
                 if busy is None:
-                    self._make_room(model_id, total)
+                    self._make_room(model_id, total, place)
                     self.counters.misses += 1
-                    return self._create_segment(key, total)
+                    fd = self._create_segment(key, total)
+                    if place is not None:
+                        place.leave()  # the segment holds the room now
+                    return fd
             _wait_for_writer(busy)
 
     def _create_segment(self, key: str, total: int) -> int:
@@ -325,18 +339,20 @@ class HostModelCache:
 
     # ---- capacity -------------------------------------------------------------------------------
 
-    def _make_room(self, model_id: str, need: int) -> None:
-        """Evict LRU unattached models until `need` bytes fit: all or nothing. Registry lock held."""
+    def _make_room(self, model_id: str, need: int, place: Place | None = None) -> None:
+        """Evict LRU unattached models until `need` bytes fit beside what the loads in line before
+        this one need: all or nothing. Registry lock held."""
         if need > self._capacity:
             raise CacheFullError(f"model {model_id!r} needs {need} bytes, more than the cache's whole "
                                  f"capacity of {self._capacity} bytes")
-        shortfall = need - (self._capacity - self.used_bytes)
+        ahead = self.room_queue.ahead(model_id, place)
+        shortfall = need + sum(w.nbytes for w in ahead) - (self._capacity - self.used_bytes)
         if shortfall <= 0:
             return
         victims, in_use = self._lock_victims(shortfall)
         try:
             if sum(v.nbytes for v, _ in victims) < shortfall:
-                raise CacheBusyError(self._full_message(model_id, need, in_use))
+                raise CacheBusyError(self._full_message(model_id, need, in_use, ahead))
             for victim, _ in victims:
                 self._remove_files(victim.key)
                 self.counters.evictions += 1
@@ -368,7 +384,8 @@ class HostModelCache:
         ordered = self.victim_order([EvictionCandidate(e.model_id, e.nbytes) for e in lru])
         return [by_id[c.model_id] for c in ordered if c.model_id in by_id]
 
-    def _full_message(self, model_id: str, need: int, in_use: list[_Entry]) -> str:
+    def _full_message(self, model_id: str, need: int, in_use: list[_Entry],
+                      ahead: Sequence[Waiter] = ()) -> str:
         catalog = self._catalog()
         ready = sum(e.nbytes for e in catalog)
         pending = self.used_bytes - ready
@@ -378,7 +395,9 @@ class HostModelCache:
         return (f"cache full: model {model_id!r} needs {need} bytes; capacity {self._capacity}, "
                 f"used {self.used_bytes} ({pending} by registrations in progress); "
                 f"models in use, which cannot be evicted: {held}"
-                + (f"; kept by the schedulers for queued or expected work: {kept}" if kept else ""))
+                + (f"; kept by the schedulers for queued or expected work: {kept}" if kept else "")
+                + (f"; left for loads waiting since before this one: "
+                   f"{', '.join(f'{w.model_id!r} ({w.nbytes} bytes)' for w in ahead)}" if ahead else ""))
 
     # ---- attach / list / evict ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from tokenpool.engine.host_model_cache import (
     ALIGN,
+    CacheBusyError,
     CacheFullError,
     CacheLockTimeout,
     CacheMissError,
@@ -327,3 +328,34 @@ def test_an_unreadable_capacity_file_is_rewritten_by_the_next_user(root, caplog)
     assert second.capacity_bytes == 6 * ALIGN and "unreadable" in caplog.text
     first.close()
     second.close()
+
+
+def test_a_load_waiting_in_another_process_keeps_its_room_until_it_dies(root):
+    """engine/room_queue.py across processes: a later registration gets room only beside what an
+    earlier waiter needs; the waiter's place dies with its process (SIGKILL) and is removed."""
+    cache = HostModelCache(root, capacity_bytes=3 * ALIGN, progress=False)
+    child = start_child("""
+        place = cache.wait_in_line(model_id, [TensorSpec("w", torch.float32, (2 * 1024,))])
+        print("waiting", flush=True)
+        time.sleep(60)
+    """, str(root), "big")
+    try:
+        assert child.stdout.readline() == "waiting\n"
+        one_block_model(cache, "a")  # 1 + 2 reserved: fits
+        waiting = r"left for loads waiting since before this one: 'big' \(8192 bytes\)"
+        with cache.attach("a"), pytest.raises(CacheBusyError, match=waiting):
+            one_block_model(cache, "b")  # fits in what is free, not beside "big"
+        assert files(root) == [*_segment_files(cache, "a"), f"wait-{child.pid}-0.wait"]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    one_block_model(cache, "b")  # the waiter is gone: its room with it
+    assert files(root) == sorted([*_segment_files(cache, "a"), *_segment_files(cache, "b")])
+    place = cache.wait_in_line("c", [TensorSpec("w", torch.float32, (1024,))])
+    cache.register("c", [TensorSpec("w", torch.float32, (1024,))], lambda name, dest: dest.fill_(1.0),
+                   place=place)
+    assert place.fd == -1 and not any(name.endswith(".wait") for name in files(root))  # left on success
+
+
+def _segment_files(cache: HostModelCache, model_id: str) -> list[str]:
+    return sorted(p.name for p in cache.root.iterdir() if p.name.startswith(f"{model_id}-"))

@@ -52,6 +52,38 @@ def test_victims_skip_busy_and_expected_models_and_prefer_idle_cheap_ones():
         activity.finished("busy")
 
 
+def test_a_large_load_waiting_for_room_is_not_starved_by_smaller_ones(shm_path):
+    """Room freeing a bit at a time goes to the load that has waited longest: a small load that
+    arrives later, and would fit in the first bit, waits behind it (engine/room_queue.py)."""
+    cache = HostModelCache(shm_path / "cache", capacity_bytes=6 * 4096, progress=False)
+    for model_id in ("a", "b"):
+        cache.register(model_id, _specs(2), lambda name, dest: dest.fill_(1.0))
+    leases = {m: cache.attach(m) for m in ("a", "b")}  # 4 of 6 blocks in use
+    loader = ColdLoader(cache, room_wait_s=60)
+    big = loader.load("big", _specs(4), lambda name, dest: dest.fill_(2.0))
+    _wait_for(lambda: any(p.waiting_for_room for p in loader.progress()), "the big load never waited")
+    small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(3.0))  # fits in the free 2
+    _wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
+              "the small load neither waited nor ended")
+    assert not small.done()  # the free room is the big load's first part
+    leases.pop("a").close()  # 2 more blocks can go: enough for "big", which was first
+    big.wait(30)
+    assert cache.contains("big") and not cache.contains("a")
+    small.wait(30)  # then the small one (evicting what nobody holds)
+    assert cache.contains("small") and cache.used_bytes <= 6 * 4096
+    for ticket in (big, small):
+        ticket.cancel()
+    leases.pop("b").close()
+    loader.close()
+
+
+def _wait_for(condition, failure: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
 def _specs(n: int) -> list[TensorSpec]:
     import torch
 
@@ -91,9 +123,9 @@ def test_concurrent_requests_share_one_load_and_a_cancelled_load_leaves_nothing(
 
 def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_path):
     """A cache full of a model in use: the load waits (progress says so) and proceeds once the
-    lease goes; a smaller load that fits meanwhile is not held up behind a waiting one; with
-    nobody letting go a load fails after room_wait_s naming what holds the room, and one whose
-    waiters all cancel while it waits is abandoned; nothing is left behind."""
+    lease goes; a smaller load that would fit waits behind the waiting one, until that one leaves
+    the line; with nobody letting go a load fails after room_wait_s naming what holds the room,
+    and one whose waiters all cancel while it waits is abandoned; nothing is left behind."""
     cache = HostModelCache(shm_path / "cache", capacity_bytes=6 * 4096, progress=False)
     cache.register("held", _specs(4), lambda name, dest: dest.fill_(1.0))
     lease = cache.attach("held")
@@ -112,12 +144,15 @@ def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_p
     waiting = loader.load("waiting", _specs(4), lambda name, dest: dest.fill_(6.0))  # does not fit
     while not any(p.waiting_for_room for p in loader.progress()):
         time.sleep(0.01)
-    small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(5.0))  # fits in what is free
-    small.wait(30)  # done while "waiting" waits: not held up behind it
-    assert cache.contains("small") and [p.model_id for p in loader.progress()] == ["waiting"]
-    waiting.cancel()
+    small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(5.0))  # fits, not beside "waiting"
+    _wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
+              "the small load neither waited nor ended")
+    assert not small.done() and not cache.contains("small")
+    waiting.cancel()  # leaves the line: the small load goes on
     with pytest.raises(LoadAbandonedError):
         waiting.wait(30)
+    small.wait(30)
+    assert cache.contains("small") and not loader.progress()
     small.cancel()
     cache.evict("small")
     impatient = ColdLoader(cache, room_wait_s=0.3)
