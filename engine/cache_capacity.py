@@ -19,6 +19,8 @@ from typing import Annotated
 
 import msgspec
 
+from .file_locks import flock_now
+
 log = logging.getLogger(__name__)
 
 CAPACITY_FILE = ".capacity"
@@ -39,7 +41,7 @@ def join_capacity(root: Path, wanted: int) -> tuple[int, int]:
     half-done."""
     fd = os.open(root / CAPACITY_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        recorded = None if _alone(fd) else _read(fd)
+        recorded = None if flock_now(fd) else _read(fd)  # EX had: the only user
         if recorded is None:  # the first user, or the others' record is unreadable: ours stands
             os.ftruncate(fd, 0)
             os.pwrite(fd, msgspec.msgpack.encode(CacheCapacity(wanted)), 0)
@@ -53,15 +55,6 @@ def join_capacity(root: Path, wanted: int) -> tuple[int, int]:
                     "the same size as the node's other services, or a cache of its own with "
                     "--host-cache-dir)", root, _mib(recorded), _mib(wanted))
     return (recorded or wanted), fd
-
-
-def _alone(fd: int) -> bool:
-    """EX on the capacity file without waiting -> whether this process is the only user."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _read(fd: int) -> int | None:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .cache_capacity import join_capacity
 from .cache_eviction import EvictionCandidate
+from .file_locks import flock_now
 from .polling import poll
 from .private_shm import private_dir, reserve, shm_root
 from .room_queue import Place, RoomQueue, Waiter
@@ -467,7 +468,7 @@ class HostModelCache:
     def _registry_lock(self) -> Iterator[None]:
         fd = os.open(self.root / ".registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if not poll(lambda: _flock_now(fd), self.lock_timeout_s, LOCK_PAUSE_S):
+            if not poll(lambda: flock_now(fd), self.lock_timeout_s, LOCK_PAUSE_S):
                 raise CacheLockTimeout(
                     f"host model cache {self.root}: its registry lock stayed held for "
                     f"{self.lock_timeout_s:g} s by a process that does not let go of it (stopped "
@@ -720,19 +721,10 @@ def _try_lock_exclusive(path: Path) -> int | None:
     FileNotFoundError if it is gone.
     """
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    if _flock_now(fd):
+    if flock_now(fd):
         return fd
     os.close(fd)
     return None
-
-
-def _flock_now(fd: int) -> bool:
-    """EX on fd without waiting -> whether it was had."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _wait_for_writer(fd: int) -> None:

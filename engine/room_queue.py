@@ -29,6 +29,8 @@ from typing import Annotated
 
 import msgspec
 
+from .file_locks import flock_now
+
 MAX_RECORD_BYTES = 4096
 _numbers = itertools.count()
 
@@ -100,17 +102,15 @@ class RoomQueue:
         except FileNotFoundError:
             return None
         try:
+            if flock_now(fd, shared=True):  # nobody holds it: a waiter that died
+                path.unlink(missing_ok=True)
+                return None
+            raw = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: its waiter is alive
-                raw = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
-                try:
-                    if len(raw) <= MAX_RECORD_BYTES:
-                        return _decoder.decode(raw)
-                except (msgspec.ValidationError, msgspec.DecodeError):
-                    pass
-                return None  # unreadable: counts for nothing (its owner removes it when it leaves)
-            path.unlink(missing_ok=True)  # nobody holds it: a waiter that died
-            return None
+                if len(raw) <= MAX_RECORD_BYTES:
+                    return _decoder.decode(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass
+            return None  # unreadable: counts for nothing (its owner removes it when it leaves)
         finally:
             os.close(fd)

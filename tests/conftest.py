@@ -102,3 +102,12 @@ def _bad_requests():
 
 
 BAD_REQUESTS = _bad_requests()
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    """An admin token file (0600) for a module's stack: --admin-token-file."""
+    path = tmp_path_factory.mktemp("admin") / "admin-token"
+    path.write_text("stack-admin-secret\n")
+    path.chmod(0o600)
+    return path

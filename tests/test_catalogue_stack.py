@@ -67,14 +67,6 @@ def expected(shapes):
 
 
 @pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("admin") / "admin-token"
-    path.write_text("catalogue-admin-secret\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture(scope="module")
 def host_cache_dir():
     import tempfile
 

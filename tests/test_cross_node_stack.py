@@ -37,14 +37,6 @@ STALL_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("admin") / "admin-token"
-    path.write_text("cross-node-admin-secret\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture(scope="module")
 def stack(tiny_dir, token_file, tmp_path_factory):
     config = StackConfig(models={m: tiny_dir / m for m in (*MODELS, IDLE)}, prefill=2, decode=1, port=0,
                          dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=48,

@@ -77,6 +77,18 @@ def test_a_large_load_waiting_for_room_is_not_starved_by_smaller_ones(shm_path):
     loader.close()
 
 
+def _gated(open_fill, gate: threading.Event):
+    """open_fill, whose fill holds each tensor until the gate opens."""
+    def gated_fill():
+        fill = open_fill()
+
+        def slow(name, dest):
+            assert gate.wait(30), "the test never opened the gate"
+            fill(name, dest)
+        return slow
+    return gated_fill
+
+
 def _wait_for(condition, failure: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -356,33 +368,20 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
     engine.register("warm", shapes["tiny-qwen3"])  # not a catalogue model: read into the cache now
     gate = threading.Event()
 
-    def gated(open_fill):
-        def gated_fill():
-            fill = open_fill()
-
-            def slow(name, dest):
-                assert gate.wait(30), "the test never opened the gate"
-                fill(name, dest)
-            return slow
-        return gated_fill
-
     def broken_fill():
         def fail(name, dest):
             raise OSError("disk read failed")
         return fail
 
     fills = engine.tiers._fills
-    fills["gated"], fills["dropped"] = gated(fills["gated"]), gated(fills["dropped"])
+    fills["gated"], fills["dropped"] = _gated(fills["gated"], gate), _gated(fills["dropped"], gate)
     fills["broken"] = broken_fill
     assert engine.weights_ready("gated") is False  # its load started, held at the gate
     assert engine.weights_ready("gated") is False and engine.tiers.loader.loading("gated")
     engine.switch_to("warm")  # a model in memory switches in meanwhile
     assert engine.weights_ready("warm") is True
     gate.set()
-    deadline = time.monotonic() + 30
-    while not engine.weights_ready("gated"):
-        assert time.monotonic() < deadline, "the load never ended"
-        time.sleep(0.01)
+    _wait_for(lambda: engine.weights_ready("gated"), "the load never ended")
     assert engine.cache.contains("gated") and not engine._loading
     engine.switch_to("gated")  # no disk read now
     assert engine.active == "gated"
@@ -417,18 +416,8 @@ def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wai
     engine.register("warm", shapes["tiny-qwen3"])
     engine.switch_to("warm")
     gate = threading.Event()
-    open_fill = engine.tiers._fills["cold"]
-
-    def gated_fill():
-        fill = open_fill()
-
-        def slow(name, dest):
-            assert gate.wait(30), "the test never opened the gate"
-            fill(name, dest)
-        return slow
-
     catalogue.preload("cold").wait(30)  # read before the gate goes in
-    engine.tiers._fills["cold"] = gated_fill
+    engine.tiers._fills["cold"] = _gated(engine.tiers._fills["cold"], gate)
     assert engine.weights_ready("cold") is True
     catalogue.evict("cold")  # as another process's eviction would
     started = time.monotonic()
@@ -437,10 +426,7 @@ def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wai
     assert engine.active == "warm" and engine.tiers.loader.loading("cold")
     assert engine.weights_ready("cold") is False
     gate.set()
-    deadline = time.monotonic() + 30
-    while not engine.weights_ready("cold"):
-        assert time.monotonic() < deadline, "the load never ended"
-        time.sleep(0.01)
+    _wait_for(lambda: engine.weights_ready("cold"), "the load never ended")
     assert engine.switch_to("cold", read_disk=False) is True and engine.active == "cold"
     seq = engine.add_request("cold", PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     while engine.has_unfinished("cold"):
