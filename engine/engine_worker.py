@@ -119,11 +119,13 @@ class EngineWorker:
     def activate(self, model: str) -> bool:
         # Its weights still on their way from disk (or waiting for host-cache room): posted calls
         # (arrivals, cancellations, status) run meanwhile. The turn is given up when the model's
-        # requests all went, or when another model with work is in memory now (an arrival): its work
-        # goes first, and may be what frees the room this load waits for.
+        # requests all went, or when another model with work is in memory now (an arrival, or work
+        # the policy holds, e.g. a queued prefill group): its work goes first, and may be what
+        # frees the room this load waits for (the schedulers keep a model with work cached).
         while not self.engine.weights_ready(model):
             if self._stop.is_set() or not self.engine.has_unfinished(model) or any(
-                    self.engine.weights_ready(m) for m in self.models_with_work() if m != model):
+                    self.engine.weights_ready(m) for m in self.models_with_work() if m != model) or any(
+                    self.engine.weights_in_memory(m) for m in self.policy.waiting_models() if m != model):
                 return False
             self._run_posted(block=True, timeout=LOAD_POLL_S)
         switches = self.engine.switches if self.observers else 0

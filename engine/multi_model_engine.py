@@ -327,10 +327,7 @@ class MultiModelEngine:
         models in memory meanwhile instead of holding the engine thread for the read. A load that
         failed -> True: the switch then reports its error to the model's requests (read_disk=False)
         or reads again."""
-        if (self.tiers is None or model_id not in self.tiers or model_id == self.active
-                or self.switcher.is_prefetched(model_id)):
-            return True
-        if model_id not in self._loading and self.cache.contains(model_id):
+        if self.weights_in_memory(model_id):
             return True
         ticket = self._start_load(model_id)
         if ticket is not None and not ticket.done():
@@ -339,6 +336,13 @@ class MultiModelEngine:
             self._failed_loads[model_id] = ticket.error()
         self._drop_load(model_id)
         return True
+
+    def weights_in_memory(self, model_id: str) -> bool:
+        """weights_ready() without its side effect: whether the weights are in memory now (no
+        load is started)."""
+        return (self.tiers is None or model_id not in self.tiers or model_id == self.active
+                or self.switcher.is_prefetched(model_id)
+                or (model_id not in self._loading and self.cache.contains(model_id)))
 
     def _start_load(self, model_id: str) -> LoadTicket | None:
         """This engine's one claim on model_id's disk load (started unless running; None: cached).

@@ -57,6 +57,11 @@ class TurnPolicy(ABC):
         while there is some, the worker must not sit idle waiting for posted calls."""
         return False
 
+    def waiting_models(self) -> list[str]:
+        """The models of that work, in the order it would start: a turn waiting for a disk load
+        gives up when one of them is in memory, so that work can go first (and free the room)."""
+        return []
+
 
 class RoundRobinTurns(TurnPolicy):
     """Every model with work in turn, `steps` steps each (plain co-location on a decode instance)."""

@@ -9,7 +9,9 @@ plain FCFS (the `request` and `static` baselines).
 A group whose model is only on disk keeps its place while its load runs in the background:
 the first group whose model needs no disk read starts instead, so a cold model does not hold
 up the models in memory behind it. When every queued model is loading, the head starts and
-its switch waits for its load.
+its switch waits for its load; a group whose model is in memory (or comes to be) still goes
+first meanwhile, beside the started request: the load may be waiting for room that only that
+group's end frees (a model with queued work is never evicted).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class GroupedFcfsTurns(TurnPolicy):
     def run_turn(self, runner: TurnRunner) -> bool:
         busy = runner.models_with_work()
         if busy:  # the request in flight (or several, if a caller batched) goes on, in memory first
-            model = next((m for m in busy if runner.ready(m)), busy[0])
+            model = next((m for m in busy if runner.ready(m)), None)
+            if model is None:  # all loading: a queued group in memory goes first, else wait
+                model = self._start_next(runner, in_memory_only=True) or busy[0]
         else:
             model = self._start_next(runner)
             if model is None:
@@ -47,8 +51,14 @@ class GroupedFcfsTurns(TurnPolicy):
     def has_waiting(self) -> bool:
         return len(self.queue) > 0
 
-    def _start_next(self, runner: TurnRunner) -> str | None:
-        while (head := self.queue.pop_first(runner.ready) or self.queue.pop_next()) is not None:
+    def waiting_models(self) -> list[str]:
+        return list(dict.fromkeys(g.model for g in self.queue.groups()))
+
+    def _start_next(self, runner: TurnRunner, in_memory_only: bool = False) -> str | None:
+        """Start the first group's head whose model is in memory, else (unless in_memory_only) the
+        head of the queue -> its model; None if nothing started."""
+        while (head := self.queue.pop_first(runner.ready)
+               or (None if in_memory_only else self.queue.pop_next())) is not None:
             request_id, model = head
             if self.start(request_id):
                 return model

@@ -23,6 +23,9 @@ class FakeEngine:
     def weights_ready(self, model: str) -> bool:
         return model not in self.loading
 
+    def weights_in_memory(self, model: str) -> bool:
+        return model not in self.loading
+
     def has_unfinished(self, model: str | None = None) -> bool:
         return any(self.work[m] > 0 for m in ([model] if model else self.work))
 
@@ -228,3 +231,42 @@ def test_grouped_fcfs_starts_a_model_in_memory_while_the_head_groups_model_loads
     runner.loading = {"cold"}
     turns.run_turn(runner)
     assert started[-1] == "cold-3" and engine.steps[-1] == "cold"
+
+
+def test_a_started_prefill_waiting_for_room_lets_a_queued_group_in_memory_go_first():
+    """A started request's model loads, its room held by a model kept cached for a queued group
+    (the schedulers never evict a model with work): the turn must not wait for the load, which
+    waits for that group. The group in memory goes first, its end frees the room, then the load
+    ends (it waited 120 s for room, then failed, before)."""
+    from tokenpool.prefill_svc.prefill_scheduler import PrefillQueue
+    from tokenpool.prefill_svc.prefill_turns import GroupedFcfsTurns
+
+    class RoomHeldEngine(FakeEngine):
+        def weights_ready(self, model: str) -> bool:
+            if model == "cold" and self.steps.count("warm") == 2:  # warm's queued work is done
+                self.loading.discard("cold")
+            return super().weights_ready(model)
+
+    engine = RoomHeldEngine({"cold": 1, "warm": 0})  # cold's request is in the engine already
+    engine.loading.add("cold")
+    queue = PrefillQueue()
+    for request_id in ("warm-1", "warm-2"):
+        queue.add(request_id, "warm", 0.01)
+
+    def start(request_id):
+        engine.work["warm"] += 1
+        return True
+
+    outputs = []
+    worker = EngineWorker(engine, GroupedFcfsTurns(queue, start), lambda m, o: outputs.append(m),
+                          lambda m, e: None)
+    try:
+        worker.post(lambda e: None)  # wake the idle worker
+        deadline = time.monotonic() + 10
+        while len(outputs) < 3:
+            assert time.monotonic() < deadline, f"stuck: steps {engine.steps}, queue {len(queue)}"
+            time.sleep(0.01)
+        assert engine.steps == ["warm", "warm", "cold"] and outputs == ["warm", "warm", "cold"]
+    finally:
+        worker.close()
+
