@@ -30,6 +30,7 @@ HOST_CACHE_MIB = 24  # ~7% of the catalogue's ~330 MiB (models up to 2.2 MiB; an
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 4
 WAIT_S = 120.0  # an upper bound for waits on status, never a sleep
+BURST_TOKENS = 32  # long enough that decode turns (and their loads) overlap the prefills
 INSTANCES = ("prefill-0", "decode-0", "decode-1")
 
 
@@ -443,3 +444,35 @@ def test_a_load_whose_room_stays_held_fails_resource_exhausted_and_serves_once_i
                 lease.close()
                 assert _greedy(stub, "cold") == expected
                 wait_until_idle(stack, timeout=WAIT_S)
+
+
+def test_a_burst_over_models_of_which_the_cache_holds_one_completes(tiny_dir, tmp_path_factory):
+    """200 streams at once over four ids of 2.0-2.4 MiB through a 4 MiB cache: every load must evict
+    the one model cached, which the prefill queue keeps while it has a group for it. A prefill whose
+    model waits for room lets such a group go first, which frees the room (before, the turn waited
+    for the load, the load for the room, the room for the turn: the load wait ran out and streams
+    failed RESOURCE_EXHAUSTED)."""
+    from tokenpool.engine.private_shm import private_dir, shm_root
+
+    root = tmp_path_factory.mktemp("burst")
+    ids = {"l-a": "tiny-llama", "m-b": "tiny-mistral", "m-c": "tiny-mistral", "q-d": "tiny-qwen3"}
+    for model_id, shape in ids.items():
+        (root / model_id).symlink_to(tiny_dir / shape)
+    expected = {shape: LLMEngine(tiny_dir / shape, EngineConfig(dtype="float32")).generate(
+        [PROMPT], SamplingParams(max_tokens=BURST_TOKENS, ignore_eos=True))[0].output_token_ids
+        for shape in set(ids.values())}
+    order = list(ids)
+    with tempfile.TemporaryDirectory(dir=private_dir(shm_root())) as cache_dir:
+        config = StackConfig(models={}, catalogue=root, host_cache_mib=4, host_cache_dir=cache_dir,
+                             load_wait_s=WAIT_S, **{**SMALL_STACK, "decode": 1, "prefill": 1})
+        with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+            stack.start(progress=lambda line: None)
+            with grpc.insecure_channel(stack.address) as channel, CacheWatch(cache_dir) as watch, \
+                    ThreadPoolExecutor(40) as pool:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                got = list(pool.map(lambda i: [t for r in stream(stub, order[i % 4], PROMPT, BURST_TOKENS)
+                                               for t in r.token_ids], range(200)))
+            for i, tokens in enumerate(got):
+                assert tokens == expected[ids[order[i % 4]]], i
+            assert watch.peak <= 4 << 20, watch.peak
+            wait_until_idle(stack, timeout=WAIT_S)
