@@ -239,8 +239,8 @@ class Stack:
         codes = []
         for service in reversed(self.services):
             codes.append((service.name, stop_process(service.process, STOP_TIMEOUT_S)))
-        if self.services and self.config.table_backend == "redis":
-            self._drop_redis_table()
+        if self.services:
+            self._drop_table()
         self.services.clear()
         self.stack_file.unlink(missing_ok=True)
         if self.token_file is not None:
@@ -339,14 +339,16 @@ class Stack:
         args = ["--table", self.name, "--table-backend", self.config.table_backend]
         return args + (["--redis-url", self.config.redis_url] if self.config.redis_url else [])
 
-    def _drop_redis_table(self) -> None:
-        """The stack's Redis table, once every service has stopped (best-effort: Redis may be gone)."""
+    def _drop_table(self) -> None:
+        """The stack's request table, once every service has stopped: a proxy removes it as it
+        exits, but not one that was killed (best-effort: gone already, or Redis may be)."""
         import contextlib
 
-        from tokenpool.proxy.redis_request_table import RedisRequestTable
+        from tokenpool.proxy.request_table import make_request_table
 
+        where = {"url": self.config.redis_url} if self.config.table_backend == "redis" else {}
         with contextlib.suppress(Exception):
-            table = RedisRequestTable.attach(self.config.redis_url, self.name)
+            table = make_request_table(self.config.table_backend, attach=True, name=self.name, **where)
             try:
                 table.unlink()
             finally:

@@ -80,6 +80,7 @@ def test_a_killed_proxy_is_restarted_on_its_address_until_it_dies_too_often(tiny
         _until(lines, f"proxy already restarted {RESTARTS} times", seen)
         assert up.wait(timeout=WAIT_S) == 1
         assert not (shm_root() / f"stack-{up.pid}.stack.json").exists()  # stopped and cleaned up
+        assert not (shm_root() / f"stack-{up.pid}.reqtable").exists()  # the killed proxy's table too
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGINT)
