@@ -1,9 +1,11 @@
 """AdminServicer: tokenpool.v1.Admin, the model catalogue changed while the stack runs.
 
 Every call is checked against the admin token first (cli/admin_token.py). Changes fan out to
-every prefill and decode instance through their internal Catalogue RPC and take effect at the
-proxy (served models, dispatch timings, metrics series) only once every instance agreed; an
-instance that refuses rolls the others back, so no model is left half-registered. Host-cache
+every prefill and decode instance in service through their internal Catalogue RPC and take
+effect at the proxy (served models, dispatch timings, metrics series) only once every one agreed;
+an instance that refuses rolls the others back, so no model is left half-registered. An instance
+out of service (lost: killed, hung, partitioned) is left out, and brought in step by sync() before
+it takes work again, as is one that was restarted from its flags meanwhile. Host-cache
 operations (evict, preload) go to one instance per node (--node): the cache is the node's.
 
 Removal refuses while requests for the model are in flight (FAILED_PRECONDITION naming the
@@ -14,6 +16,7 @@ call, so no new request slips in between the check and the instances' removal.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -28,6 +31,8 @@ from .served_model import ServedModel, served_model_from_folder
 
 ADD_TIMEOUT_S = 300.0  # a model of a new shape is profiled on each instance while it is added
 CALL_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class AdminRefusal(Exception):
@@ -47,7 +52,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.guard = guard
         self.metrics = metrics
         self.dtype = dtype
-        self._lock = asyncio.Lock()  # one catalogue change at a time
+        self._lock = asyncio.Lock()  # one catalogue change (or sync) at a time
+        backend.on_rejoin = self.sync
 
     async def AddModel(self, request, context):
         return await self._call(context, self._add, request.id, request.folder)
@@ -79,17 +85,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def _add(self, model_id: str, folder: str) -> apb.AdminReply:
         served = self._check_new(model_id, folder)
         request = ipb.CatalogueRequest(action="add", model=model_id, folder=str(served[1]))
-        replies = await self._fan_out(request, ADD_TIMEOUT_S, undo=ipb.CatalogueRequest(action="remove",
-                                                                                         model=model_id))
+        named = await self._fan_out(request, ADD_TIMEOUT_S, undo=ipb.CatalogueRequest(action="remove",
+                                                                                       model=model_id))
         self.models[model_id], self._folders[model_id] = served
         if self.metrics is not None:
             self.metrics.add_model(model_id)
-        t = replies[0].timing
-        if t.model:
+        t = next((r.timing for _, r in named if r.timing.model), None)  # a prefill instance's profile
+        if t is not None:
             self.backend.dispatcher.timings[model_id] = Timing(t.prefill_a, t.prefill_b, t.switch_s)
-        entry = _merge(model_id, list(zip(self._names(), replies, strict=True)))
-        message = (f"added {model_id} from {served[1]} on {len(replies)} instances "
-                   f"({entry.weight_bytes / 2**20:.1f} MiB, tier {entry.tier})")
+        entry = _merge(model_id, named)
+        message = (f"added {model_id} from {served[1]} on {len(named)} instances "
+                   f"({entry.weight_bytes / 2**20:.1f} MiB, tier {entry.tier}){self._out_of_service()}")
         return apb.AdminReply(message=message, model=entry)
 
     def _check_new(self, model_id: str, folder: str) -> tuple[ServedModel, Path]:
@@ -123,9 +129,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                f"they end (nothing was changed)")
         del self.models[model_id]  # no new request from here on
         try:
-            await self._fan_out(ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S,
-                                undo=ipb.CatalogueRequest(action="add", model=model_id,
-                                                          folder=str(self._folder_of(model_id))))
+            undo = ipb.CatalogueRequest(action="add", model=model_id, folder=str(self._folder_of(model_id)))
+            named = await self._fan_out(ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S,
+                                        undo=undo)
         except AdminRefusal:
             self.models[model_id] = served
             raise
@@ -133,7 +139,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._folders.pop(model_id, None)
         if self.metrics is not None:
             self.metrics.remove_model(model_id)
-        return apb.AdminReply(message=f"removed {model_id} from {len(self._instances())} instances")
+        message = f"removed {model_id} from {len(named)} instances{self._out_of_service()}"
+        return apb.AdminReply(message=message)
 
     async def _on_cache(self, action: str, model_id: str) -> apb.AdminReply:
         """evict or preload on every node's host cache, through one instance of each."""
@@ -159,14 +166,48 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return apb.AdminReply(message=done[action], model=entry)
 
     async def _list(self) -> apb.ListCatalogueResponse:
-        replies = await self._fan_out(ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
-        named = list(zip(self._names(), replies, strict=True))
+        named = await self._fan_out(ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
         return apb.ListCatalogueResponse(models=[_merge(m, named) for m in sorted(self.models)])
+
+    async def sync(self, instance) -> bool:
+        """Bring an instance that answers again in step with the served models (FleetBackend calls it
+        before the instance takes work again) -> whether it is: models added while it was out are
+        added, models removed are removed."""
+        async with self._lock:
+            try:
+                reply = await self._one(instance, ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
+                have = {m.id for m in reply.models}
+                for model_id in sorted(set(self.models) - have):
+                    await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
+                                                                    folder=str(self._folder_of(model_id))),
+                                    ADD_TIMEOUT_S)
+                for model_id in sorted(have - set(self.models)):
+                    await self._one(instance, ipb.CatalogueRequest(action="remove", model=model_id),
+                                    CALL_TIMEOUT_S)
+            except AdminRefusal as exc:
+                log.warning("instance %s answers again but its catalogue could not be brought in step "
+                            "(%s); it stays out of service, tried again at the next health check",
+                            instance.name, exc)
+                return False
+        added, removed = set(self.models) - have, have - set(self.models)
+        if added or removed:
+            log.warning("instance %s answers again: added %s, removed %s (catalogue changes made while "
+                        "it was out of service)", instance.name, sorted(added) or "none",
+                        sorted(removed) or "none")
+        return True
 
     # -- fan-out ----------------------------------------------------------------------------------
 
     def _instances(self) -> list:
         return [*self.backend.prefill, *self.backend.decode]
+
+    def _in_service(self) -> list:
+        """The instances a change goes to now: not lost (sync() brings a lost one in step later)."""
+        return [i for i in self._instances() if not i.lost.is_set()]
+
+    def _out_of_service(self) -> str:
+        lost = [i.name for i in self._instances() if i.lost.is_set()]
+        return f"; {', '.join(lost)} out of service: brought in step when it answers again" if lost else ""
 
     def _one_per_node(self) -> dict[str, object]:
         """node -> one of its instances, a live one if any: the host cache is the node's (one node: "")"""
@@ -174,9 +215,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         for instance in sorted(self._instances(), key=lambda i: i.lost.is_set()):
             per_node.setdefault(self.backend.nodes.get(instance.name, ""), instance)
         return per_node
-
-    def _names(self) -> list[str]:
-        return [i.name for i in self._instances()]
 
     def _known(self, model_id: str) -> ServedModel:
         if model_id not in self.models:
@@ -194,15 +232,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             raise AdminRefusal(exc.code(), exc.details() or f"{instance.name}: {exc.code().name}") from None
 
     async def _fan_out(self, request: ipb.CatalogueRequest, timeout: float,
-                       undo: ipb.CatalogueRequest | None = None) -> list[ipb.CatalogueReply]:
-        """request on every instance -> their replies; if any refuses, undo on those that did it and
-        raise the first refusal."""
-        instances = self._instances()
+                       undo: ipb.CatalogueRequest | None = None) -> list[tuple[str, ipb.CatalogueReply]]:
+        """request on every instance in service -> (name, reply) each; if any refuses, undo on those
+        that did it and raise the first refusal."""
+        instances = self._in_service()
+        if not instances:
+            raise AdminRefusal(grpc.StatusCode.UNAVAILABLE, f"{request.action} {request.model}: no instance "
+                               f"is in service (every one is lost); nothing was changed")
         results = await asyncio.gather(*(self._one(i, request, timeout) for i in instances),
                                        return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if not failed:
-            return list(results)
+            return [(i.name, r) for i, r in zip(instances, results, strict=True)]
         if undo is not None:
             done = [i for i, r in zip(instances, results, strict=True) if not isinstance(r, BaseException)]
             await asyncio.gather(*(self._one(i, undo, timeout) for i in done), return_exceptions=True)

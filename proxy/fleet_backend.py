@@ -16,7 +16,9 @@ fails UNAVAILABLE is lost: every request on it is abandoned there (its call canc
 hung instance that comes back finds its work fenced off and frees it) and dispatched again
 with the prompt plus every token already streamed as the new prompt: the KV is recomputed,
 the client's stream goes on with the next token, nothing lost or repeated (greedy decoding
-gives exactly the undisturbed tokens). A lost instance that answers again rejoins. After
+gives exactly the undisturbed tokens). A lost instance that answers again rejoins, once
+on_rejoin (the admin service's catalogue sync) has brought it in step: an instance restarted
+meanwhile (Kubernetes) starts from its flags, without the models added at run time. After
 MAX_ATTEMPTS dispatches, or with no live instance for the model, the request ends with
 UNAVAILABLE in its stream.
 """
@@ -28,6 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,6 +99,9 @@ class FleetBackend(Backend):
         self._tasks: dict[str, asyncio.Task] = {}
         self._model_of: dict[str, str] = {}  # request id -> model, while its task runs
         self._cleanups: set[asyncio.Task] = set()  # abandoned attempts' clean-ups (held until done)
+        # Before a lost instance that answers again takes work: bring it in step (-> whether it is).
+        self.on_rejoin: Callable[[Instance], Awaitable[bool]] | None = None
+        self._rejoining: dict[str, asyncio.Task] = {}
         self._monitor = asyncio.get_running_loop().create_task(self._watch_health())
 
     async def submit(self, sub: Submission) -> None:
@@ -121,6 +127,8 @@ class FleetBackend(Backend):
 
     async def close(self) -> None:
         self._monitor.cancel()
+        for task in list(self._rejoining.values()):
+            task.cancel()
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -282,11 +290,30 @@ class FleetBackend(Backend):
         if instance.lost.is_set():
             if not serving:
                 return
-            instance.lost = asyncio.Event()  # its abandoned calls stay abandoned: fenced
-            log.warning("instance %s answers again; it rejoins", instance.name)
+            if self.on_rejoin is not None:  # in step first, off the probe loop (it may add models)
+                if instance.name not in self._rejoining:
+                    self._rejoining[instance.name] = asyncio.create_task(self._rejoin(instance))
+                return
+            self._rejoined(instance)
         elif instance.serving and not serving:
             log.warning("instance %s is draining: no new work for it", instance.name)
         instance.serving = serving
+
+    async def _rejoin(self, instance: Instance) -> None:
+        try:
+            in_step = await self.on_rejoin(instance)
+        except Exception:  # noqa: BLE001 - a bug in the hook must not stop the probes
+            log.exception("instance %s: bringing it in step failed; it stays out of service", instance.name)
+            in_step = False
+        finally:
+            self._rejoining.pop(instance.name, None)
+        if in_step and instance.lost.is_set() and instance.failed_probes == 0:
+            self._rejoined(instance)
+
+    def _rejoined(self, instance: Instance) -> None:
+        instance.lost = asyncio.Event()  # its abandoned calls stay abandoned: fenced
+        instance.serving = True
+        log.warning("instance %s answers again; it rejoins", instance.name)
 
     def _mark_lost(self, instance: Instance, why: str) -> None:
         instance.serving = False

@@ -476,3 +476,45 @@ def test_a_burst_over_models_of_which_the_cache_holds_one_completes(tiny_dir, tm
                 assert tokens == expected[ids[order[i % 4]]], i
             assert watch.peak <= 4 << 20, watch.peak
             wait_until_idle(stack, timeout=WAIT_S)
+
+
+def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_serves(
+        shapes, expected, token_file, tmp_path_factory):
+    """decode-1 hung (SIGSTOP) past the proxy's health checks: add and remove go to the instances in
+    service and say which one is out; when decode-1 answers again it is given the added model and
+    loses the removed one before it takes work (an instance restarted from its flags meanwhile, as
+    Kubernetes does, would start without them), and then serves the added model's requests."""
+    root = tmp_path_factory.mktemp("rejoin")
+    for model_id in ("kept", "gone"):
+        (root / model_id).symlink_to(shapes["tiny-qwen2"])
+    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
+                         **{**SMALL_STACK, "decode": 2, "prefill": 1})
+    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+        stack.start(progress=lambda line: None)
+        channel = grpc.insecure_channel(stack.address)
+        admin, stub = admin_pb2_grpc.AdminStub(channel), inference_pb2_grpc.InferenceStub(channel)
+        hung, log = service(stack, "decode-1").process, service(stack, "proxy").log
+        hung.send_signal(signal.SIGSTOP)
+        try:
+            _wait_for_line(log, "instance decode-1 lost")
+            reply = admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
+                                   metadata=_auth(token_file), timeout=WAIT_S)
+            assert "on 2 instances" in reply.message and "decode-1 out of service" in reply.message, reply
+            reply = admin.RemoveModel(apb.ModelRef(id="gone"), metadata=_auth(token_file), timeout=WAIT_S)
+            assert "from 2 instances" in reply.message, reply.message
+        finally:
+            hung.send_signal(signal.SIGCONT)
+        _wait_for_line(log, "instance decode-1 answers again: added ['late'], removed ['gone']")
+        _wait_for_line(log, "instance decode-1 answers again; it rejoins")
+        assert sorted(instance_status(stack, "decode-1").models) == ["kept", "late"]
+        for _ in range(4):  # both decode instances take work again: every stream completes
+            assert _greedy(stub, "late") == expected["tiny-qwen2"]
+        wait_until_idle(stack, timeout=WAIT_S)
+        channel.close()
+
+
+def _wait_for_line(log: Path, line: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while line not in log.read_text():
+        assert time.monotonic() < deadline, f"no {line!r} in {log}"
+        time.sleep(0.05)
