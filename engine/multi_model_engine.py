@@ -328,6 +328,7 @@ class MultiModelEngine:
         failed -> True: the switch then reports its error to the model's requests (read_disk=False)
         or reads again."""
         if self.weights_in_memory(model_id):
+            self._drop_load(model_id)  # a load of ours that ended (or another process's did it)
             return True
         ticket = self._start_load(model_id)
         if ticket is not None and not ticket.done():
@@ -338,11 +339,12 @@ class MultiModelEngine:
         return True
 
     def weights_in_memory(self, model_id: str) -> bool:
-        """weights_ready() without its side effect: whether the weights are in memory now (no
-        load is started)."""
+        """weights_ready() without its side effects: whether the weights are in memory now (no
+        load is started). In the host cache means published there, whoever read it: a load of
+        ours not yet noticed as ended, or another process's (it was not: the model's queued work
+        then waited behind a load that waited for the room it held)."""
         return (self.tiers is None or model_id not in self.tiers or model_id == self.active
-                or self.switcher.is_prefetched(model_id)
-                or (model_id not in self._loading and self.cache.contains(model_id)))
+                or self.switcher.is_prefetched(model_id) or self.cache.contains(model_id))
 
     def _start_load(self, model_id: str) -> LoadTicket | None:
         """This engine's one claim on model_id's disk load (started unless running; None: cached).

@@ -77,6 +77,26 @@ def test_a_large_load_waiting_for_room_is_not_starved_by_smaller_ones(shm_path):
     loader.close()
 
 
+def test_a_load_that_ended_unnoticed_counts_as_in_memory(shapes, shm_path):
+    """A load started by a scan of the prefill queue (weights_ready on a queued group's model) ends
+    while the engine thread waits on another model's load: weights_in_memory, which that wait
+    checks for queued work to run first, must see it (it did not until weights_ready was asked
+    again, which the waiting turn never did: its load then waited 120 s for the room this model held)."""
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    catalogue = ModelCatalogue(engine)
+    catalogue.add("queued", shapes["tiny-qwen2"])
+    gate = threading.Event()
+    engine.tiers._fills["queued"] = _gated(engine.tiers._fills["queued"], gate)
+    assert engine.weights_ready("queued") is False  # the scan starts its load
+    assert engine.weights_in_memory("queued") is False  # still on its way
+    gate.set()
+    _wait_for(lambda: engine.tiers.loader.completed == 1, "the load never ended")
+    assert engine.weights_in_memory("queued") is True and "queued" in engine._loading  # unnoticed
+    assert engine.weights_ready("queued") is True and not engine._loading  # noticed: claim dropped
+    engine.close()
+    pool.close()
+
+
 def _gated(open_fill, gate: threading.Event):
     """open_fill, whose fill holds each tensor until the gate opens."""
     def gated_fill():
