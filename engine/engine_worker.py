@@ -123,9 +123,7 @@ class EngineWorker:
         # the policy holds, e.g. a queued prefill group): its work goes first, and may be what
         # frees the room this load waits for (the schedulers keep a model with work cached).
         while not self.engine.weights_ready(model):
-            if self._stop.is_set() or not self.engine.has_unfinished(model) or any(
-                    self.engine.weights_ready(m) for m in self.models_with_work() if m != model) or any(
-                    self.engine.weights_in_memory(m) for m in self.policy.waiting_models() if m != model):
+            if self._stop.is_set() or not self.engine.has_unfinished(model) or self._other_work_ready(model):
                 return False
             self._run_posted(block=True, timeout=LOAD_POLL_S)
         switches = self.engine.switches if self.observers else 0
@@ -141,6 +139,11 @@ class EngineWorker:
             for observer in self.observers:
                 observer.switched(self.engine.last_switch)
         return True
+
+    def _other_work_ready(self, model: str) -> bool:
+        """Another model with work, started or held by the policy, has its weights in memory."""
+        return (any(self.engine.weights_ready(m) for m in self.models_with_work() if m != model)
+                or any(self.engine.weights_in_memory(m) for m in self.policy.waiting_models() if m != model))
 
     def prefetch(self, model: str) -> None:
         self.engine.prefetch(model)

@@ -177,11 +177,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             try:
                 reply = await self._one(instance, ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
                 have = {m.id for m in reply.models}
-                for model_id in sorted(set(self.models) - have):
+                added, removed = sorted(set(self.models) - have), sorted(have - set(self.models))
+                for model_id in added:
                     await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
                                                                     folder=str(self._folder_of(model_id))),
                                     ADD_TIMEOUT_S)
-                for model_id in sorted(have - set(self.models)):
+                for model_id in removed:
                     await self._one(instance, ipb.CatalogueRequest(action="remove", model=model_id),
                                     CALL_TIMEOUT_S)
             except AdminRefusal as exc:
@@ -189,11 +190,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                             "(%s); it stays out of service, tried again at the next health check",
                             instance.name, exc)
                 return False
-        added, removed = set(self.models) - have, have - set(self.models)
         if added or removed:
             log.warning("instance %s answers again: added %s, removed %s (catalogue changes made while "
-                        "it was out of service)", instance.name, sorted(added) or "none",
-                        sorted(removed) or "none")
+                        "it was out of service)", instance.name, added or "none", removed or "none")
         return True
 
     # -- fan-out ----------------------------------------------------------------------------------

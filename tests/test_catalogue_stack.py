@@ -496,7 +496,7 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
         hung, log = service(stack, "decode-1").process, service(stack, "proxy").log
         hung.send_signal(signal.SIGSTOP)
         try:
-            _wait_for_line(log, "instance decode-1 lost")
+            _wait_for(lambda: "instance decode-1 lost" in log.read_text())
             reply = admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
                                    metadata=_auth(token_file), timeout=WAIT_S)
             assert "on 2 instances" in reply.message and "decode-1 out of service" in reply.message, reply
@@ -504,17 +504,11 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
             assert "from 2 instances" in reply.message, reply.message
         finally:
             hung.send_signal(signal.SIGCONT)
-        _wait_for_line(log, "instance decode-1 answers again: added ['late'], removed ['gone']")
-        _wait_for_line(log, "instance decode-1 answers again; it rejoins")
+        synced = "instance decode-1 answers again: added ['late'], removed ['gone']"
+        _wait_for(lambda: synced in log.read_text())
+        _wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text())
         assert sorted(instance_status(stack, "decode-1").models) == ["kept", "late"]
         for _ in range(4):  # both decode instances take work again: every stream completes
             assert _greedy(stub, "late") == expected["tiny-qwen2"]
         wait_until_idle(stack, timeout=WAIT_S)
         channel.close()
-
-
-def _wait_for_line(log: Path, line: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while line not in log.read_text():
-        assert time.monotonic() < deadline, f"no {line!r} in {log}"
-        time.sleep(0.05)
