@@ -6,9 +6,10 @@
     await wait_for_signal()                            # SIGINT / SIGTERM
     await server.grpc.stop(grace)
 
-Every service answers the standard gRPC health check ("" and each of its services) and
-server reflection, so grpcurl and clients in other languages need no .proto files; a body
-that does not parse as the method's message gets INVALID_ARGUMENT (cli/grpc_guard.py). With
+Every service answers the standard gRPC health check ("" and each of its services; the reply
+names the process's incarnation, cli/incarnation.py) and server reflection, so grpcurl and
+clients in other languages need no .proto files; a body that does not parse as the method's
+message gets INVALID_ARGUMENT (cli/grpc_guard.py). With
 tracing on (OTEL_* variables, telemetry/tracing.py; run_service sets it up) every call is
 traced under its caller's W3C traceparent; with --metrics-port, a Prometheus endpoint serves
 the service's registry on the gRPC server's host.
@@ -32,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from .incarnation import IncarnationHealthServicer
 from .server_security import ServerSecurity
 
 MAX_MESSAGE_BYTES = 4 << 20  # a larger message is refused with RESOURCE_EXHAUSTED
@@ -82,7 +84,7 @@ async def start_grpc_server(address: str, servicers: Iterable[tuple[Callable, ob
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     for add, servicer in servicers:
         add(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = IncarnationHealthServicer()  # names this process: a restart shows
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

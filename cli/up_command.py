@@ -10,9 +10,10 @@ Counts and the model catalogue come from flags or a TOML file (flags win):
     smollm2-135m-instruct = ""          # "" : the model store's copy (imported if missing)
     my-model = "/path/to/hf/folder"
 
-A proxy or gateway that exits is started again on its address (RESTARTS times in
-RESTART_WINDOW_S at most: a proxy fenced off a Redis table exits 3 for exactly this); any
-other service's exit, or one restart too many, stops the stack.
+A proxy, gateway, prefill or decode instance that exits is started again on its address
+(RESTARTS times in RESTART_WINDOW_S at most: a proxy fenced off a Redis table exits 3 for exactly
+this; an instance killed for memory comes back with its flags, and the proxy brings it in step);
+a kvtransfer agent's exit, or one restart too many, stops the stack.
 """
 
 from __future__ import annotations

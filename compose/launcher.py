@@ -179,9 +179,11 @@ class Service:
     @property
     def restartable(self) -> bool:
         """Whether restart() may start it again: the proxy (its request table outlives it: the new
-        one adopts it and reclaims the dead one's rows) and the gateway (stateless). An instance's
-        sequences and KV die with it, and the proxy is wired to its address."""
-        return self.role in ("proxy", "gateway")
+        one adopts it and reclaims the dead one's rows), the gateway (stateless) and an instance (its
+        sequences died with it and the proxy dispatched them again elsewhere; the proxy, wired to its
+        address, sees a new incarnation there and brings it in step before it takes work). Not a
+        kvtransfer agent: the node's hand-off pool, which every instance on the node maps, is its."""
+        return self.role in ("proxy", "gateway", "prefill", "decode")
 
     @property
     def address(self) -> str:

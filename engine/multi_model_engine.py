@@ -153,6 +153,9 @@ class MultiModelEngine:
         self.tiers: ModelTiers | None = None  # made by the first registration
         self._loading: dict[str, LoadTicket] = {}  # weights_ready(): disk loads it started
         self._failed_loads: dict[str, BaseException] = {}  # seen by weights_ready(), raised by switch_to
+        # Requests an instance queues before they reach the engine (a prefill instance's grouped-FCFS
+        # queue): model_id -> whether any wait. Called from any thread.
+        self.queued_before: Callable[[str], bool] = lambda model_id: False
 
     # -- registration and requests --------------------------------------------
 
@@ -191,7 +194,7 @@ class MultiModelEngine:
 
     def model_tiers(self) -> ModelTiers:
         if self.tiers is None:
-            self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.has_unfinished(m),
+            self.tiers = ModelTiers(self.cache, lambda m: m in self.models and self.wants(m),
                                     room_wait_s=self.config.load_wait_s)
         return self.tiers
 
@@ -213,9 +216,14 @@ class MultiModelEngine:
     def add_request(self, model_id: str, prompt: str | list[int], sampling: SamplingParams | None = None,
                     chat: bool = False, request_id: str | None = None) -> Sequence:
         seq = self._model(model_id).book.add_request(prompt, sampling, request_id, chat=chat)
-        if self.tiers is not None:
-            self.tiers.activity.seen(model_id)
+        self.note_arrival(model_id)
         return seq
+
+    def note_arrival(self, model_id: str) -> None:
+        """A request for model_id arrived (here, or in a queue before the engine): its host-cache
+        copy is wanted now, the costliest to evict (cache_eviction.py)."""
+        if self.tiers is not None and model_id in self.tiers:
+            self.tiers.activity.seen(model_id)
 
     def adopt(self, model_id: str, request_id: str, prompt_ids: list[int], first_token: int,
               sampling: SamplingParams, seed: int, blocks: list[torch.Tensor]) -> Sequence:
@@ -276,7 +284,7 @@ class MultiModelEngine:
             landing[0].wait()
             self.swapper.release(landing[1])
         model.book.abort(request_id)
-        if not self.has_unfinished(model_id):
+        if not self.wants(model_id):
             self._drop_load(model_id)  # nobody here waits for its weights any more
             if self.tiers is not None and model_id in self.tiers:
                 self.tiers.activity.unexpect(model_id)  # nor keeps it in the host cache
@@ -284,6 +292,11 @@ class MultiModelEngine:
     def has_unfinished(self, model_id: str | None = None) -> bool:
         ids = [model_id] if model_id else list(self.models)
         return any(self._model(m).book.has_unfinished or self._model(m).arriving for m in ids)
+
+    def wants(self, model_id: str) -> bool:
+        """Whether a request here needs model_id's weights: unfinished in the engine, or queued
+        before it (queued_before). Such a model is no eviction victim, and its load goes on."""
+        return self.has_unfinished(model_id) or self.queued_before(model_id)
 
     def batch_info(self, model_id: str) -> BatchInfo:
         """The model's unfinished sequences, as a scheduler sizes its step time."""

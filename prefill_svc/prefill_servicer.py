@@ -75,6 +75,8 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         self.policy = policy
         self.queue = PrefillQueue(max_group_size)  # engine thread only
         self._queued: dict[str, tuple] = {}  # request id -> (request, sampling), waiting in the queue
+        self._queued_models: Counter[str] = Counter()  # model -> requests in _queued; read from any thread
+        engine.queued_before = lambda model: self._queued_models.get(model, 0) > 0  # keeps their weights
         self._pending: dict[str, _Pending] = {}  # engine thread only
         self.stream_kv = stream_kv
         self._streams: dict[str, KVStream] = {}  # engine thread only: KV streaming out
@@ -154,7 +156,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
             self.progress.report(slot, request_id, **changes)
 
     def _queued_by_model(self, engine: MultiModelEngine) -> dict[str, int]:
-        return dict(Counter(request.model for request, _ in self._queued.values()))
+        return dict(self._queued_models)
 
     def _status(self, engine: MultiModelEngine) -> ipb.InstanceStatus:
         status = instance_status(engine, self.name, "prefill", len(self.queue), self.policy, self.timings)
@@ -176,11 +178,23 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
                                                  queued_ahead=len(self.queue), prompt_tokens=tokens)
         self.queue.add(request.request_id, request.model, estimate)
         self._queued[request.request_id] = (request, sampling)
+        self._queued_models[request.model] += 1
+        engine.note_arrival(request.model)
         self._pending[request.request_id] = pending
+
+    def _unqueue(self, request_id: str) -> tuple | None:
+        """Take a request out of _queued (its turn came, or it went) -> (request, sampling) or None."""
+        entry = self._queued.pop(request_id, None)
+        if entry is not None:
+            model = entry[0].model
+            self._queued_models[model] -= 1
+            if self._queued_models[model] <= 0:
+                del self._queued_models[model]
+        return entry
 
     def _start(self, request_id: str) -> bool:
         """The queue's turn for a request: into the engine (False if it was cancelled meanwhile)."""
-        entry = self._queued.pop(request_id, None)
+        entry = self._unqueue(request_id)
         pending = self._pending.get(request_id)
         if entry is None or pending is None:
             return False
@@ -277,7 +291,7 @@ class PrefillServicer(instances_pb2_grpc.PrefillServicer):
         if self.turns is not None:
             self.turns.forget(request_id)
         self._pending.pop(request_id, None)
-        self._queued.pop(request_id, None)
+        self._unqueue(request_id)
         self.queue.remove(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:  # first: its copy thread may still read the device blocks

@@ -18,7 +18,9 @@ with the prompt plus every token already streamed as the new prompt: the KV is r
 the client's stream goes on with the next token, nothing lost or repeated (greedy decoding
 gives exactly the undisturbed tokens). A lost instance that answers again rejoins, once
 on_rejoin (the admin service's catalogue sync) has brought it in step: an instance restarted
-meanwhile (Kubernetes) starts from its flags, without the models added at run time. After
+meanwhile (Kubernetes, `tokenpool up`) starts from its flags, without the models added at run
+time; one restarted so fast that no probe failed is known by the new incarnation its health
+checks name (cli/incarnation.py), and is lost and rejoins the same way. After
 MAX_ATTEMPTS dispatches, or with no live instance for the model, the request ends with
 UNAVAILABLE in its stream.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenpool.cli.incarnation import incarnation_of
 from tokenpool.engine.request_book import RequestOutput
 from tokenpool.protos.convert import FINISH_FROM_PB, logprobs_from_pb, sampling_to_pb
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
@@ -72,6 +75,7 @@ class Instance:
     health: object = None  # HealthStub on the same channel
     serving: bool = True  # takes new work (False: draining, or lost)
     failed_probes: int = 0
+    incarnation: str = ""  # the process answering at address, as its health checks name it
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set while lost; a new one on return
 
 
@@ -278,7 +282,9 @@ class FleetBackend(Backend):
 
     async def _probe(self, instance: Instance) -> None:
         try:
-            reply = await instance.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            call = instance.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            reply = await call
+            incarnation = incarnation_of(await call.initial_metadata())
         except grpc.aio.AioRpcError as exc:
             instance.failed_probes += 1
             if instance.failed_probes >= LOST_AFTER:
@@ -286,6 +292,7 @@ class FleetBackend(Backend):
                                           f"({exc.code().name})")
             return
         instance.failed_probes = 0
+        self._note_incarnation(instance, incarnation)
         serving = reply.status == health_pb2.HealthCheckResponse.SERVING
         if instance.lost.is_set():
             if not serving:
@@ -309,6 +316,14 @@ class FleetBackend(Backend):
             self._rejoining.pop(instance.name, None)
         if in_step and instance.lost.is_set() and instance.failed_probes == 0:
             self._rejoined(instance)
+
+    def _note_incarnation(self, instance: Instance, incarnation: str) -> None:
+        """A new process at the instance's address (restarted, maybe faster than the probes could lose
+        it) is lost now: what the old one was given at run time died with it, so it rejoins only once
+        on_rejoin has brought it in step, as any lost instance does."""
+        known, instance.incarnation = instance.incarnation, incarnation or instance.incarnation
+        if known and incarnation and incarnation != known:
+            self._mark_lost(instance, "a new process answers at its address (restarted)")
 
     def _rejoined(self, instance: Instance) -> None:
         instance.lost = asyncio.Event()  # its abandoned calls stay abandoned: fenced

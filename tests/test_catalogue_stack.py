@@ -512,3 +512,41 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
             assert _greedy(stub, "late") == expected["tiny-qwen2"]
         wait_until_idle(stack, timeout=WAIT_S)
         channel.close()
+
+
+def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step(
+        shapes, expected, token_file, tmp_path_factory):
+    """decode-1 killed and started again on its address while the proxy was frozen (SIGSTOP), so no
+    health check of the proxy's ever failed: the new process, started from its flags, lacks the model
+    added at run time. The proxy knows it by the new incarnation its health check names, adds the
+    model before it takes work (before, it sent decode-1 requests for a model it did not have), and
+    every stream over both decode instances completes."""
+    root = tmp_path_factory.mktemp("restart")
+    (root / "kept").symlink_to(shapes["tiny-qwen2"])
+    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
+                         **{**SMALL_STACK, "decode": 2, "prefill": 1})
+    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+        stack.start(progress=lambda line: None)
+        channel = grpc.insecure_channel(stack.address)
+        admin, stub = admin_pb2_grpc.AdminStub(channel), inference_pb2_grpc.InferenceStub(channel)
+        admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
+                       metadata=_auth(token_file), timeout=WAIT_S)
+        proxy, old = service(stack, "proxy"), service(stack, "decode-1")
+        proxy.process.send_signal(signal.SIGSTOP)
+        try:
+            old.process.kill()
+            old.process.wait()
+            stack.restart(old, progress=lambda line: None)
+            assert "late" not in instance_status(stack, "decode-1").models  # its flags do not name it
+        finally:
+            proxy.process.send_signal(signal.SIGCONT)
+        log = proxy.log
+        _wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text())
+        text = log.read_text()
+        assert "instance decode-1 answers again: added ['late']" in text, text[-2000:]
+        assert "health checks failed" not in text, text[-2000:]  # the restart outran the probes
+        assert "late" in instance_status(stack, "decode-1").models
+        for _ in range(6):  # round the decode instances: every stream completes
+            assert _greedy(stub, "late") == expected["tiny-qwen2"]
+        wait_until_idle(stack, timeout=WAIT_S)
+        channel.close()

@@ -426,6 +426,30 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
     pool.close()
 
 
+def test_requests_queued_before_the_engine_keep_their_models_load_and_cache_copy(shapes, shm_path):
+    """A prefill instance queues requests before they reach the engine (grouped FCFS; queued_before
+    tells the engine). A model queued there is no eviction victim, and aborting its one request in
+    the engine leaves its disk load running for the queued ones (before, the load was abandoned and
+    read again from the start at their turn)."""
+    engine, pool = _engine(shm_path, capacity=12 << 20, slot_bytes=3 << 20)
+    ModelCatalogue(engine).add("queued", shapes["tiny-mistral"])
+    gate = threading.Event()
+    engine.tiers._fills["queued"] = _gated(engine.tiers._fills["queued"], gate)
+    assert not engine.tiers.activity.busy("queued")
+    waiting = {"queued"}
+    engine.queued_before = lambda model: model in waiting
+    assert engine.tiers.activity.busy("queued")  # kept from eviction
+    seq = engine.add_request("queued", PROMPT, SamplingParams(max_tokens=4))
+    assert engine.weights_ready("queued") is False
+    engine.abort("queued", seq.request_id)  # the queue still holds requests for the model
+    gate.set()
+    _wait_for(lambda: engine.weights_ready("queued"), "the load never ended")
+    assert engine.tiers.loader.abandoned == 0 and engine.tiers.loader.completed == 1
+    assert engine.cache.contains("queued")
+    engine.close()
+    pool.close()
+
+
 def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wait(shapes, shm_path):
     """Another process may evict a model between weights_ready() and the switch. The engine worker's
     switch (read_disk=False) then starts the load and returns False at once, nothing moved, so the

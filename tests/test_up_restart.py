@@ -1,6 +1,7 @@
 """`tokenpool up` keeps its front door open: a proxy that exits (kill -9 here; a proxy fenced off a
 Redis table exits 3) is started again on the same address and serves, the request table adopted;
-one restart too many in the window stops the stack with a clear line, as any instance's exit does."""
+one restart too many in the window stops the stack with a clear line. An instance that exits is
+started again too, and serves once the proxy has taken it back."""
 
 from __future__ import annotations
 
@@ -51,8 +52,7 @@ def _until(lines: queue.Queue, needle: str, seen: list[str]) -> str:
 
 
 def _proxy(up_pid: int) -> dict:
-    stack = json.loads((shm_root() / f"stack-{up_pid}.stack.json").read_text())
-    return next(s for s in stack["services"] if s["name"] == "proxy")
+    return _service(up_pid, "proxy")
 
 
 def test_a_killed_proxy_is_restarted_on_its_address_until_it_dies_too_often(tiny_dir, tmp_path):
@@ -85,3 +85,42 @@ def test_a_killed_proxy_is_restarted_on_its_address_until_it_dies_too_often(tiny
         if up.poll() is None:
             up.send_signal(signal.SIGINT)
             up.wait(timeout=60)
+
+
+def test_a_killed_instance_is_restarted_and_serves_once_the_proxy_has_it_back(tiny_dir, tmp_path):
+    """The only decode instance killed -9: `tokenpool up` starts it again on its address, the proxy
+    (which lost it) sees the new process answer, takes it back, and streams complete again."""
+    logs = tmp_path / "logs"
+    up = subprocess.Popen([sys.executable, "-m", "tokenpool.cli.main", "up", "--port", "0", "--no-gateway",
+                           "--prefill", "1", "--decode", "1", "--threads", "1", "--model",
+                           f"{MODEL}={tiny_dir / MODEL}", "--log-dir", str(logs)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = _lines(up), []
+    try:
+        _until(lines, "stack up", seen)
+        decode = _service(up.pid, "decode-0")
+        os.kill(decode["pid"], signal.SIGKILL)
+        _until(lines, "decode-0 exited with code -9", seen)
+        line = _until(lines, "decode-0 restarted on", seen)
+        assert line.endswith(decode["address"]), line
+        assert _service(up.pid, "decode-0")["pid"] != decode["pid"]
+        _until_logged(logs / "proxy.log", "instance decode-0 answers again; it rejoins")
+        with grpc.insecure_channel(_service(up.pid, "proxy")["address"]) as channel:
+            responses = stream(inference_pb2_grpc.InferenceStub(channel), MODEL, "after the restart", 6)
+        assert sum(len(r.token_ids) for r in responses) == 6
+        assert up.poll() is None  # the stack runs on
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)
+
+
+def _service(up_pid: int, name: str) -> dict:
+    stack = json.loads((shm_root() / f"stack-{up_pid}.stack.json").read_text())
+    return next(s for s in stack["services"] if s["name"] == name)
+
+
+def _until_logged(log, needle: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while needle not in log.read_text():
+        assert time.monotonic() < deadline, f"no {needle!r} in {log} within {WAIT_S} s"
+        time.sleep(0.2)
