@@ -24,6 +24,7 @@ from tokenpool.engine.sampling_params import SamplingParams
 from tokenpool.protos.v1 import admin_pb2 as apb
 from tokenpool.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
+from waiting import wait_for
 
 NUM_IDS = 200  # start-up stays a few seconds: instances read configs and tokenizers, not weights
 HOST_CACHE_MIB = 24  # ~7% of the catalogue's ~330 MiB (models up to 2.2 MiB; an instance pins up to two)
@@ -227,7 +228,8 @@ def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
     busy = {m: ids[m] for m in _room_for_the_test(admin, token_file)}
     server = ["--server", stack.address, "--admin-token-file", str(token_file)]
     with Traffic(stub, busy, expected) as traffic:
-        _wait_for(lambda: traffic.done >= len(busy) or traffic.failures)  # every busy model loaded
+        wait_for(lambda: traffic.done >= len(busy) or traffic.failures,  # every busy model loaded
+                 timeout_s=WAIT_S)
         code, out, err = _cli(capsys, "models", "add", "added-qwen3", str(shapes["tiny-qwen3"]), *server)
         assert code == 0 and out.startswith("added added-qwen3") and "3 instances" in out, (out, err)
         assert _greedy(stub, "added-qwen3") == expected["tiny-qwen3"]
@@ -252,7 +254,8 @@ def test_add_preload_evict_remove_through_the_cli_while_traffic_runs(
         code, out, err = _cli(capsys, "models", "remove", "added-qwen3", *server)
         assert code == 2 and err.startswith("tokenpool: error: NOT_FOUND: "), err
         started = traffic.done
-        _wait_for(lambda: traffic.done >= started + len(busy) or traffic.failures)  # it goes on
+        wait_for(lambda: traffic.done >= started + len(busy) or traffic.failures,  # it goes on
+                 timeout_s=WAIT_S)
     assert not traffic.failures, traffic.failures
     assert all("added-qwen3" not in instance_status(stack, n).models for n in INSTANCES)
     wait_until_idle(stack, timeout=WAIT_S)
@@ -280,12 +283,6 @@ def _room_for_the_test(admin, token_file) -> list[str]:
     others = [m for m in sorted(cached) + [f"cat-{i:03d}" for i in range(NUM_IDS)] if m not in kept]
     return kept + others[:BUSY_MODELS - len(kept)]
 
-
-def _wait_for(condition) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "not reached within the wait"
-        time.sleep(0.05)
 
 
 def _refuse_removal_with_a_request_in_flight(stack, stub, capsys, server) -> None:
@@ -496,7 +493,7 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
         hung, log = service(stack, "decode-1").process, service(stack, "proxy").log
         hung.send_signal(signal.SIGSTOP)
         try:
-            _wait_for(lambda: "instance decode-1 lost" in log.read_text())
+            wait_for(lambda: "instance decode-1 lost" in log.read_text(), timeout_s=WAIT_S)
             reply = admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
                                    metadata=_auth(token_file), timeout=WAIT_S)
             assert "on 2 instances" in reply.message and "decode-1 out of service" in reply.message, reply
@@ -505,8 +502,8 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
         finally:
             hung.send_signal(signal.SIGCONT)
         synced = "instance decode-1 answers again: added ['late'], removed ['gone']"
-        _wait_for(lambda: synced in log.read_text())
-        _wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text())
+        wait_for(lambda: synced in log.read_text(), timeout_s=WAIT_S)
+        wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text(), timeout_s=WAIT_S)
         assert sorted(instance_status(stack, "decode-1").models) == ["kept", "late"]
         for _ in range(4):  # both decode instances take work again: every stream completes
             assert _greedy(stub, "late") == expected["tiny-qwen2"]
@@ -541,7 +538,7 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
         finally:
             proxy.process.send_signal(signal.SIGCONT)
         log = proxy.log
-        _wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text())
+        wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text(), timeout_s=WAIT_S)
         text = log.read_text()
         assert "instance decode-1 answers again: added ['late']" in text, text[-2000:]
         assert "health checks failed" not in text, text[-2000:]  # the restart outran the probes

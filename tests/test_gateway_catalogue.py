@@ -23,6 +23,7 @@ from tokenpool.gateway.metrics import GatewayMetrics
 from tokenpool.protos.v1 import admin_pb2 as apb
 from tokenpool.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tokenpool.protos.v1 import inference_pb2 as pb
+from waiting import wait_for
 
 SERVED = "tiny-qwen2"
 OTHER = "tiny-qwen3"  # a third model to take an arena slot from the added one when it is removed
@@ -97,7 +98,8 @@ def test_a_model_added_at_run_time_is_served_then_removed_is_404(stack, client, 
     error = _assert_not_found(client, ADDED)  # at once: the proxy's NOT_FOUND, however fresh the listing
     assert ADDED not in error["message"].partition("models: ")[2], error
     assert sorted(m.id for m in client.models.list().data) == [SERVED, OTHER]
-    _wait_for(lambda: f'model_name="{ADDED}"' not in get(stack, "/metrics").text)  # its series go
+    wait_for(lambda: f'model_name="{ADDED}"' not in get(stack, "/metrics").text,  # its series go
+             timeout_s=WAIT_S)
     wait_until_idle(stack)
 
 
@@ -215,8 +217,3 @@ def _remove_once_idle(admin, auth, model: str) -> None:
         time.sleep(0.05)
 
 
-def _wait_for(condition) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.1)

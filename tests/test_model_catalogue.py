@@ -17,6 +17,7 @@ from tokenpool.engine.model_catalogue import CatalogueError, ModelCatalogue, sca
 from tokenpool.engine.model_tiers import Tier
 from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine
 from tokenpool.engine.sampling_params import SamplingParams
+from waiting import wait_for
 
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 3
@@ -61,10 +62,10 @@ def test_a_large_load_waiting_for_room_is_not_starved_by_smaller_ones(shm_path):
     leases = {m: cache.attach(m) for m in ("a", "b")}  # 4 of 6 blocks in use
     loader = ColdLoader(cache, room_wait_s=60)
     big = loader.load("big", _specs(4), lambda name, dest: dest.fill_(2.0))
-    _wait_for(lambda: any(p.waiting_for_room for p in loader.progress()), "the big load never waited")
+    wait_for(lambda: any(p.waiting_for_room for p in loader.progress()), "the big load never waited")
     small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(3.0))  # fits in the free 2
-    _wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
-              "the small load neither waited nor ended")
+    wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
+             "the small load neither waited nor ended")
     assert not small.done()  # the free room is the big load's first part
     leases.pop("a").close()  # 2 more blocks can go: enough for "big", which was first
     big.wait(30)
@@ -90,7 +91,7 @@ def test_a_load_that_ended_unnoticed_counts_as_in_memory(shapes, shm_path):
     assert engine.weights_ready("queued") is False  # the scan starts its load
     assert engine.weights_in_memory("queued") is False  # still on its way
     gate.set()
-    _wait_for(lambda: engine.tiers.loader.completed == 1, "the load never ended")
+    wait_for(lambda: engine.tiers.loader.completed == 1, "the load never ended")
     assert engine.weights_in_memory("queued") is True and "queued" in engine._loading  # unnoticed
     assert engine.weights_ready("queued") is True and not engine._loading  # noticed: claim dropped
     engine.close()
@@ -107,13 +108,6 @@ def _gated(open_fill, gate: threading.Event):
             fill(name, dest)
         return slow
     return gated_fill
-
-
-def _wait_for(condition, failure: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.01)
 
 
 def _specs(n: int) -> list[TensorSpec]:
@@ -177,8 +171,8 @@ def test_a_load_waits_for_room_held_by_a_model_in_use_and_gives_up_in_time(shm_p
     while not any(p.waiting_for_room for p in loader.progress()):
         time.sleep(0.01)
     small = loader.load("small", _specs(2), lambda name, dest: dest.fill_(5.0))  # fits, not beside "waiting"
-    _wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
-              "the small load neither waited nor ended")
+    wait_for(lambda: sum(p.waiting_for_room for p in loader.progress()) == 2 or small.done(),
+             "the small load neither waited nor ended")
     assert not small.done() and not cache.contains("small")
     waiting.cancel()  # leaves the line: the small load goes on
     with pytest.raises(LoadAbandonedError):
@@ -401,7 +395,7 @@ def test_weights_ready_starts_a_disk_load_in_the_background_and_reports_its_end(
     engine.switch_to("warm")  # a model in memory switches in meanwhile
     assert engine.weights_ready("warm") is True
     gate.set()
-    _wait_for(lambda: engine.weights_ready("gated"), "the load never ended")
+    wait_for(lambda: engine.weights_ready("gated"), "the load never ended")
     assert engine.cache.contains("gated") and not engine._loading
     engine.switch_to("gated")  # no disk read now
     assert engine.active == "gated"
@@ -443,7 +437,7 @@ def test_requests_queued_before_the_engine_keep_their_models_load_and_cache_copy
     assert engine.weights_ready("queued") is False
     engine.abort("queued", seq.request_id)  # the queue still holds requests for the model
     gate.set()
-    _wait_for(lambda: engine.weights_ready("queued"), "the load never ended")
+    wait_for(lambda: engine.weights_ready("queued"), "the load never ended")
     assert engine.tiers.loader.abandoned == 0 and engine.tiers.loader.completed == 1
     assert engine.cache.contains("queued")
     engine.close()
@@ -470,7 +464,7 @@ def test_a_switch_that_finds_its_weights_gone_starts_their_load_and_does_not_wai
     assert engine.active == "warm" and engine.tiers.loader.loading("cold")
     assert engine.weights_ready("cold") is False
     gate.set()
-    _wait_for(lambda: engine.weights_ready("cold"), "the load never ended")
+    wait_for(lambda: engine.weights_ready("cold"), "the load never ended")
     assert engine.switch_to("cold", read_disk=False) is True and engine.active == "cold"
     seq = engine.add_request("cold", PROMPT, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     while engine.has_unfinished("cold"):

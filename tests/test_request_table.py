@@ -38,6 +38,7 @@ from tokenpool.proxy.shm_request_table import (
     TableFormatError,
     default_root,
 )
+from waiting import wait_for
 
 
 @pytest.fixture
@@ -269,13 +270,6 @@ def test_killed_lock_holder_does_not_wedge_the_table(root: Path) -> None:
         holder.communicate()
     assert table.update(0, bump).num_output_tokens == 1
     table.close()
-
-
-def wait_for(condition, bound_s: float = 30.0) -> None:
-    deadline = time.monotonic() + bound_s
-    while not condition():
-        assert time.monotonic() < deadline, "not reached"
-        time.sleep(0.01)
 
 
 @pytest.mark.timeout(60)  # a wedged lock fails here instead of hanging the suite

@@ -19,6 +19,7 @@ from stack_helpers import stream
 from tokenpool.cli.up_command import RESTARTS
 from tokenpool.engine.private_shm import shm_root
 from tokenpool.protos.v1 import inference_pb2_grpc
+from waiting import wait_for
 
 MODEL = "tiny-llama"
 WAIT_S = 180  # for a line of `tokenpool up`'s output: start-up or a restart, on a slow machine
@@ -104,7 +105,8 @@ def test_a_killed_instance_is_restarted_and_serves_once_the_proxy_has_it_back(ti
         line = _until(lines, "decode-0 restarted on", seen)
         assert line.endswith(decode["address"]), line
         assert _service(up.pid, "decode-0")["pid"] != decode["pid"]
-        _until_logged(logs / "proxy.log", "instance decode-0 answers again; it rejoins")
+        rejoined = "instance decode-0 answers again; it rejoins"
+        wait_for(lambda: rejoined in (logs / "proxy.log").read_text(), f"no {rejoined!r}", WAIT_S, poll_s=0.2)
         with grpc.insecure_channel(_service(up.pid, "proxy")["address"]) as channel:
             responses = stream(inference_pb2_grpc.InferenceStub(channel), MODEL, "after the restart", 6)
         assert sum(len(r.token_ids) for r in responses) == 6
@@ -117,10 +119,3 @@ def test_a_killed_instance_is_restarted_and_serves_once_the_proxy_has_it_back(ti
 def _service(up_pid: int, name: str) -> dict:
     stack = json.loads((shm_root() / f"stack-{up_pid}.stack.json").read_text())
     return next(s for s in stack["services"] if s["name"] == name)
-
-
-def _until_logged(log, needle: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while needle not in log.read_text():
-        assert time.monotonic() < deadline, f"no {needle!r} in {log} within {WAIT_S} s"
-        time.sleep(0.2)

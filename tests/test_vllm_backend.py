@@ -66,6 +66,27 @@ def test_greedy_tokens_and_logits_match_the_native_engine(tiny_model, linear):
     assert worst <= 1e-4, f"{tiny_model.name}: max |logit diff| {worst}"
 
 
+def test_the_first_step_on_a_fresh_thread_runs_with_the_engines_thread_count(tiny_dir):
+    """An instance builds its engine on the main thread (torch.set_num_threads there) and steps it on
+    the engine worker's thread, where OpenMP has its default count until torch first runs a parallel
+    op there. vLLM's CPU attention records omp_get_max_threads() when its metadata is built and
+    checks it in the kernel: the stack's first decode step failed "Check failed: thread_num ==
+    thread_num (2 vs. 1)" on an AVX-512 CPU. (On a 1-core machine the counts cannot differ.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tiny_dir / "tiny-qwen3"  # a head size vLLM's kernel covers: attention is the kernel's
+    _, expected, _ = _run(folder, "native", steps=4)
+    before = torch.get_num_threads()
+    try:
+        llm = LLMEngine(folder, EngineConfig(dtype="float32", kv_cache_bytes=16 << 20, engine="vllm",
+                                             num_threads=1))
+        with ThreadPoolExecutor(1) as fresh:
+            seqs = fresh.submit(llm.generate, PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True)).result()
+    finally:
+        torch.set_num_threads(before)
+    assert [s.output_token_ids for s in seqs] == expected
+
+
 def test_kv_lands_in_tokenpool_blocks_as_vllms_cpu_kernel_lays_it_out(tiny_dir):
     """vLLM's attention writes the same keys and values into the arena's blocks as the native engine,
     in its own block interior (per head: keys [head_dim, block_size], values [block_size, head_dim]);

@@ -164,6 +164,11 @@ class VllmBackend(ModelBackend):
     def _attention_metadata(self, inputs: StepInputs):
         if self.torch_attention:
             return TorchPagedMetadata(inputs.query_start, inputs.seq_lens, inputs.common.block_table_tensor)
+        # vLLM's CPU metadata records omp_get_max_threads() and its kernel checks it. Torch applies its
+        # thread count to a thread's OpenMP at that thread's first parallel op (lazily), so on a fresh
+        # thread (an instance's engine worker) the forward would change it after this build: asking
+        # torch applies it now.
+        torch.get_num_threads()
         return self._builder.build(0, inputs.common)
 
     def describe(self) -> str:
