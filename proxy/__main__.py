@@ -139,6 +139,7 @@ async def serve(args: argparse.Namespace) -> int | None:
     servicer = InferenceServicer(backend, models, table, metrics, registry)
     try:
         admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype)
+        await admin.adopt()  # a restarted proxy: the instances' catalogue, run-time changes included
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
                                                         servicer),
                                                        (admin_pb2_grpc.add_AdminServicer_to_server, admin)],

@@ -5,7 +5,9 @@ every prefill and decode instance in service through their internal Catalogue RP
 effect at the proxy (served models, dispatch timings, metrics series) only once every one agreed;
 an instance that refuses rolls the others back, so no model is left half-registered. An instance
 out of service (lost: killed, hung, partitioned) is left out, and brought in step by sync() before
-it takes work again, as is one that was restarted from its flags meanwhile. Host-cache
+it takes work again, as is one that was restarted from its flags meanwhile. A proxy that starts
+while instances run (restarted) takes the catalogue they hold, run-time changes included (adopt).
+Host-cache
 operations (evict, preload) go to one instance per node (--node): the cache is the node's.
 
 Removal refuses while requests for the model are in flight (FAILED_PRECONDITION naming the
@@ -31,6 +33,7 @@ from .served_model import ServedModel, served_model_from_folder
 
 ADD_TIMEOUT_S = 300.0  # a model of a new shape is profiled on each instance while it is added
 CALL_TIMEOUT_S = 60.0
+ADOPT_TIMEOUT_S = 10.0  # at start-up: an instance that does not answer by then is synced when it does
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +138,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except AdminRefusal:
             self.models[model_id] = served
             raise
-        self.backend.dispatcher.timings.pop(model_id, None)
-        self._folders.pop(model_id, None)
-        if self.metrics is not None:
-            self.metrics.remove_model(model_id)
+        self._stop_serving(model_id)
         message = f"removed {model_id} from {len(named)} instances{self._out_of_service()}"
         return apb.AdminReply(message=message)
 
@@ -176,15 +176,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with self._lock:
             try:
                 reply = await self._one(instance, ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
-                have = {m.id for m in reply.models}
-                added, removed = sorted(set(self.models) - have), sorted(have - set(self.models))
-                for model_id in added:
-                    await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
-                                                                    folder=str(self._folder_of(model_id))),
-                                    ADD_TIMEOUT_S)
-                for model_id in removed:
-                    await self._one(instance, ipb.CatalogueRequest(action="remove", model=model_id),
-                                    CALL_TIMEOUT_S)
+                added, removed = await self._in_step(instance, reply)
             except AdminRefusal as exc:
                 log.warning("instance %s answers again but its catalogue could not be brought in step "
                             "(%s); it stays out of service, tried again at the next health check",
@@ -194,6 +186,71 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             log.warning("instance %s answers again: added %s, removed %s (catalogue changes made while "
                         "it was out of service)", instance.name, added or "none", removed or "none")
         return True
+
+    async def adopt(self) -> None:
+        """At start-up, before serving: the catalogue the instances hold wins over this proxy's flags.
+        A restarted proxy (`tokenpool up`, Kubernetes) would otherwise not serve the models added at
+        run time, remove them from every instance that rejoins, and serve again those removed. The
+        served models become every model an answering instance holds (a model none holds was removed
+        at run time), and the answering instances are brought in step with that; one that does not
+        answer now is when it does (sync). With none answering (a fresh stack whose instances start
+        later), the flags stand."""
+        if self.backend.dispatcher.pins_instances:
+            return  # the static policy's catalogue never changes at run time
+        async with self._lock:
+            instances, listing = self._instances(), ipb.CatalogueRequest(action="list")
+            replies = await asyncio.gather(*(self._one(i, listing, ADOPT_TIMEOUT_S) for i in instances),
+                                           return_exceptions=True)
+            held = [(i, r) for i, r in zip(instances, replies, strict=True) if not isinstance(r, Exception)]
+            if not held:
+                return
+            folders = {m.id: m.folder for _, r in held for m in r.models}
+            dropped = sorted(set(self.models) - set(folders))
+            for model_id in dropped:
+                self._stop_serving(model_id)
+            adopted = [m for m in sorted(set(folders) - set(self.models)) if self._serve_held(m, folders[m])]
+            for instance, reply in held:
+                try:
+                    await self._in_step(instance, reply)
+                except AdminRefusal as exc:
+                    log.warning("instance %s could not be brought in step with the catalogue (%s)",
+                                instance.name, exc)
+        if adopted or dropped:
+            log.warning("catalogue taken from %d instances: serving %s, added at run time; not serving %s, "
+                        "removed at run time", len(held), adopted or "none", dropped or "none")
+
+    async def _in_step(self, instance, reply: ipb.CatalogueReply) -> tuple[list[str], list[str]]:
+        """Add to and remove from an instance (whose catalogue reply is `reply`) what makes it hold
+        exactly the served models -> (added, removed); AdminRefusal if it refuses."""
+        have = {m.id for m in reply.models}
+        added, removed = sorted(set(self.models) - have), sorted(have - set(self.models))
+        for model_id in added:
+            await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
+                                                            folder=str(self._folder_of(model_id))),
+                            ADD_TIMEOUT_S)
+        for model_id in removed:
+            await self._one(instance, ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S)
+        return added, removed
+
+    def _serve_held(self, model_id: str, folder: str) -> bool:
+        """Serve a model an instance holds -> whether its folder could be read here."""
+        try:
+            self.models[model_id] = served_model_from_folder(model_id, Path(folder), self.dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("model %s, which an instance holds, is not served: its folder %s: %s", model_id,
+                        folder, exc)
+            return False
+        self._folders[model_id] = Path(folder)
+        if self.metrics is not None:
+            self.metrics.add_model(model_id)
+        return True
+
+    def _stop_serving(self, model_id: str) -> None:
+        self.models.pop(model_id, None)
+        self.backend.dispatcher.timings.pop(model_id, None)
+        self._folders.pop(model_id, None)
+        if self.metrics is not None:
+            self.metrics.remove_model(model_id)
 
     # -- fan-out ----------------------------------------------------------------------------------
 

@@ -547,3 +547,41 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
             assert _greedy(stub, "late") == expected["tiny-qwen2"]
         wait_until_idle(stack, timeout=WAIT_S)
         channel.close()
+
+
+def test_a_restarted_proxy_serves_the_catalogue_the_instances_hold(shapes, expected, token_file,
+                                                                   tmp_path_factory):
+    """The proxy killed -9 and started again from its flags (as `tokenpool up` and Kubernetes do)
+    serves the model added at run time and not the one removed: it takes the instances' catalogue
+    (before, it forgot the one, served the other again, and would have removed the added model from
+    every instance that rejoined)."""
+    root = tmp_path_factory.mktemp("proxy-restart")
+    for model_id in ("kept", "gone"):
+        (root / model_id).symlink_to(shapes["tiny-qwen2"])
+    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
+                         **{**SMALL_STACK, "decode": 1, "prefill": 1})
+    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+        stack.start(progress=lambda line: None)
+        with grpc.insecure_channel(stack.address) as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-mistral"])),
+                           metadata=_auth(token_file), timeout=WAIT_S)
+            admin.RemoveModel(apb.ModelRef(id="gone"), metadata=_auth(token_file), timeout=WAIT_S)
+        proxy = service(stack, "proxy")
+        proxy.process.kill()
+        proxy.process.wait()
+        proxy = stack.restart(proxy, progress=lambda line: None)
+        with grpc.insecure_channel(stack.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            assert sorted(m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models) == \
+                ["kept", "late"]
+            assert _greedy(stub, "late") == expected["tiny-mistral"]
+            assert _greedy(stub, "kept") == expected["tiny-qwen2"]
+            with pytest.raises(grpc.RpcError) as refused:
+                _greedy(stub, "gone")
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
+        text = proxy.log.read_text()
+        assert "serving ['late'], added at run time; not serving ['gone'], removed at run time" in text, \
+            text[-2000:]
+        assert sorted(instance_status(stack, "decode-0").models) == ["kept", "late"]
+        wait_until_idle(stack, timeout=WAIT_S)
