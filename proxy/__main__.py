@@ -103,6 +103,7 @@ async def serve(args: argparse.Namespace) -> int | None:
     from .inference_servicer import InferenceServicer
     from .request_table import make_request_table
     from .served_model import served_model_from_folder
+    from .shared_catalogue import make_shared_catalogue
     from .table_recovery import reclaim_forever, reclaim_orphans
 
     for flag in ("slo_tbt_ms", "slo_ttft_s"):
@@ -137,9 +138,13 @@ async def serve(args: argparse.Namespace) -> int | None:
     slo = asyncio.create_task(_learn_slo(args, backend, metrics))
     fence = asyncio.create_task(_wait_fenced(table))
     servicer = InferenceServicer(backend, models, table, metrics, registry)
+    shared = follower = None
     try:
-        admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype)
-        await admin.adopt()  # a restarted proxy: the instances' catalogue, run-time changes included
+        shared = make_shared_catalogue(args.table_backend, args.redis_url, args.table)
+        admin = AdminServicer(backend, models, folders, guard, metrics, args.dtype, shared)
+        await admin.adopt()  # a restarted proxy: the fleet's catalogue, run-time changes included
+        if shared is not None:  # other proxies' catalogue changes
+            follower = asyncio.create_task(admin.follow())
         server = await start_grpc_server(args.listen, [(inference_pb2_grpc.add_InferenceServicer_to_server,
                                                         servicer),
                                                        (admin_pb2_grpc.add_AdminServicer_to_server, admin)],
@@ -166,8 +171,11 @@ async def serve(args: argparse.Namespace) -> int | None:
         stop.cancel()
         fence.cancel()
         slo.cancel()
-        if reclaimer is not None:
-            reclaimer.cancel()
+        for task in (reclaimer, follower):
+            if task is not None:
+                task.cancel()
+        if shared is not None:
+            shared.close()
         await backend.close()
         servicer.close()
         table.close()

@@ -30,6 +30,7 @@ from tokenpool.protos.v1 import admin_pb2_grpc
 
 from .dispatcher import Timing
 from .served_model import ServedModel, served_model_from_folder
+from .shared_catalogue import POLL_S, RedisCatalogue
 
 ADD_TIMEOUT_S = 300.0  # a model of a new shape is profiled on each instance while it is added
 CALL_TIMEOUT_S = 60.0
@@ -46,9 +47,10 @@ class AdminRefusal(Exception):
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, backend, models: dict[str, ServedModel], folders: dict[str, Path], guard: AdminGuard,
-                 metrics=None, dtype: str = "auto") -> None:
+                 metrics=None, dtype: str = "auto", shared: RedisCatalogue | None = None) -> None:
         """backend: the FleetBackend; models: the servicer's served-model map, changed in place;
-        folders: each served model's folder (a removal that must be undone adds it back)."""
+        folders: each served model's folder (a removal that must be undone adds it back); shared:
+        the catalogue the proxies of a Redis table share (shared_catalogue.py), or None."""
         self.backend = backend
         self.models = models
         self._folders = dict(folders)
@@ -56,6 +58,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.metrics = metrics
         self.dtype = dtype
         self._lock = asyncio.Lock()  # one catalogue change (or sync) at a time
+        self.shared = shared
+        self._shared_version = 0  # of the shared catalogue, as last served here
         backend.on_rejoin = self.sync
 
     async def AddModel(self, request, context):
@@ -88,8 +92,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def _add(self, model_id: str, folder: str) -> apb.AdminReply:
         served = self._check_new(model_id, folder)
         request = ipb.CatalogueRequest(action="add", model=model_id, folder=str(served[1]))
-        named = await self._fan_out(request, ADD_TIMEOUT_S, undo=ipb.CatalogueRequest(action="remove",
-                                                                                       model=model_id))
+        await self._share("put", model_id, str(served[1]))  # first: other proxies' syncs add it too
+        try:
+            named = await self._fan_out(request, ADD_TIMEOUT_S, undo=ipb.CatalogueRequest(action="remove",
+                                                                                           model=model_id))
+        except AdminRefusal:
+            await self._share("drop", model_id, undoing=True)
+            raise
         self.models[model_id], self._folders[model_id] = served
         if self.metrics is not None:
             self.metrics.add_model(model_id)
@@ -131,12 +140,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                f"model {model_id!r} has {in_flight} requests in flight; remove it once "
                                f"they end (nothing was changed)")
         del self.models[model_id]  # no new request from here on
+        folder = str(self._folder_of(model_id))
         try:
-            undo = ipb.CatalogueRequest(action="add", model=model_id, folder=str(self._folder_of(model_id)))
+            await self._share("drop", model_id)
+            undo = ipb.CatalogueRequest(action="add", model=model_id, folder=folder)
             named = await self._fan_out(ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S,
                                         undo=undo)
         except AdminRefusal:
             self.models[model_id] = served
+            await self._share("put", model_id, folder, undoing=True)
             raise
         self._stop_serving(model_id)
         message = f"removed {model_id} from {len(named)} instances{self._out_of_service()}"
@@ -175,6 +187,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         added, models removed are removed."""
         async with self._lock:
             try:
+                await self._refresh()  # another proxy's latest changes, if the catalogue is shared
                 reply = await self._one(instance, ipb.CatalogueRequest(action="list"), CALL_TIMEOUT_S)
                 added, removed = await self._in_step(instance, reply)
             except AdminRefusal as exc:
@@ -188,13 +201,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return True
 
     async def adopt(self) -> None:
-        """At start-up, before serving: the catalogue the instances hold wins over this proxy's flags.
-        A restarted proxy (`tokenpool up`, Kubernetes) would otherwise not serve the models added at
-        run time, remove them from every instance that rejoins, and serve again those removed. The
-        served models become every model an answering instance holds (a model none holds was removed
-        at run time), and the answering instances are brought in step with that; one that does not
-        answer now is when it does (sync). With none answering (a fresh stack whose instances start
-        later), the flags stand."""
+        """At start-up, before serving: the fleet's catalogue wins over this proxy's flags. A restarted
+        proxy (`tokenpool up`, Kubernetes) would otherwise not serve the models added at run time,
+        remove them from every instance that rejoins, and serve again those removed. The fleet's
+        catalogue is the shared one where proxies share it and it was written; else every model an
+        answering instance holds (one that none holds was removed at run time); with no instance
+        answering (a fresh stack whose instances start later), the flags. The answering instances
+        are then brought in step with it; one that does not answer now is when it does (sync)."""
         if self.backend.dispatcher.pins_instances:
             return  # the static policy's catalogue never changes at run time
         async with self._lock:
@@ -202,13 +215,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             replies = await asyncio.gather(*(self._one(i, listing, ADOPT_TIMEOUT_S) for i in instances),
                                            return_exceptions=True)
             held = [(i, r) for i, r in zip(instances, replies, strict=True) if not isinstance(r, Exception)]
-            if not held:
-                return
-            folders = {m.id: m.folder for _, r in held for m in r.models}
-            dropped = sorted(set(self.models) - set(folders))
-            for model_id in dropped:
-                self._stop_serving(model_id)
-            adopted = [m for m in sorted(set(folders) - set(self.models)) if self._serve_held(m, folders[m])]
+            version, folders = await asyncio.to_thread(self.shared.read) if self.shared else (0, {})
+            source = "the catalogue shared with the other proxies"
+            if not version and held:
+                folders = {m.id: m.folder for _, r in held for m in r.models}
+                source = f"{len(held)} instances"
+            adopted, dropped = self._serve_exactly(folders) if version or held else ([], [])
+            if self.shared is not None and not version:  # the first proxy of the fleet
+                await asyncio.to_thread(self.shared.replace, {m: str(f) for m, f in self._folders.items()})
+            self._shared_version = version
             for instance, reply in held:
                 try:
                     await self._in_step(instance, reply)
@@ -216,8 +231,59 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     log.warning("instance %s could not be brought in step with the catalogue (%s)",
                                 instance.name, exc)
         if adopted or dropped:
-            log.warning("catalogue taken from %d instances: serving %s, added at run time; not serving %s, "
-                        "removed at run time", len(held), adopted or "none", dropped or "none")
+            log.warning("catalogue taken from %s: serving %s, added at run time; not serving %s, removed at "
+                        "run time", source, adopted or "none", dropped or "none")
+
+    async def follow(self) -> None:
+        """Forever, with a shared catalogue: serve what another proxy's change made it, looking every
+        POLL_S (its instances were changed by that proxy; this one only starts or stops serving)."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                if await asyncio.to_thread(self.shared.version) != self._shared_version:
+                    async with self._lock:
+                        await self._refresh()
+            except Exception as exc:  # noqa: BLE001 - Redis away: serve on what we have, look again
+                log.warning("the shared catalogue could not be read (%s); serving the models as they were",
+                            exc)
+
+    async def _refresh(self) -> None:
+        """Serve exactly the shared catalogue, if there is one and it changed since we last did."""
+        if self.shared is None:
+            return
+        version, folders = await asyncio.to_thread(self.shared.read)
+        if version == self._shared_version:
+            return
+        self._shared_version = version
+        adopted, dropped = self._serve_exactly(folders)
+        if adopted or dropped:
+            log.warning("catalogue changed through another proxy: serving %s, no longer %s",
+                        adopted or "none", dropped or "none")
+
+    async def _share(self, action: str, model_id: str, folder: str = "", undoing: bool = False) -> None:
+        """Write a change into the shared catalogue (none: nothing to do). A failure refuses the
+        change before anything else moved, or, undoing a change that failed, is logged."""
+        if self.shared is None:
+            return
+        try:
+            if action == "put":
+                await asyncio.to_thread(self.shared.put, model_id, folder)
+            else:
+                await asyncio.to_thread(self.shared.drop, model_id)
+        except Exception as exc:  # noqa: BLE001 - redis' errors, and OSError
+            if undoing:
+                log.error("undoing %s %s in the shared catalogue failed: %s", action, model_id, exc)
+                return
+            raise AdminRefusal(grpc.StatusCode.UNAVAILABLE, f"the catalogue shared with the other proxies "
+                               f"(Redis) could not be written: {exc}; nothing was changed") from None
+
+    def _serve_exactly(self, folders: dict[str, str]) -> tuple[list[str], list[str]]:
+        """Serve the models in folders (id -> folder) and no others -> (started, stopped)."""
+        dropped = sorted(set(self.models) - set(folders))
+        for model_id in dropped:
+            self._stop_serving(model_id)
+        adopted = [m for m in sorted(set(folders) - set(self.models)) if self._serve_held(m, folders[m])]
+        return adopted, dropped
 
     async def _in_step(self, instance, reply: ipb.CatalogueReply) -> tuple[list[str], list[str]]:
         """Add to and remove from an instance (whose catalogue reply is `reply`) what makes it hold

@@ -1,7 +1,8 @@
 """Two proxies share one request table in Redis in front of the same instances: kill -9 of one
 mid-stream; its clients reconnect to the other and every request completes there, and the
 survivor reclaims the dead proxy's rows (and their hand-off KV) once its heartbeat lapses.
-A proxy fenced by a Redis restarted empty turns NOT_SERVING, refuses, and exits to be restarted."""
+A proxy fenced by a Redis restarted empty turns NOT_SERVING, refuses, and exits to be restarted.
+A catalogue change made through one proxy is served by the others."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_server import redis_server
-from stack_helpers import service, start_tiny_stack, wait_until_idle
+from stack_helpers import service, start_tiny_stack, stream, wait_until_idle
 from tokenpool.protos.v1 import inference_pb2 as pb
 from tokenpool.protos.v1 import inference_pb2_grpc
 from tokenpool.proxy.__main__ import EXIT_FENCED, FENCE_POLL_S, FENCED_NOTICE_S
 from tokenpool.proxy.redis_request_table import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, RedisRequestTable
 from tokenpool.proxy.stop_serving import STOP_GRACE_S
 from tokenpool.proxy.table_recovery import RECLAIM_EVERY_S
+from waiting import wait_for
 
 MODELS = ("tiny-llama", "tiny-qwen3")
 STREAMS, TOKENS, SLOTS = 40, 48, 64
@@ -160,3 +162,54 @@ def wait_for_not_serving(health) -> None:
         time.sleep(0.05)
     for name in ("tokenpool.v1.Inference", "tokenpool.v1.Admin"):
         assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == NOT_SERVING
+
+
+@pytest.mark.timeout(300)
+def test_a_catalogue_change_through_one_proxy_is_served_by_the_others(tiny_dir, token_file, tmp_path):
+    """Proxies on one Redis table share the catalogue: a model added through proxy A is served by B
+    within its poll (the same tokens), one removed through B stops being served by A, and a proxy
+    started afterwards from the same flags serves the changed catalogue, not its flags'."""
+    from tokenpool.protos.v1 import admin_pb2 as apb
+    from tokenpool.protos.v1 import admin_pb2_grpc
+    from tokenpool.proxy.shared_catalogue import POLL_S
+
+    stack = start_tiny_stack(tiny_dir, MODELS, tmp_path / "logs", prefill=1, decode=1,
+                             admin_token_file=token_file)
+    auth = [("authorization", f"Bearer {token_file.read_text().strip()}")]
+    proxies = []
+    try:
+        with redis_server(tmp_path) as url:
+            for name in ("proxy-a", "proxy-b"):
+                proxies.append(start_proxy(stack, tmp_path, name, url))
+            (_, a), (_, b) = proxies
+            with grpc.insecure_channel(a) as channel:
+                added = apb.AddModelRequest(id="added", folder=str(tiny_dir / "tiny-qwen3"))
+                admin_pb2_grpc.AdminStub(channel).AddModel(added, metadata=auth, timeout=120)
+            wait_for(lambda: "added" in served(b), "proxy-b never served the model added through proxy-a",
+                     timeout_s=30 * POLL_S)
+            assert greedy(b, "added") == greedy(a, "tiny-qwen3")
+            with grpc.insecure_channel(b) as channel:
+                admin_pb2_grpc.AdminStub(channel).RemoveModel(apb.ModelRef(id="tiny-llama"), metadata=auth,
+                                                              timeout=120)
+            wait_for(lambda: "tiny-llama" not in served(a), "proxy-a still serves the model removed through "
+                     "proxy-b", timeout_s=30 * POLL_S)
+            proxies.append(start_proxy(stack, tmp_path, "proxy-c", url))
+            assert served(proxies[-1][1]) == ["added", "tiny-qwen3"]
+            assert served(a) == served(b) == ["added", "tiny-qwen3"]
+    finally:
+        for process, _ in proxies:
+            process.kill()
+            process.wait(30)
+        stack.stop()
+
+
+def served(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        reply = inference_pb2_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    return sorted(m.id for m in reply.models)
+
+
+def greedy(address: str, model: str) -> list[int]:
+    with grpc.insecure_channel(address) as channel:
+        return [t for r in stream(inference_pb2_grpc.InferenceStub(channel), model, "The quick brown fox", 8)
+                for t in r.token_ids]
