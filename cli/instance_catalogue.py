@@ -43,6 +43,7 @@ class InstanceCatalogue:
         self.timings = timings
         self.queued = queued
         self._preloads: list[LoadTicket] = []
+        self.added_at_run_time: set[str] = set()  # through "add", not from the flags (engine thread)
 
     async def answer(self, worker, request: ipb.CatalogueRequest, context) -> ipb.CatalogueReply:
         """The RPC: the request run on the worker's engine thread, a refusal as its status."""
@@ -59,7 +60,7 @@ class InstanceCatalogue:
         self._drop_finished_preloads()
         catalogue = ModelCatalogue(engine)
         if request.action == "list":
-            return ipb.CatalogueReply(models=[_to_pb(e) for e in catalogue.entries()])
+            return ipb.CatalogueReply(models=[self._to_pb(e) for e in catalogue.entries()])
         if request.action == "add":
             return self._add(engine, catalogue, request.model, request.folder)
         _known(engine, request.model)
@@ -70,7 +71,7 @@ class InstanceCatalogue:
             _evict(engine, catalogue, request.model)
         else:
             self._preload(catalogue, request.model)
-        return ipb.CatalogueReply(models=[_to_pb(catalogue.entry(request.model))])
+        return ipb.CatalogueReply(models=[self._to_pb(catalogue.entry(request.model))])
 
     def _add(self, engine: MultiModelEngine, catalogue: ModelCatalogue, model_id: str,
              folder: str) -> ipb.CatalogueReply:
@@ -84,7 +85,8 @@ class InstanceCatalogue:
             entry = catalogue.add(model_id, Path(folder))
         except CatalogueError as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        reply = ipb.CatalogueReply(models=[_to_pb(entry)])
+        self.added_at_run_time.add(model_id)
+        reply = ipb.CatalogueReply(models=[self._to_pb(entry)])
         if self.timings is not None:
             try:  # a shape seen before: the cached profile; a new one: measured now, once
                 self.timings.profiles[model_id] = t = cached_profile(engine, model_id)
@@ -94,6 +96,7 @@ class InstanceCatalogue:
             except Exception as exc:  # noqa: BLE001 - reported as the refusal; nothing stays registered
                 _vacate(engine, model_id)
                 catalogue.remove(model_id)
+                self.added_at_run_time.discard(model_id)
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {model_id!r} could not be "
                               f"profiled: {exc}") from None
             reply.timing.CopyFrom(ipb.ModelTiming(
@@ -111,9 +114,15 @@ class InstanceCatalogue:
             catalogue.remove(model_id)
         except CatalogueError as exc:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        self.added_at_run_time.discard(model_id)
         if self.timings is not None:
             self.timings.profiles.pop(model_id, None)
             self.timings.kv_swap.pop(model_id, None)
+
+    def _to_pb(self, entry: CatalogueEntry) -> ipb.CatalogueModel:
+        model = _to_pb(entry)
+        model.added_at_run_time = entry.model_id in self.added_at_run_time
+        return model
 
     def _preload(self, catalogue: ModelCatalogue, model_id: str) -> None:
         ticket = catalogue.preload(model_id)

@@ -30,7 +30,7 @@ from tokenpool.protos.v1 import admin_pb2_grpc
 
 from .dispatcher import Timing
 from .served_model import ServedModel, served_model_from_folder
-from .shared_catalogue import POLL_S, RedisCatalogue
+from .shared_catalogue import POLL_S, RedisCatalogue, fingerprint
 
 ADD_TIMEOUT_S = 300.0  # a model of a new shape is profiled on each instance while it is added
 CALL_TIMEOUT_S = 60.0
@@ -60,6 +60,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._lock = asyncio.Lock()  # one catalogue change (or sync) at a time
         self.shared = shared
         self._shared_version = 0  # of the shared catalogue, as last served here
+        self._flags = {m: str(f) for m, f in folders.items()}  # the start-up catalogue
         backend.on_rejoin = self.sync
 
     async def AddModel(self, request, context):
@@ -201,28 +202,29 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return True
 
     async def adopt(self) -> None:
-        """At start-up, before serving: the fleet's catalogue wins over this proxy's flags. A restarted
-        proxy (`tokenpool up`, Kubernetes) would otherwise not serve the models added at run time,
-        remove them from every instance that rejoins, and serve again those removed. The fleet's
-        catalogue is the shared one where proxies share it and it was written; else every model an
-        answering instance holds (one that none holds was removed at run time); with no instance
-        answering (a fresh stack whose instances start later), the flags. The answering instances
-        are then brought in step with it; one that does not answer now is when it does (sync)."""
+        """At start-up, before serving: the fleet's catalogue, run-time changes included, not only
+        this proxy's flags. A restarted proxy (`tokenpool up`, Kubernetes) would otherwise not serve
+        the models added at run time, and remove them from every instance that rejoins. The fleet's
+        catalogue is the one the proxies share, where they do and it grew from the same flags (a
+        proxy restarted, or one more started); else the flags plus what answering instances hold
+        as added at run time (a model removed at run time comes back if the flags name it: the
+        flags are the configuration). With no instance answering (a fresh stack whose instances
+        start later), the flags stand. The answering instances are brought in step with it; one
+        that does not answer now is when it does (sync)."""
         if self.backend.dispatcher.pins_instances:
             return  # the static policy's catalogue never changes at run time
         async with self._lock:
-            instances, listing = self._instances(), ipb.CatalogueRequest(action="list")
-            replies = await asyncio.gather(*(self._one(i, listing, ADOPT_TIMEOUT_S) for i in instances),
-                                           return_exceptions=True)
-            held = [(i, r) for i, r in zip(instances, replies, strict=True) if not isinstance(r, Exception)]
-            version, folders = await asyncio.to_thread(self.shared.read) if self.shared else (0, {})
-            source = "the catalogue shared with the other proxies"
-            if not version and held:
-                folders = {m.id: m.folder for _, r in held for m in r.models}
-                source = f"{len(held)} instances"
-            adopted, dropped = self._serve_exactly(folders) if version or held else ([], [])
-            if self.shared is not None and not version:  # the first proxy of the fleet
-                await asyncio.to_thread(self.shared.replace, {m: str(f) for m, f in self._folders.items()})
+            held = await self._held_by_instances()
+            base = fingerprint(self._flags)
+            version, shared_base, folders = (await asyncio.to_thread(self.shared.read) if self.shared
+                                             else (0, "", {}))
+            taken = version and shared_base == base
+            if not taken:
+                added = {m.id: m.folder for _, r in held for m in r.models if m.added_at_run_time}
+                folders = {**self._flags, **added}
+            adopted, dropped = self._serve_exactly(folders)
+            if self.shared is not None and not taken:  # the first proxy of a fleet, or of new flags
+                version = await asyncio.to_thread(self.shared.replace, self._served_folders(), base)
             self._shared_version = version
             for instance, reply in held:
                 try:
@@ -231,8 +233,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     log.warning("instance %s could not be brought in step with the catalogue (%s)",
                                 instance.name, exc)
         if adopted or dropped:
+            source = "the catalogue shared with the other proxies" if taken else f"{len(held)} instances"
             log.warning("catalogue taken from %s: serving %s, added at run time; not serving %s, removed at "
                         "run time", source, adopted or "none", dropped or "none")
+
+    async def _held_by_instances(self) -> list[tuple[object, ipb.CatalogueReply]]:
+        """(instance, its catalogue) for each instance that answers within ADOPT_TIMEOUT_S."""
+        instances, listing = self._instances(), ipb.CatalogueRequest(action="list")
+        replies = await asyncio.gather(*(self._one(i, listing, ADOPT_TIMEOUT_S) for i in instances),
+                                       return_exceptions=True)
+        return [(i, r) for i, r in zip(instances, replies, strict=True) if not isinstance(r, Exception)]
+
+    def _served_folders(self) -> dict[str, str]:
+        return {m: str(self._folders[m]) for m in self.models}
 
     async def follow(self) -> None:
         """Forever, with a shared catalogue: serve what another proxy's change made it, looking every
@@ -251,7 +264,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         """Serve exactly the shared catalogue, if there is one and it changed since we last did."""
         if self.shared is None:
             return
-        version, folders = await asyncio.to_thread(self.shared.read)
+        version, _, folders = await asyncio.to_thread(self.shared.read)
         if version == self._shared_version:
             return
         self._shared_version = version

@@ -7,15 +7,19 @@ beside the table:
 
     tokenpool:{name}:catalogue           hash    model id -> folder
     tokenpool:{name}:catalogue-version   string  INCR on every change (absent: never written)
+    tokenpool:{name}:catalogue-base      string  fingerprint() of the flags the set grew from
 
 A change is written before it fans out to the instances (and undone if the fan-out is), so a
 proxy that syncs a returning instance meanwhile already brings it to the new set. Every proxy
-polls the version (AdminServicer.follow) and serves what the hash holds. The single-proxy
-default, a shared-memory table, has nothing to share: make_shared_catalogue gives None.
+polls the version (AdminServicer.follow) and serves what the hash holds. A proxy that starts
+takes the set over only if it grew from the same flags (its base): with other flags it is a new
+configuration (a redeploy), whose flags win and replace it. The single-proxy default, a
+shared-memory table, has nothing to share: make_shared_catalogue gives None.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 POLL_S = 1.0  # how often a proxy looks for another proxy's change
@@ -31,17 +35,18 @@ class RedisCatalogue:
         self._redis = client if client is not None else _connect(url)
         prefix = f"tokenpool:{{{name}}}:"  # the table's hash tag: one shard of a cluster
         self._hash, self._version = prefix + "catalogue", prefix + "catalogue-version"
+        self._base = prefix + "catalogue-base"
 
     def version(self) -> int:
         """0 while nothing was ever written."""
         return int(self._redis.get(self._version) or 0)
 
-    def read(self) -> tuple[int, dict[str, str]]:
-        """-> (version, id -> folder), read together."""
+    def read(self) -> tuple[int, str, dict[str, str]]:
+        """-> (version, base, id -> folder), read together."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.get(self._version).hgetall(self._hash)
-        version, models = pipe.execute()
-        return int(version or 0), {k.decode(): v.decode() for k, v in models.items()}
+        pipe.get(self._version).get(self._base).hgetall(self._hash)
+        version, base, models = pipe.execute()
+        return int(version or 0), (base or b"").decode(), {k.decode(): v.decode() for k, v in models.items()}
 
     def put(self, model_id: str, folder: str) -> None:
         self._change(lambda pipe: pipe.hset(self._hash, model_id, folder))
@@ -49,22 +54,30 @@ class RedisCatalogue:
     def drop(self, model_id: str) -> None:
         self._change(lambda pipe: pipe.hdel(self._hash, model_id))
 
-    def replace(self, models: dict[str, str]) -> None:
-        """The whole set at once (the first proxy of a fleet writes what it serves)."""
+    def replace(self, models: dict[str, str], base: str) -> int:
+        """The whole set at once, grown from flags of fingerprint base -> its version (the first
+        proxy of a fleet, or of a new configuration, writes what it serves)."""
         def write(pipe) -> None:
             pipe.delete(self._hash)
             if models:
                 pipe.hset(self._hash, mapping=models)
-        self._change(write)
+            pipe.set(self._base, base)
+        return self._change(write)
 
     def close(self) -> None:
         self._redis.close()
 
-    def _change(self, write) -> None:
+    def _change(self, write) -> int:
         pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: the set and its version together
         write(pipe)
         pipe.incr(self._version)
-        pipe.execute()
+        return int(pipe.execute()[-1])
+
+
+def fingerprint(flags: dict[str, str]) -> str:
+    """Of a proxy's start-up catalogue (id -> folder): equal flags, equal fingerprints."""
+    text = "\n".join(f"{m}={f}" for m, f in sorted(flags.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_shared_catalogue(table_backend: str, url: str | None, name: str) -> RedisCatalogue | None:

@@ -306,7 +306,7 @@ class CatalogueRequest(_message.Message):
     def __init__(self, action: _Optional[str] = ..., model: _Optional[str] = ..., folder: _Optional[str] = ...) -> None: ...
 
 class CatalogueModel(_message.Message):
-    __slots__ = ("id", "folder", "tier", "weight_bytes", "requests", "loaded_bytes", "loading", "waiting_for_room")
+    __slots__ = ("id", "folder", "tier", "weight_bytes", "requests", "loaded_bytes", "loading", "waiting_for_room", "added_at_run_time")
     ID_FIELD_NUMBER: _ClassVar[int]
     FOLDER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,7 @@ class CatalogueModel(_message.Message):
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_ROOM_FIELD_NUMBER: _ClassVar[int]
+    ADDED_AT_RUN_TIME_FIELD_NUMBER: _ClassVar[int]
     id: str
     folder: str
     tier: str
@@ -323,7 +324,8 @@ class CatalogueModel(_message.Message):
     loaded_bytes: int
     loading: bool
     waiting_for_room: bool
-    def __init__(self, id: _Optional[str] = ..., folder: _Optional[str] = ..., tier: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., requests: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., loading: _Optional[bool] = ..., waiting_for_room: _Optional[bool] = ...) -> None: ...
+    added_at_run_time: bool
+    def __init__(self, id: _Optional[str] = ..., folder: _Optional[str] = ..., tier: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., requests: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., loading: _Optional[bool] = ..., waiting_for_room: _Optional[bool] = ..., added_at_run_time: _Optional[bool] = ...) -> None: ...
 
 class CatalogueReply(_message.Message):
     __slots__ = ("models", "timing")
