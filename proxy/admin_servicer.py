@@ -265,8 +265,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if self.shared is None:
             return
         version, _, folders = await asyncio.to_thread(self.shared.read)
-        if version == self._shared_version:
-            return
+        if version == self._shared_version or not version:  # not version: Redis lost it (restarted
+            return  # empty, which fences every proxy of the table): serve on what we have
         self._shared_version = version
         adopted, dropped = self._serve_exactly(folders)
         if adopted or dropped:
