@@ -475,18 +475,24 @@ def test_a_burst_over_models_of_which_the_cache_holds_one_completes(tiny_dir, tm
             wait_until_idle(stack, timeout=WAIT_S)
 
 
+def _qwen2_stack(shapes, token_file, tmp_path_factory, ids: tuple[str, ...], decode: int) -> Stack:
+    """A stack (not started) of 1 prefill and `decode` decode instances whose catalogue folder holds
+    tiny-qwen2 under each of ids, with the admin service on."""
+    root = tmp_path_factory.mktemp("catalogue")
+    for model_id in ids:
+        (root / model_id).symlink_to(shapes["tiny-qwen2"])
+    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
+                         **{**SMALL_STACK, "decode": decode, "prefill": 1})
+    return Stack(config, tmp_path_factory.mktemp("logs"))
+
+
 def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_serves(
         shapes, expected, token_file, tmp_path_factory):
     """decode-1 hung (SIGSTOP) past the proxy's health checks: add and remove go to the instances in
     service and say which one is out; when decode-1 answers again it is given the added model and
     loses the removed one before it takes work (an instance restarted from its flags meanwhile, as
     Kubernetes does, would start without them), and then serves the added model's requests."""
-    root = tmp_path_factory.mktemp("rejoin")
-    for model_id in ("kept", "gone"):
-        (root / model_id).symlink_to(shapes["tiny-qwen2"])
-    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
-                         **{**SMALL_STACK, "decode": 2, "prefill": 1})
-    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept", "gone"), decode=2) as stack:
         stack.start(progress=lambda line: None)
         channel = grpc.insecure_channel(stack.address)
         admin, stub = admin_pb2_grpc.AdminStub(channel), inference_pb2_grpc.InferenceStub(channel)
@@ -518,11 +524,7 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
     added at run time. The proxy knows it by the new incarnation its health check names, adds the
     model before it takes work (before, it sent decode-1 requests for a model it did not have), and
     every stream over both decode instances completes."""
-    root = tmp_path_factory.mktemp("restart")
-    (root / "kept").symlink_to(shapes["tiny-qwen2"])
-    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
-                         **{**SMALL_STACK, "decode": 2, "prefill": 1})
-    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept",), decode=2) as stack:
         stack.start(progress=lambda line: None)
         channel = grpc.insecure_channel(stack.address)
         admin, stub = admin_pb2_grpc.AdminStub(channel), inference_pb2_grpc.InferenceStub(channel)
@@ -555,12 +557,7 @@ def test_a_restarted_proxy_serves_its_flags_and_the_models_added_at_run_time(sha
     serves the model added at run time, which the instances hold as such (before, it forgot it, and
     would have removed it from every instance that rejoined). A model of the flags removed at run
     time is served again, and given back to the instances: the flags are the configuration."""
-    root = tmp_path_factory.mktemp("proxy-restart")
-    for model_id in ("kept", "gone"):
-        (root / model_id).symlink_to(shapes["tiny-qwen2"])
-    config = StackConfig(models={}, catalogue=root, admin_token_file=token_file,
-                         **{**SMALL_STACK, "decode": 1, "prefill": 1})
-    with Stack(config, tmp_path_factory.mktemp("logs")) as stack:
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept", "gone"), decode=1) as stack:
         stack.start(progress=lambda line: None)
         with grpc.insecure_channel(stack.address) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
