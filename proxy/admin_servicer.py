@@ -100,9 +100,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except AdminRefusal:
             await self._share("drop", model_id, undoing=True)
             raise
-        self.models[model_id], self._folders[model_id] = served
-        if self.metrics is not None:
-            self.metrics.add_model(model_id)
+        self._start_serving(model_id, *served)
         t = next((r.timing for _, r in named if r.timing.model), None)  # a prefill instance's profile
         if t is not None:
             self.backend.dispatcher.timings[model_id] = Timing(t.prefill_a, t.prefill_b, t.switch_s)
@@ -314,15 +312,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def _serve_held(self, model_id: str, folder: str) -> bool:
         """Serve a model an instance holds -> whether its folder could be read here."""
         try:
-            self.models[model_id] = served_model_from_folder(model_id, Path(folder), self.dtype)
+            served = served_model_from_folder(model_id, Path(folder), self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("model %s, which an instance holds, is not served: its folder %s: %s", model_id,
                         folder, exc)
             return False
-        self._folders[model_id] = Path(folder)
+        self._start_serving(model_id, served, Path(folder))
+        return True
+
+    def _start_serving(self, model_id: str, served: ServedModel, folder: Path) -> None:
+        self.models[model_id], self._folders[model_id] = served, folder
         if self.metrics is not None:
             self.metrics.add_model(model_id)
-        return True
 
     def _stop_serving(self, model_id: str) -> None:
         self.models.pop(model_id, None)

@@ -139,7 +139,7 @@ class RedisRequestTable(RequestTable):
                  client: Any = None, owner: bool = True) -> None:
         _check_args(url, name, capacity, ttl_s, client)
         self.name, self.capacity, self.ttl_s = name, capacity, ttl_s
-        self.prefix = f"tokenpool:{{{name}}}:"
+        self.prefix = key_prefix(name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}" if owner else ""
         self._redis = client if client is not None else _connect(url)
         self._scripts = {k: self._redis.register_script(s) for k, s in
@@ -164,7 +164,7 @@ class RedisRequestTable(RequestTable):
         _check_args(url, name, 1, DEFAULT_TTL_S, client)
         redis_client = client if client is not None else _connect(url)
         try:
-            capacity, version = redis_client.hmget(f"tokenpool:{{{name}}}:meta", "capacity", "version")
+            capacity, version = redis_client.hmget(key_prefix(name) + "meta", "capacity", "version")
             if capacity is None:
                 raise TableNotFoundError(f"no request table {name!r} in Redis at {url or 'the client'}: a "
                                          f"proxy with --table-backend redis --table {name} creates it")
@@ -336,6 +336,12 @@ class RedisRequestTable(RequestTable):
                 renewed = sent
             except Exception as e:  # noqa: BLE001 -- a blip: the next beat may get through before the ttl
                 log.warning("request table %r: heartbeat failed: %s", self.name, e)
+
+
+def key_prefix(name: str) -> str:
+    """Of every key of the table `name` (and what lives beside it); the {name} hash tag keeps them on
+    one shard of a cluster."""
+    return f"tokenpool:{{{name}}}:"
 
 
 def _connect(url: str):

@@ -30,10 +30,10 @@ class RedisCatalogue:
     (network round trips): the proxy makes them off its event loop."""
 
     def __init__(self, url: str, name: str, client: Any = None) -> None:
-        from .redis_request_table import _connect  # the optional backend's import stays lazy
+        from .redis_request_table import _connect, key_prefix  # the optional backend's import stays lazy
 
         self._redis = client if client is not None else _connect(url)
-        prefix = f"tokenpool:{{{name}}}:"  # the table's hash tag: one shard of a cluster
+        prefix = key_prefix(name)
         self._hash, self._version = prefix + "catalogue", prefix + "catalogue-version"
         self._base = prefix + "catalogue-base"
 
