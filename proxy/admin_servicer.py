@@ -207,8 +207,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         proxy restarted, or one more started); else the flags plus what answering instances hold
         as added at run time (a model removed at run time comes back if the flags name it: the
         flags are the configuration). With no instance answering (a fresh stack whose instances
-        start later), the flags stand. The answering instances are brought in step with it; one
-        that does not answer now is when it does (sync)."""
+        start later), the flags stand. The answering instances are brought in step with it (one that
+        refuses is out of service until it is); one that does not answer now is when it does (sync)."""
         if self.backend.dispatcher.pins_instances:
             return  # the static policy's catalogue never changes at run time
         async with self._lock:
@@ -228,12 +228,26 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 try:
                     await self._in_step(instance, reply)
                 except AdminRefusal as exc:
-                    log.warning("instance %s could not be brought in step with the catalogue (%s)",
-                                instance.name, exc)
+                    self.backend.mark_lost(instance, f"its catalogue could not be brought in step ({exc}); "
+                                                     f"tried again at each health check")
+            self._set_aside_unanswered(held)
         if adopted or dropped:
             source = "the catalogue shared with the other proxies" if taken else f"{len(held)} instances"
             log.warning("catalogue taken from %s: serving %s, added at run time; not serving %s, removed at "
                         "run time", source, adopted or "none", dropped or "none")
+
+    def _set_aside_unanswered(self, held: list[tuple[object, ipb.CatalogueReply]]) -> None:
+        """An instance that did not answer adopt() starts (or restarts) from its flags: while the
+        served catalogue differs from them it would take requests for models it lacks, so it is out
+        of service until sync() brought it in step (its first health check, before, served it as is
+        unless three had failed first)."""
+        if set(self.models) == set(self._flags):
+            return
+        answered = {instance.name for instance, _ in held}
+        for instance in self._instances():
+            if instance.name not in answered:
+                self.backend.mark_lost(instance, "it did not answer at the proxy's start while the catalogue "
+                                                 "differs from the flags; brought in step when it answers")
 
     async def _held_by_instances(self) -> list[tuple[object, ipb.CatalogueReply]]:
         """(instance, its catalogue) for each instance that answers within ADOPT_TIMEOUT_S."""

@@ -269,7 +269,7 @@ class FleetBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE or (exc.code() == grpc.StatusCode.CANCELLED
                                                               and not instance.serving):
-                self._mark_lost(instance, exc.details() or str(exc.code()))
+                self.mark_lost(instance, exc.details() or str(exc.code()))
                 raise InstanceLost(instance.name) from None
             raise
 
@@ -288,7 +288,7 @@ class FleetBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             instance.failed_probes += 1
             if instance.failed_probes >= LOST_AFTER:
-                self._mark_lost(instance, f"{instance.failed_probes} health checks failed "
+                self.mark_lost(instance, f"{instance.failed_probes} health checks failed "
                                           f"({exc.code().name})")
             return
         instance.failed_probes = 0
@@ -323,14 +323,14 @@ class FleetBackend(Backend):
         on_rejoin has brought it in step, as any lost instance does."""
         known, instance.incarnation = instance.incarnation, incarnation or instance.incarnation
         if known and incarnation and incarnation != known:
-            self._mark_lost(instance, "a new process answers at its address (restarted)")
+            self.mark_lost(instance, "a new process answers at its address (restarted)")
 
     def _rejoined(self, instance: Instance) -> None:
         instance.lost = asyncio.Event()  # its abandoned calls stay abandoned: fenced
         instance.serving = True
         log.warning("instance %s answers again; it rejoins", instance.name)
 
-    def _mark_lost(self, instance: Instance, why: str) -> None:
+    def mark_lost(self, instance: Instance, why: str) -> None:
         instance.serving = False
         if not instance.lost.is_set():
             log.warning("instance %s lost: %s; its requests go elsewhere", instance.name, why)

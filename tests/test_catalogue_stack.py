@@ -551,6 +551,44 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
         channel.close()
 
 
+def test_an_instance_down_when_the_proxy_starts_is_brought_in_step_before_it_serves(
+        shapes, expected, token_file, tmp_path_factory):
+    """The proxy and decode-1 killed -9 together after a model was added at run time. The proxy comes
+    back first (decode-1 does not answer its start) and is frozen (SIGSTOP) before its health checks
+    could count decode-1 lost; decode-1 comes back from its flags, without the model. The proxy set it
+    aside at start, since the catalogue it serves differs from the flags, so it adds the model before
+    decode-1 takes work (before, decode-1's first good health check put it in service as it was, and
+    it was sent requests for a model it did not have); every stream over both decode instances
+    completes."""
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept",), decode=2) as stack:
+        stack.start(progress=lambda line: None)
+        with grpc.insecure_channel(stack.address) as channel:
+            admin_pb2_grpc.AdminStub(channel).AddModel(
+                apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
+                metadata=_auth(token_file), timeout=WAIT_S)
+        proxy, down = service(stack, "proxy"), service(stack, "decode-1")
+        for old in (proxy, down):
+            old.process.kill()
+            old.process.wait()
+        proxy = stack.restart(proxy, progress=lambda line: None)
+        proxy.process.send_signal(signal.SIGSTOP)
+        try:
+            stack.restart(down, progress=lambda line: None)
+            assert "late" not in instance_status(stack, "decode-1").models  # its flags do not name it
+        finally:
+            proxy.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: "instance decode-1 answers again; it rejoins" in proxy.log.read_text(),
+                 "decode-1 rejoins", timeout_s=WAIT_S)
+        text = proxy.log.read_text()
+        assert "instance decode-1 answers again: added ['late']" in text, text[-2000:]
+        assert sorted(instance_status(stack, "decode-1").models) == ["kept", "late"]
+        with grpc.insecure_channel(stack.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for _ in range(6):  # round the decode instances: every stream completes
+                assert _greedy(stub, "late") == expected["tiny-qwen2"]
+        wait_until_idle(stack, timeout=WAIT_S)
+
+
 def test_a_restarted_proxy_serves_its_flags_and_the_models_added_at_run_time(shapes, expected, token_file,
                                                                              tmp_path_factory):
     """The proxy killed -9 and started again from its flags (as `tokenpool up` and Kubernetes do)
