@@ -237,10 +237,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         "run time", source, adopted or "none", dropped or "none")
 
     def _set_aside_unanswered(self, held: list[tuple[object, ipb.CatalogueReply]]) -> None:
-        """An instance that did not answer adopt() starts (or restarts) from its flags: while the
-        served catalogue differs from them it would take requests for models it lacks, so it is out
-        of service until sync() brought it in step (its first health check, before, served it as is
-        unless three had failed first)."""
+        """An instance that did not answer adopt() comes up from its flags: while the served
+        catalogue differs from them it would take requests for models it lacks, so it stays out of
+        service until sync() has brought it in step."""
         if set(self.models) == set(self._flags):
             return
         answered = {instance.name for instance, _ in held}

@@ -289,7 +289,7 @@ class FleetBackend(Backend):
             instance.failed_probes += 1
             if instance.failed_probes >= LOST_AFTER:
                 self.mark_lost(instance, f"{instance.failed_probes} health checks failed "
-                                          f"({exc.code().name})")
+                                         f"({exc.code().name})")
             return
         instance.failed_probes = 0
         self._note_incarnation(instance, incarnation)
