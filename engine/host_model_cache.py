@@ -187,9 +187,11 @@ class HostModelCache:
         # None: least recently used first. Else (engine/cache_eviction.py) the schedulers' order,
         # which may leave out models it wants kept; unlisted models are never evicted for room.
         self.victim_order = victim_order
-        # Given an entry's metadata, whether a registration of another layout may replace it (when
-        # no process has it attached): model_switcher.stale_layout. None: never (ModelConflictError).
-        self.replaces: Callable[[dict[str, str]], bool] | None = None
+        # Given an entry's metadata and a registration's, whether the registration replaces the entry
+        # (when no process has it attached): model_switcher.stale_entry (an older tokenpool's layout,
+        # another checkpoint). None: an entry of the same layout is the registration's, one of
+        # another layout a ModelConflictError.
+        self.replaces: Callable[[dict[str, str], dict[str, str]], bool] | None = None
         self.lock_timeout_s = REGISTRY_LOCK_TIMEOUT_S
         with self._registry_lock():
             self._sweep_crashed()
@@ -220,8 +222,9 @@ class HostModelCache:
                  metadata: dict[str, str] | None = None, place: Place | None = None) -> None:
         """Cache a model: fill(name, dest) copies each tensor into `dest`, a view into shared memory.
 
-        Idempotent for an id already registered with the same layout; one of another layout is
-        replaced if `replaces` says it is stale and nobody has it attached, else ModelConflictError.
+        Idempotent for an id already registered with the same layout and not stale by `replaces`; a
+        stale one, or one of another layout, is replaced if `replaces` says it is stale and nobody
+        has it attached, else ModelConflictError.
         Waits for another process registering the same id. Evicts least-recently used unattached
         models to make room, else raises CacheBusyError (the room is held for now) or
         CacheFullError (more than the capacity) and changes nothing. The room counted as free
@@ -231,7 +234,7 @@ class HostModelCache:
         """
         entries, total = _plan_layout(specs)
         metadata = _check_metadata(metadata or {})
-        fd = self._claim(model_id, entries, total, place)
+        fd = self._claim(model_id, entries, total, metadata, place)
         if fd is None:
             return
         try:
@@ -249,7 +252,25 @@ class HostModelCache:
         with self._registry_lock():
             return self.room_queue.join(model_id, _plan_layout(specs)[1])
 
-    def _claim(self, model_id: str, entries: list[TensorEntry], total: int,
+    def forget_stale(self, model_id: str, specs: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
+        """For a registration put off until its weights are needed (a catalogue's): remove now the
+        cached entry of model_id that it would replace (register's rules), so that nothing reads
+        that entry's weights for it meanwhile; ModelConflictError where a process has it attached."""
+        entries, total = _plan_layout(specs)
+        metadata = _check_metadata(metadata)
+        key = _file_key(model_id)
+        with self._registry_lock():
+            if self._manifest(key).exists():
+                old = self._read_manifest(model_id)
+                if not self._holds(old, entries, total, metadata):
+                    self._replace_stale(old, key, entries, total, metadata)
+
+    def _holds(self, old: Manifest, entries: list[TensorEntry], total: int, metadata: dict[str, str]) -> bool:
+        """Whether the cached entry old is what a registration of (entries, metadata) would write."""
+        same_layout = old.total_bytes == total and _layout(old.tensors) == _layout(entries)
+        return same_layout and not (self.replaces is not None and self.replaces(old.metadata, metadata))
+
+    def _claim(self, model_id: str, entries: list[TensorEntry], total: int, metadata: dict[str, str],
                place: Place | None) -> int | None:
         """None if already registered; else the new segment's fd, EX-locked, its room reserved."""
         key = _file_key(model_id)
@@ -258,10 +279,10 @@ class HostModelCache:
                 self._sweep_crashed()
                 if self._manifest(key).exists():
                     old = self._read_manifest(model_id)
-                    if old.total_bytes == total and _layout(old.tensors) == _layout(entries):
+                    if self._holds(old, entries, total, metadata):
                         self.counters.hits += 1
                         return None
-                    self._replace_stale(old, key, entries, total)
+                    self._replace_stale(old, key, entries, total, metadata)
                 busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
                 if busy is None:
                     self._make_room(model_id, total, place)
@@ -315,28 +336,34 @@ class HostModelCache:
                 path.unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)  # wakes a process waiting to register the same id
 
-    def _replace_stale(self, old: Manifest, key: str, entries: list[TensorEntry], total: int) -> None:
-        """Remove an entry of another layout that `replaces` accepts as stale (an older tokenpool's)
-        and no process has attached, so it is registered anew; else ModelConflictError. Registry
-        lock held."""
+    def _replace_stale(self, old: Manifest, key: str, entries: list[TensorEntry], total: int,
+                       metadata: dict[str, str]) -> None:
+        """Remove an entry that `replaces` accepts as stale for this registration (an older
+        tokenpool's layout, another checkpoint) and no process has attached, so it is registered
+        anew; else ModelConflictError. Registry lock held."""
         model_id = old.model_id
-        conflict = (f"model {model_id!r} is already registered with {old.total_bytes} bytes in "
-                    f"{len(old.tensors)} tensors; this registration has {total} bytes in {len(entries)} "
-                    f"tensors with a different layout")
+        if old.total_bytes == total and _layout(old.tensors) == _layout(entries):
+            why = (f"another checkpoint's copy (read from {old.metadata.get('folder', '?')}; this "
+                   f"registration reads {metadata.get('folder', '?')})")
+        else:
+            why = "in an older tokenpool's layout"
         remedy = (f"evict it first (`tokenpool models evict {model_id} --server PROXY`, or with no "
                   f"instance running on this node, remove {self.root})")
-        if self.replaces is None or not self.replaces(old.metadata):
-            raise ModelConflictError(f"{conflict} (another dtype?): {remedy}")
+        if self.replaces is None or not self.replaces(old.metadata, metadata):
+            raise ModelConflictError(f"model {model_id!r} is already registered with {old.total_bytes} "
+                                     f"bytes in {len(old.tensors)} tensors; this registration has {total} "
+                                     f"bytes in {len(entries)} tensors with a different layout (another "
+                                     f"dtype?): {remedy}")
         fd = _try_lock_exclusive(self._segment(key))
         if fd is None:
-            raise ModelConflictError(f"{conflict}, an older tokenpool's, still attached by a running "
-                                     f"process: stop it, or {remedy}")
+            raise ModelConflictError(f"model {model_id!r} in the host cache is {why}, still attached by a "
+                                     f"running process: remove the id there, or {remedy}")
         try:
             self._remove_files(key)
         finally:
             os.close(fd)
         self.counters.evictions += 1
-        log.warning("host cache: replacing model %r, cached in an older tokenpool's layout", model_id)
+        log.warning("host cache: replacing model %r, %s", model_id, why)
 
     # ---- capacity -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from .model import CausalLM
 from .model_backend import BackendSpec, ModelBackend, make_model_backend
 from .model_config import ModelConfig
 from .tokenizer import Tokenizer
-from .weights import Checkpoint, WeightLayout
+from .weights import Checkpoint, WeightLayout, checkpoint_source
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class ModelProfile:
     specs: tuple[TensorSpec, ...]
     slot_bytes: int  # arena slot bytes the model takes (its page-aligned cached segment)
     compute_dtype: torch.dtype  # the dtype the model computes in (and its vectors are held in)
+    source: str = ""  # weights.checkpoint_source of the folder when registered
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -102,7 +103,8 @@ def model_profile(model_id: str, folder: Path, dtype: torch.dtype, max_bytes: in
     if max_bytes is not None and padded > max_bytes:
         raise MemoryError(f"model {model_id} needs {padded} bytes of weights with alignment; "
                           f"an arena model slot holds {max_bytes}")
-    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded, compute or dtype)
+    return ModelProfile(model_id, Path(folder), config, tokenizer, dtype, specs, padded, compute or dtype,
+                        checkpoint_source(folder))
 
 
 def checkpoint_filler(profile: ModelProfile,
@@ -123,17 +125,23 @@ LAYOUT_VERSION = "2"
 
 def cache_metadata(profile: ModelProfile) -> dict[str, str]:
     return {"folder": str(profile.folder), "dtype": str(profile.dtype),
-            "compute_dtype": str(profile.compute_dtype), "layout": LAYOUT_VERSION}
+            "compute_dtype": str(profile.compute_dtype), "layout": LAYOUT_VERSION, "source": profile.source}
 
 
-def stale_layout(metadata: dict[str, str]) -> bool:
-    """A cached entry written by another tokenpool's layout (HostModelCache.replaces)."""
-    return metadata.get("layout") != LAYOUT_VERSION
+def stale_entry(cached: dict[str, str], registering: dict[str, str]) -> bool:
+    """Whether a cached entry (its metadata) is stale for a registration (HostModelCache.replaces):
+    written in another tokenpool's layout, or read from another checkpoint than the one being
+    registered under its id (the id pointed at another folder, or the files rewritten since: the
+    cache outlives the processes, so a restart must not serve the old weights)."""
+    if cached.get("layout") != LAYOUT_VERSION:
+        return True
+    return "source" in registering and cached.get("source") != registering["source"]
 
 
 def check_layout(profile: ModelProfile, cached: CachedModel) -> None:
-    """ModelConflictError unless the cached tensors are exactly the ones profile expects (another
-    process may have registered the id in another layout since this one did)."""
+    """ModelConflictError unless the cached tensors are exactly the ones profile expects, read from
+    its checkpoint (another process may have registered the id in another layout, or from another
+    folder, since this one did)."""
     want = [(s.name, s.dtype, s.shape) for s in profile.specs]
     have = [(name, dtype, shape) for name, (dtype, shape, _) in cached.layout.items()]
     if want != have:
@@ -141,6 +149,11 @@ def check_layout(profile: ModelProfile, cached: CachedModel) -> None:
                                  f"({cached.metadata.get('dtype', '?')} weights, layout "
                                  f"{cached.metadata.get('layout', 'of an older tokenpool')}) than this "
                                  f"instance computes with ({profile.dtype}, layout {LAYOUT_VERSION})")
+    if profile.source and cached.metadata.get("source") != profile.source:
+        raise ModelConflictError(f"model {profile.model_id!r} in the host cache was read from another "
+                                 f"checkpoint ({cached.metadata.get('folder', '?')}) than this instance "
+                                 f"serves it from ({profile.folder}): another instance on this node "
+                                 f"registered the id from there, or the files changed since")
 
 
 class ModelSwitcher:

@@ -34,11 +34,12 @@ from .model_config import ModelConfig
 from .model_switcher import (
     ModelProfile,
     ModelSwitcher,
+    cache_metadata,
     model_profile,
     model_specs,
     register_model,
     slot_bytes_needed,
-    stale_layout,
+    stale_entry,
 )
 from .model_tiers import ModelTiers
 from .request_book import RequestBook, RequestOutput
@@ -137,7 +138,7 @@ class MultiModelEngine:
         if ec.num_threads:
             torch.set_num_threads(ec.num_threads)
         self.cache = cache
-        cache.replaces = stale_layout  # an older tokenpool's entries are re-read, not refused
+        cache.replaces = stale_entry  # an older tokenpool's entries, another checkpoint's: read again
         self.arena = DeviceArena(config.kv_bytes, config.slot_bytes, ec.device)
         self.max_positions = ec.max_model_len or 1 << 15
         self.switcher = ModelSwitcher(cache, self.arena, self.max_positions, ec.engine, ec.block_size,
@@ -169,6 +170,7 @@ class MultiModelEngine:
         round_to = weight_dtype if weight_dtype != compute else None  # vectors too, held in compute
         if lazy:  # checked now; the tiers track it only once every check passed
             profile = model_profile(model_id, Path(folder), held, self.config.slot_bytes, compute)
+            self.cache.forget_stale(model_id, profile.specs, cache_metadata(profile))
         else:
             profile = register_model(self.cache, model_id, Path(folder), held, round_to,
                                      max_bytes=self.config.slot_bytes, compute=compute)

@@ -4,6 +4,7 @@ copied once, straight into its final (possibly fused) place in the model."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import mmap
 import os
@@ -77,6 +78,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if not files:
         raise ModelFolderError(f"model folder {folder} has no *.safetensors weights")
     return files
+
+
+def checkpoint_source(folder: Path) -> str:
+    """Which checkpoint a folder holds now, as a digest of its real path and each weight file's
+    name, size and modification time: a copy read from another source (an id pointed at another
+    folder, or the files rewritten since) is stale."""
+    parts = [os.path.realpath(folder)]
+    for path in checkpoint_files(folder):
+        stat = path.stat()
+        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import grpc
@@ -238,9 +239,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def _set_aside_unanswered(self, held: list[tuple[object, ipb.CatalogueReply]]) -> None:
         """An instance that did not answer adopt() comes up from its flags: while the served
-        catalogue differs from them it would take requests for models it lacks, so it stays out of
-        service until sync() has brought it in step."""
-        if set(self.models) == set(self._flags):
+        catalogue differs from them (in its ids or their folders) it would take requests for models
+        it lacks or holds from another folder, so it stays out of service until sync() has brought
+        it in step."""
+        if set(self.models) == set(self._flags) and not self._moved(self._flags):
             return
         answered = {instance.name for instance, _ in held}
         for instance in self._instances():
@@ -302,25 +304,39 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                f"(Redis) could not be written: {exc}; nothing was changed") from None
 
     def _serve_exactly(self, folders: dict[str, str]) -> tuple[list[str], list[str]]:
-        """Serve the models in folders (id -> folder) and no others -> (started, stopped)."""
+        """Serve the models in folders (id -> folder) and no others -> (started, stopped). An id served
+        from another folder (removed and added again elsewhere) is served again from its new one."""
         dropped = sorted(set(self.models) - set(folders))
-        for model_id in dropped:
+        moved = self._moved(folders)
+        for model_id in dropped + moved:
             self._stop_serving(model_id)
         adopted = [m for m in sorted(set(folders) - set(self.models)) if self._serve_held(m, folders[m])]
         return adopted, dropped
 
     async def _in_step(self, instance, reply: ipb.CatalogueReply) -> tuple[list[str], list[str]]:
         """Add to and remove from an instance (whose catalogue reply is `reply`) what makes it hold
-        exactly the served models -> (added, removed); AdminRefusal if it refuses."""
-        have = {m.id for m in reply.models}
-        added, removed = sorted(set(self.models) - have), sorted(have - set(self.models))
-        for model_id in added:
-            await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
-                                                            folder=str(self._folder_of(model_id))),
-                            ADD_TIMEOUT_S)
-        for model_id in removed:
+        exactly the served models, each from its served folder -> (added, removed); AdminRefusal if
+        it refuses. An id it holds from another folder (one of its flags, removed and added again
+        elsewhere while it was out) is removed and added again."""
+        have = {m.id: m.folder for m in reply.models}
+        moved = self._moved(have)
+        new, gone = sorted(set(self.models) - set(have)), sorted(set(have) - set(self.models))
+        for model_id in new:  # first: an instance cannot remove the last model it serves
+            await self._add_to(instance, model_id)
+        for model_id in gone + moved:
             await self._one(instance, ipb.CatalogueRequest(action="remove", model=model_id), CALL_TIMEOUT_S)
-        return added, removed
+        for model_id in moved:
+            await self._add_to(instance, model_id)
+        return new + moved, gone + moved
+
+    async def _add_to(self, instance, model_id: str) -> None:
+        await self._one(instance, ipb.CatalogueRequest(action="add", model=model_id,
+                                                        folder=str(self._folder_of(model_id))), ADD_TIMEOUT_S)
+
+    def _moved(self, folders: dict[str, str]) -> list[str]:
+        """The served ids that folders (id -> folder) has from another folder than the served one."""
+        return [m for m in sorted(set(self.models) & set(folders)) if not _same_folder(folders[m],
+                                                                                       self._folder_of(m))]
 
     def _serve_held(self, model_id: str, folder: str) -> bool:
         """Serve a model an instance holds -> whether its folder could be read here."""
@@ -417,3 +433,8 @@ def _merge(model_id: str, replies: list[tuple[str, ipb.CatalogueReply]]) -> apb.
     entry.loaded_bytes = max(m.loaded_bytes for _, m in views)
     entry.resident_on.extend(sorted(name for name, m in views if m.tier == "resident"))
     return entry
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    """Two spellings of one model folder (a symlink to it, a relative path) are one folder."""
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -141,7 +141,7 @@ class RedisRequestTable(RequestTable):
         self.name, self.capacity, self.ttl_s = name, capacity, ttl_s
         self.prefix = key_prefix(name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}" if owner else ""
-        self._redis = client if client is not None else _connect(url)
+        self._redis = client if client is not None else connect(url)
         self._scripts = {k: self._redis.register_script(s) for k, s in
                          (("init", _INIT), ("insert", _INSERT), ("cas", _CAS), ("release", _RELEASE))}
         self._fenced = False
@@ -162,7 +162,7 @@ class RedisRequestTable(RequestTable):
         only. TableNotFoundError while no proxy has made it; redis.ConnectionError if the server
         is unreachable."""
         _check_args(url, name, 1, DEFAULT_TTL_S, client)
-        redis_client = client if client is not None else _connect(url)
+        redis_client = client if client is not None else connect(url)
         try:
             capacity, version = redis_client.hmget(key_prefix(name) + "meta", "capacity", "version")
             if capacity is None:
@@ -344,7 +344,8 @@ def key_prefix(name: str) -> str:
     return f"tokenpool:{{{name}}}:"
 
 
-def _connect(url: str):
+def connect(url: str):
+    """A client of the Redis server at url, with the table's socket timeouts."""
     import redis  # the optional backend's import stays here
 
     return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
@@ -352,7 +353,7 @@ def _connect(url: str):
 
 def table_names(url: str) -> list[str]:
     """The names of the request tables in the Redis server at url (for `tokenpool status`)."""
-    client = _connect(url)
+    client = connect(url)
     try:
         names = {key.decode().split("{", 1)[1].rsplit("}", 1)[0]
                  for key in client.scan_iter(match="tokenpool:\\{*\\}:meta")}

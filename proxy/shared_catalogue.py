@@ -30,9 +30,9 @@ class RedisCatalogue:
     (network round trips): the proxy makes them off its event loop."""
 
     def __init__(self, url: str, name: str, client: Any = None) -> None:
-        from .redis_request_table import _connect, key_prefix  # the optional backend's import stays lazy
+        from .redis_request_table import connect, key_prefix  # the optional backend's import stays lazy
 
-        self._redis = client if client is not None else _connect(url)
+        self._redis = client if client is not None else connect(url)
         prefix = key_prefix(name)
         self._hash, self._version = prefix + "catalogue", prefix + "catalogue-version"
         self._base = prefix + "catalogue-base"

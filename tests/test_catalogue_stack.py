@@ -60,12 +60,28 @@ def catalogue(shapes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(shapes):
     """The single-model engine's greedy tokens for each shape's folder."""
-    out = {}
-    for name, folder in shapes.items():
-        engine = LLMEngine(folder, EngineConfig(dtype="float32"))
-        out[name] = engine.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0] \
-            .output_token_ids
-    return out
+    return {name: _engine_tokens(folder) for name, folder in shapes.items()}
+
+
+def _engine_tokens(folder: Path) -> list[int]:
+    engine = LLMEngine(folder, EngineConfig(dtype="float32"))
+    [output] = engine.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    return output.output_token_ids
+
+
+@pytest.fixture(scope="module")
+def repointed(shapes, tmp_path_factory):
+    """(folder, its greedy tokens) of a one-layer cut of tiny-qwen2: a folder an id of tiny-qwen2 is
+    pointed at at run time (it fits tiny-qwen2's slots, its tokenizer is the same, its tokens not)."""
+    folder = cut_layers(shapes["tiny-qwen2"], tmp_path_factory.mktemp("repointed") / "qwen2-1l", 1)
+    return folder, _engine_tokens(folder)
+
+
+def _repoint(admin, token_file, model_id: str, folder: Path) -> None:
+    """Remove model_id and add it again from folder (an id of the flags now served from elsewhere)."""
+    admin.RemoveModel(apb.ModelRef(id=model_id), metadata=_auth(token_file), timeout=WAIT_S)
+    admin.AddModel(apb.AddModelRequest(id=model_id, folder=str(folder)), metadata=_auth(token_file),
+                   timeout=WAIT_S)
 
 
 @pytest.fixture(scope="module")
@@ -551,6 +567,38 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
         channel.close()
 
 
+def test_an_instance_restarted_from_flags_naming_an_id_served_from_elsewhere_now_is_re_pointed(
+        shapes, expected, repointed, token_file, tmp_path_factory):
+    """"kept", of the flags, removed and added again from another folder; then decode-1 killed and
+    started again from its flags while the proxy was frozen: it holds "kept" from the flags' folder.
+    The proxy compares folders, not only ids (before, it found decode-1 in step and decode-1 decoded
+    "kept" with the old weights): decode-1 is given "kept" from its new folder before it takes work,
+    and every stream over both decode instances gives the new folder's tokens."""
+    folder, tokens = repointed
+    assert tokens != expected["tiny-qwen2"]  # else the test could not tell the folders apart
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept", "other"), decode=2) as stack:
+        stack.start(progress=lambda line: None)
+        with grpc.insecure_channel(stack.address) as channel:  # (an instance keeps one model at least)
+            _repoint(admin_pb2_grpc.AdminStub(channel), token_file, "kept", folder)
+        proxy, old = service(stack, "proxy"), service(stack, "decode-1")
+        proxy.process.send_signal(signal.SIGSTOP)
+        try:
+            old.process.kill()
+            old.process.wait()
+            stack.restart(old, progress=lambda line: None)
+        finally:
+            proxy.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: "instance decode-1 answers again; it rejoins" in proxy.log.read_text(),
+                 "decode-1 rejoins", timeout_s=WAIT_S)
+        text = proxy.log.read_text()
+        assert "instance decode-1 answers again: added ['kept'], removed ['kept']" in text, text[-2000:]
+        with grpc.insecure_channel(stack.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for _ in range(6):  # round the decode instances
+                assert _greedy(stub, "kept") == tokens
+        wait_until_idle(stack, timeout=WAIT_S)
+
+
 def test_an_instance_down_when_the_proxy_starts_is_brought_in_step_before_it_serves(
         shapes, expected, token_file, tmp_path_factory):
     """The proxy and decode-1 killed -9 together after a model was added at run time. The proxy comes
@@ -589,20 +637,23 @@ def test_an_instance_down_when_the_proxy_starts_is_brought_in_step_before_it_ser
         wait_until_idle(stack, timeout=WAIT_S)
 
 
-def test_a_restarted_proxy_serves_its_flags_and_the_models_added_at_run_time(shapes, expected, token_file,
-                                                                             tmp_path_factory):
+def test_a_restarted_proxy_serves_its_flags_and_the_models_added_at_run_time(shapes, expected, repointed,
+                                                                             token_file, tmp_path_factory):
     """The proxy killed -9 and started again from its flags (as `tokenpool up` and Kubernetes do)
     serves the model added at run time, which the instances hold as such (before, it forgot it, and
-    would have removed it from every instance that rejoined). A model of the flags removed at run
-    time is served again, and given back to the instances: the flags are the configuration."""
-    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept", "gone"), decode=1) as stack:
+    would have removed it from every instance that rejoined), and an id of the flags pointed at
+    another folder at run time from that folder. A model of the flags removed at run time is served
+    again, and given back to the instances: the flags are the configuration."""
+    folder, tokens = repointed
+    with _qwen2_stack(shapes, token_file, tmp_path_factory, ("kept", "gone", "moved"), decode=1) as stack:
         stack.start(progress=lambda line: None)
         with grpc.insecure_channel(stack.address) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
                            metadata=_auth(token_file), timeout=WAIT_S)
             admin.RemoveModel(apb.ModelRef(id="gone"), metadata=_auth(token_file), timeout=WAIT_S)
-        assert sorted(instance_status(stack, "decode-0").models) == ["kept", "late"]
+            _repoint(admin, token_file, "moved", folder)
+        assert sorted(instance_status(stack, "decode-0").models) == ["kept", "late", "moved"]
         proxy = service(stack, "proxy")
         proxy.process.kill()
         proxy.process.wait()
@@ -610,11 +661,13 @@ def test_a_restarted_proxy_serves_its_flags_and_the_models_added_at_run_time(sha
         with grpc.insecure_channel(stack.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             assert sorted(m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models) == \
-                ["gone", "kept", "late"]
+                ["gone", "kept", "late", "moved"]
             for model_id in ("late", "kept", "gone"):
                 assert _greedy(stub, model_id) == expected["tiny-qwen2"], model_id
+            assert _greedy(stub, "moved") == tokens  # not put back to the flags' folder on the instances
         text = proxy.log.read_text()
-        assert "catalogue taken from 2 instances: serving ['late'], added at run time" in text, text[-2000:]
+        assert "catalogue taken from 2 instances: serving ['late', 'moved'], added at run time" in text, \
+            text[-2000:]
         for name in ("prefill-0", "decode-0"):
-            assert sorted(instance_status(stack, name).models) == ["gone", "kept", "late"], name
+            assert sorted(instance_status(stack, name).models) == ["gone", "kept", "late", "moved"], name
         wait_until_idle(stack, timeout=WAIT_S)
