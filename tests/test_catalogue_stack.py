@@ -533,6 +533,24 @@ def test_an_instance_out_of_service_during_changes_is_brought_in_step_before_it_
         channel.close()
 
 
+def _restart_while_the_proxy_is_frozen(stack: Stack, name: str, check=lambda: None) -> str:
+    """Kill instance `name` and start it again from its flags while the proxy is frozen (SIGSTOP), so
+    that none of the proxy's health checks fails; check() runs before the proxy thaws -> the proxy's
+    log once the instance has rejoined."""
+    proxy, old = service(stack, "proxy"), service(stack, name)
+    proxy.process.send_signal(signal.SIGSTOP)
+    try:
+        old.process.kill()
+        old.process.wait()
+        stack.restart(old, progress=lambda line: None)
+        check()
+    finally:
+        proxy.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: f"instance {name} answers again; it rejoins" in proxy.log.read_text(), f"{name} rejoins",
+             timeout_s=WAIT_S)
+    return proxy.log.read_text()
+
+
 def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step(
         shapes, expected, token_file, tmp_path_factory):
     """decode-1 killed and started again on its address while the proxy was frozen (SIGSTOP), so no
@@ -546,18 +564,10 @@ def test_an_instance_restarted_before_any_health_check_failed_is_brought_in_step
         admin, stub = admin_pb2_grpc.AdminStub(channel), inference_pb2_grpc.InferenceStub(channel)
         admin.AddModel(apb.AddModelRequest(id="late", folder=str(shapes["tiny-qwen2"])),
                        metadata=_auth(token_file), timeout=WAIT_S)
-        proxy, old = service(stack, "proxy"), service(stack, "decode-1")
-        proxy.process.send_signal(signal.SIGSTOP)
-        try:
-            old.process.kill()
-            old.process.wait()
-            stack.restart(old, progress=lambda line: None)
+        def lacks_late() -> None:
             assert "late" not in instance_status(stack, "decode-1").models  # its flags do not name it
-        finally:
-            proxy.process.send_signal(signal.SIGCONT)
-        log = proxy.log
-        wait_for(lambda: "instance decode-1 answers again; it rejoins" in log.read_text(), timeout_s=WAIT_S)
-        text = log.read_text()
+
+        text = _restart_while_the_proxy_is_frozen(stack, "decode-1", lacks_late)
         assert "instance decode-1 answers again: added ['late']" in text, text[-2000:]
         assert "health checks failed" not in text, text[-2000:]  # the restart outran the probes
         assert "late" in instance_status(stack, "decode-1").models
@@ -580,17 +590,7 @@ def test_an_instance_restarted_from_flags_naming_an_id_served_from_elsewhere_now
         stack.start(progress=lambda line: None)
         with grpc.insecure_channel(stack.address) as channel:  # (an instance keeps one model at least)
             _repoint(admin_pb2_grpc.AdminStub(channel), token_file, "kept", folder)
-        proxy, old = service(stack, "proxy"), service(stack, "decode-1")
-        proxy.process.send_signal(signal.SIGSTOP)
-        try:
-            old.process.kill()
-            old.process.wait()
-            stack.restart(old, progress=lambda line: None)
-        finally:
-            proxy.process.send_signal(signal.SIGCONT)
-        wait_for(lambda: "instance decode-1 answers again; it rejoins" in proxy.log.read_text(),
-                 "decode-1 rejoins", timeout_s=WAIT_S)
-        text = proxy.log.read_text()
+        text = _restart_while_the_proxy_is_frozen(stack, "decode-1")
         assert "instance decode-1 answers again: added ['kept'], removed ['kept']" in text, text[-2000:]
         with grpc.insecure_channel(stack.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
