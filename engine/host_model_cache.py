@@ -357,7 +357,9 @@ class HostModelCache:
         fd = _try_lock_exclusive(self._segment(key))
         if fd is None:
             raise ModelConflictError(f"model {model_id!r} in the host cache is {why}, still attached by a "
-                                     f"running process: remove the id there, or {remedy}")
+                                     f"running process: serve this checkpoint under another id, or give "
+                                     f"this process a host cache of its own (`tokenpool up --host-cache-dir "
+                                     f"DIR`), or remove the id from that process and {remedy}")
         try:
             self._remove_files(key)
         finally:

@@ -113,6 +113,7 @@ def test_a_copy_a_running_instance_holds_is_refused_naming_both_folders(folders,
     with pytest.raises(ModelConflictError) as refused:
         other.register("m", folders["tuned"], lazy=lazy)
     assert str(folders["base"]) in str(refused.value) and str(folders["tuned"]) in str(refused.value)
+    assert "--host-cache-dir" in str(refused.value)  # the remedy: a cache of its own (or another id)
     assert "m" not in other.models
     assert _serve(running, "m") == expected["base"]
     other.close()
