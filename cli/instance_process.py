@@ -78,7 +78,7 @@ async def serve(role: str, args: argparse.Namespace) -> None:
     internal_token.check_listen(args.listen)
     stop = asyncio.create_task(wait_for_signal())  # a signal during start-up still shuts down cleanly
     await asyncio.sleep(0)
-    engine = build_engine(args, parse_models(args.model))
+    engine = build_engine(args, parse_models(args.model), in_fleet=True)
     try:
         timings = InstanceTimings.measure(engine)
         if role == "decode":  # its round-robin plans each turn's KV swap-in (decode_svc/decode_scheduler.py)

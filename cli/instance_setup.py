@@ -7,6 +7,7 @@ memory flags and build one MultiModelEngine over the node's host model cache.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -84,9 +85,12 @@ def host_model_cache(args: argparse.Namespace):
     return HostModelCache(getattr(args, "host_cache_dir", None), **capacity)
 
 
-def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
+def build_engine(args: argparse.Namespace, folders: dict[str, Path], in_fleet: bool = False):
     """A MultiModelEngine with every model registered (its slots fit the largest one): --model's
-    now, --catalogue's lazily (weights from disk when first needed)."""
+    now, --catalogue's lazily (weights from disk when first needed). in_fleet: an instance whose
+    catalogue the proxy brings in step when it joins; a model whose id another instance on the node
+    serves from another checkpoint now (changed at run time) is left out, with an error on stderr,
+    instead of failing the start (as a standalone server does)."""
     from tokenpool.engine.host_kv_pool import HostKVPool
     from tokenpool.engine.llm_engine import EngineConfig
     from tokenpool.engine.multi_model_engine import InstanceConfig, MultiModelEngine, slot_bytes_for
@@ -101,8 +105,26 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path]):
                             **({"load_wait_s": wait} if wait is not None else {}))
     pool = HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20, pin=args.device == "cuda")
     engine = MultiModelEngine(memory, host_model_cache(args), pool)
-    for model_id, folder in folders.items():
-        engine.register(model_id, folder)
-    for model_id, folder in catalogue.items():
-        engine.register(model_id, folder, lazy=True)
+    try:
+        left_out = [m for lazy, models in ((False, folders), (True, catalogue))
+                    for m, folder in models.items() if not _registered(engine, m, folder, lazy, in_fleet)]
+        if left_out and not engine.models:
+            raise ValueError(f"no model could be registered ({', '.join(left_out)}: see the errors above)")
+    except BaseException:
+        engine.close()
+        raise
     return engine
+
+
+def _registered(engine, model_id: str, folder: Path, lazy: bool, in_fleet: bool) -> bool:
+    from tokenpool.engine.host_model_cache import ModelConflictError
+
+    try:
+        engine.register(model_id, folder, lazy=lazy)
+    except ModelConflictError as exc:
+        if not in_fleet:
+            raise
+        print(f"tokenpool: error: {model_id} not registered: {exc}; the proxy brings this instance's "
+              f"catalogue in step when it joins", file=sys.stderr, flush=True)
+        return False
+    return True

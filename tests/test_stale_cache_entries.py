@@ -118,3 +118,33 @@ def test_a_copy_a_running_instance_holds_is_refused_naming_both_folders(folders,
     assert _serve(running, "m") == expected["base"]
     other.close()
     running.close()
+
+
+def test_an_instance_in_a_fleet_starts_without_the_conflicting_model_and_a_standalone_one_refuses(
+        folders, expected, shm_path, capsys):
+    """An instance restarted from flags naming m=OTHER while another instance on the node serves m
+    from the copy it holds attached (m re-pointed at run time): it starts without m, saying why, and
+    the proxy gives it m as the fleet serves it when it joins; a standalone server (`tokenpool serve`)
+    refuses to start instead."""
+    import argparse
+
+    from tokenpool.cli.instance_setup import add_engine_args, build_engine
+
+    running = _engine(shm_path)
+    running.register("m", folders["base"])
+    assert _serve(running, "m") == expected["base"]
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--dtype", "float32", "--kv-mib", "2", "--host-kv-mib", "8", "--host-cache-mib",
+                              "32", "--host-cache-dir", str(shm_path / "cache")])
+    flags = {"m": folders["tuned"], "n": folders["base"]}
+    with pytest.raises(ModelConflictError):
+        build_engine(args, flags)
+    joining = build_engine(args, flags, in_fleet=True)
+    assert sorted(joining.models) == ["n"]
+    assert "m not registered" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no model could be registered"):
+        build_engine(args, {"m": folders["tuned"]}, in_fleet=True)
+    assert _serve(running, "m") == expected["base"]
+    joining.close()
+    running.close()
