@@ -257,18 +257,22 @@ class HostModelCache:
         cached entry of model_id that it would replace (register's rules), so that nothing reads
         that entry's weights for it meanwhile; ModelConflictError where a process has it attached."""
         entries, total = _plan_layout(specs)
-        metadata = _check_metadata(metadata)
-        key = _file_key(model_id)
         with self._registry_lock():
-            if self._manifest(key).exists():
-                old = self._read_manifest(model_id)
-                if not self._holds(old, entries, total, metadata):
-                    self._replace_stale(old, key, entries, total, metadata)
+            self._keeps(model_id, entries, total, _check_metadata(metadata))
 
-    def _holds(self, old: Manifest, entries: list[TensorEntry], total: int, metadata: dict[str, str]) -> bool:
-        """Whether the cached entry old is what a registration of (entries, metadata) would write."""
+    def _keeps(self, model_id: str, entries: list[TensorEntry], total: int, metadata: dict[str, str]) -> bool:
+        """Whether the cached entry of model_id is what a registration of (entries, metadata) would
+        write; False too where there is none, or there was a stale one, now removed; ModelConflictError
+        where it cannot be replaced. Registry lock held."""
+        key = _file_key(model_id)
+        if not self._manifest(key).exists():
+            return False
+        old = self._read_manifest(model_id)
         same_layout = old.total_bytes == total and _layout(old.tensors) == _layout(entries)
-        return same_layout and not (self.replaces is not None and self.replaces(old.metadata, metadata))
+        if same_layout and not (self.replaces is not None and self.replaces(old.metadata, metadata)):
+            return True
+        self._replace_stale(old, key, same_layout, entries, total, metadata)
+        return False
 
     def _claim(self, model_id: str, entries: list[TensorEntry], total: int, metadata: dict[str, str],
                place: Place | None) -> int | None:
@@ -277,12 +281,9 @@ class HostModelCache:
         while True:
             with self._registry_lock():
                 self._sweep_crashed()
-                if self._manifest(key).exists():
-                    old = self._read_manifest(model_id)
-                    if self._holds(old, entries, total, metadata):
-                        self.counters.hits += 1
-                        return None
-                    self._replace_stale(old, key, entries, total, metadata)
+                if self._keeps(model_id, entries, total, metadata):
+                    self.counters.hits += 1
+                    return None
                 busy = _open_existing(self._segment(key))  # left by _sweep_crashed: a live writer's
                 if busy is None:
                     self._make_room(model_id, total, place)
@@ -336,13 +337,13 @@ class HostModelCache:
                 path.unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)  # wakes a process waiting to register the same id
 
-    def _replace_stale(self, old: Manifest, key: str, entries: list[TensorEntry], total: int,
-                       metadata: dict[str, str]) -> None:
+    def _replace_stale(self, old: Manifest, key: str, same_layout: bool, entries: list[TensorEntry],
+                       total: int, metadata: dict[str, str]) -> None:
         """Remove an entry that `replaces` accepts as stale for this registration (an older
         tokenpool's layout, another checkpoint) and no process has attached, so it is registered
         anew; else ModelConflictError. Registry lock held."""
         model_id = old.model_id
-        if old.total_bytes == total and _layout(old.tensors) == _layout(entries):
+        if same_layout:
             why = (f"another checkpoint's copy (read from {old.metadata.get('folder', '?')}; this "
                    f"registration reads {metadata.get('folder', '?')})")
         else:
