@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import grpc
 import pytest
@@ -92,25 +93,35 @@ def steady_window(streams) -> tuple[float, float]:
 
 
 def mean_tbt_in(times, start: float, end: float) -> float:
-    """Mean time between tokens of a stream within [start, end]."""
-    return (end - start) / sum(1 for t in token_times(times) if start < t <= end)
+    """Mean time between tokens of a stream within [start, end], over whole rounds: from the first
+    token of its first turn that begins in the window to the first token of its last, divided by the
+    tokens in between. A stream's tokens come in one burst per round, so a span that cut bursts at
+    its ends would be off by up to a burst (a quarter of the mean in a window of four rounds)."""
+    inside = [t for t in token_times(times) if start <= t <= end]
+    gaps = [b - a for a, b in pairwise(inside)]
+    long_gap = 2 * (inside[-1] - inside[0]) / len(gaps)  # between turns; within one, a step apart
+    firsts = [k + 1 for k, gap in enumerate(gaps) if gap > long_gap]
+    assert len(firsts) >= 3, f"fewer than two whole rounds in the window: {len(firsts)} turn starts"
+    return (inside[firsts[-1]] - inside[firsts[0]]) / (firsts[-1] - firsts[0])
 
 
 def test_aegaeon_switches_per_token_turns_and_holds_mean_tbt_at_alpha_times_the_target(
         six_models, tmp_path_factory):
-    stack = start_stack(six_models, tmp_path_factory, qmax_s=0.03)
+    # Turns of about 15 steps: with a few steps a turn, a step more or less (KV landing later than
+    # predicted on a busy machine) moved a stream's mean TBT by a fifth.
+    stack = start_stack(six_models, tmp_path_factory, qmax_s=0.1)
     try:
-        models, max_tokens = list(six_models), 460
+        models, max_tokens = list(six_models), 320
         jobs = [(models[i % 6], PROMPTS[i % len(PROMPTS)]) for i in range(12)]
         expected = {job: greedy(six_models[job[0]], job[1], max_tokens) for job in set(jobs)}
         switches_before = status(stack, "decode-0").switches
         samples, done = [], threading.Event()
 
-        def watch():  # alpha and d of rounds that cover all six batches
+        def watch():  # alpha * d of rounds that cover all six batches, and when
             while not done.is_set():
                 s = status(stack, "decode-0")
                 if len(s.quotas_s) == 6:
-                    samples.append((s.alpha, s.tbt_target_s))
+                    samples.append((time.monotonic(), s.alpha * s.tbt_target_s))
                 time.sleep(0.05)
 
         with grpc.insecure_channel(stack.address) as channel, ThreadPoolExecutor(13) as pool:
@@ -129,15 +140,17 @@ def test_aegaeon_switches_per_token_turns_and_holds_mean_tbt_at_alpha_times_the_
         switches = status(stack, "decode-0").switches - switches_before
         assert switches >= 3 * 6, f"only {switches} switches: the batches did not take turns mid-stream"
         assert all(len(times) >= 4 for _, times, _ in results), "some stream arrived in one turn"
-        assert len(samples) >= 3, "never saw a round with all six batches"
-        alpha = statistics.median(a for a, _ in samples)
-        target = alpha * samples[0][1]
         start, end = steady_window([times for _, times, _ in results])
         assert end - start > 1.0, "too short a stretch with every batch in the round"
+        in_window = [target for t, target in samples if start <= t <= end]
+        assert len(in_window) >= 3, "never saw a round with all six batches"
+        target = statistics.mean(in_window)  # alpha * d as the rounds of the window planned it
         for model in models:
             streams = [times for (m, _), (_, times, _) in zip(jobs, results, strict=True) if m == model]
             measured = statistics.mean(mean_tbt_in(times, start, end) for times in streams)
-            assert measured == pytest.approx(target, rel=0.25), (model, measured, alpha, samples[0][1])
+            # At or under the target (steps while a batch's KV lands serve its landed sequences
+            # beyond the quota, so streams may run a little ahead), not over it by more than noise.
+            assert 0.65 * target <= measured <= 1.25 * target, (model, measured, target)
     finally:
         stop_stack(stack)
 
