@@ -106,8 +106,11 @@ def build_engine(args: argparse.Namespace, folders: dict[str, Path], in_fleet: b
     pool = HostKVPool(args.host_kv_mib << 20, slab_bytes=4 << 20, pin=args.device == "cuda")
     engine = MultiModelEngine(memory, host_model_cache(args), pool)
     try:
-        left_out = [m for lazy, models in ((False, folders), (True, catalogue))
-                    for m, folder in models.items() if not _registered(engine, m, folder, lazy, in_fleet)]
+        left_out = []
+        for lazy, models in ((False, folders), (True, catalogue)):
+            for model_id, folder in models.items():
+                if not _registered(engine, model_id, folder, lazy, in_fleet):
+                    left_out.append(model_id)
         if left_out and not engine.models:
             raise ValueError(f"no model could be registered ({', '.join(left_out)}: see the errors above)")
     except BaseException:

@@ -98,6 +98,7 @@ def mean_tbt_in(times, start: float, end: float) -> float:
     tokens in between. A stream's tokens come in one burst per round, so a span that cut bursts at
     its ends would be off by up to a burst (a quarter of the mean in a window of four rounds)."""
     inside = [t for t in token_times(times) if start <= t <= end]
+    assert len(inside) >= 2, f"{len(inside)} tokens in the window"
     gaps = [b - a for a, b in pairwise(inside)]
     long_gap = 2 * (inside[-1] - inside[0]) / len(gaps)  # between turns; within one, a step apart
     firsts = [k + 1 for k, gap in enumerate(gaps) if gap > long_gap]
