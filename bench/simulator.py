@@ -187,6 +187,7 @@ class SimDecodeRunner:
         # KV swaps, as the instance's one swapper thread runs them: one after another.
         self.swapper_free_at = 0.0
         self.landing: dict[str, float] = {}  # request_id -> when its KV is back on the device
+        self.switched_in: dict[str, float] = {}  # model -> when the last switch's swap-ins end
 
     def admit(self, request: SimRequest) -> None:
         """A handed-over sequence: its prompt's KV is staged in the host pool at once, or, the
@@ -254,10 +255,15 @@ class SimDecodeRunner:
             weights = self.slots.activate(model, self.world.now)
             self.actor.sleep(max(weights, swapped_out - self.world.now))
             self.switches += 1
+            self.switched_in[model] = -math.inf
             for seq in self.batches.get(model, []):
-                self.landing[seq.request_id] = self._swap(model, seq, "in")
+                self.landing[seq.request_id] = self.switched_in[model] = self._swap(model, seq, "in")
                 self._pool_give(model, seq)
         return True
+
+    def kv_landed_at(self, model: str) -> float | None:
+        landed = self.switched_in.get(model, -math.inf)
+        return None if landed > self.world.now else landed
 
     def _swap(self, model: str, seq: SimRequest, direction: str) -> float:
         """Queue one sequence's KV swap on the swapper -> when it is done."""

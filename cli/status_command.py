@@ -92,7 +92,9 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
         lines.append(f"prefill groups: {', '.join(s.groups)}")
     if s.tbt_target_s:
         quotas = ", ".join(f"{m} {q * 1e3:.0f} ms" for m, q in s.quotas_s.items()) or "-"
-        lines.append(f"TBT target {s.tbt_target_s * 1e3:.1f} ms, alpha {s.alpha:.2f}, quotas: {quotas}")
+        lines.append(f"TBT target {s.tbt_target_s * 1e3:.1f} ms, alpha {s.alpha:.2f}, quotas: {quotas}; "
+                     f"switch time c {s.round_switch_s * 1e3:.1f} ms (KV swap-ins x{s.kv_swap_correction:.2f} "
+                     "the start-up rate's)")
     lines.append(_models_line(s))
     if s.loads or s.cold_loads:
         loads = ", ".join(f"{x.model} {x.loaded_bytes / 2**20:.1f}/{x.total_bytes / 2**20:.1f} MiB"

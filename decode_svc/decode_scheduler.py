@@ -16,9 +16,10 @@ beyond their steps: for each turn, the switch itself (the weights not already in
 slot, or the outgoing batch's KV swap-out, which the switch waits for: whichever is longer)
 and the incoming batch's KV swap-in. The swap-in runs after the switch, beside the turn's
 first steps, which serve only the sequences already landed; so the quota's clock starts
-once the batch's predicted swap-in is over, and the turn's last step must have begun after
-it (a step begun earlier may have served the first sequence alone, the others landing one
-after another on the swapper however fast it is). Were the swap-in charged to the quota and left
+once the batch's swap-in is over (the later of the predicted end and the real one, which the
+runner reports: kv_landed_at), and the turn's last step must have begun after both (a step
+begun earlier may have served the first sequence alone, the others landing one after
+another on the swapper however fast it is). Were the swap-in charged to the quota and left
 out of c, a quota shorter than the swap-in would end the turn before the batch's last
 sequences landed: they would get no token at all, turn after turn (with KV limits in the
 GPU simulation, 16 models at 0.5 req/s: quotas of 3 ms, under one 9 ms step, shorter than the
@@ -34,7 +35,11 @@ batch's KV over the swap rate if longer) stands until a switch to the model has 
 measured. KV swap-ins are predicted from the batch's tokens, its model's KV block bytes and
 the swapper's measured rate (Predictor.kv_swap_seconds: a live decode instance measures its
 swapper once at start-up, step_profiler.measure_kv_swaps; 0 without a measurement, where KV
-moves in no time: the simulator without KV limits).
+moves in no time: the simulator without KV limits). That measurement is the fastest of a few
+round trips with nothing beside them, and it bounds the blocks from above; beside the engine's
+steps the swapper may run slower. So each turn after a switch compares the swap-in that really
+landed with the prediction, and every swap is scaled by the running mean of measured /
+predicted, taken as 1 where the swap-in landed sooner (there the bound, not the rate, is off).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class TurnRecord:
     model: str
     quota_s: float
     landing_s: float  # the predicted KV swap-in before the quota's clock started (0: no switch)
+    landed_s: float | None  # when its KV had really landed (None: the batch ended first)
     steps: int
     tokens: int
     elapsed_s: float  # from the first step to the end of the last (switch excluded)
@@ -88,6 +94,7 @@ class DecodeScheduler(TurnPolicy):
         self.last: TurnRecord | None = None
         self.correction: dict[str, float] = {}  # model -> measured / predicted step time
         self.switch_measured: dict[str, float] = {}  # model -> running mean of measured switches
+        self.swap_correction = 1.0  # the swapper's measured / predicted KV swap-in, at least 1
 
     def plan(self, runner: TurnRunner) -> tuple[QuotaPlan, str] | None:
         """Quotas for the current work list (refreshed from the runner) and whose turn is next.
@@ -120,10 +127,12 @@ class DecodeScheduler(TurnPolicy):
         if len(models) > 1:
             runner.prefetch(models[(index + 1) % len(models)])
         batch = runner.batch(model)
-        landing = self.predictor.kv_swap_seconds(batch, "in") if previous != model else 0.0
+        swap_in = self.predictor.kv_swap_seconds(batch, "in") if previous != model else 0.0
         predicted = self.predictor.step_seconds(batch)
+        landing = swap_in * self.swap_correction
         self.last = self._serve(runner, model, plan.quotas[index], landing, plan, models)
         self._calibrate(model, predicted, self.last)
+        self._calibrate_swap(swap_in, self.last)
         return True
 
     def _turn_overhead(self, batches: list[BatchInfo], k: int) -> float:
@@ -133,9 +142,9 @@ class DecodeScheduler(TurnPolicy):
         model, outgoing = batches[k].model, batches[k - 1]
         switch = self.switch_measured.get(model)
         if switch is None:
-            out = self.predictor.kv_swap_seconds(outgoing, "out")
+            out = self.predictor.kv_swap_seconds(outgoing, "out") * self.swap_correction
             switch = max(self.predictor.switch_seconds(model), out)
-        return switch + self.predictor.kv_swap_seconds(batches[k], "in")
+        return switch + self.predictor.kv_swap_seconds(batches[k], "in") * self.swap_correction
 
     @staticmethod
     def _average(averages: dict[str, float], model: str, value: float) -> None:
@@ -152,21 +161,35 @@ class DecodeScheduler(TurnPolicy):
         ratio = min(max(record.elapsed_s / record.steps / predicted, low), high)
         self._average(self.correction, model, ratio)
 
+    def _calibrate_swap(self, predicted: float, record: TurnRecord) -> None:
+        """The prediction bounds a batch's blocks from above, at the swapper's fastest rate alone
+        (measured at start-up): a swap-in that landed sooner says nothing new, one that took longer
+        says the swapper runs slower beside the engine's steps, and every swap is scaled by it."""
+        if not predicted > 0 or record.landed_s is None:
+            return
+        ratio = min(max(record.landed_s / predicted, 1.0), CORRECTION_RANGE[1])
+        self.swap_correction += CORRECTION_WEIGHT * (ratio - self.swap_correction)
+
     def _serve(self, runner: TurnRunner, model: str, quota: float, landing: float, plan: QuotaPlan,
                models: tuple[str, ...]) -> TurnRecord:
-        """Step until `landing` (the batch's KV swap-in, which c pays for) and then `quota` are spent,
-        and at least one step began after the landing: steps while KV lands serve only the landed
-        sequences, so one that began before the last landed may have left some without a token."""
-        start, steps, tokens = runner.now(), 0, 0
+        """Step until the batch's KV swap-in (predicted: `landing`, which c pays for; and really: the
+        runner says when it landed) and then `quota` are spent, and at least one step began after
+        both: steps while KV lands serve only the landed sequences, so one that began before the
+        last landed may have left some without a token."""
+        start, steps, tokens, landed = runner.now(), 0, 0, None
         while runner.has_work(model):
+            if landed is None:
+                at = runner.kv_landed_at(model)
+                landed = None if at is None else max(at - start, 0.0)
             began = runner.now()
             tokens += runner.step(model)
             steps += 1
-            if began - start >= landing and runner.now() - start >= landing + quota:
+            if landed is not None and began - start >= landing and \
+                    runner.now() - start >= max(landing, landed) + quota:
                 break
             if math.isinf(quota) and len(runner.models_with_work()) > 1:
                 break  # a lone batch yields as soon as another model has work
-        return TurnRecord(model, quota, landing, steps, tokens, runner.now() - start, plan, models)
+        return TurnRecord(model, quota, landing, landed, steps, tokens, runner.now() - start, plan, models)
 
     def _refresh(self, with_work: list[str]) -> str | None:
         """Drop batches without work, append new ones at the end -> the model whose turn is next:

@@ -122,9 +122,11 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         status = instance_status(engine, self.name, "decode", arriving, self.policy_name, self.timings)
         if isinstance(self.policy, DecodeScheduler):
             status.tbt_target_s = self.policy.config.tbt_target_s
+            status.kv_swap_correction = self.policy.swap_correction
             last = self.policy.last
             if last is not None:
                 status.alpha = last.plan.alpha
+                status.round_switch_s = last.plan.switch_s
                 status.quotas_s.update(zip(last.models, last.plan.quotas, strict=True))
         return status
 

@@ -116,6 +116,9 @@ class EngineWorker:
     def ready(self, model: str) -> bool:
         return self.engine.weights_ready(model)
 
+    def kv_landed_at(self, model: str) -> float | None:
+        return self.engine.kv_landed_at(model)
+
     def activate(self, model: str) -> bool:
         # Its weights still on their way from disk (or waiting for host-cache room): posted calls
         # (arrivals, cancellations, status) run meanwhile. The turn is given up when the model's

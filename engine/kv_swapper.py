@@ -28,13 +28,19 @@ from .slab_allocator import BlockShape
 
 
 class SwapHandle:
-    """One swap in flight: done(), wait(), result() -> pool offsets; nbytes and seconds for counters."""
+    """One swap in flight: done(), wait(), result() -> pool offsets; nbytes and seconds for counters;
+    finished_at for schedulers that time what a turn waited for."""
 
     def __init__(self, direction: str, offsets: list[int], nbytes: int, future: Future) -> None:
         self.direction = direction  # "out" | "in"
         self.offsets = offsets  # pool blocks written (out) or read (in), in block_ids order
         self.nbytes = nbytes
+        self.finished_at: float | None = None  # time.monotonic() once the copy ended (or failed)
         self._future = future
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future) -> None:
+        self.finished_at = time.monotonic()
 
     def done(self) -> bool:
         return self._future.done()

@@ -11,6 +11,7 @@ step runs the sequences whose KV has landed and waits only when none has.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -126,6 +127,7 @@ class _Model:
     shape: BlockShape
     swapped: dict[str, SwapHandle] = field(default_factory=dict)  # request_id -> swap-out
     landing: dict[str, tuple[SwapHandle, list[int]]] = field(default_factory=dict)  # swap-ins
+    switched_in: list[SwapHandle] = field(default_factory=list)  # the last switch to it swapped in
     arriving: deque[Sequence] = field(default_factory=deque)  # adopted, KV staged in the pool
     kv: PagedKVCache | None = None  # the KV region in this model's shape
     kv_sinks: dict[str, KVSink] = field(default_factory=dict)  # request_id -> where its KV streams
@@ -310,6 +312,14 @@ class MultiModelEngine:
         """Unfinished requests of a model: queued, running, swapped out or arriving."""
         return self._model(model_id).book.num_unfinished
 
+    def kv_landed_at(self, model_id: str) -> float | None:
+        """When the KV that the last switch to model_id swapped in had all landed (time.monotonic());
+        None while some of it is still on its way; -inf when that switch swapped none in."""
+        handles = self._model(model_id).switched_in
+        if not all(h.done() for h in handles):
+            return None
+        return max((h.finished_at or time.monotonic() for h in handles), default=-math.inf)
+
     @property
     def kv_blocks_used(self) -> int:
         """Device KV blocks held by the active model's sequences."""
@@ -452,19 +462,17 @@ class MultiModelEngine:
 
     def _swap_in(self, model: _Model) -> int:
         """Start swapping in the running sequences' KV -> how many."""
-        if not model.swapped:
-            return 0
         seqs = [seq for seq in model.book.scheduler.running if seq.request_id in model.swapped]
-        for seq in seqs:
-            self._start_swap_in(model, seq)
+        model.switched_in = [self._start_swap_in(model, seq) for seq in seqs]
         return len(seqs)
 
-    def _start_swap_in(self, model: _Model, seq: Sequence) -> None:
+    def _start_swap_in(self, model: _Model, seq: Sequence) -> SwapHandle:
         offsets = model.swapped.pop(seq.request_id).result()
         blocks = model.book.scheduler.blocks
         blocks.grow(seq, len(offsets) * blocks.block_size)
         landing = self.swapper.swap_in(self.runner.kv_cache.kv, offsets, seq.block_table, model.shape)
         model.landing[seq.request_id] = (landing, offsets)
+        return landing
 
     def _admit_arrivals(self, model: _Model) -> None:
         """Move adopted sequences into the batch while it has room, swapping their KV in."""

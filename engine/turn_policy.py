@@ -41,6 +41,11 @@ class TurnRunner(Protocol):
 
     def prefetch(self, model: str) -> None: ...
 
+    def kv_landed_at(self, model: str) -> float | None:
+        """When the KV that the last switch to model swapped in had all landed (the runner's clock;
+        -inf when it swapped none in); None while some of it is still on its way, and a step
+        serves only the sequences already landed."""
+
     def step(self, model: str) -> int:
         """One step of the model's batch (it must be active) -> tokens produced."""
 

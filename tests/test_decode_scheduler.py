@@ -90,6 +90,9 @@ class FakeRunner:
     def prefetch(self, model):
         pass
 
+    def kv_landed_at(self, model):
+        return -math.inf  # no KV moves
+
     def step(self, model):
         assert model == self.active
         self.clock += self.step_s[model]
@@ -171,6 +174,7 @@ class SwappingRunner(FakeRunner):
     def __init__(self, step_s: dict[str, float], seqs: int, swap_s: float) -> None:
         super().__init__(step_s, switch_s=0.0, tokens=dict.fromkeys(step_s, 10**6))
         self.seqs, self.swap_s = seqs, swap_s
+        self.turn_steps: list[list[int]] = []  # sequences served by each step, turn by turn
         self.landing: dict[str, list[float]] = {m: [0.0] * seqs for m in step_s}
         self.seq_times: dict[tuple[str, int], list[float]] = {(m, i): [] for m in step_s for i in range(seqs)}
 
@@ -184,7 +188,12 @@ class SwappingRunner(FakeRunner):
             self.landing[model] = [self.clock + (i + 1) * self.swap_s for i in range(self.seqs)]
             self.active = model
             self.log.append(model)
+            self.turn_steps.append([])
         return True
+
+    def kv_landed_at(self, model):
+        last = max(self.landing[model])
+        return last if last <= self.clock else None
 
     def step(self, model):
         assert model == self.active
@@ -194,6 +203,7 @@ class SwappingRunner(FakeRunner):
         for i in landed:
             self.seq_times[(model, i)].append(self.clock)
         self.token_times[model].append(self.clock)
+        self.turn_steps[-1].append(len(landed))
         return len(landed)
 
 
@@ -256,6 +266,47 @@ def test_a_turn_ends_only_after_a_step_that_began_once_its_kv_had_landed():
     scheduler.run_turn(runner)
     assert scheduler.last.quota_s < 0.001 and scheduler.last.steps == 2
     assert all(runner.seq_times[("a", i)] for i in range(8))
+
+
+def test_a_swapper_slower_than_predicted_still_serves_every_sequence_each_turn_and_c_follows_it():
+    """The KV swaps in at a third of the predicted rate (a swapper slowed by the steps beside it):
+    every turn still ends with a step that served the whole batch, the landing the scheduler
+    measures scales every swap it predicts, and the plan's c then pays what the turns do: each
+    switch (measured: the outgoing batch's 48 ms swap-out) and each swap-in (48 ms, not 16), so
+    every sequence's mean time between tokens holds the plan's alpha * d (the batch's last to
+    land ran 1.19x over it with the swap-in left as predicted)."""
+    runner = SwappingRunner({"a": 0.009, "b": 0.009}, seqs=16, swap_s=0.003)
+    optimistic = Predictor(lambda b: runner.step_s[b.model], lambda m: 0.0,
+                           lambda b, direction: b.num_seqs * 0.001)
+    scheduler = DecodeScheduler(QuotaConfig(0.1, qmax_s=0.05), optimistic)
+    for _ in range(2 * 10):
+        scheduler.run_turn(runner)
+    assert all(turn[-1] == 16 for turn in runner.turn_steps), "a turn ended before its batch had landed"
+    assert scheduler.last.landed_s == pytest.approx(0.048)
+    assert scheduler.last.landing_s == pytest.approx(0.048, rel=1e-3)  # 16 x 1 ms, scaled by the swapper's 3x
+    assert scheduler.swap_correction == pytest.approx(3.0, rel=0.01)
+    assert scheduler.last.plan.switch_s == pytest.approx(2 * (0.048 + 0.048), rel=1e-3)
+    start = {seq: len(t) for seq, t in runner.seq_times.items()}
+    for _ in range(2 * 20):
+        scheduler.run_turn(runner)
+    plan = scheduler.last.plan
+    assert plan.alpha > QuotaConfig(0.1).alpha_floor  # the formula's alpha, not the floor
+    for seq, times in runner.seq_times.items():
+        later = times[start[seq] - 1:]
+        assert (later[-1] - later[0]) / (len(later) - 1) <= plan.alpha * 0.1, seq
+
+
+def test_a_swapper_faster_than_predicted_leaves_the_prediction_as_it_is():
+    """Predictions bound the blocks from above at the swapper's fastest rate: a batch that lands
+    sooner does not shrink them (the step after the predicted landing still serves everyone)."""
+    runner = SwappingRunner({"a": 0.009, "b": 0.009}, seqs=8, swap_s=0.0005)
+    predicted = Predictor(lambda b: 0.009, lambda m: 0.0, lambda b, direction: b.num_seqs * 0.001)
+    scheduler = DecodeScheduler(QuotaConfig(0.1), predicted)
+    for _ in range(2 * 10):
+        scheduler.run_turn(runner)
+    assert scheduler.swap_correction == 1.0
+    assert scheduler.last.landed_s == pytest.approx(0.004)
+    assert scheduler.last.landing_s == pytest.approx(0.008)
 
 
 def test_a_batchs_kv_swap_is_bounded_by_its_blocks_at_the_measured_rate():

@@ -4,9 +4,11 @@ engine, and afterwards every slab, block and arena byte is accounted for."""
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import shutil
+import time
 
 import pytest
 import torch
@@ -246,5 +248,35 @@ def test_a_decode_instance_measures_its_kv_swaps_once_for_every_model(five_model
     assert late.block_bytes == engine.models["late"].shape.nbytes
     assert late.in_gbps == swaps["tiny-llama"].in_gbps
     assert pool.stats().used_bytes == 0  # the measurement gave its blocks back
+    engine.close()
+    pool.close()
+
+
+def test_the_engine_says_when_a_switchs_kv_swap_in_has_landed(five_models, tmp_path):
+    """What the decode round-robin times its turns by (kv_landed_at): None while the KV the last
+    switch to a model swapped in is on its way, then when it all landed; -inf when that switch
+    had none to swap in. The landed batch decodes on exactly as alone."""
+    engine, pool, cache, sampling, expected = _instance_and_llama_tokens(five_models, tmp_path)
+    for name in ("tiny-llama", "tiny-qwen2"):
+        engine.register(name, five_models[name])
+    seqs = [engine.add_request("tiny-llama", PROMPTS[3], sampling) for _ in range(3)]
+    for _ in range(4):
+        engine.step("tiny-llama")
+    assert engine.kv_landed_at("tiny-llama") == -math.inf  # its first switch had nothing to swap in
+    engine.switch_to("tiny-qwen2")
+    assert engine.kv_landed_at("tiny-qwen2") == -math.inf
+    before = time.monotonic()
+    engine.switch_to("tiny-llama")  # the three sequences' KV comes back from the pool
+    assert engine.last_switch.kv_in == 3
+    first = engine.kv_landed_at("tiny-llama")  # None, unless all three landed already
+    assert first is None or first >= before
+    for handle in engine.models["tiny-llama"].switched_in:
+        handle.wait()
+    landed = engine.kv_landed_at("tiny-llama")
+    assert landed is not None and before <= landed <= time.monotonic()
+    while engine.has_unfinished("tiny-llama"):
+        engine.step("tiny-llama")
+    assert all(seq.output_token_ids == expected for seq in seqs)
+    assert engine.kv_landed_at("tiny-llama") == landed  # until the next switch to it
     engine.close()
     pool.close()

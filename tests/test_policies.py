@@ -123,6 +123,7 @@ def test_aegaeon_switches_per_token_turns_and_holds_mean_tbt_at_alpha_times_the_
                 s = status(stack, "decode-0")
                 if len(s.quotas_s) == 6:
                     samples.append((time.monotonic(), s.alpha * s.tbt_target_s))
+                    assert s.round_switch_s > 0 and s.kv_swap_correction >= 1, s
                 time.sleep(0.05)
 
         with grpc.insecure_channel(stack.address) as channel, ThreadPoolExecutor(13) as pool:

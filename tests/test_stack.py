@@ -4,6 +4,7 @@ proxy), started by the launcher behind `tokenpool up` and driven by a plain gRPC
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -158,6 +159,7 @@ def test_status_shows_instances_and_the_request_table(stack, stub, capsys):
         assert name in out, out
     assert f"{stack.name}: " in out and "stack-probe" in out
     assert "aegaeon; active" in out and "TBT target" in out and "alpha" in out, out
+    assert re.search(r"switch time c [\d.]+ ms \(KV swap-ins x\d+\.\d\d the start-up rate's\)", out), out
 
 
 def test_a_javascript_client_works_against_the_stack(stack, tiny_dir):

@@ -226,7 +226,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings", "host_cached", "kv_usage", "loads", "cold_loads")
+    __slots__ = ("name", "role", "active_model", "models", "queued", "running", "kv_blocks_used", "host_kv_used_bytes", "switches", "requests_by_model", "policy", "alpha", "quotas_s", "groups", "tbt_target_s", "timings", "host_cached", "kv_usage", "loads", "cold_loads", "round_switch_s", "kv_swap_correction")
     class RequestsByModelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,8 @@ class InstanceStatus(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     COLD_LOADS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SWITCH_S_FIELD_NUMBER: _ClassVar[int]
+    KV_SWAP_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     active_model: str
@@ -281,7 +283,9 @@ class InstanceStatus(_message.Message):
     kv_usage: float
     loads: _containers.RepeatedCompositeFieldContainer[ModelLoad]
     cold_loads: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., cold_loads: _Optional[int] = ...) -> None: ...
+    round_switch_s: float
+    kv_swap_correction: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., active_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., host_kv_used_bytes: _Optional[int] = ..., switches: _Optional[int] = ..., requests_by_model: _Optional[_Mapping[str, int]] = ..., policy: _Optional[str] = ..., alpha: _Optional[float] = ..., quotas_s: _Optional[_Mapping[str, float]] = ..., groups: _Optional[_Iterable[str]] = ..., tbt_target_s: _Optional[float] = ..., timings: _Optional[_Iterable[_Union[ModelTiming, _Mapping]]] = ..., host_cached: _Optional[_Iterable[str]] = ..., kv_usage: _Optional[float] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., cold_loads: _Optional[int] = ..., round_switch_s: _Optional[float] = ..., kv_swap_correction: _Optional[float] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
     __slots__ = ("model", "loaded_bytes", "total_bytes", "waiting_for_room")
