@@ -10,7 +10,8 @@ checks it.
               instances and agents, instances -> agent, agent -> agent) attaches it
 
 Internal services bind 127.0.0.1 by default; one told to listen anywhere else refuses to start
-without a token, so nothing reaches them from off the machine unauthenticated.
+without a token or mutual TLS (cli/internal_tls.py), so nothing reaches them from off the machine
+unauthenticated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import ipaddress
 import os
 from pathlib import Path
 
+from .internal_tls import ENVS as TLS_ENVS
+from .internal_tls import internal_tls
 from .server_security import ServerSecurity, read_private_token
 
 ENV = "TOKENPOOL_INTERNAL_TOKEN_FILE"
@@ -38,16 +41,18 @@ def read_token(path: Path) -> str:
 
 
 def server_security() -> ServerSecurity:
-    """What an internal server checks: the internal token, if one is configured."""
-    return ServerSecurity(token=internal_token())
+    """What an internal server checks: the internal token and mutual TLS, each if configured."""
+    tls = internal_tls()
+    return tls.server_security(internal_token()) if tls else ServerSecurity(token=internal_token())
 
 
 def check_listen(address: str) -> None:
     """ValueError when an internal service would listen beyond loopback without a token."""
     host = address.rpartition(":")[0].strip("[]")
-    if internal_token() is None and not is_loopback(host):
+    if internal_token() is None and internal_tls() is None and not is_loopback(host):
         raise ValueError(f"--listen {address}: an internal service listening beyond 127.0.0.1 needs the "
-                         f"internal token (set {ENV} to a 0600 file holding it)")
+                         f"internal token (set {ENV} to a 0600 file holding it) or mutual TLS "
+                         f"({', '.join(TLS_ENVS)})")
 
 
 def is_loopback(host: str) -> bool:

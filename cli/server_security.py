@@ -71,18 +71,23 @@ class ServerSecurity:
 def read_private_token(path: Path, label: str) -> str:
     """A token file's token, for a file only its owner may read; ValueError naming `label`:
     unreadable, readable by group or others, or no token of 1 to MAX_TOKEN_BYTES characters."""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError as exc:
-        raise ValueError(f"{label}{path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{label}{path}: the token file must be readable by its owner only "
-                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
+    check_private(path, label, "the token file")
     token = first_line(Path(path), label)
     if not token or len(token) > MAX_TOKEN_BYTES:
         raise ValueError(f"{label}{path}: the first line must hold a token of 1 to {MAX_TOKEN_BYTES} "
                          "characters")
     return token
+
+
+def check_private(path: Path, label: str, what: str) -> None:
+    """ValueError naming `label` when the file cannot be read or its group or others may read it."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"{label}{path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{label}{path}: {what} must be readable by its owner only "
+                         f"(mode {stat.S_IMODE(mode):o}; chmod 600 it)")
 
 
 def first_line(path: Path, flag: str) -> str:

@@ -47,6 +47,7 @@ def _print_stack(path: Path) -> list[tuple[str, str]]:
     """-> (url, table name) of the stack's request table if it is in Redis."""
     from tokenpool.proxy.table_recovery import process_alive
 
+    from .internal_tls import InternalTLS
     from .internal_token import read_token
 
     info = json.loads(path.read_text())
@@ -57,15 +58,19 @@ def _print_stack(path: Path) -> list[tuple[str, str]]:
     print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
     token_file = info.get("internal_token_file")
     metadata = (("authorization", f"Bearer {read_token(Path(token_file))}"),) if token_file else ()
+    tls_files = info.get("internal_tls")  # {"cert": ..., "key": ..., "ca": ...} of the stack's services
+    tls = InternalTLS.from_files(*(Path(tls_files[k]) for k in ("cert", "key", "ca"))) if tls_files else None
     for service in info["services"]:
-        print(f"  {service['name']:14} {service['address']:22} {_describe(service, metadata)}")
+        print(f"  {service['name']:14} {service['address']:22} {_describe(service, metadata, tls)}")
     return [(info["redis_url"], info["table"])] if info.get("table_backend") == "redis" else []
 
 
-def _describe(service: dict, metadata: tuple = ()) -> str:
+def _describe(service: dict, metadata: tuple = (), tls=None) -> str:
     import grpc
     from tokenpool.protos.internal.v1 import instances_pb2 as ipb
     from tokenpool.protos.internal.v1 import instances_pb2_grpc as rpc
+
+    from .internal_tls import sync_channel
 
     name = service["name"]
     stub_class = {"prefill": rpc.PrefillStub, "decode": rpc.DecodeStub, "kvtransfer": rpc.KVTransferStub}
@@ -75,7 +80,7 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
     if kind not in stub_class:
         return "front door (tokenpool.v1.Inference)"
     try:
-        with grpc.insecure_channel(service["address"]) as channel:
+        with sync_channel(service["address"], tls) as channel:
             stub = stub_class[kind](channel)
             if kind == "kvtransfer":
                 s = stub.Stats(ipb.StatsRequest(), timeout=STATUS_TIMEOUT_S, metadata=metadata)
@@ -93,8 +98,8 @@ def _describe(service: dict, metadata: tuple = ()) -> str:
     if s.tbt_target_s:
         quotas = ", ".join(f"{m} {q * 1e3:.0f} ms" for m, q in s.quotas_s.items()) or "-"
         lines.append(f"TBT target {s.tbt_target_s * 1e3:.1f} ms, alpha {s.alpha:.2f}, quotas: {quotas}; "
-                     f"switch time c {s.round_switch_s * 1e3:.1f} ms (KV swap-ins x{s.kv_swap_correction:.2f} "
-                     "the start-up rate's)")
+                     f"switch time c {s.round_switch_s * 1e3:.1f} ms "
+                     f"(KV swap-ins x{s.kv_swap_correction:.2f} the start-up rate's)")
     lines.append(_models_line(s))
     if s.loads or s.cold_loads:
         loads = ", ".join(f"{x.model} {x.loaded_bytes / 2**20:.1f}/{x.total_bytes / 2**20:.1f} MiB"

@@ -33,6 +33,7 @@ CONFIG_KEYS = ("prefill", "decode", "host", "port", "dtype", "kv_mib", "host_kv_
                "qmax_s", "trace_endpoint",
                "nodes",
                "kv_streaming", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "internal_token",
+               "internal_tls_cert", "internal_tls_key", "internal_tls_ca",
                "gateway", "gateway_port", "catalogue", "host_cache_mib", "host_cache_dir", "slot_mib",
                "load_wait_s",
                "admin_token_file")
@@ -86,6 +87,14 @@ def add_parser(commands) -> None:
     p.add_argument("--internal-token", dest="internal_token", action=argparse.BooleanOptionalAction,
                    default=None, help="services authenticate each other with a random token made for this "
                    "stack (always on when --host is not loopback)")
+    p.add_argument("--internal-tls-cert", type=Path, default=None, metavar="FILE",
+                   help="mutual TLS between the services: the certificate (PEM) every service presents; its "
+                   "names must cover --host")
+    p.add_argument("--internal-tls-key", type=Path, default=None, metavar="FILE",
+                   help="its private key (PEM, readable by its owner only)")
+    p.add_argument("--internal-tls-ca", type=Path, default=None, metavar="FILE",
+                   help="the CA (PEM) that signed it: services take only callers with a certificate "
+                   "it signed")
     p.add_argument("--gateway", dest="gateway", action=argparse.BooleanOptionalAction, default=None,
                    help="the OpenAI-compatible HTTP API (/v1/chat/completions, ...) in front of the proxy "
                    "(default: on)")
@@ -121,7 +130,8 @@ def stack_config(args: argparse.Namespace):
     values.update({k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None})
     values.setdefault("gateway", True)  # on for `tokenpool up`; StackConfig's default (tests) is off
     specs = args.model or [f"{m}={f}" if f else m for m, f in file.get("models", {}).items()]
-    for key in ("catalogue", "admin_token_file", "host_cache_dir"):
+    for key in ("catalogue", "admin_token_file", "host_cache_dir", "internal_tls_cert", "internal_tls_key",
+                "internal_tls_ca"):
         if key in values:  # absolute: every service is given the same path
             values[key] = Path(values[key]).expanduser().resolve()
     # With a catalogue folder, no --model means only the catalogue (not the built-in models).

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenpool.cli.internal_tls import ENVS as INTERNAL_TLS_ENVS
+from tokenpool.cli.internal_tls import InternalTLS
 from tokenpool.cli.internal_token import ENV as INTERNAL_TOKEN_ENV
 from tokenpool.cli.internal_token import is_loopback
 from tokenpool.cli.service_process import EXIT_WITH_PARENT, stop_process
@@ -33,6 +35,7 @@ from tokenpool.kvtransfer.lease import DEFAULT_LEASE_S
 
 START_TIMEOUT_S = 300.0  # SmolLM2's first registration reads and converts ~0.5 GB
 STOP_TIMEOUT_S = 15.0
+INTERNAL_TLS_FIELDS = ("internal_tls_cert", "internal_tls_key", "internal_tls_ca")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class StackConfig:
     internal_token: services authenticate each other with a random token (cli/internal_token.py),
       written 0600 in the node's private folder for the stack's life; always on when host is not
       loopback (internal services then listen there too).
+    internal_tls_cert, internal_tls_key, internal_tls_ca: mutual TLS between the services
+      (cli/internal_tls.py): every service gets the three files; the certificate's names must
+      cover host (127.0.0.1 by default). All three or none; checked before anything starts.
     tls_cert, tls_key, tls_client_ca, auth_token_file: the public API's TLS, mutual TLS and
       bearer token (cli/server_security.py); internal services stay on loopback without them.
     catalogue, host_cache_mib, host_cache_dir: serve every model folder under catalogue (weights
@@ -105,6 +111,9 @@ class StackConfig:
     kv_stall_s: float = 30.0
     kv_lease_s: float = DEFAULT_LEASE_S
     internal_token: bool = False
+    internal_tls_cert: Path | None = None  # mutual TLS between services: each one's certificate (PEM),
+    internal_tls_key: Path | None = None  # its key (0600),
+    internal_tls_ca: Path | None = None  # and the CA that signed it
     tls_cert: Path | None = None  # the proxy's public port: TLS certificate chain and key (PEM)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate this CA signed
@@ -138,6 +147,7 @@ class StackConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.load_wait_s is not None and not self.load_wait_s >= 0:
             raise ValueError(f"load_wait_s must be >= 0, got {self.load_wait_s!r}")
+        self.internal_tls()  # all three files or none, readable, the key private
         for name in ("prefill", "decode", "kv_mib", "host_kv_mib", "pool_mib", "table_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -160,6 +170,19 @@ class StackConfig:
         if self.trace_endpoint is not None and not self.trace_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"trace_endpoint must be an http:// or https:// URL (OTLP gRPC), "
                              f"got {self.trace_endpoint!r}")
+
+    def internal_tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        return self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca
+
+    def internal_tls(self) -> InternalTLS | None:
+        """The services' mutual TLS (read from the files), or None; ValueError naming the field."""
+        files = self.internal_tls_files()
+        if not any(files):
+            return None
+        if not all(files):
+            raise ValueError("internal_tls_cert, internal_tls_key and internal_tls_ca go together "
+                             "(mutual TLS between the services needs all three)")
+        return InternalTLS.from_files(*files, labels=INTERNAL_TLS_FIELDS)
 
     @property
     def threads_per_instance(self) -> int:
@@ -411,6 +434,10 @@ class Stack:
 
     def _env(self, name: str) -> dict[str, str]:
         env = {**os.environ, EXIT_WITH_PARENT: str(os.getpid()), "OTEL_SERVICE_NAME": name}
+        for variable in INTERNAL_TLS_ENVS:
+            env.pop(variable, None)  # this stack's, or none: not the launcher's own
+        if self.config.internal_tls() is not None:
+            env.update(zip(INTERNAL_TLS_ENVS, map(str, self.config.internal_tls_files()), strict=True))
         if self.token_file is not None:
             env[INTERNAL_TOKEN_ENV] = str(self.token_file)
         if self.config.trace_endpoint:
@@ -438,6 +465,8 @@ class Stack:
         data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
                 "table_backend": self.config.table_backend, "redis_url": self.config.redis_url,
                 "internal_token_file": str(self.token_file) if self.token_file else None,
+                "internal_tls": dict(zip(("cert", "key", "ca"), map(str, self.config.internal_tls_files()),
+                                         strict=True)) if self.config.internal_tls() else None,
                 "services": [{"name": s.name, "address": s.address, "pid": s.process.pid,
                               "metrics": s.info.get("metrics")} for s in self.services]}
         tmp = self.stack_file.with_suffix(".tmp")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from tokenpool.cli import internal_tls
 from tokenpool.engine.slab_allocator import BlockShape, KVPoolFullError
 from tokenpool.protos.internal.v1 import instances_pb2 as ipb
 from tokenpool.protos.internal.v1 import instances_pb2_grpc
@@ -110,7 +111,7 @@ class NodeLocalTransport(KVTransport):
         self.pushed_bytes = 0  # moved to other nodes by the agent's NIXL WRITEs, and the time they took
         self.push_seconds = 0.0
         self._stats_lock = threading.Lock()
-        self._channel = grpc.insecure_channel(agent_address)
+        self._channel = internal_tls.sync_channel(agent_address)
         self._stub = instances_pb2_grpc.KVTransferStub(intercept(self._channel))  # carries the trace
         try:
             info = self._call("Describe", ipb.DescribeRequest())

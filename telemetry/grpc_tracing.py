@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from tokenpool.cli import internal_tls
 from tokenpool.cli.internal_token import internal_token
 from tokenpool.cli.internal_token import metadata as internal_metadata
 
@@ -34,10 +35,11 @@ def server_interceptors(roots: bool) -> list[grpc.aio.ServerInterceptor]:
 
 
 def aio_channel(address: str, options=None) -> grpc.aio.Channel:
-    """grpc.aio.insecure_channel(address) for calls between services: each carries the current
-    trace context when tracing is on, and the internal token when one is configured."""
+    """A channel for calls between services (mutual TLS when configured: cli/internal_tls.py): each
+    call carries the current trace context when tracing is on, and the internal token when one is
+    configured."""
     interceptors = [_AioUnaryInterceptor(), _AioStreamInterceptor()] if _decorating() else None
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return internal_tls.aio_channel(address, options=options, interceptors=interceptors)
 
 
 def intercept(channel: grpc.Channel) -> grpc.Channel:

@@ -4,8 +4,6 @@ refused; health stays reachable; bad flags stop the proxy at start, by name."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import subprocess
 import sys
@@ -14,11 +12,8 @@ import uuid
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pki import new_cert, new_key, pem, write_private
 from stack_helpers import service
 from tokenpool.compose.launcher import Stack, StackConfig
 from tokenpool.protos.v1 import inference_pb2 as pb
@@ -28,47 +23,16 @@ MODEL = "tiny-llama"
 TOKEN = "s3cret-token-for-tests"
 
 
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(subject: str, key, issuer_cert=None, issuer_key=None, ca=False, ip=None):
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer_cert.subject if issuer_cert else name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ip:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))])
-        builder = builder.add_extension(san, critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
-    ca_key = _key()
-    ca = _cert("tokenpool test CA", ca_key, ca=True)
-    server_key, client_key = _key(), _key()
-    files = {"ca": _pem(ca), "server_cert": _pem(_cert("proxy", server_key, ca, ca_key, ip="127.0.0.1")),
-             "server_key": _pem(server_key), "client_cert": _pem(_cert("client", client_key, ca, ca_key)),
-             "client_key": _pem(client_key), "token": (TOKEN + "\n").encode(), "empty": b"\n"}
-    paths = {}
-    for name, data in files.items():
-        paths[name] = root / name
-        paths[name].write_bytes(data)
-        paths[name].chmod(0o600)
-    return paths
+    ca_key = new_key()
+    ca = new_cert("tokenpool test CA", ca_key, ca=True)
+    server_key, client_key = new_key(), new_key()
+    files = {"ca": pem(ca), "server_cert": pem(new_cert("proxy", server_key, ca, ca_key, ip="127.0.0.1")),
+             "server_key": pem(server_key), "client_cert": pem(new_cert("client", client_key, ca, ca_key)),
+             "client_key": pem(client_key), "token": (TOKEN + "\n").encode(), "empty": b"\n"}
+    return write_private(root, files)
 
 
 @pytest.fixture(scope="module")
