@@ -47,3 +47,14 @@ def write_private(root: Path, files: dict[str, bytes]) -> dict[str, Path]:
         paths[name].write_bytes(data)
         paths[name].chmod(0o600)
     return paths
+
+
+def internal_tls_files(root: Path) -> dict[str, Path]:
+    """A CA and one certificate for 127.0.0.1 signed by it, with its key, written under root: the
+    StackConfig settings of a stack whose services use them for mutual TLS."""
+    ca_key, key = new_key(), new_key()
+    ca = new_cert("tokenpool internal CA", ca_key, ca=True)
+    cert = new_cert("tokenpool service", key, ca, ca_key, ip="127.0.0.1")
+    paths = write_private(root, {"ca.pem": pem(ca), "service.key": pem(key), "service.pem": pem(cert)})
+    return {"internal_tls_cert": paths["service.pem"], "internal_tls_key": paths["service.key"],
+            "internal_tls_ca": paths["ca.pem"]}

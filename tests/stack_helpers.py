@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+from tokenpool.cli import internal_tls
 from tokenpool.compose.launcher import Stack, StackConfig
 from tokenpool.engine.llm_engine import EngineConfig, LLMEngine
 from tokenpool.engine.sampling_params import SamplingParams
@@ -86,15 +87,21 @@ def measured_pace(stub, model, n=128, repeats=3) -> tuple[float, float]:
     return min(ttft for ttft, _ in paces), min(tbt for _, tbt in paces)
 
 
+def internal_channel(stack, name) -> grpc.Channel:
+    """A channel to one of the stack's internal services, dialled as its own services do (over
+    mutual TLS when the stack has it)."""
+    return internal_tls.sync_channel(service(stack, name).address, stack.config.internal_tls())
+
+
 def instance_status(stack, name) -> ipb.InstanceStatus:
-    with grpc.insecure_channel(service(stack, name).address) as channel:
+    with internal_channel(stack, name) as channel:
         decode = name.startswith("decode")
         stub_class = instances_pb2_grpc.DecodeStub if decode else instances_pb2_grpc.PrefillStub
         return stub_class(channel).Status(ipb.StatusRequest(), timeout=10)
 
 
 def agent_stats(stack, name="kvtransfer-0") -> ipb.PoolStats:
-    with grpc.insecure_channel(service(stack, name).address) as channel:
+    with internal_channel(stack, name) as channel:
         return instances_pb2_grpc.KVTransferStub(channel).Stats(ipb.StatsRequest(), timeout=10)
 
 

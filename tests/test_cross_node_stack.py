@@ -1,6 +1,7 @@
 """The stack as two simulated nodes on this machine (`tokenpool up --nodes 2`): each node its own
 kvtransfer agent and pool, prefill instances on node 0, the decode instance on node 1, so every
-request's KV crosses nodes over NIXL, streamed layer by layer while its prefill computes."""
+request's KV crosses nodes over NIXL, streamed layer by layer while its prefill computes. The
+services dial each other over mutual TLS (cli/internal_tls.py), agent to agent included."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from pki import internal_tls_files
 from stack_helpers import (
     agent_stats,
     check_streamed,
@@ -37,10 +39,15 @@ STALL_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_dir, token_file, tmp_path_factory):
+def internal_pki(tmp_path_factory) -> dict:
+    return internal_tls_files(tmp_path_factory.mktemp("cross-node-pki"))
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir, token_file, internal_pki, tmp_path_factory):
     config = StackConfig(models={m: tiny_dir / m for m in (*MODELS, IDLE)}, prefill=2, decode=1, port=0,
                          dtype="float32", kv_mib=8, host_kv_mib=32, pool_mib=32, threads=1, table_slots=48,
-                         nodes=2, kv_stall_s=STALL_S, admin_token_file=token_file)
+                         nodes=2, kv_stall_s=STALL_S, admin_token_file=token_file, **internal_pki)
     stack = Stack(config, tmp_path_factory.mktemp("cross-node-logs"))
     stack.start(progress=lambda line: None)
     yield stack

@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pki import new_cert, new_key, pem, write_private
+from pki import internal_tls_files, new_cert, new_key, pem, write_private
 from stack_helpers import SMALL_STACK, expected_streams, service, start_tiny_stack
 from tokenpool.cli import internal_tls, internal_token
 from tokenpool.cli.main import main
@@ -24,13 +24,14 @@ INTERNAL = ("kvtransfer-0", "prefill-0", "decode-0")
 def pki(tmp_path_factory):
     """The stack's CA and the certificate its services share (for 127.0.0.1); a stranger's CA and
     a certificate it signed for a client."""
-    ca_key, other_key, service_key, stranger_key = new_key(), new_key(), new_key(), new_key()
-    ca = new_cert("tokenpool internal CA", ca_key, ca=True)
+    root = tmp_path_factory.mktemp("internal-pki")
+    ours = internal_tls_files(root)
+    other_key, stranger_key = new_key(), new_key()
     other = new_cert("someone else's CA", other_key, ca=True)
-    files = {"ca": pem(ca), "key": pem(service_key), "stranger_key": pem(stranger_key), "not_pem": b"hello\n",
-             "cert": pem(new_cert("tokenpool service", service_key, ca, ca_key, ip="127.0.0.1")),
+    files = {"stranger_key": pem(stranger_key), "not_pem": b"hello\n",
              "stranger_cert": pem(new_cert("stranger", stranger_key, other, other_key))}
-    return write_private(tmp_path_factory.mktemp("internal-pki"), files)
+    return {**write_private(root, files), "cert": ours["internal_tls_cert"], "key": ours["internal_tls_key"],
+            "ca": ours["internal_tls_ca"]}
 
 
 @pytest.fixture
