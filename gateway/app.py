@@ -28,7 +28,13 @@ from .catalogue import ModelCatalogue
 from .choices import Choices
 from .config import GatewayConfig
 from .errors import APIError, from_rpc_error
-from .generate_requests import chat_requests, chat_tokenize_request, completion_requests, tokenize_messages
+from .generate_requests import (
+    chat_requests,
+    chat_tokenize_request,
+    completion_requests,
+    prompt_list,
+    tokenize_messages,
+)
 from .metrics import GatewayMetrics
 from .proxy_client import ProxyClient
 from .responses import ChoiceState, ResponseBuilder
@@ -96,8 +102,22 @@ class Gateway:
     async def _completions(self, request: Request) -> Response:
         body = decode(await self._body(request), CompletionRequest)
         await self.catalogue.require(body.model, self._metadata(request))
-        builder = ResponseBuilder(False, body.model, body.num_logprobs is not None, body.n)
-        return await self._generate(request, body, completion_requests(body, self.config), builder)
+        requests = completion_requests(body, self.config)
+        echo = await self._prompt_texts(request, body) if body.echo else None
+        builder = ResponseBuilder(False, body.model, body.num_logprobs is not None, body.n, echo)
+        return await self._generate(request, body, requests, builder)
+
+    async def _prompt_texts(self, request: Request, body: CompletionRequest) -> list[str]:
+        """Each choice's prompt as text, for echo: a text prompt as given, token ids decoded by the
+        proxy (prompt-major, n a prompt, as completion_requests orders the choices)."""
+        texts = []
+        for prompt in prompt_list(body.prompt):
+            if not isinstance(prompt, str):
+                call = self.client.detokenize(pb.DetokenizeRequest(model=body.model, ids=prompt),
+                                              self._metadata(request))
+                prompt = (await self._proxy(call, body.model, "prompt")).text
+            texts += [prompt] * body.n
+        return texts
 
     async def _generate(self, request: Request, body, requests: list, builder: ResponseBuilder) -> Response:
         timers = [self.metrics.started(body.model) for _ in requests]

@@ -41,8 +41,9 @@ def chat_requests(body: ChatCompletionRequest, ids: list[int]) -> list:
 def completion_requests(body: CompletionRequest, config: GatewayConfig) -> list:
     """len(prompts) * n requests, prompt-major (choice index = prompt index * n + i)."""
     check_limits(body, config)
-    if body.echo:
-        raise bad_field("echo", "echo is not supported")
+    if body.echo and body.num_logprobs is not None:
+        raise bad_field("echo", "echo with logprobs is not supported: the engine computes no "
+                                "log-probabilities of prompt tokens")
     prompts = prompt_list(body.prompt)
     if len(prompts) * body.n > config.max_n:
         raise bad_field("n", f"{len(prompts)} prompts x n={body.n} choices exceed the limit of "

@@ -39,9 +39,11 @@ class ChoiceState:
 class ResponseBuilder:
     """Builds one request's response objects. chat: chat completions, else text completions."""
 
-    def __init__(self, chat: bool, model: str, want_logprobs: bool, n: int = 1) -> None:
+    def __init__(self, chat: bool, model: str, want_logprobs: bool, n: int = 1,
+                 echo: list[str] | None = None) -> None:
         self.chat = chat
         self.n = n  # choices per prompt: they share one prompt in the usage
+        self.echo = echo  # completions with echo: each choice's prompt text, put before its text
         self.model = model
         self.want_logprobs = want_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -60,7 +62,8 @@ class ResponseBuilder:
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "logprobs": logprobs, "finish_reason": state.finish_reason}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": state.finish_reason}
+        return {"index": index, "text": self._echoed(index, True) + text, "logprobs": logprobs,
+                "finish_reason": state.finish_reason}
 
     # -- stream chunks -------------------------------------------------------------------
 
@@ -71,9 +74,14 @@ class ResponseBuilder:
             delta = {"role": "assistant", "content": response.text} if first else {"content": response.text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": response.text, "logprobs": logprobs, "finish_reason": finish}
+            text = self._echoed(index, first) + response.text
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [choice], **({"usage": None} if include_usage else {})}
+
+    def _echoed(self, index: int, first: bool) -> str:
+        """The prompt a completion choice starts with (echo), in its whole text or first chunk."""
+        return self.echo[index] if self.echo is not None and first else ""
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"

@@ -79,6 +79,21 @@ def test_completions_streamed_and_not_with_text_and_token_id_prompts(client, stu
     assert back == "Numbers 12345"
 
 
+def test_echo_puts_each_prompt_before_its_completion(client, stub, stack):
+    """A text prompt comes back as given, token ids as the proxy decodes them; the usage counts the
+    generated tokens only."""
+    expected, _ = grpc_text(stub, "tiny-qwen2", 6, text="Numbers 12345")
+    whole = client.completions.create(model="tiny-qwen2", prompt="Numbers 12345", max_tokens=6, temperature=0,
+                                      n=2, echo=True, extra_body={"ignore_eos": True})
+    assert [c.text for c in whole.choices] == ["Numbers 12345" + expected] * 2
+    assert whole.usage.completion_tokens == 12
+    ids = post(stack, "/tokenize", {"model": "tiny-qwen2", "prompt": "Numbers 12345"}).json()["tokens"]
+    chunks = list(client.completions.create(model="tiny-qwen2", prompt=ids, max_tokens=6, temperature=0,
+                                            echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text.startswith("Numbers 12345")
+    assert "".join(c.choices[0].text for c in chunks) == "Numbers 12345" + expected
+
+
 def test_n_choices_and_seeds_are_reproducible(client):
     def sample(seed):
         r = client.completions.create(model="tiny-llama", prompt="Hi there", max_tokens=12, temperature=0.9,

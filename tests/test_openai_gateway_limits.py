@@ -63,6 +63,7 @@ BAD = [  # (body, status, param)
     (chat(tool_choice="required"), 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": MODEL, "prompt": [1.5, 2]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"model": MODEL, "prompt": "x" * 50_000, "max_tokens": 1}, 400, None),  # prompt past the context
 ]
 
