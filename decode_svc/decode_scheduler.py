@@ -164,8 +164,9 @@ class DecodeScheduler(TurnPolicy):
     def _calibrate_swap(self, predicted: float, record: TurnRecord) -> None:
         """The prediction bounds a batch's blocks from above, at the swapper's fastest rate alone
         (measured at start-up): a swap-in that landed sooner says nothing new, one that took longer
-        says the swapper runs slower beside the engine's steps, and every swap is scaled by it."""
-        if not predicted > 0 or record.landed_s is None:
+        says the swapper runs slower beside the engine's steps, and every swap is scaled by it. A
+        turn whose switch had nothing to swap in (a batch of new arrivals only) says nothing."""
+        if not predicted > 0 or not record.landed_s:
             return
         ratio = min(max(record.landed_s / predicted, 1.0), CORRECTION_RANGE[1])
         self.swap_correction += CORRECTION_WEIGHT * (ratio - self.swap_correction)
