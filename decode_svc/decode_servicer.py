@@ -37,6 +37,7 @@ from tokenpool.protos.internal.v1 import instances_pb2_grpc
 from tokenpool.proxy.progress_reporter import ProgressReporter
 from tokenpool.proxy.request_table import RequestState
 from tokenpool.telemetry import tracing
+from tokenpool.telemetry.instance_metrics import DecodeRound
 from tokenpool.telemetry.turn_tracer import TurnTracer
 
 from .decode_scheduler import DecodeScheduler
@@ -140,12 +141,13 @@ class DecodeServicer(instances_pb2_grpc.DecodeServicer):
         if self.progress is not None:
             self.progress.report(slot, request_id, **changes)
 
-    def _last_round(self) -> tuple[float, dict[str, float]] | None:
-        """Engine thread: the last round's alpha and quotas (aegaeon), for metrics."""
+    def _last_round(self) -> DecodeRound | None:
+        """Engine thread: the last round as planned (aegaeon), for metrics."""
         last = self.policy.last if isinstance(self.policy, DecodeScheduler) else None
         if last is None:
             return None
-        return last.plan.alpha, dict(zip(last.models, last.plan.quotas, strict=True))
+        return DecodeRound(last.plan.alpha, dict(zip(last.models, last.plan.quotas, strict=True)),
+                           last.plan.switch_s, self.policy.swap_correction)
 
     async def _adopt(self, request, context, trace=None) -> _Stream:
         """Map the handed-over KV, stage it on this instance and release the handle."""

@@ -22,6 +22,8 @@ nobody scrapes):
     tokenpool_arena_kv_blocks_used / _total, tokenpool_arena_kv_utilization
     tokenpool_host_model_cache_{hits,misses,evictions}_total, _used_bytes, _capacity_bytes
     tokenpool_decode_alpha, tokenpool_decode_quota_seconds{model}   (aegaeon decode)
+    tokenpool_decode_round_switch_seconds         c: the switches and KV swap-ins a round pays
+    tokenpool_decode_kv_swap_correction           KV swap-ins' measured / predicted (at least 1)
     tokenpool_model_cold_loads_total, _abandoned_total   catalogue models read from disk
     tokenpool_model_cold_load_bytes{model}        bytes read so far by a disk load in progress
     tokenpool_model_cold_load_waiting_for_room{model}   1 while that load waits for host-cache room
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -46,8 +49,19 @@ OUTCOMES = {"prefill": ("prefilled", "cancelled", "failed"), "decode": ("finishe
 
 # On the engine thread: model -> requests taken but not yet running.
 QueuedFn = Callable[[MultiModelEngine], dict[str, int]]
-# On the engine thread: (alpha, {model: quota seconds}) of the last decode round, or None.
-RoundFn = Callable[[], tuple[float, dict[str, float]] | None]
+
+
+class DecodeRound(NamedTuple):
+    """The last decode round as planned (aegaeon)."""
+
+    alpha: float
+    quotas: dict[str, float]  # model -> seconds
+    switch_s: float  # c
+    kv_swap_correction: float
+
+
+# On the engine thread: the last decode round, or None.
+RoundFn = Callable[[], DecodeRound | None]
 
 
 class InstanceMetrics(WorkerObserver):
@@ -129,11 +143,16 @@ class _StateCollector(Collector):
         families += _cache(engine)
         families += _tiers(engine)
         if self.last_round is not None and (last := self.last_round()) is not None:
-            alpha, quotas = last
             families.append(GaugeMetricFamily("tokenpool_decode_alpha", "The last decode round's alpha "
-                                              "(mean TBT / TBT target)", value=alpha))
+                                              "(mean TBT / TBT target)", value=last.alpha))
             families.append(_gauge("tokenpool_decode_quota_seconds", "The last decode round's time quota",
-                                   quotas, sorted(quotas)))
+                                   last.quotas, sorted(last.quotas)))
+            families.append(GaugeMetricFamily("tokenpool_decode_round_switch_seconds", "The last decode "
+                                              "round's switch time c: its switches and KV swap-ins",
+                                              value=last.switch_s))
+            families.append(GaugeMetricFamily("tokenpool_decode_kv_swap_correction", "KV swap-ins beside "
+                                              "the steps, measured / predicted from the start-up rate "
+                                              "(at least 1)", value=last.kv_swap_correction))
         return families
 
 

@@ -149,3 +149,6 @@ def test_counters_add_up_to_the_requests_sent(stack):
             instance.total("tokenpool_host_model_cache_misses_total") >= len(MODELS)
         assert "tokenpool_host_model_cache_evictions_total" in instance.samples
     assert any(d.total("tokenpool_decode_alpha") > 0 for d in decode if "tokenpool_decode_alpha" in d.samples)
+    rounds = [d for d in decode if "tokenpool_decode_alpha" in d.samples]
+    assert all(d.total("tokenpool_decode_kv_swap_correction") >= 1 for d in rounds)
+    assert rounds and all("tokenpool_decode_round_switch_seconds" in d.samples for d in rounds)
