@@ -47,6 +47,7 @@ def _print_stack(path: Path) -> list[tuple[str, str]]:
     """-> (url, table name) of the stack's request table if it is in Redis."""
     from tokenpool.proxy.table_recovery import process_alive
 
+    from .internal_tls import ENVS as TLS_ENVS
     from .internal_tls import InternalTLS
     from .internal_token import read_token
 
@@ -58,8 +59,8 @@ def _print_stack(path: Path) -> list[tuple[str, str]]:
     print(f"{info['name']} (launcher pid {info['pid']}; logs in {info['logs']})")
     token_file = info.get("internal_token_file")
     metadata = (("authorization", f"Bearer {read_token(Path(token_file))}"),) if token_file else ()
-    tls_files = info.get("internal_tls")  # {"cert": ..., "key": ..., "ca": ...} of the stack's services
-    tls = InternalTLS.from_files(*(Path(tls_files[k]) for k in ("cert", "key", "ca"))) if tls_files else None
+    tls_env = info.get("internal_tls")  # the TLS variables the stack's services were given
+    tls = InternalTLS.from_files(*(Path(tls_env[name]) for name in TLS_ENVS)) if tls_env else None
     for service in info["services"]:
         print(f"  {service['name']:14} {service['address']:22} {_describe(service, metadata, tls)}")
     return [(info["redis_url"], info["table"])] if info.get("table_backend") == "redis" else []

@@ -436,14 +436,20 @@ class Stack:
         env = {**os.environ, EXIT_WITH_PARENT: str(os.getpid()), "OTEL_SERVICE_NAME": name}
         for variable in INTERNAL_TLS_ENVS:
             env.pop(variable, None)  # this stack's, or none: not the launcher's own
-        if self.config.internal_tls() is not None:
-            env.update(zip(INTERNAL_TLS_ENVS, map(str, self.config.internal_tls_files()), strict=True))
+        env.update(self._internal_tls_env())
         if self.token_file is not None:
             env[INTERNAL_TOKEN_ENV] = str(self.token_file)
         if self.config.trace_endpoint:
             env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
                        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=self.config.trace_endpoint)
         return env
+
+    def _internal_tls_env(self) -> dict[str, str]:
+        """The services' TLS variables, {} without internal TLS (StackConfig checked the files once,
+        all three or none, so this reads none of them)."""
+        if self.config.internal_tls_cert is None:
+            return {}
+        return dict(zip(INTERNAL_TLS_ENVS, map(str, self.config.internal_tls_files()), strict=True))
 
     def _wait_ready(self, service: Service) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -465,8 +471,7 @@ class Stack:
         data = {"name": self.name, "pid": os.getpid(), "table": self.name, "logs": str(self.log_dir),
                 "table_backend": self.config.table_backend, "redis_url": self.config.redis_url,
                 "internal_token_file": str(self.token_file) if self.token_file else None,
-                "internal_tls": dict(zip(("cert", "key", "ca"), map(str, self.config.internal_tls_files()),
-                                         strict=True)) if self.config.internal_tls() else None,
+                "internal_tls": self._internal_tls_env() or None,
                 "services": [{"name": s.name, "address": s.address, "pid": s.process.pid,
                               "metrics": s.info.get("metrics")} for s in self.services]}
         tmp = self.stack_file.with_suffix(".tmp")
